@@ -1,0 +1,227 @@
+"""`codistill bench dml`: where the cost of mutual learning goes, measured side by side.
+
+Every figure is a ratio or a distribution measured in one run, with the two things compared
+interleaved in alternating blocks, because the machine is shared and noisy:
+
+1. step time of DML ÷ step time of independent training, same peers, same runner
+   (local threads, and Ray Train workers with the collective transport);
+2. wall time of K peers on Ray ÷ the same K peers in one process (a short demo run);
+3. exchange latency p50/p90 per transport for a B×C float32 payload.
+
+Each step is timed by `engine.loop.train_step`, the loop's own step function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+
+from codistill.config import load_config
+from codistill.data import BatchSchedule, load_dataset
+from codistill.engine.loop import PeerJob, build_peer, train_step
+from codistill.exchange import Exchange
+from codistill.exchange.local import LocalBoard
+from codistill.methods import create_method
+from codistill.methods.dml import DMLConfig
+from codistill.methods.independent import IndependentConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("which", choices=["dml"], help="what to measure")
+    parser.add_argument("--model", default="resnet20", help="peer model for the step-time ratio (default resnet20: ~50+ ms steps on CPU)")
+    parser.add_argument("--peers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=6, help="alternating blocks per method")
+    parser.add_argument("--block", type=int, default=4, help="steps per block")
+    parser.add_argument("--latency-calls", type=int, default=200)
+    parser.add_argument("--wall-steps", type=int, default=600, help="steps of the demo run timed on both runners")
+    parser.add_argument("--skip-wall", action="store_true", help="skip the Ray-vs-local wall-time run")
+    parser.add_argument("--out", help="also write the figures as JSON here")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements that run in every peer (a thread or a Ray worker)
+
+
+def _bench_job(spec: dict, peer_index: int, device: torch.device) -> PeerJob:
+    cfg = load_config(spec["config"])
+    data = load_dataset(cfg.data.name, cfg.data.root, augment=True)
+    schedule = BatchSchedule(len(data.y_train), cfg.data.batch_size, cfg.seed)
+    peer = build_peer(peer_index, cfg.peers[peer_index], data.num_classes, cfg.seed, device)
+    return PeerJob(peer, create_method(cfg.method), data, schedule, cfg.train, device)
+
+
+def time_methods(job: PeerJob, exchange: Exchange, rounds: int, block: int) -> dict[str, list[float]]:
+    """Step times (s) of independent vs DML on the same peer, in alternating blocks."""
+    methods = {"independent": create_method(IndependentConfig(name="independent")),
+               "dml": create_method(DMLConfig(name="dml", temperature=3.0))}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    step = 0
+    for name in methods:  # warm-up: allocator, thread pools, first collective
+        job.method = methods[name]
+        train_step(job, exchange, step)
+        step += 1
+    for r in range(rounds):
+        order = list(methods) if r % 2 == 0 else list(reversed(methods))
+        for name in order:
+            job.method = methods[name]
+            for _ in range(block):
+                started = time.perf_counter()
+                train_step(job, exchange, step)
+                times[name].append(time.perf_counter() - started)
+                step += 1
+    return times
+
+
+def time_exchange(exchange: Exchange, shape: tuple[int, int], calls: int) -> list[float]:
+    payload = torch.randn(*shape)
+    for _ in range(5):
+        exchange.all_gather(payload)
+    latencies = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        exchange.all_gather(payload)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def _ray_bench_worker(spec: dict) -> None:
+    import ray.train
+
+    from codistill.exchange.collective import CollectiveExchange
+    from codistill.exchange.object_store import ObjectStoreExchange
+
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(1)
+    device = ray.train.torch.get_device()
+    collective = CollectiveExchange(rank, spec["peers"], None, device)
+    job = _bench_job(spec, rank, device)
+    steps = time_methods(job, collective, spec["rounds"], spec["block"])
+    latency = {
+        "collective": time_exchange(collective, spec["payload"], spec["latency_calls"]),
+        "object_store": time_exchange(ObjectStoreExchange(spec["board"], rank, spec["peers"]),
+                                      spec["payload"], spec["latency_calls"]),
+    }
+    if rank == 0:  # Train V2 keeps only metrics reported with a checkpoint: hand them over directly
+        ray.get(spec["mailbox"].post.remote(1, {"steps": steps, "latency": latency}))
+
+
+def _local_bench(spec: dict) -> tuple[dict, list[float]]:
+    board = LocalBoard(spec["peers"])
+    jobs = [_bench_job(spec, k, torch.device("cpu")) for k in range(spec["peers"])]
+    results: dict[int, tuple] = {}
+
+    def run(k: int) -> None:
+        exchange = board.exchange_for(k)
+        results[k] = (time_methods(jobs[k], exchange, spec["rounds"], spec["block"]),
+                      time_exchange(exchange, spec["payload"], spec["latency_calls"]))
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(spec["peers"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.set_num_threads(threads_before)
+    return results[0]
+
+
+def _ray_bench(spec: dict) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from codistill.engine.ray_runner import ProgressBoard
+    from codistill.exchange.object_store import ExchangeBoard
+
+    mailbox = ProgressBoard.remote()
+    spec = {**spec, "board": ExchangeBoard.remote(spec["peers"]), "mailbox": mailbox}
+    with tempfile.TemporaryDirectory() as storage:
+        trainer = TorchTrainer(_ray_bench_worker, train_loop_config=spec,
+                               scaling_config=ray.train.ScalingConfig(num_workers=spec["peers"],
+                                                                      resources_per_worker={"CPU": 1}),
+                               run_config=ray.train.RunConfig(name="bench", storage_path=storage))
+        trainer.fit()
+    return ray.get(mailbox.get.remote())[1]
+
+
+def _wall_times(steps: int, storage: str) -> dict:
+    from codistill.engine.run import train
+
+    walls, medians = {}, {}
+    for backend in ("local", "ray"):
+        cfg = load_config("configs/dml_mnist1d.yaml", [f"name=bench_{backend}", f"train.steps={steps}",
+                                                       f"ray.storage_path={storage}", "train.checkpoint_every=0"])
+        started = time.perf_counter()
+        result = train(cfg, backend)
+        walls[backend] = time.perf_counter() - started
+        step_ms = [r["step_ms"] for r in result.records.to_pylist() if r["split"] == "train"]
+        medians[backend] = statistics.median(step_ms)
+    return {"steps": steps, "local_wall_s": walls["local"], "ray_wall_s": walls["ray"],
+            "wall_ratio_ray_over_local": walls["ray"] / walls["local"],
+            "step_ratio_ray_over_local": medians["ray"] / medians["local"]}
+
+
+def _summarise_steps(steps: dict[str, list[float]]) -> dict:
+    ind, dml = statistics.median(steps["independent"]), statistics.median(steps["dml"])
+    return {"independent_ms": 1000 * ind, "dml_ms": 1000 * dml, "dml_over_independent": dml / ind}
+
+
+def _latency_row(latencies: list[float]) -> dict:
+    return {"p50_ms": 1000 * percentile(latencies, 0.5), "p90_ms": 1000 * percentile(latencies, 0.9)}
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+
+    from codistill.engine.run import connect_ray
+
+    from codistill.models import MODELS
+
+    with tempfile.TemporaryDirectory() as folder:
+        image_model = MODELS[args.model].input_kind == "image"
+        config = {"method": {"name": "dml"},
+                  "peers": [{"model": args.model, "optimizer": {"name": "sgd", "lr": 0.05}}] * args.peers,
+                  "data": {"name": "synthetic_images" if image_model else "synthetic", "batch_size": args.batch_size}}
+        spec = {"config": config, "peers": args.peers, "rounds": args.rounds, "block": args.block,
+                "payload": (128, 100), "latency_calls": args.latency_calls}
+        print(f"# codistill bench dml — {args.peers} × {args.model}, batch {args.batch_size}, "
+              f"{args.rounds} alternating blocks of {args.block} steps", flush=True)
+        local_steps, local_latency = _local_bench(spec)
+        connect_ray(None)
+        ray_figures = _ray_bench(spec)
+        figures = {
+            "model": args.model, "peers": args.peers, "batch_size": args.batch_size,
+            "step_time": {"local": _summarise_steps(local_steps), "ray_collective": _summarise_steps(ray_figures["steps"])},
+            "exchange_latency_128x100": {"local": _latency_row(local_latency),
+                                         "collective": _latency_row(ray_figures["latency"]["collective"]),
+                                         "object_store": _latency_row(ray_figures["latency"]["object_store"])},
+        }
+        if not args.skip_wall:
+            figures["wall_time"] = _wall_times(args.wall_steps, folder)
+    print("\nstep time (median)         independent      dml    dml ÷ independent")
+    for runner, row in figures["step_time"].items():
+        print(f"  {runner:<24}{row['independent_ms']:>9.1f} ms{row['dml_ms']:>7.1f} ms{row['dml_over_independent']:>12.3f}")
+    print("\nexchange latency, 128×100 float32      p50        p90")
+    for transport, row in figures["exchange_latency_128x100"].items():
+        print(f"  {transport:<34}{row['p50_ms']:>6.2f} ms{row['p90_ms']:>8.2f} ms")
+    if "wall_time" in figures:
+        w = figures["wall_time"]
+        print(f"\nwall time, demo DML ({w['steps']} steps): local {w['local_wall_s']:.1f} s, ray {w['ray_wall_s']:.1f} s"
+              f" → ray ÷ local {w['wall_ratio_ray_over_local']:.2f} (median step: {w['step_ratio_ray_over_local']:.2f})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(figures, f, indent=2)
+    ray.shutdown()
+    return 0

@@ -1,0 +1,6 @@
+"""Data sets (a registry) and the batch schedule every peer shares."""
+
+from codistill.data.datasets import DATASETS, ArrayDataset, DatasetEntry, load_dataset, register_dataset
+from codistill.data.schedule import BatchSchedule
+
+__all__ = ["DATASETS", "ArrayDataset", "DatasetEntry", "BatchSchedule", "load_dataset", "register_dataset"]

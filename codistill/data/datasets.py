@@ -1,0 +1,183 @@
+"""Data set registry. Every data set is held in memory as tensors (MNIST-1D is 200 KB,
+CIFAR-100 150 MB as uint8), so a batch is an index into a tensor: no loader processes,
+and the same (seed, step) gives the same batch on every peer."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ArrayDataset:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    input_kind: str
+    """'sequence' (N, 1, L) float or 'image' (N, 3, H, W) uint8."""
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    augment: bool = False
+    """Random crop (pad 4) and horizontal flip, the standard CIFAR augmentation."""
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_kind != "image":
+            return x
+        x = x.float().div_(255)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def train_batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._prepare(self.x_train[indices])
+        if self.augment and self.input_kind == "image":
+            x = _crop_and_flip(x, generator)
+        return x, self.y_train[indices]
+
+    def test_batches(self, batch_size: int):
+        for start in range(0, len(self.y_test), batch_size):
+            yield self._prepare(self.x_test[start:start + batch_size]), self.y_test[start:start + batch_size]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _crop_and_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
+    cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    batch = torch.arange(n).view(n, 1, 1, 1)
+    channel = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+    return padded[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    load: Callable[..., ArrayDataset]
+    input_kind: str
+    num_classes: int
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, input_kind: str, num_classes: int):
+    def decorator(fn):
+        DATASETS[name] = DatasetEntry(fn, input_kind, num_classes)
+        return fn
+    return decorator
+
+
+def load_dataset(name: str, root: str = "~/.cache/codistill", augment: bool = True,
+                 download: bool = False, train_subset: int = 0) -> ArrayDataset:
+    if name not in DATASETS:
+        raise KeyError(f"unknown data set {name!r}; registered: {', '.join(sorted(DATASETS))}")
+    data = DATASETS[name].load(root=Path(os.path.expanduser(root)), augment=augment, download=download)
+    if train_subset:
+        data.x_train, data.y_train = data.x_train[:train_subset], data.y_train[:train_subset]
+    return data
+
+
+def _save_atomically(path: Path, **arrays) -> None:
+    # Several workers on one node may build the cache at once: write aside, then rename.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+@register_dataset("mnist1d", input_kind="sequence", num_classes=10)
+def mnist1d(root: Path, augment: bool, download: bool) -> ArrayDataset:
+    """MNIST-1D (Greydanus 2020) with the package's default arguments: 4000 train / 1000 test,
+    length 40. Generated locally from the package's templates, then cached."""
+    cache = root / "mnist1d_default_seed42.npz"
+    if not cache.exists():
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        state = np.random.get_state()  # make_dataset reseeds NumPy's global RNG
+        d = make_dataset(get_dataset_args())
+        np.random.set_state(state)
+        _save_atomically(cache, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"])
+    d = np.load(cache)
+
+    def seq(a):
+        return torch.from_numpy(a).float().unsqueeze(1)
+
+    return ArrayDataset(seq(d["x"]), torch.from_numpy(d["y"]).long(), seq(d["x_test"]),
+                        torch.from_numpy(d["y_test"]).long(), num_classes=10, input_kind="sequence")
+
+
+_CIFAR_MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4865, 0.4409)}
+_CIFAR_STD = {10: (0.2470, 0.2435, 0.2616), 100: (0.2673, 0.2564, 0.2762)}
+
+
+def _cifar(num_classes: int, root: Path, augment: bool, download: bool) -> ArrayDataset:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
+        raise FileNotFoundError(
+            f"CIFAR-{num_classes} not found under {root} ({err}). Put torchvision's "
+            f"'{cls.base_folder}' folder there, or set data.download=true where a network is."
+        ) from None
+
+    def images(ds):
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+
+    return ArrayDataset(images(train), torch.tensor(train.targets), images(test), torch.tensor(test.targets),
+                        num_classes=num_classes, input_kind="image", mean=_CIFAR_MEAN[num_classes],
+                        std=_CIFAR_STD[num_classes], augment=augment)
+
+
+@register_dataset("cifar10", input_kind="image", num_classes=10)
+def cifar10(root: Path, augment: bool, download: bool) -> ArrayDataset:
+    return _cifar(10, root, augment, download)
+
+
+@register_dataset("cifar100", input_kind="image", num_classes=100)
+def cifar100(root: Path, augment: bool, download: bool) -> ArrayDataset:
+    return _cifar(100, root, augment, download)
+
+
+def _synthetic_sequences(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Ten classes, each a fixed random template plus noise: learnable in a few hundred steps.
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn(10, 1, 40, generator=torch.Generator().manual_seed(1234))
+    y = torch.randint(0, 10, (n,), generator=g)
+    return templates[y] + 1.5 * torch.randn(n, 1, 40, generator=g), y
+
+
+@register_dataset("synthetic", input_kind="sequence", num_classes=10)
+def synthetic(root: Path, augment: bool, download: bool) -> ArrayDataset:
+    """Noisy class templates shaped like MNIST-1D (1 × 40): for tests and benchmarks."""
+    x, y = _synthetic_sequences(2000, seed=1)
+    xt, yt = _synthetic_sequences(500, seed=2)
+    return ArrayDataset(x, y, xt, yt, num_classes=10, input_kind="sequence")
+
+
+@register_dataset("synthetic_images", input_kind="image", num_classes=100)
+def synthetic_images(root: Path, augment: bool, download: bool) -> ArrayDataset:
+    """Random CIFAR-shaped uint8 images, 100 classes: for timing image models, not accuracy."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (1024, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return ArrayDataset(x, torch.randint(0, 100, (1024,), generator=g), x[:256], torch.randint(0, 100, (256,), generator=g),
+                        num_classes=100, input_kind="image", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                        augment=augment)

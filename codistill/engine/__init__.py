@@ -1,0 +1,1 @@
+"""Running peers: the one training loop, the local and Ray runners, checkpoints."""

@@ -1,0 +1,71 @@
+"""Self-describing checkpoints: a folder per checkpoint with one file per peer
+(`peer{k}.pt`: model, optimizer, step, RNG state, model name) and `meta.pt` (step and the
+resolved config, enough to rebuild every peer). Loaded with `weights_only=True`: plain
+tensors and containers only, never pickled code."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from codistill.storage import RunStorage
+
+META_FILE = "meta.pt"
+LOCAL_CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def peer_file(peer: int) -> str:
+    return f"peer{peer}.pt"
+
+
+def to_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes) -> dict:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def meta_state(step: int, config: dict) -> dict:
+    return {"step": step, "config": config}
+
+
+class LocalCheckpoints:
+    """The local runner's checkpoints under `<run>/checkpoints/step_XXXXXXXX/`. A checkpoint
+    counts only once its `meta.pt` exists, which is written after every peer's file."""
+
+    def __init__(self, storage: RunStorage, keep: int):
+        self.storage = storage
+        self.keep = keep
+
+    def _dir(self, step: int) -> str:
+        return f"{LOCAL_CHECKPOINT_DIR}/{checkpoint_name(step)}"
+
+    def complete_steps(self) -> list[int]:
+        steps = []
+        for name in self.storage.list(LOCAL_CHECKPOINT_DIR):
+            if name.startswith("step_") and self.storage.exists(f"{LOCAL_CHECKPOINT_DIR}/{name}/{META_FILE}"):
+                steps.append(int(name[len("step_"):]))
+        return sorted(steps)
+
+    def newest(self) -> int | None:
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def write_peer(self, step: int, peer: int, state: dict) -> None:
+        self.storage.write_bytes(f"{self._dir(step)}/{peer_file(peer)}", to_bytes(state))
+
+    def load_peer(self, step: int, peer: int) -> dict:
+        return from_bytes(self.storage.read_bytes(f"{self._dir(step)}/{peer_file(peer)}"))
+
+    def commit(self, step: int, meta: dict) -> None:
+        self.storage.write_bytes(f"{self._dir(step)}/{META_FILE}", to_bytes(meta))
+        for old in self.complete_steps()[:-self.keep] if self.keep > 0 else []:
+            self.storage.delete(self._dir(old))

@@ -1,0 +1,100 @@
+"""The local runner: K peers as threads in one process, exchanging in memory.
+
+The reference the Ray runner must reproduce, and the quickest way to try a method."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from codistill.config import ExperimentConfig, to_dict
+from codistill.data import BatchSchedule, load_dataset
+from codistill.engine.checkpoint import LocalCheckpoints, meta_state
+from codistill.engine.loop import PeerJob, RunContext, build_peer, train_peer
+from codistill.exchange.local import LocalBoard
+from codistill.methods import create_method
+from codistill.metrics import drop_records_after, write_record_part
+from codistill.storage import RunStorage
+
+
+class _SharedRun:
+    def __init__(self, cfg: ExperimentConfig, storage: RunStorage, on_progress):
+        self.cfg = cfg
+        self.storage = storage
+        self.checkpoints = LocalCheckpoints(storage, cfg.train.keep_checkpoints)
+        self.resume_step = self.checkpoints.newest()
+        self.barrier = threading.Barrier(cfg.num_peers)
+        self.on_progress = on_progress
+        self.reports: list[dict] = []
+
+
+class LocalRunContext(RunContext):
+    node = "local"
+
+    def __init__(self, shared: _SharedRun, peer: int):
+        self.shared = shared
+        self.peer = peer
+
+    def restore(self, peer: int) -> dict | None:
+        step = self.shared.resume_step
+        if step is None:
+            return None
+        drop_records_after(self.shared.storage, peer, step)
+        return self.shared.checkpoints.load_peer(step, peer)
+
+    def report(self, step: int, metrics: dict, checkpoint: dict | None, records: list[dict]) -> None:
+        shared = self.shared
+        if checkpoint is not None:
+            write_record_part(shared.storage, self.peer, records)
+            shared.checkpoints.write_peer(step, self.peer, checkpoint)
+        shared.barrier.wait()  # every peer's file is written before the checkpoint is committed
+        if self.peer == 0:
+            if checkpoint is not None:
+                shared.checkpoints.commit(step, meta_state(step, to_dict(shared.cfg)))
+            shared.reports.append(metrics)
+
+    def progress(self, step: int, metrics: dict) -> None:
+        if self.shared.on_progress:
+            self.shared.on_progress(step, metrics)
+
+
+def run_local(cfg: ExperimentConfig, storage: RunStorage, on_progress=None) -> list[dict]:
+    """Train all peers of `cfg` in this process. Returns the metrics reported by peer 0."""
+    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset)
+    method = create_method(cfg.method)
+    device = torch.device("cpu")
+    peers = [build_peer(k, spec, data.num_classes, cfg.seed, device) for k, spec in enumerate(cfg.peers)]
+    shared = _SharedRun(cfg, storage, on_progress)
+    board = LocalBoard(cfg.num_peers)
+    errors: list[BaseException] = []
+
+    def run_peer(k: int) -> None:
+        schedule = BatchSchedule(len(data.y_train), cfg.data.batch_size, cfg.seed,
+                                 shard=k if cfg.data.shard else 0, num_shards=cfg.num_peers if cfg.data.shard else 1)
+        job = PeerJob(peers[k], method, data, schedule, cfg.train, device)
+        try:
+            train_peer(job, board.exchange_for(k), LocalRunContext(shared, k), cfg.data.eval_batch_size)
+        except threading.BrokenBarrierError:
+            pass  # another peer failed first; its error is the one to report
+        except BaseException as err:  # noqa: BLE001 — re-raised in the caller's thread
+            errors.append(err)
+            board.abort()
+            shared.barrier.abort()
+
+    # One intra-op thread per peer when there are enough cores: the same arithmetic as one
+    # Ray worker per core, so both runners produce the same numbers.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.num_peers))
+    try:
+        threads = [threading.Thread(target=run_peer, args=(k,), name=f"peer{k}") for k in range(cfg.num_peers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(threads_before)
+    if errors:
+        raise errors[0]
+    return shared.reports

@@ -1,0 +1,188 @@
+"""The Ray runner: the same `train_peer` loop inside a Ray Train `TorchTrainer` (Train V2).
+
+K peers × M data-parallel workers per peer = K·M Ray Train workers; world rank r belongs to
+peer r // M as its replica r % M. Ray Train gives placement (one GPU per peer on a
+workstation), the process group (gloo on CPU, NCCL on GPU), checkpoints in `storage_path`
+and restarts from the newest checkpoint after a failure (`FailureConfig`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
+
+from codistill.config import ExperimentConfig, build_dataclass, to_dict
+from codistill.data import BatchSchedule, load_dataset
+from codistill.engine.checkpoint import META_FILE, checkpoint_name, from_bytes, meta_state, peer_file, to_bytes
+from codistill.engine.loop import PeerJob, RunContext, build_peer, train_peer
+from codistill.exchange.collective import CollectiveExchange
+from codistill.exchange.object_store import ExchangeBoard, ObjectStoreExchange
+from codistill.methods import create_method
+from codistill.metrics import drop_records_after, write_record_part
+from codistill.storage import RunStorage
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Where peer 0 posts its progress for the driver's progress bar (fire-and-forget)."""
+
+    def __init__(self):
+        self.latest: tuple[int, dict] = (0, {})
+
+    def post(self, step: int, metrics: dict) -> None:
+        if step >= self.latest[0]:
+            self.latest = (step, {**self.latest[1], **metrics})
+
+    def get(self) -> tuple[int, dict]:
+        return self.latest
+
+
+class RayRunContext(RunContext):
+    def __init__(self, storage: RunStorage, peer: int, leader: bool, progress_board, cfg_dict: dict):
+        self.storage = storage
+        self.peer = peer
+        self.leader = leader
+        self.progress_board = progress_board
+        self.cfg_dict = cfg_dict
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def restore(self, peer: int) -> dict | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            with open(os.path.join(folder, peer_file(peer)), "rb") as f:
+                state = from_bytes(f.read())
+        if self.leader:
+            drop_records_after(self.storage, peer, state["step"])
+        return state
+
+    def report(self, step: int, metrics: dict, checkpoint: dict | None, records: list[dict]) -> None:
+        if checkpoint is None and not records:
+            ray.train.report(metrics)
+            return
+        write_record_part(self.storage, self.peer, records)
+        with tempfile.TemporaryDirectory() as folder:
+            with open(os.path.join(folder, peer_file(self.peer)), "wb") as f:
+                f.write(to_bytes(checkpoint))
+            if self.peer == 0:
+                with open(os.path.join(folder, META_FILE), "wb") as f:
+                    f.write(to_bytes(meta_state(step, self.cfg_dict)))
+            # Every worker uploads into the same folder (Ray syncs the name across ranks).
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=checkpoint_name(step))
+
+    def progress(self, step: int, metrics: dict) -> None:
+        self.progress_board.post.remote(step, metrics)
+
+
+def _data_parallel_groups(num_peers: int, replicas: int, peer: int, replica: int):
+    """Process groups for K peers × M replicas: this worker's peer (DDP) and its column
+    (replica m of every peer: they hold the same slice of the batch, so they exchange).
+    Every rank creates every group, in the same order, as torch.distributed requires."""
+    peer_groups = [dist.new_group([p * replicas + r for r in range(replicas)]) for p in range(num_peers)]
+    columns = [dist.new_group([p * replicas + r for p in range(num_peers)]) for r in range(replicas)]
+    return peer_groups[peer], columns[replica]
+
+
+def ray_train_loop(loop_config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    cfg: ExperimentConfig = build_dataclass(ExperimentConfig, loop_config["experiment"])
+    context = ray.train.get_context()
+    replicas = cfg.ray.workers_per_peer
+    peer_index, replica = divmod(context.get_world_rank(), replicas)
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(loop_config["threads_per_worker"])
+
+    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset)
+    schedule = BatchSchedule(len(data.y_train), cfg.data.batch_size, cfg.seed,
+                             shard=peer_index if cfg.data.shard else 0,
+                             num_shards=cfg.num_peers if cfg.data.shard else 1)
+    peer = build_peer(peer_index, cfg.peers[peer_index], data.num_classes, cfg.seed, device)
+    job = PeerJob(peer, create_method(cfg.method), data, schedule, cfg.train, device,
+                  replica=replica, replicas=replicas)
+    exchange_group = None
+    if replicas > 1:
+        peer_group, exchange_group = _data_parallel_groups(cfg.num_peers, replicas, peer_index, replica)
+        job.train_model = torch.nn.parallel.DistributedDataParallel(
+            peer.model, process_group=peer_group, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.exchange.transport == "collective":
+        exchange = CollectiveExchange(peer_index, cfg.num_peers, exchange_group, device)
+    else:
+        exchange = ObjectStoreExchange(loop_config["exchange_boards"][replica], peer_index, cfg.num_peers)
+    storage = RunStorage(cfg.ray.storage_path, cfg.name)
+    run = RayRunContext(storage, peer_index, job.is_leader, loop_config["progress_board"], loop_config["experiment"])
+    train_peer(job, exchange, run, cfg.data.eval_batch_size)
+
+
+def resources_per_peer(cfg: ExperimentConfig) -> dict[str, float]:
+    """The configured resources, or one GPU per peer when the cluster has enough, else one CPU."""
+    if cfg.ray.resources_per_peer is not None:
+        return dict(cfg.ray.resources_per_peer)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return {"GPU": 1.0} if gpus >= cfg.num_peers else {"CPU": 1.0}
+
+
+def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, callbacks=()) -> TorchTrainer:
+    replicas = cfg.ray.workers_per_peer
+    per_peer = resources_per_peer(cfg)
+    per_worker = {name: amount / replicas for name, amount in per_peer.items()}
+    use_gpu = per_worker.get("GPU", 0) > 0
+    boards = []
+    if cfg.exchange.transport == "object_store":
+        boards = [ExchangeBoard.remote(cfg.num_peers) for _ in range(replicas)]
+    loop_config = {
+        "experiment": to_dict(cfg),
+        "threads_per_worker": max(1, int(per_worker.get("CPU", 1))),
+        "exchange_boards": boards,
+        "progress_board": progress_board,
+    }
+    return TorchTrainer(
+        ray_train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_peers * replicas, use_gpu=use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callbacks=()):
+    """Train all peers of `cfg` on the Ray cluster this process is connected to."""
+    progress_board = ProgressBoard.remote()
+    trainer = make_trainer(cfg, storage, progress_board, callbacks)
+    stop = threading.Event()
+
+    def poll_progress() -> None:
+        while not stop.wait(0.5):
+            try:
+                step, metrics = ray.get(progress_board.get.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 — progress is best-effort
+                continue
+            if on_progress and step:
+                on_progress(step, metrics)
+
+    poller = threading.Thread(target=poll_progress, daemon=True)
+    poller.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        poller.join()
+        if on_progress:
+            step, metrics = ray.get(progress_board.get.remote())
+            on_progress(step, metrics)
+        ray.kill(progress_board)

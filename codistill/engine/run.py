@@ -1,0 +1,86 @@
+"""`train(cfg)`: the front door both the CLI and the Python API use.
+
+Prepares the run folder (resolved config, resume check), runs the chosen backend, then
+gathers the records into one Parquet table, draws the accuracy plot and prints the summary."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import pyarrow as pa
+import yaml
+
+from codistill.config import ConfigError, ExperimentConfig, dump_config, to_dict
+from codistill.metrics import consolidate_records, final_metrics, plot_accuracy, summary_text
+from codistill.storage import RunStorage, resolve_storage_path
+
+CONFIG_FILE = "config.yaml"
+# What may change when a run is resumed: how long and where it runs, not what it trains.
+RESUMABLE_SECTIONS = ("train", "ray", "exchange")
+
+
+@dataclass
+class RunResult:
+    config: ExperimentConfig
+    storage: RunStorage
+    records: pa.Table
+    final: dict
+    plot_path: str
+
+    @property
+    def summary(self) -> str:
+        return summary_text(self.records, [p.model for p in self.config.peers])
+
+
+def prepare_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
+    """Resolve the storage path, and store the config — or check it against the stored one
+    when the run already exists (re-running a name resumes it)."""
+    cfg = replace(cfg, ray=replace(cfg.ray, storage_path=resolve_storage_path(cfg.ray.storage_path)))
+    storage = RunStorage(cfg.ray.storage_path, cfg.name)
+    if storage.exists(CONFIG_FILE):
+        stored = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())
+        current = to_dict(cfg)
+        changed = [k for k in current if k not in RESUMABLE_SECTIONS and stored.get(k) != current[k]]
+        if changed:
+            raise ConfigError(changed[0], f"differs from the stored config of run {cfg.name!r} in "
+                              f"{storage.uri}; a run resumes only with the same {', '.join(changed)}. "
+                              "Choose another `name` to start a new run.")
+    storage.write_bytes(CONFIG_FILE, dump_config(cfg).encode())
+    return cfg, storage
+
+
+def connect_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:  # a private local instance, never a cluster that happens to run on this machine
+        ray.init(address="local", include_dashboard=False)
+
+
+def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[int, dict], None] | None = None,
+          callbacks=()) -> RunResult:
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    cfg, storage = prepare_run(cfg)
+    if backend == "local":
+        from codistill.engine.local import run_local
+
+        run_local(cfg, storage, on_progress)
+    else:
+        from codistill.engine.ray_runner import run_ray
+
+        connect_ray(cfg.ray.address)
+        run_ray(cfg, storage, on_progress, callbacks)
+    return finish_run(cfg, storage)
+
+
+def finish_run(cfg: ExperimentConfig, storage: RunStorage) -> RunResult:
+    records = consolidate_records(storage)
+    plot = plot_accuracy(records, storage)
+    return RunResult(cfg, storage, records, final_metrics(records), plot)

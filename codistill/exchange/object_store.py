@@ -1,0 +1,84 @@
+"""Exchange through the Ray object store, for peers outside one process group.
+
+Each peer `ray.put`s its tensor once and hands the reference to a small coordinating actor
+(`ExchangeBoard`); the actor answers each peer, in one round trip, with the references of all
+peers once the round is complete, and each peer then fetches the others' objects directly
+from the object store. The references travel wrapped in a list so that Ray passes them on
+instead of resolving them inside the actor. The actor waits on asyncio events: no polling.
+
+Restarts: when Ray Train restarts the workers after a failure, the new workers `join` first.
+A join completes once every peer has joined, and starts a new generation that discards every
+round of the old one, so a half-finished round from before the crash is never served as new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+import torch
+
+from codistill.exchange.base import Exchange
+
+
+@ray.remote(num_cpus=0)
+class ExchangeBoard:
+    def __init__(self, num_peers: int):
+        self.num_peers = num_peers
+        self.generation = 0
+        self.joining: set[int] = set()
+        self.joined = asyncio.Event()
+        self.rounds: dict[tuple[int, int], dict[int, ray.ObjectRef]] = {}
+        self.complete: dict[tuple[int, int], asyncio.Event] = {}
+        self.served: dict[tuple[int, int], int] = {}
+
+    async def join(self, peer: int) -> int:
+        self.joining.add(peer)  # a replacement worker of the same peer counts once
+        joined = self.joined
+        if len(self.joining) == self.num_peers:
+            self.generation += 1
+            self.rounds.clear()
+            self.complete.clear()
+            self.served.clear()
+            self.joining = set()
+            self.joined = asyncio.Event()
+            joined.set()
+        await joined.wait()
+        return self.generation
+
+    async def exchange(self, generation: int, round_id: int, peer: int, boxed_ref: list) -> list:
+        if generation != self.generation:
+            raise RuntimeError(f"peer {peer} is in exchange generation {generation}, the board in {self.generation}")
+        key = (generation, round_id)
+        published = self.rounds.setdefault(key, {})
+        event = self.complete.setdefault(key, asyncio.Event())
+        published[peer] = boxed_ref[0]
+        if len(published) == self.num_peers:
+            event.set()
+        await event.wait()
+        refs = [published[p] for p in range(self.num_peers)]
+        self.served[key] = self.served.get(key, 0) + 1
+        if self.served[key] == self.num_peers:  # everyone has its answer: forget the round
+            self.rounds.pop(key, None)
+            self.complete.pop(key, None)
+            self.served.pop(key, None)
+        return refs
+
+
+class ObjectStoreExchange(Exchange):
+    def __init__(self, board: "ray.actor.ActorHandle", peer: int, num_peers: int):
+        self.board = board
+        self.peer = peer
+        self.num_peers = num_peers
+        self.generation: int | None = None
+        self.calls = 0
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        if self.generation is None:
+            self.generation = ray.get(self.board.join.remote(self.peer))
+        own = tensor.detach().cpu()
+        ref = ray.put(own)
+        refs = ray.get(self.board.exchange.remote(self.generation, self.calls, self.peer, [ref]))
+        self.calls += 1
+        fetched = iter(ray.get([r for p, r in enumerate(refs) if p != self.peer]))
+        return [tensor.detach() if p == self.peer else next(fetched).to(tensor.device) for p in range(self.num_peers)]

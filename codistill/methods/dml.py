@@ -1,0 +1,33 @@
+"""Deep mutual learning (Zhang et al., CVPR 2018).
+
+Peer i minimises CE(z_i, y) + w · (1/(K-1)) Σ_{j≠i} T²·KL(softmax(z_j/T) ‖ softmax(z_i/T)),
+where z_j are the other peers' logits on the same batch at the same step. All peers update
+in the same step (the paper's alternating update order makes no measurable difference and
+would serialise the peers).
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.nn.functional as F
+
+from codistill.losses import mean_peer_kl
+from codistill.methods.base import DistillConfig, Method, register_method
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DMLConfig(DistillConfig):
+    min_peers: ClassVar[int] = 2
+
+
+@register_method("dml")
+class DML(Method):
+    config_class = DMLConfig
+
+    def loss(self, logits, peer_logits, labels, step):
+        ce = F.cross_entropy(logits, labels)
+        # Peer logits arrive detached: each peer's own CE, not its peers' KL, trains it.
+        kl = mean_peer_kl(logits, peer_logits, self.config.temperature)
+        weight = self.config.weight_at(step)
+        total = ce + weight * kl
+        return total, {"loss": total.detach(), "ce": ce.detach(), "kl": kl.detach(), "kl_weight": weight}

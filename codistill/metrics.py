@@ -1,0 +1,158 @@
+"""Records of a run → one Parquet table; evaluation metrics (accuracy, ensemble, churn);
+the summary table and the accuracy plot.
+
+Each peer writes its own part files (`records/peer{k}/{first:08d}-{last:08d}.parquet`) at
+every checkpoint, so what is on disk always matches a checkpoint: a resumed run deletes
+the parts written after the checkpoint it resumes from and no step appears twice."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from codistill.storage import RunStorage
+
+RECORDS_FILE = "records.parquet"
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation metrics from the peers' test logits
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def ensemble_accuracy(peer_logits: list[torch.Tensor], labels: torch.Tensor) -> float:
+    """Accuracy of the mean of the peers' probabilities."""
+    probs = torch.stack([z.softmax(-1) for z in peer_logits]).mean(0)
+    return accuracy(probs, labels)
+
+
+def churn(peer_logits: list[torch.Tensor]) -> float:
+    """Share of samples on which two peers' top-1 predictions differ (Anil et al. 2018),
+    averaged over all pairs of peers."""
+    preds = [z.argmax(-1) for z in peer_logits]
+    pairs = [(preds[i] != preds[j]).float().mean().item()
+             for i in range(len(preds)) for j in range(i + 1, len(preds))]
+    return sum(pairs) / len(pairs) if pairs else 0.0
+
+
+def evaluation_metrics(peer_logits: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
+    accs = [accuracy(z, labels) for z in peer_logits]
+    metrics = {f"peer{k}_accuracy": a for k, a in enumerate(accs)}
+    metrics.update(mean_accuracy=sum(accs) / len(accs), best_accuracy=max(accs),
+                   ensemble_accuracy=ensemble_accuracy(peer_logits, labels), churn=churn(peer_logits))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet records
+
+
+def _part_name(first: int, last: int) -> str:
+    return f"{first:08d}-{last:08d}.parquet"
+
+
+def write_record_part(storage: RunStorage, peer: int, rows: list[dict]) -> None:
+    if not rows:
+        return
+    # Train and test rows carry different columns; from_pylist would keep only the first row's.
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+    storage.write_bytes(f"records/peer{peer}/{_part_name(first, last)}", buffer.getvalue())
+
+
+def drop_records_after(storage: RunStorage, peer: int, step: int) -> None:
+    """Delete the parts of `peer` holding steps after `step` (written after the checkpoint we resume from)."""
+    for name in storage.list(f"records/peer{peer}"):
+        if name.endswith(".parquet") and int(name.split("-")[0]) > step:
+            storage.delete(f"records/peer{peer}/{name}")
+
+
+def read_records(storage: RunStorage) -> pa.Table:
+    """All peers' parts as one table sorted by (step, peer, split), or the consolidated file."""
+    tables = []
+    for peer_dir in storage.list("records"):
+        for name in storage.list(f"records/{peer_dir}"):
+            if name.endswith(".parquet"):
+                tables.append(pq.read_table(io.BytesIO(storage.read_bytes(f"records/{peer_dir}/{name}"))))
+    if not tables:
+        if storage.exists(RECORDS_FILE):
+            return pq.read_table(io.BytesIO(storage.read_bytes(RECORDS_FILE)))
+        raise FileNotFoundError(f"no records under {storage.uri}")
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.sort_by([("step", "ascending"), ("peer", "ascending"), ("split", "ascending")])
+
+
+def consolidate_records(storage: RunStorage) -> pa.Table:
+    table = read_records(storage)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(RECORDS_FILE, buffer.getvalue())
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and plot
+
+
+def final_metrics(table: pa.Table) -> dict:
+    """The last evaluation: per-peer accuracy, ensemble accuracy, churn."""
+    rows = [r for r in table.to_pylist() if r["split"] == "test"]
+    if not rows:
+        return {}
+    last = max(r["step"] for r in rows)
+    final = sorted((r for r in rows if r["step"] == last), key=lambda r: r["peer"])
+    return {
+        "step": last,
+        "peer_accuracy": [r["accuracy"] for r in final],
+        "ensemble_accuracy": final[0]["ensemble_accuracy"],
+        "churn": final[0]["churn"],
+    }
+
+
+def summary_text(table: pa.Table, peer_models: list[str] | None = None) -> str:
+    final = final_metrics(table)
+    if not final:
+        return "no evaluation recorded"
+    lines = [f"final evaluation at step {final['step']}", f"{'peer':<6}{'model':<22}{'test acc':>10}"]
+    for k, acc in enumerate(final["peer_accuracy"]):
+        model = peer_models[k] if peer_models else ""
+        lines.append(f"{k:<6}{model:<22}{100 * acc:>9.2f}%")
+    accs = final["peer_accuracy"]
+    lines.append(f"{'mean':<28}{100 * sum(accs) / len(accs):>9.2f}%")
+    lines.append(f"{'ensemble':<28}{100 * final['ensemble_accuracy']:>9.2f}%")
+    lines.append(f"{'churn':<28}{100 * final['churn']:>9.2f}%")
+    return "\n".join(lines)
+
+
+def plot_accuracy(table: pa.Table, storage: RunStorage, filename: str = "accuracy.png") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table.to_pylist() if r["split"] == "test"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for peer in sorted({r["peer"] for r in rows}):
+        mine = [r for r in rows if r["peer"] == peer]
+        ax.plot([r["step"] for r in mine], [100 * r["accuracy"] for r in mine], label=f"peer {peer}")
+    ensemble = [r for r in rows if r["peer"] == 0]
+    ax.plot([r["step"] for r in ensemble], [100 * r["ensemble_accuracy"] for r in ensemble], "k--", label="ensemble")
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(filename, buffer.getvalue())
+    return storage.path(filename)
