@@ -1,0 +1,34 @@
+"""Shared fixtures. One real local Ray instance per test session (never address='auto')."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from codistill.config import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init("local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20,
+                 log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def small_config(tmp_path, *overrides: str, base: str = "configs/dml_mnist1d.yaml"):
+    """The demo config shortened for tests, writing under tmp_path."""
+    return load_config(os.path.join(REPO, base), [
+        "train.steps=120", "train.eval_every=40", "train.checkpoint_every=40",
+        f"ray.storage_path={tmp_path}", *overrides])
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    return lambda *overrides, **kw: small_config(tmp_path, *overrides, **kw)

@@ -1,0 +1,97 @@
+import pytest
+
+from codistill.config import ConfigError, dump_config, load_config
+from codistill.engine.run import prepare_run
+
+BASE = {"name": "t", "method": {"name": "dml"}, "peers": [{"model": "mnist1d_cnn"}, {"model": "mnist1d_mlp"}]}
+
+
+def with_changes(**changes):
+    data = {**BASE, **changes}
+    return load_config(data)
+
+
+def error_of(data=None, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(data if data is not None else BASE, overrides)
+    return info.value
+
+
+def test_the_shipped_configs_load():
+    cfg = load_config("configs/dml_mnist1d.yaml")
+    assert cfg.method.name == "dml" and cfg.num_peers == 2
+    assert load_config("configs/dml_cifar100_resnet32.yaml").peers[0].model == "resnet32"
+
+
+def test_unknown_key_names_its_path_and_the_allowed_keys():
+    err = error_of({**BASE, "method": {"name": "dml", "temprature": 3}})
+    assert err.path == "method.temprature"
+    assert "temperature" in err.message and "unknown key" in err.message
+
+
+def test_unknown_key_inside_a_peer():
+    err = error_of({**BASE, "peers": [{"model": "mnist1d_cnn"}, {"model": "mnist1d_cnn", "optimiser": {}}]})
+    assert err.path == "peers.1.optimiser"
+
+
+def test_wrong_type_names_the_key():
+    err = error_of(overrides=["train.steps=lots"])
+    assert err.path == "train.steps" and "integer" in err.message
+
+
+@pytest.mark.parametrize("value", ["0", "-1.5"])
+def test_temperature_must_be_positive(value):
+    err = error_of(overrides=[f"method.temperature={value}"])
+    assert err.path == "method.temperature" and "> 0" in err.message
+
+
+def test_dml_needs_two_peers():
+    err = error_of({**BASE, "peers": [{"model": "mnist1d_cnn"}]})
+    assert err.path == "peers" and "at least 2" in err.message
+
+
+def test_unknown_model_lists_the_registered_ones():
+    err = error_of(overrides=["peers.0.model=resnet7"])
+    assert err.path == "peers.0.model"
+    assert "resnet20" in err.message and "mnist1d_cnn" in err.message
+
+
+def test_unknown_data_set_and_method_list_what_exists():
+    assert "mnist1d" in error_of(overrides=["data.name=mnist2d"]).message
+    err = error_of({**BASE, "method": {"name": "dlm"}})
+    assert err.path == "method.name" and "dml" in err.message
+
+
+def test_model_must_fit_the_data():
+    err = error_of(overrides=["peers.1.model=resnet20"])
+    assert err.path == "peers.1.model" and "image" in err.message and "mnist1d_cnn" in err.message
+
+
+def test_choice_fields_list_allowed_values():
+    err = error_of(overrides=["exchange.transport=carrier_pigeon"])
+    assert err.path == "exchange.transport" and "'collective'" in err.message
+
+
+def test_overrides_reach_lists_and_wildcards():
+    cfg = load_config(BASE, ["peers.*.optimizer.lr=0.05", "peers.1.model=mnist1d_cnn", "method.temperature=4",
+                             "ray.resources_per_peer={GPU: 1}"])
+    assert [p.optimizer.lr for p in cfg.peers] == [0.05, 0.05]
+    assert cfg.peers[1].model == "mnist1d_cnn"
+    assert cfg.method.temperature == 4.0
+    assert cfg.ray.resources_per_peer == {"GPU": 1.0}
+    assert error_of(overrides=["peers.5.model=x"]).path == "peers.5"
+
+
+def test_resolved_config_round_trips_through_yaml():
+    import yaml
+
+    cfg = load_config("configs/dml_mnist1d.yaml")
+    assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_resuming_a_run_with_another_method_setting_is_refused(tmp_path):
+    prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}"]))
+    prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}", "train.steps=99"]))  # longer: allowed
+    with pytest.raises(ConfigError) as info:
+        prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}", "method.temperature=5"]))
+    assert info.value.path == "method" and "another `name`" in info.value.message

@@ -1,0 +1,103 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from codistill.config import load_config
+from codistill.data import DATASETS, BatchSchedule, load_dataset
+
+
+def test_schedule_is_a_function_of_seed_and_step():
+    a, b = BatchSchedule(1000, 32, seed=3), BatchSchedule(1000, 32, seed=3)
+    for step in [0, 5, 31, 32, 100, 7]:  # out of order, across epochs
+        assert torch.equal(a.indices(step), b.indices(step))
+    assert not torch.equal(a.indices(0), BatchSchedule(1000, 32, seed=4).indices(0))
+    assert not torch.equal(a.indices(0), a.indices(a.steps_per_epoch))  # reshuffled each epoch
+
+
+def test_an_epoch_visits_each_example_at_most_once():
+    s = BatchSchedule(100, 30, seed=0)
+    seen = torch.cat([s.indices(i) for i in range(s.steps_per_epoch)])
+    assert len(seen) == 90 and len(set(seen.tolist())) == 90
+
+
+def test_shards_are_disjoint_and_cover_the_training_set():
+    n, k = 1000, 4
+    shards = [BatchSchedule(n, 10, seed=1, shard=i, num_shards=k) for i in range(k)]
+    pools = [set(s.pool.tolist()) for s in shards]
+    for i in range(k):
+        for j in range(i + 1, k):
+            assert not pools[i] & pools[j]
+    assert set().union(*pools) == set(range(n))
+    for s, pool in zip(shards, pools):  # each peer's batches come from its own shard
+        assert set(torch.cat([s.indices(t) for t in range(30)]).tolist()) <= pool
+
+
+def test_mnist1d_is_generated_locally_with_the_published_sizes(tmp_path):
+    data = load_dataset("mnist1d", root=str(tmp_path))
+    assert data.x_train.shape == (4000, 1, 40) and data.x_test.shape == (1000, 1, 40)
+    assert sorted(data.y_train.unique().tolist()) == list(range(10))
+    again = load_dataset("mnist1d", root=str(tmp_path))  # from the cache, identical
+    assert torch.equal(again.x_train, data.x_train)
+
+
+def _write_cifar(root, num_classes: int, train: int = 20, test: int = 10):
+    """A tiny data set in torchvision's on-disk CIFAR format (pickled dicts of uint8 rows)."""
+    rng = np.random.default_rng(0)
+    label_key = "labels" if num_classes == 10 else "fine_labels"
+    if num_classes == 10:
+        folder, train_files, test_files, meta = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], ("batches.meta", "label_names")
+    else:
+        folder, train_files, test_files, meta = "cifar-100-python", ["train"], ["test"], ("meta", "fine_label_names")
+    (root / folder).mkdir(parents=True)
+
+    def batch(n):
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: rng.integers(0, num_classes, n).tolist()}
+
+    for name in train_files:
+        with open(root / folder / name, "wb") as f:
+            pickle.dump(batch(train // len(train_files)), f)
+    for name in test_files:
+        with open(root / folder / name, "wb") as f:
+            pickle.dump(batch(test), f)
+    with open(root / folder / meta[0], "wb") as f:
+        pickle.dump({meta[1]: [f"class{i}" for i in range(num_classes)]}, f)
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_loader_reads_torchvisions_on_disk_format(tmp_path, name, classes):
+    _write_cifar(tmp_path, classes)
+    data = load_dataset(name, root=str(tmp_path))
+    assert data.x_train.shape == (20, 3, 32, 32) and data.x_train.dtype == torch.uint8
+    assert data.x_test.shape == (10, 3, 32, 32) and data.num_classes == classes
+    x, y = data.train_batch(torch.arange(8), torch.Generator().manual_seed(0))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (8,)
+    # The augmentation is a function of the generator: same seed, same crops and flips.
+    x2, _ = data.train_batch(torch.arange(8), torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)
+    x3, _ = data.train_batch(torch.arange(8), torch.Generator().manual_seed(1))
+    assert not torch.equal(x, x3)
+
+
+def test_missing_cifar_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.download=true"):
+        load_dataset("cifar10", root=str(tmp_path))
+
+
+def test_crop_and_flip_keep_the_pixels_of_the_image():
+    data = DATASETS["synthetic_images"].load(root=None, augment=True, download=False)
+    x, _ = data.train_batch(torch.arange(4), torch.Generator().manual_seed(0))
+    plain = data._prepare(data.x_train[:4])
+    # Every augmented row is a (shifted, maybe mirrored) window of the padded original.
+    centre_plain = plain[:, :, 8:24, 8:24].flatten(1)
+    centre_aug = x[:, :, 8:24, 8:24].flatten(1)
+    for a, p in zip(centre_aug, centre_plain):
+        assert torch.isin(a, p).float().mean() > 0.9
+
+
+def test_config_accepts_every_registered_data_set():
+    for name, entry in DATASETS.items():
+        model = "resnet20" if entry.input_kind == "image" else "mnist1d_cnn"
+        cfg = load_config({"method": {"name": "independent"}, "peers": [{"model": model}], "data": {"name": name}})
+        assert cfg.data.name == name

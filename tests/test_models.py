@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from codistill.models import MODELS, PeerModel, create_model
+
+INPUTS = {"sequence": (1, 40), "image": (3, 32, 32)}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_classifies_its_input(name):
+    model = create_model(name, num_classes=7)
+    assert isinstance(model, PeerModel)
+    x = torch.randn(2, *INPUTS[MODELS[name].input_kind])
+    model.eval()
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    assert model.features(x).shape == (2, model.feature_dim)
+
+
+@pytest.mark.parametrize("depth,params", [(20, 0.27e6), (32, 0.46e6), (56, 0.85e6), (110, 1.7e6)])
+def test_cifar_resnets_have_the_published_sizes(depth, params):
+    # He et al. 2016, Table 6: 0.27M, 0.46M, 0.85M, 1.7M parameters (10 classes).
+    count = sum(p.numel() for p in create_model(f"resnet{depth}", 10).parameters())
+    assert count == pytest.approx(params, rel=0.06)
+
+
+def test_unknown_model_lists_the_registry():
+    with pytest.raises(KeyError, match="mnist1d_cnn"):
+        create_model("lenet", 10)

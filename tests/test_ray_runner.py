@@ -1,0 +1,90 @@
+"""The Ray runner on a real local Ray instance: it must reproduce the local runner, and a
+killed peer must resume from the newest checkpoint with no step lost or trained twice."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from codistill.engine.run import train
+from tests.conftest import REPO, small_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    return train(small_config(tmp_path_factory.mktemp("local"), "name=reference"), "local")
+
+
+def by_step(records):
+    return {(r["step"], r["peer"], r["split"]): r for r in records.to_pylist()}
+
+
+def flat(final: dict) -> list[float]:
+    return [final["step"], *final["peer_accuracy"], final["ensemble_accuracy"], final["churn"]]
+
+
+def assert_same_run(a, b):
+    rows_a, rows_b = by_step(a.records), by_step(b.records)
+    assert rows_a.keys() == rows_b.keys()
+    for key, row in rows_a.items():
+        if key[2] == "train":
+            assert rows_b[key]["loss"] == pytest.approx(row["loss"], rel=1e-5, abs=1e-6), key
+        else:
+            assert rows_b[key]["accuracy"] == pytest.approx(row["accuracy"], abs=1e-6), key
+    assert flat(b.final) == pytest.approx(flat(a.final))
+
+
+@pytest.mark.parametrize("transport", ["collective", "object_store"])
+def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, transport):
+    result = train(small_config(tmp_path, "name=reference", f"exchange.transport={transport}"), "ray")
+    assert_same_run(local_reference, result)
+    nodes = {r["node"] for r in result.records.to_pylist()}
+    assert len(nodes) == 1 and nodes != {"local"}  # Ray node ids, not the local runner's marker
+
+
+def test_a_killed_peer_restarts_from_the_newest_checkpoint_with_nothing_lost(ray_local, tmp_path):
+    overrides = ["name=killed", "train.steps=800", "train.checkpoint_every=100", "train.eval_every=200",
+                 "ray.max_failures=1"]
+    killed = {}
+
+    def kill_peer0_midway(step, metrics):
+        if step >= 150 and not killed and "pid" in metrics:
+            killed["at"] = step
+            os.kill(metrics["pid"], signal.SIGKILL)
+
+    result = train(small_config(tmp_path, *overrides), "ray", on_progress=kill_peer0_midway)
+    assert killed and killed["at"] < 800, "the peer was not killed mid-run"
+    for peer in (0, 1):
+        steps = [r["step"] for r in result.records.to_pylist() if r["split"] == "train" and r["peer"] == peer]
+        assert steps == list(range(1, 801))
+    # Restarting from a checkpoint changes nothing: the run equals an uninterrupted local one.
+    reference = train(small_config(tmp_path, *overrides[1:], "name=uninterrupted"), "local")
+    assert flat(result.final) == pytest.approx(flat(reference.final))
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "codistill.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_trains_on_a_local_ray_instance_and_reports(tmp_path):
+    out = run_cli("train", "configs/dml_mnist1d.yaml", "--set", "name=cli", "--set", f"ray.storage_path={tmp_path}",
+                  "--set", "train.steps=200", "--set", "train.eval_every=100")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for text in ("name: cli", "peer", "ensemble", "churn", "records.parquet"):
+        assert text in out.stdout
+    assert (tmp_path / "cli" / "records.parquet").exists() and (tmp_path / "cli" / "accuracy.png").exists()
+    report = run_cli("report", str(tmp_path / "cli"))
+    assert report.returncode == 0, report.stderr
+    summary = out.stdout[out.stdout.index("final evaluation"):].split("records:")[0].strip()
+    assert summary in report.stdout
+
+
+def test_cli_names_the_bad_key():
+    out = run_cli("train", "configs/dml_mnist1d.yaml", "--set", "method.temprature=3")
+    assert out.returncode == 2
+    assert "method.temprature" in out.stderr and "temperature" in out.stderr
