@@ -58,8 +58,9 @@ def _bench_job(spec: dict, peer_index: int, device: torch.device) -> PeerJob:
     cfg = load_config(spec["config"])
     data = load_dataset(cfg.data.name, cfg.data.root, augment=True)
     schedule = BatchSchedule(len(data.y_train), cfg.data.batch_size, cfg.seed)
-    peer = build_peer(peer_index, cfg.peers[peer_index], data.num_classes, cfg.seed, device)
-    return PeerJob(peer, create_method(cfg.method), data, schedule, cfg.train, device)
+    method = create_method(cfg.method)
+    peer = build_peer(peer_index, cfg.peers[peer_index], data.num_classes, cfg.seed, device, method)
+    return PeerJob(peer, method, data, schedule, cfg.train, device)
 
 
 def time_methods(job: PeerJob, exchange: Exchange, rounds: int, block: int) -> dict[str, list[float]]:

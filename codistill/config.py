@@ -167,8 +167,7 @@ class ExperimentConfig:
     def __post_init__(self):
         _check(self.method is not None, "method", "is required (e.g. `method: {name: dml}`)")
         _check(len(self.peers) >= 1, "peers", "needs at least one peer")
-        _check(len(self.peers) >= self.method.min_peers, "peers",
-               f"method {self.method.name!r} needs at least {self.method.min_peers} peers, got {len(self.peers)}")
+        self.method.check_peers(self.peers)
         from codistill.data import DATASETS
         from codistill.models import MODELS
 
@@ -288,7 +287,12 @@ def _build_method(value: Any, path: str) -> Any:
     name = value["name"]
     if name not in METHODS:
         raise ConfigError(f"{path}.name", f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
-    return build_dataclass(METHODS[name].config_class, value, path)
+    try:
+        return build_dataclass(METHODS[name].config_class, value, path)
+    except ConfigError as err:
+        if "unknown key" in err.message:  # most likely a setting of another method
+            raise ConfigError(err.path, f"not a setting of method {name!r}; {err.message.split('; ', 1)[1]}") from None
+        raise
 
 
 def to_dict(cfg: Any) -> Any:

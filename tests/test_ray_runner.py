@@ -16,7 +16,15 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory):
-    return train(small_config(tmp_path_factory.mktemp("local"), "name=reference"), "local")
+    """The local runner's run of a config, computed once per config."""
+    runs = {}
+
+    def get(base):
+        if base not in runs:
+            runs[base] = train(small_config(tmp_path_factory.mktemp("local"), "name=reference", base=base), "local")
+        return runs[base]
+
+    return get
 
 
 def by_step(records):
@@ -38,10 +46,14 @@ def assert_same_run(a, b):
     assert flat(b.final) == pytest.approx(flat(a.final))
 
 
-@pytest.mark.parametrize("transport", ["collective", "object_store"])
-def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, transport):
-    result = train(small_config(tmp_path, "name=reference", f"exchange.transport={transport}"), "ray")
-    assert_same_run(local_reference, result)
+@pytest.mark.parametrize("base,transport", [
+    ("configs/dml_mnist1d.yaml", "collective"),
+    ("configs/dml_mnist1d.yaml", "object_store"),
+    ("configs/one_peers_mnist1d.yaml", "collective"),
+])
+def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, base, transport):
+    result = train(small_config(tmp_path, "name=reference", f"exchange.transport={transport}", base=base), "ray")
+    assert_same_run(local_reference(base), result)
     nodes = {r["node"] for r in result.records.to_pylist()}
     assert len(nodes) == 1 and nodes != {"local"}  # Ray node ids, not the local runner's marker
 

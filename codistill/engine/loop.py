@@ -16,7 +16,7 @@ from codistill.config import OptimizerConfig, PeerSpec, TrainConfig
 from codistill.data import ArrayDataset, BatchSchedule
 from codistill.exchange import Exchange
 from codistill.methods import Method
-from codistill.metrics import evaluation_metrics
+from codistill.metrics import accuracy, evaluation_metrics
 from codistill.models import create_model
 
 
@@ -28,13 +28,15 @@ class Peer:
     optimizer: torch.optim.Optimizer
 
 
-def build_peer(index: int, spec: PeerSpec, num_classes: int, seed: int, device: torch.device) -> Peer:
-    """Peer `index`'s model and optimizer. The init seed depends on (seed, index) only, so a
-    peer starts from the same weights in every runner; different peers start differently,
-    which is what makes mutual learning worth anything."""
+def build_peer(index: int, spec: PeerSpec, num_classes: int, seed: int, device: torch.device,
+               method: Method) -> Peer:
+    """Peer `index`'s network (the registered model, shaped by the method: e.g. ONE's
+    branches) and optimizer. The init seed depends on (seed, index) only, so a peer starts
+    from the same weights in every runner; different peers start differently, which is what
+    makes mutual learning worth anything."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + index)
-        model = create_model(spec.model, num_classes).to(device)
+        model = method.wrap_model(create_model(spec.model, num_classes), spec.model).to(device)
     return Peer(index, spec, model, make_optimizer(spec.optimizer, model.parameters()))
 
 
@@ -111,15 +113,15 @@ def train_step(job: PeerJob, exchange: Exchange, step: int) -> dict:
     for group in peer.optimizer.param_groups:
         group["lr"] = learning_rate(peer.spec.optimizer, step, job.train.steps)
 
-    logits = model(x)
+    outputs = model(x)
     exchange_seconds = 0.0
-    peer_logits: list[torch.Tensor] = []
+    from_peers: list[torch.Tensor] = []
     if job.method.uses_peers:
         exchange_started = time.perf_counter()
-        gathered = exchange.all_gather(logits.detach())
+        gathered = exchange.all_gather(job.method.payload(outputs))
         exchange_seconds = time.perf_counter() - exchange_started
-        peer_logits = [z for k, z in enumerate(gathered) if k != peer.index]
-    loss, terms = job.method.loss(logits, peer_logits, y, step)
+        from_peers = [z for k, z in enumerate(gathered) if k != peer.index]
+    loss, terms = job.method.loss(outputs, from_peers, y, step)
     peer.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     peer.optimizer.step()
@@ -130,15 +132,23 @@ def train_step(job: PeerJob, exchange: Exchange, step: int) -> dict:
 
 
 @torch.no_grad()
-def predict_test(job: PeerJob, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_test(job: PeerJob, batch_size: int) -> tuple[dict[str, torch.Tensor], str, torch.Tensor]:
+    """Test logits of every head of the peer's network (one for a plain model; ONE's
+    ensemble and each branch for a multi-branch one), the name of the head that stands for
+    the peer, and the labels."""
     model = job.peer.model
+    primary = getattr(model, "primary_head", "model")
     model.eval()
-    logits, labels = [], []
+    heads: dict[str, list[torch.Tensor]] = {}
+    labels = []
     for x, y in job.data.test_batches(batch_size):
-        logits.append(model(x.to(job.device)).float().cpu())
+        x = x.to(job.device)
+        outputs = model.evaluation_heads(x) if hasattr(model, "evaluation_heads") else {"model": model(x)}
+        for name, logits in outputs.items():
+            heads.setdefault(name, []).append(logits.float().cpu())
         labels.append(y)
     model.train()
-    return torch.cat(logits), torch.cat(labels)
+    return {name: torch.cat(chunks) for name, chunks in heads.items()}, primary, torch.cat(labels)
 
 
 def peer_state(job: PeerJob, step: int) -> dict:
@@ -175,11 +185,14 @@ def train_peer(job: PeerJob, exchange: Exchange, run: RunContext, eval_batch_siz
         evaluate = done % cfg.eval_every == 0 or done == cfg.steps
         checkpoint = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
         if evaluate:
-            test_logits, labels = predict_test(job, eval_batch_size)
-            metrics = {"step": done, **evaluation_metrics(exchange.all_gather(test_logits), labels)}
-            records.append({"step": done, "peer": peer.index, "split": "test", "node": run.node,
-                            "accuracy": metrics[f"peer{peer.index}_accuracy"],
-                            "ensemble_accuracy": metrics["ensemble_accuracy"], "churn": metrics["churn"]})
+            heads, primary, labels = predict_test(job, eval_batch_size)
+            metrics = {"step": done, **evaluation_metrics(exchange.all_gather(heads[primary]), labels)}
+            record = {"step": done, "peer": peer.index, "split": "test", "node": run.node,
+                      "accuracy": metrics[f"peer{peer.index}_accuracy"],
+                      "ensemble_accuracy": metrics["ensemble_accuracy"], "churn": metrics["churn"]}
+            if len(heads) > 1:  # e.g. ONE's branches beside its gated ensemble
+                record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
+            records.append(record)
             if peer.index == 0 and job.is_leader:
                 run.progress(done, metrics)
         if evaluate or checkpoint:

@@ -107,8 +107,9 @@ def ray_train_loop(loop_config: dict) -> None:
     schedule = BatchSchedule(len(data.y_train), cfg.data.batch_size, cfg.seed,
                              shard=peer_index if cfg.data.shard else 0,
                              num_shards=cfg.num_peers if cfg.data.shard else 1)
-    peer = build_peer(peer_index, cfg.peers[peer_index], data.num_classes, cfg.seed, device)
-    job = PeerJob(peer, create_method(cfg.method), data, schedule, cfg.train, device,
+    method = create_method(cfg.method)
+    peer = build_peer(peer_index, cfg.peers[peer_index], data.num_classes, cfg.seed, device, method)
+    job = PeerJob(peer, method, data, schedule, cfg.train, device,
                   replica=replica, replicas=replicas)
     exchange_group = None
     if replicas > 1:

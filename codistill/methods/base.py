@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from codistill.config import _check
+from codistill.config import ConfigError, _check
 from codistill.losses import linear_rampup
 
 
@@ -16,6 +16,11 @@ class MethodConfig:
     name: str
     """Registered method name."""
     min_peers: ClassVar[int] = 1
+
+    def check_peers(self, peers) -> None:
+        """Raise ConfigError (key path from the top of the config) if the peers do not suit."""
+        if len(peers) < self.min_peers:
+            raise ConfigError("peers", f"method {self.name!r} needs at least {self.min_peers} peers, got {len(peers)}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,6 +56,14 @@ class Method:
 
     def __init__(self, config: MethodConfig):
         self.config = config
+
+    def wrap_model(self, model: torch.nn.Module, model_name: str) -> torch.nn.Module:
+        """The network this method trains, built around a registered model (default: itself)."""
+        return model
+
+    def payload(self, outputs) -> torch.Tensor:
+        """What a peer sends its peers each step (default: its logits, detached)."""
+        return outputs.detach()
 
     def loss(self, logits: torch.Tensor, peer_logits: list[torch.Tensor], labels: torch.Tensor,
              step: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -13,7 +13,7 @@ class PeerModel(nn.Module):
     """A classifier split into `features` (the penultimate vector) and a linear `classifier`,
     so methods that add heads on the features (ONE's gate) work on any registered model."""
 
-    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int):
+    def __init__(self, features: nn.Sequential, feature_dim: int, num_classes: int):
         super().__init__()
         self.features = features
         self.feature_dim = feature_dim
@@ -28,16 +28,19 @@ class ModelEntry:
     build: Callable[[int], nn.Module]
     input_kind: str
     """'sequence' (MNIST-1D shaped) or 'image' (3-channel images)."""
+    branch_point: int | None = None
+    """Index into `features` where high-level layers begin: ONE shares `features[:branch_point]`
+    as its trunk and copies the rest into each branch. None: the model cannot branch."""
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, input_kind: str):
+def register_model(name: str, input_kind: str, branch_point: int | None = None):
     def decorator(fn: Callable[[int], nn.Module]):
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelEntry(fn, input_kind)
+        MODELS[name] = ModelEntry(fn, input_kind, branch_point)
         return fn
     return decorator
 

@@ -49,5 +49,6 @@ def cifar_resnet(depth: int, num_classes: int) -> PeerModel:
     return model
 
 
+# ONE's trunk: stem + stages 1 and 2 (features[:3]); each branch gets stage 3 and the classifier.
 for _depth in (20, 32, 56, 110):
-    register_model(f"resnet{_depth}", input_kind="image")(lambda num_classes, d=_depth: cifar_resnet(d, num_classes))
+    register_model(f"resnet{_depth}", input_kind="image", branch_point=3)(lambda num_classes, d=_depth: cifar_resnet(d, num_classes))

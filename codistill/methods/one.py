@@ -1,0 +1,88 @@
+"""On-the-fly native ensemble (Lan et al., NeurIPS 2018), in one network or across peers.
+
+In one network (`branches: m ≥ 2`, one peer): a shared trunk feeds m branches and a gate;
+the gated ensemble z_e = Σ_k softmax(gate)_k · z_k is the teacher. The loss is
+    Σ_k CE(z_k) + CE(z_e) + w · Σ_k T²·KL(softmax(z_e/T) ‖ softmax(z_k/T)),
+with z_e detached in the KL term: the ensemble is trained only by its own CE, so the
+branches cannot drag their teacher towards themselves.
+
+Across peers (`branches: 1`, K ≥ 2 peers): each peer also emits a gate logit per sample,
+and peers exchange [logits, gate] every step. Peer i builds the same ensemble from its own
+live outputs and the others' detached ones, and minimises
+    CE(z_i) + w · T²·KL(softmax(z_e/T) ‖ softmax(z_i/T)) + CE(z_e).
+Summed over peers this is exactly the gradient of the one-network loss, partitioned: the
+ensemble's CE reaches peer i only through z_i and its gate, which it holds live.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from codistill.config import ConfigError
+from codistill.losses import gated_ensemble, soft_kl, soft_targets
+from codistill.methods.base import DistillConfig, Method, register_method
+from codistill.models.multi_branch import GatedPeer, make_multi_branch
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ONEConfig(DistillConfig):
+    temperature: float = 3.0
+    """The ONE paper's code uses T = 3."""
+    branches: int = 3
+    """m ≥ 2: ONE inside one network with m branches (one peer). 1: ONE across the K peers."""
+
+    def check_peers(self, peers) -> None:
+        from codistill.models import MODELS
+
+        if self.branches < 1:
+            raise ConfigError("method.branches", f"must be >= 1, got {self.branches}")
+        if self.branches >= 2:
+            if len(peers) != 1:
+                raise ConfigError("peers", f"ONE in one network (method.branches={self.branches}) trains exactly one "
+                                  f"peer, got {len(peers)}; for ONE across peers set method.branches: 1")
+            if MODELS[peers[0].model].branch_point is None:
+                able = sorted(n for n, e in MODELS.items() if e.branch_point is not None)
+                raise ConfigError("peers.0.model", f"{peers[0].model!r} has no trunk/branch split; "
+                                  f"models that can branch: {', '.join(able)}")
+        elif len(peers) < 2:
+            raise ConfigError("peers", f"ONE across peers (method.branches: 1) needs at least 2 peers, got {len(peers)}")
+
+
+@register_method("one")
+class ONE(Method):
+    config_class = ONEConfig
+
+    def __init__(self, config: ONEConfig):
+        super().__init__(config)
+        self.in_one_network = config.branches >= 2
+        self.uses_peers = not self.in_one_network
+
+    def wrap_model(self, model, model_name):
+        if self.in_one_network:
+            return make_multi_branch(model, model_name, self.config.branches)
+        return GatedPeer(model)
+
+    def payload(self, outputs) -> torch.Tensor:
+        logits, gate = outputs
+        return torch.cat([logits, gate], dim=1).detach()
+
+    def loss(self, outputs, peer_payloads, labels, step):
+        T, weight = self.config.temperature, self.config.weight_at(step)
+        if self.in_one_network:
+            logits, gate_logits = outputs  # (m, B, C), (B, m)
+            ce_members = torch.stack([F.cross_entropy(z, labels) for z in logits]).sum()
+        else:
+            own_logits, own_gate = outputs  # (B, C), (B, 1)
+            # The order of members does not change a gated sum, so own first, then the others.
+            logits = torch.stack([own_logits] + [p[:, :-1] for p in peer_payloads])
+            gate_logits = torch.cat([own_gate] + [p[:, -1:] for p in peer_payloads], dim=1)
+            ce_members = F.cross_entropy(own_logits, labels)
+        ensemble = gated_ensemble(logits, gate_logits)
+        target = soft_targets(ensemble.detach(), T)
+        members = logits if self.in_one_network else logits[:1]
+        kl = torch.stack([soft_kl(z, target, T) for z in members]).sum()
+        ce_ensemble = F.cross_entropy(ensemble, labels)
+        total = ce_members + ce_ensemble + weight * kl
+        return total, {"loss": total.detach(), "ce": ce_members.detach(), "ce_ensemble": ce_ensemble.detach(),
+                       "kl": kl.detach(), "kl_weight": weight}
