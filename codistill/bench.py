@@ -33,7 +33,7 @@ from codistill.methods.independent import IndependentConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("which", choices=["dml"], help="what to measure")
+    parser.add_argument("which", choices=["dml", "codistill"], help="what to measure")
     parser.add_argument("--model", default="resnet20", help="peer model for the step-time ratio (default resnet20: ~50+ ms steps on CPU)")
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -183,8 +183,132 @@ def _latency_row(latencies: list[float]) -> dict:
     return {"p50_ms": 1000 * percentile(latencies, 0.5), "p90_ms": 1000 * percentile(latencies, 0.9)}
 
 
+# ---------------------------------------------------------------------------------------------
+# codistill: amortised overhead per period, round latency per payload, bytes per round
+
+
+def _codistill_overhead(periods: list[int], rounds_per_period: int) -> dict:
+    """Mean step time of codistillation ÷ independent training, two MNIST-1D CNN peers as
+    threads, alternating blocks of 50 steps (a whole number of rounds for every period)."""
+    from codistill.engine.rounds import PeriodicTeacher
+    from codistill.exchange.rounds import LocalRoundBoard
+    from codistill.methods.codistill import CodistillConfig
+
+    base = {"method": {"name": "codistill"}, "peers": [{"model": "mnist1d_cnn"}] * 2,
+            "data": {"name": "mnist1d", "batch_size": 100}}
+    cfg = load_config(base)
+    data = load_dataset("mnist1d", cfg.data.root)
+    schedule = BatchSchedule(len(data.y_train), 100, 0)
+    independent = create_method(IndependentConfig(name="independent"))
+    results = {}
+    for period in periods:
+        method_cfg = CodistillConfig(name="codistill", period=period, max_staleness=0)
+        board = LocalRoundBoard(2)
+        times: dict[str, list[float]] = {"independent": [], "codistill": []}
+        jobs = [PeerJob(build_peer(k, cfg.peers[k], 10, 0, torch.device("cpu"), independent), independent, data,
+                        schedule, cfg.train, torch.device("cpu")) for k in range(2)]
+        teachers = [PeriodicTeacher(job, board.for_peer(k), method_cfg, cfg.peers, [schedule])
+                    for k, job in enumerate(jobs)]
+        codistill_method = create_method(method_cfg)
+        barrier = threading.Barrier(2)
+
+        def run(k: int) -> None:
+            job, step = jobs[k], 0
+            for block in range(2 * rounds_per_period):
+                name = ("independent", "codistill")[(block + block // 2) % 2]  # ABBA order cancels drift
+                job.method, job.teacher = (independent, None) if name == "independent" else (codistill_method, teachers[k])
+                barrier.wait()
+                for _ in range(50):
+                    started = time.perf_counter()
+                    train_step(job, None, step)
+                    if k == 0:
+                        times[name].append(time.perf_counter() - started)
+                    step += 1
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ind, cod = statistics.mean(times["independent"]), statistics.mean(times["codistill"])
+        results[period] = {"independent_ms": 1000 * ind, "codistill_ms": 1000 * cod, "ratio": cod / ind}
+    return results
+
+
+def _round_latency(calls: int) -> dict:
+    """Publish + fetch of one round through the object-store board, per payload."""
+    import ray
+
+    from codistill.exchange.object_store import RoundBoardActor
+    from codistill.models import create_model
+
+    board = RoundBoardActor.remote(2)
+    generation = ray.get([board.join.remote(0), board.join.remote(1)])[0]
+    payloads = {
+        "predictions 1×100×10 (period 1)": torch.randn(1, 1, 100, 10),
+        "predictions 50×100×10 (period 50)": torch.randn(1, 50, 100, 10),
+        "predictions 50×128×100 (CIFAR-100, period 50)": torch.randn(1, 50, 128, 100),
+        "weights mnist1d_cnn": create_model("mnist1d_cnn", 10).state_dict(),
+        "weights resnet32": create_model("resnet32", 100).state_dict(),
+    }
+    out = {}
+    for name, payload in payloads.items():
+        latencies = []
+        for r in range(calls + 3):
+            started = time.perf_counter()
+            ref = ray.put(payload)
+            ray.get(board.publish.remote(generation, r, 0, [ref]))
+            round_id, boxed = ray.get(board.newest.remote(generation, 0, r, r, 10.0))
+            ray.get(boxed[0])
+            if r >= 3:
+                latencies.append(time.perf_counter() - started)
+        out[name] = _latency_row(latencies)
+    ray.kill(board)
+    return out
+
+
+def _bytes_per_round() -> list[dict]:
+    from codistill.models import create_model
+
+    rows = []
+    for model, classes, batch in (("mnist1d_cnn", 10, 100), ("resnet32", 100, 128)):
+        weights = sum(t.numel() * t.element_size() for t in create_model(model, classes).state_dict().values())
+        for period in (1, 10, 50):
+            predictions = period * batch * classes * 4  # one round's batches, float32, max_staleness 0
+            rows.append({"model": model, "period": period, "predictions_bytes": predictions, "weights_bytes": weights})
+    return rows
+
+
+def main_codistill(args: argparse.Namespace) -> int:
+    import ray
+
+    from codistill.engine.run import connect_ray
+
+    print("# codistill bench codistill — 2 MNIST-1D CNN peers (threads), object-store board on local Ray", flush=True)
+    figures = {"overhead": _codistill_overhead([1, 10, 50], args.rounds), "bytes_per_round": _bytes_per_round()}
+    connect_ray(None)
+    figures["round_latency"] = _round_latency(args.latency_calls)
+    ray.shutdown()
+    print("\namortised step time, mean      independent   codistill   codistill ÷ independent")
+    for period, row in figures["overhead"].items():
+        print(f"  period {period:<22}{row['independent_ms']:>9.2f} ms{row['codistill_ms']:>9.2f} ms{row['ratio']:>14.3f}")
+    print("\nround trip through the object-store board      p50        p90")
+    for name, row in figures["round_latency"].items():
+        print(f"  {name:<44}{row['p50_ms']:>6.2f} ms{row['p90_ms']:>8.2f} ms")
+    print("\nbytes per round per peer     period   predictions       weights")
+    for row in figures["bytes_per_round"]:
+        print(f"  {row['model']:<26}{row['period']:>6}{row['predictions_bytes']:>14,}{row['weights_bytes']:>14,}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     import ray
+
+    if args.which == "codistill":
+        return main_codistill(args)
 
     from codistill.engine.run import connect_ray
 

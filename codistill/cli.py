@@ -1,4 +1,4 @@
-"""`codistill train | report | bench` — parse → build → run → close."""
+"""`codistill train | tune | report | bench` — parse → build → run → close."""
 
 from __future__ import annotations
 
@@ -46,12 +46,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _init_ray_quietly(address: str | None, show_worker_logs: bool) -> None:
     import ray
 
+    if ray.is_initialized():
+        return
     address = address or os.environ.get("RAY_ADDRESS")
     # Worker logs are kept in Ray's session folder; on the terminal they would bury the summary.
     if address:
         ray.init(address=address, log_to_driver=show_worker_logs)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=show_worker_logs)
+        # The dashboard hosts the state API that Ray Train's placement-group cleanup needs
+        # (a trial stopped by ASHA would otherwise keep its peers' resources).
+        ray.init(address="local", include_dashboard=True, log_to_driver=show_worker_logs)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -70,6 +74,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     table = read_records(storage)
     print(summary_text(table, [p["model"] for p in config.get("peers", [])]))
     print(f"plot: {plot_accuracy(table, storage)}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from codistill.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
+
+    overrides = list(args.set or [])
+    for flag, key in ((args.samples, "num_samples"), (args.max_concurrent, "max_concurrent"),
+                      (args.scheduler, "scheduler"), (args.search, "search")):
+        if flag is not None:
+            overrides.append(f"tune.{key}={flag}")
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    cfg = load_config(args.config, overrides)
+    if cfg.tune is None or not cfg.tune.space:
+        raise ConfigError("tune.space", "is required for `codistill tune` (e.g. `method.temperature: loguniform(1, 10)`)")
+    print(f"# resolved config\n{dump_config(cfg)}", flush=True)
+    _init_ray_quietly(cfg.ray.address, args.ray_logs)
+    result = run_sweep(cfg)
+    print(result.summary)
+    uri = result.storage.uri
+    print(f"trials: {uri}/{TRIALS_FILE}\nplot:   {uri}/{PLOT_FILE}")
+    if result.best_config is not None:
+        print(f"best:   {uri}/{BEST_FILE} ({cfg.tune.objective} {100 * result.best_objective:.2f}%)")
+    else:
+        print("no trial finished: no best config")
     return 0
 
 
@@ -92,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search distillation settings with Ray Tune (the config's `tune:` section)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--samples", type=int, help="trials to sample (tune.num_samples)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once, each a whole peer group (tune.max_concurrent)")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], help="asha stops bad trials early (tune.scheduler)")
+    p.add_argument("--search", choices=["random", "optuna"], help="optuna needs codistill[tune] (tune.search)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="print the summary of a run and write its plot again")
     p.add_argument("run_dir", help="the run's folder: <storage_path>/<name>")

@@ -10,6 +10,7 @@ the path (e.g. `method.temperature`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ class ConfigError(ValueError):
         self.path = path
         self.message = message
         super().__init__(f"{path}: {message}" if path else message)
+
+    def __reduce__(self):  # so the error survives pickling across Ray processes
+        return ConfigError, (self.path, self.message)
 
     def under(self, prefix: str) -> "ConfigError":
         return ConfigError(f"{prefix}.{self.path}" if self.path else prefix, self.message)
@@ -152,6 +156,83 @@ class RaySettings:
             _check(amount >= 0, f"resources_per_peer.{name}", f"must be >= 0, got {amount}")
 
 
+DISTRIBUTIONS = {
+    # name: (number of arguments, what they are)
+    "uniform": (2, "low, high"),
+    "loguniform": (2, "low, high (both > 0)"),
+    "quniform": (3, "low, high, q"),
+    "randint": (2, "low, high (high exclusive)"),
+    "choice": (1, "[a, b, ...]"),
+    "grid": (1, "[a, b, ...] (every value is tried)"),
+}
+
+
+def parse_distribution(text: str, key: str) -> tuple[str, list]:
+    """`loguniform(1, 10)` → ("loguniform", [1, 10]); errors name `key` and the forms allowed."""
+    allowed = "; ".join(f"{n}({a})" for n, (_, a) in DISTRIBUTIONS.items())
+    text = str(text).strip()
+    name, _, rest = text.partition("(")
+    if name not in DISTRIBUTIONS or not rest.endswith(")"):
+        raise ConfigError(key, f"malformed distribution {text!r}; allowed: {allowed}")
+    try:
+        args = yaml.safe_load(f"[{rest[:-1]}]")
+    except yaml.YAMLError:
+        raise ConfigError(key, f"cannot read the arguments of {text!r}; allowed: {allowed}") from None
+    count, what = DISTRIBUTIONS[name]
+    if len(args) != count:
+        raise ConfigError(key, f"{name} takes {what}, got {text!r}")
+    if name in ("choice", "grid"):
+        if not isinstance(args[0], list) or not args[0]:
+            raise ConfigError(key, f"{name} takes a non-empty list, got {text!r}")
+    else:
+        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise ConfigError(key, f"{name} takes numbers, got {text!r}")
+        if args[0] >= args[1]:
+            raise ConfigError(key, f"low must be below high in {text!r}")
+        if name == "loguniform" and args[0] <= 0:
+            raise ConfigError(key, f"loguniform needs low > 0, got {text!r}")
+    return name, args
+
+
+def distribution_values(name: str, args: list) -> list:
+    """Values that stand for a distribution when checking that its key accepts them."""
+    if name in ("choice", "grid"):
+        return list(args[0])
+    if name == "randint":
+        return [int(args[0]), int(args[1]) - 1]
+    return [args[0], args[1]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TuneSettings:
+    space: dict[str, str] = field(default_factory=dict)
+    """Config key path → distribution, e.g. `method.temperature: loguniform(1, 10)`,
+    `peers.*.optimizer.lr: loguniform(1e-3, 1e-1)`, `method.weight: uniform(0, 1)`."""
+    objective: Literal["best_accuracy", "mean_accuracy", "ensemble_accuracy"] = "ensemble_accuracy"
+    """What a trial is judged by, reported at every evaluation (so ASHA can stop it early)."""
+    num_samples: int = 8
+    """Trials to sample (with `grid(...)` values: repetitions of the grid)."""
+    max_concurrent: int = 1
+    """Trials running at once; each trial is a whole group of peers."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    search: Literal["random", "optuna"] = "random"
+    grace_period: int = 1
+    """ASHA: evaluations a trial always gets before it may be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep the top 1/reduction_factor at each rung."""
+
+    def __post_init__(self):
+        for key, text in self.space.items():
+            parse_distribution(text, f"space.{key}")
+        _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _check(self.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {self.max_concurrent}")
+        _check(self.grace_period >= 1, "grace_period", f"must be >= 1, got {self.grace_period}")
+        _check(self.reduction_factor >= 2, "reduction_factor", f"must be >= 2, got {self.reduction_factor}")
+        if self.search == "optuna":
+            grids = [k for k, t in self.space.items() if t.strip().startswith("grid(")]
+            _check(not grids, f"space.{grids[0] if grids else ''}", "grid(...) cannot be used with search: optuna")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ExperimentConfig:
     name: str = "run"
@@ -163,6 +244,8 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
     ray: RaySettings = field(default_factory=RaySettings)
+    tune: TuneSettings | None = None
+    """The search space and sweep settings of `codistill tune` (ignored by `codistill train`)."""
 
     def __post_init__(self):
         _check(self.method is not None, "method", "is required (e.g. `method: {name: dml}`)")
@@ -186,6 +269,9 @@ class ExperimentConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Building dataclasses from plain data, with key paths in every error
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -235,6 +321,8 @@ def _build_value(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
         return float(value)
@@ -366,7 +454,26 @@ def load_config(source: str | Path | dict, overrides: typing.Sequence[str] = ())
             raise ConfigError("", f"{path} must hold a mapping at the top level")
     for assignment in overrides:
         apply_override(data, assignment)
-    return build_dataclass(ExperimentConfig, data)
+    cfg = build_dataclass(ExperimentConfig, data)
+    if cfg.tune is not None:
+        check_search_space(data, cfg.tune)
+    return cfg
+
+
+def check_search_space(data: dict, tune: TuneSettings) -> None:
+    """Every key of the search space must be a config key that accepts the values the
+    distribution gives: try them, and name the space key in the error."""
+    import copy
+
+    for key, text in tune.space.items():
+        for value in distribution_values(*parse_distribution(text, f"tune.space.{key}")):
+            trial = copy.deepcopy(data)
+            trial.pop("tune", None)
+            try:
+                set_path(trial, key, value)
+                build_dataclass(ExperimentConfig, trial)
+            except ConfigError as err:
+                raise ConfigError(f"tune.space.{key}", f"{text} does not fit the config: {err}") from None
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -110,11 +110,15 @@ def final_metrics(table: pa.Table) -> dict:
         return {}
     last = max(r["step"] for r in rows)
     final = sorted((r for r in rows if r["step"] == last), key=lambda r: r["peer"])
+    head_columns = sorted(k for k in final[0] if k.endswith("_accuracy") and k != "ensemble_accuracy"
+                          and any(r.get(k) is not None for r in final))
     return {
         "step": last,
         "peer_accuracy": [r["accuracy"] for r in final],
         "ensemble_accuracy": final[0]["ensemble_accuracy"],
         "churn": final[0]["churn"],
+        # Extra heads of a peer's network (ONE's branches), per peer.
+        "head_accuracy": {k[:-len("_accuracy")]: [r[k] for r in final] for k in head_columns},
     }
 
 
@@ -126,6 +130,9 @@ def summary_text(table: pa.Table, peer_models: list[str] | None = None) -> str:
     for k, acc in enumerate(final["peer_accuracy"]):
         model = peer_models[k] if peer_models else ""
         lines.append(f"{k:<6}{model:<22}{100 * acc:>9.2f}%")
+    for head, values in final["head_accuracy"].items():
+        for k, acc in enumerate(values):
+            lines.append(f"{k:<6}{'  ' + head:<22}{100 * acc:>9.2f}%")
     accs = final["peer_accuracy"]
     lines.append(f"{'mean':<28}{100 * sum(accs) / len(accs):>9.2f}%")
     lines.append(f"{'ensemble':<28}{100 * final['ensemble_accuracy']:>9.2f}%")

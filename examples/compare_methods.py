@@ -32,14 +32,17 @@ def main() -> None:
                                                 f"name={method}-{seed}", f"ray.storage_path={storage}"])
                 final = train(cfg, "local").final
                 accs = final["peer_accuracy"]
+                if cfg.num_peers == 1 and final["head_accuracy"]:
+                    # One network with several heads (ONE's branches): the branches are the members.
+                    accs = [heads[0] for heads in final["head_accuracy"].values()]
                 rows.append((method, seed, accs, final["ensemble_accuracy"], final["churn"]))
                 means.setdefault(method, []).append(statistics.mean(accs))
                 print(f"{method} seed {seed}: peers {[round(100 * a, 1) for a in accs]}", flush=True)
-    peers = len(rows[0][2])
-    print("\n| method | seed | " + " | ".join(f"peer {k}" for k in range(peers)) + " | mean | ensemble | churn |")
+    peers = max(len(r[2]) for r in rows)
+    print("\n| method | seed | " + " | ".join(f"peer/branch {k}" for k in range(peers)) + " | mean | ensemble | churn |")
     print("|---|---|" + "---|" * peers + "---|---|---|")
     for method, seed, accs, ens, ch in rows:
-        cells = " | ".join(f"{100 * a:.1f}" for a in accs)
+        cells = " | ".join(f"{100 * a:.1f}" if k < len(accs) else "" for k, a in enumerate(accs + [0] * (peers - len(accs))))
         print(f"| {method} | {seed} | {cells} | {100 * statistics.mean(accs):.1f} | {100 * ens:.1f} | {100 * ch:.1f} |")
     print("\nmean peer accuracy over seeds: " + ", ".join(
         f"{m} {100 * statistics.mean(v):.2f}%" for m, v in means.items()))

@@ -16,7 +16,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init("local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20,
+        # The dashboard hosts Ray's state API, which Ray Train's placement-group cleaner needs:
+        # without it, a trial that Tune's ASHA stops leaks its peers' reserved CPUs and the
+        # next trial waits for them forever.
+        ray.init("local", num_cpus=2, include_dashboard=True, object_store_memory=150 * 2**20,
                  log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -26,7 +26,7 @@ def test_the_shipped_configs_load():
 def test_unknown_key_names_its_path_and_the_allowed_keys():
     err = error_of({**BASE, "method": {"name": "dml", "temprature": 3}})
     assert err.path == "method.temprature"
-    assert "temperature" in err.message and "unknown key" in err.message
+    assert "temperature" in err.message and "not a setting of method 'dml'" in err.message
 
 
 def test_unknown_key_inside_a_peer():
@@ -95,3 +95,21 @@ def test_resuming_a_run_with_another_method_setting_is_refused(tmp_path):
     with pytest.raises(ConfigError) as info:
         prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}", "method.temperature=5"]))
     assert info.value.path == "method" and "another `name`" in info.value.message
+
+
+@pytest.mark.parametrize("space,path,message", [
+    ({"method.temprature": "uniform(1, 2)"}, "tune.space.method.temprature", "not a setting"),
+    ({"method.weight": "normal(0, 1)"}, "tune.space.method.weight", "loguniform(low, high"),
+    ({"method.weight": "uniform(1)"}, "tune.space.method.weight", "low, high"),
+    ({"method.temperature": "loguniform(0, 10)"}, "tune.space.method.temperature", "low > 0"),
+    ({"method.temperature": "uniform(-1, 1)"}, "tune.space.method.temperature", "must be > 0"),
+    ({"peers.*.model": "choice([mnist1d_cnn, lenet])"}, "tune.space.peers.*.model", "unknown model"),
+])
+def test_a_bad_search_space_names_the_key(space, path, message):
+    err = error_of({**BASE, "tune": {"space": space}})
+    assert err.path == path and message in err.message
+
+
+def test_a_good_search_space_loads():
+    cfg = load_config("configs/tune_dml_mnist1d.yaml")
+    assert set(cfg.tune.space) == {"method.temperature", "method.weight", "peers.*.optimizer.lr"}

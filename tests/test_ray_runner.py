@@ -19,10 +19,12 @@ def local_reference(tmp_path_factory):
     """The local runner's run of a config, computed once per config."""
     runs = {}
 
-    def get(base):
-        if base not in runs:
-            runs[base] = train(small_config(tmp_path_factory.mktemp("local"), "name=reference", base=base), "local")
-        return runs[base]
+    def get(base, *overrides):
+        key = (base, overrides)
+        if key not in runs:
+            runs[key] = train(small_config(tmp_path_factory.mktemp("local"), "name=reference", *overrides, base=base),
+                              "local")
+        return runs[key]
 
     return get
 
@@ -46,21 +48,31 @@ def assert_same_run(a, b):
     assert flat(b.final) == pytest.approx(flat(a.final))
 
 
-@pytest.mark.parametrize("base,transport", [
-    ("configs/dml_mnist1d.yaml", "collective"),
-    ("configs/dml_mnist1d.yaml", "object_store"),
-    ("configs/one_peers_mnist1d.yaml", "collective"),
+# Codistillation in lock-step (max_staleness 0) is deterministic, so it must match too.
+LOCK_STEP_CODISTILL = ("method.burn_in=0", "method.period=20", "method.max_staleness=0")
+
+
+@pytest.mark.parametrize("base,transport,overrides", [
+    ("configs/dml_mnist1d.yaml", "collective", ()),
+    ("configs/dml_mnist1d.yaml", "object_store", ()),
+    ("configs/one_peers_mnist1d.yaml", "collective", ()),
+    ("configs/codistill_mnist1d.yaml", "object_store", LOCK_STEP_CODISTILL),
 ])
-def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, base, transport):
-    result = train(small_config(tmp_path, "name=reference", f"exchange.transport={transport}", base=base), "ray")
-    assert_same_run(local_reference(base), result)
+def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, base, transport, overrides):
+    result = train(small_config(tmp_path, "name=reference", f"exchange.transport={transport}", *overrides,
+                                base=base), "ray")
+    assert_same_run(local_reference(base, *overrides), result)
     nodes = {r["node"] for r in result.records.to_pylist()}
     assert len(nodes) == 1 and nodes != {"local"}  # Ray node ids, not the local runner's marker
 
 
-def test_a_killed_peer_restarts_from_the_newest_checkpoint_with_nothing_lost(ray_local, tmp_path):
+@pytest.mark.parametrize("base,extra", [
+    ("configs/dml_mnist1d.yaml", ()),
+    ("configs/codistill_mnist1d.yaml", ("method.burn_in=0", "method.period=50", "method.max_staleness=0")),
+])
+def test_a_killed_peer_restarts_from_the_newest_checkpoint_with_nothing_lost(ray_local, tmp_path, base, extra):
     overrides = ["name=killed", "train.steps=800", "train.checkpoint_every=100", "train.eval_every=200",
-                 "ray.max_failures=1"]
+                 "ray.max_failures=1", *extra]
     killed = {}
 
     def kill_peer0_midway(step, metrics):
@@ -68,14 +80,37 @@ def test_a_killed_peer_restarts_from_the_newest_checkpoint_with_nothing_lost(ray
             killed["at"] = step
             os.kill(metrics["pid"], signal.SIGKILL)
 
-    result = train(small_config(tmp_path, *overrides), "ray", on_progress=kill_peer0_midway)
+    result = train(small_config(tmp_path, *overrides, base=base), "ray", on_progress=kill_peer0_midway)
     assert killed and killed["at"] < 800, "the peer was not killed mid-run"
     for peer in (0, 1):
         steps = [r["step"] for r in result.records.to_pylist() if r["split"] == "train" and r["peer"] == peer]
         assert steps == list(range(1, 801))
     # Restarting from a checkpoint changes nothing: the run equals an uninterrupted local one.
-    reference = train(small_config(tmp_path, *overrides[1:], "name=uninterrupted"), "local")
+    reference = train(small_config(tmp_path, *overrides[1:], "name=uninterrupted", base=base), "local")
     assert flat(result.final) == pytest.approx(flat(reference.final))
+    # Codistillation: after the restart no round from before the crash was served as new
+    # (it would show as a negative staleness: a round newer than the one being trained).
+    rounds = [r for r in result.records.to_pylist() if r.get("round") is not None]
+    assert all(r["staleness_rounds"] == 0 for r in rounds)
+
+
+def test_the_round_board_forgets_every_round_when_a_restarted_group_joins(ray_local):
+    import ray
+
+    from codistill.exchange.object_store import RoundBoardActor
+
+    board = RoundBoardActor.remote(2)
+    first = ray.get([board.join.remote(0), board.join.remote(1)])
+    assert first == [1, 1]
+    for r in range(3):
+        ray.get(board.publish.remote(1, r, 0, [ray.put(r)]))
+    assert ray.get(board.newest.remote(1, 0, 0, 5, 1.0))[0] == 2
+    # The workers restart and join again: a new generation with nothing published.
+    assert ray.get([board.join.remote(1), board.join.remote(0)]) == [2, 2]
+    assert ray.get(board.state.remote()) == {"generation": 2, "rounds": {}}
+    assert ray.get(board.newest.remote(2, 0, 0, 5, 0.2)) is None
+    with pytest.raises(ray.exceptions.RayTaskError, match="generation 1"):
+        ray.get(board.publish.remote(1, 3, 0, [ray.put(3)]))
 
 
 def run_cli(*args, cwd=REPO):

@@ -10,10 +10,12 @@ import threading
 import torch
 
 from codistill.config import ExperimentConfig, to_dict
-from codistill.data import BatchSchedule, load_dataset
+from codistill.data import load_dataset
 from codistill.engine.checkpoint import LocalCheckpoints, meta_state
-from codistill.engine.loop import PeerJob, RunContext, build_peer, train_peer
+from codistill.engine.loop import PeerJob, RunContext, build_peer, peer_schedules, train_peer
+from codistill.engine.rounds import PeriodicTeacher
 from codistill.exchange.local import LocalBoard
+from codistill.exchange.rounds import LocalRoundBoard
 from codistill.methods import create_method
 from codistill.metrics import drop_records_after, write_record_part
 from codistill.storage import RunStorage
@@ -68,12 +70,14 @@ def run_local(cfg: ExperimentConfig, storage: RunStorage, on_progress=None) -> l
     peers = [build_peer(k, spec, data.num_classes, cfg.seed, device, method) for k, spec in enumerate(cfg.peers)]
     shared = _SharedRun(cfg, storage, on_progress)
     board = LocalBoard(cfg.num_peers)
+    round_board = LocalRoundBoard(cfg.num_peers)
+    schedules = peer_schedules(cfg, len(data.y_train))
     errors: list[BaseException] = []
 
     def run_peer(k: int) -> None:
-        schedule = BatchSchedule(len(data.y_train), cfg.data.batch_size, cfg.seed,
-                                 shard=k if cfg.data.shard else 0, num_shards=cfg.num_peers if cfg.data.shard else 1)
-        job = PeerJob(peers[k], method, data, schedule, cfg.train, device)
+        job = PeerJob(peers[k], method, data, schedules[k if cfg.data.shard else 0], cfg.train, device)
+        if method.periodic:
+            job.teacher = PeriodicTeacher(job, round_board.for_peer(k), cfg.method, cfg.peers, schedules)
         try:
             train_peer(job, board.exchange_for(k), LocalRunContext(shared, k), cfg.data.eval_batch_size)
         except threading.BrokenBarrierError:

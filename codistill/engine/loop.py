@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from codistill.exchange import Exchange
 from codistill.methods import Method
 from codistill.metrics import accuracy, evaluation_metrics
 from codistill.models import create_model
+
+if TYPE_CHECKING:
+    from codistill.engine.rounds import PeriodicTeacher
 
 
 @dataclass
@@ -61,6 +65,15 @@ def learning_rate(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
     return cfg.lr
 
 
+def peer_schedules(cfg, num_examples: int) -> list[BatchSchedule]:
+    """Each peer's batch schedule: its own shard of the data when `data.shard`, else one
+    schedule all peers share."""
+    if not cfg.data.shard:
+        return [BatchSchedule(num_examples, cfg.data.batch_size, cfg.seed)]
+    return [BatchSchedule(num_examples, cfg.data.batch_size, cfg.seed, shard=k, num_shards=cfg.num_peers)
+            for k in range(cfg.num_peers)]
+
+
 class RunContext:
     """What the loop needs from its runner: resume state, reporting, checkpoints, records."""
 
@@ -93,6 +106,7 @@ class PeerJob:
     train_model: nn.Module | None = None  # the DDP wrapper when replicas > 1
     replica: int = 0
     replicas: int = 1
+    teacher: "PeriodicTeacher | None" = None  # codistillation's stale-peer source
 
     @property
     def is_leader(self) -> bool:
@@ -116,7 +130,12 @@ def train_step(job: PeerJob, exchange: Exchange, step: int) -> dict:
     outputs = model(x)
     exchange_seconds = 0.0
     from_peers: list[torch.Tensor] = []
-    if job.method.uses_peers:
+    round_record: dict = {}
+    if job.teacher is not None:
+        exchange_started = time.perf_counter()
+        from_peers, round_record = job.teacher.teacher_logits(step, x)
+        exchange_seconds = time.perf_counter() - exchange_started
+    elif job.method.uses_peers:
         exchange_started = time.perf_counter()
         gathered = exchange.all_gather(job.method.payload(outputs))
         exchange_seconds = time.perf_counter() - exchange_started
@@ -128,7 +147,7 @@ def train_step(job: PeerJob, exchange: Exchange, step: int) -> dict:
     # A record's step counts the updates done once it is written: this update is number step + 1.
     return {"step": step + 1, "peer": peer.index, "split": "train", "node": None, **terms,
             "lr": peer.optimizer.param_groups[0]["lr"], "exchange_ms": 1000 * exchange_seconds,
-            "step_ms": 1000 * (time.perf_counter() - started)}
+            "step_ms": 1000 * (time.perf_counter() - started), "peers_used": len(from_peers), **round_record}
 
 
 @torch.no_grad()
@@ -149,6 +168,19 @@ def predict_test(job: PeerJob, batch_size: int) -> tuple[dict[str, torch.Tensor]
         labels.append(y)
     model.train()
     return {name: torch.cat(chunks) for name, chunks in heads.items()}, primary, torch.cat(labels)
+
+
+def evaluate_peers(job: PeerJob, exchange: Exchange, batch_size: int, step: int) -> tuple[dict, dict]:
+    """Every peer's test accuracy, the ensemble's and churn (peers swap test logits), plus
+    this peer's test record (with each head's accuracy when its network has several)."""
+    heads, primary, labels = predict_test(job, batch_size)
+    metrics = {"step": step, **evaluation_metrics(exchange.all_gather(heads[primary]), labels)}
+    record = {"step": step, "peer": job.peer.index, "split": "test",
+              "accuracy": metrics[f"peer{job.peer.index}_accuracy"],
+              "ensemble_accuracy": metrics["ensemble_accuracy"], "churn": metrics["churn"]}
+    if len(heads) > 1:  # e.g. ONE's branches beside its gated ensemble
+        record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
+    return metrics, record
 
 
 def peer_state(job: PeerJob, step: int) -> dict:
@@ -182,22 +214,17 @@ def train_peer(job: PeerJob, exchange: Exchange, run: RunContext, eval_batch_siz
         done = step + 1
         if peer.index == 0 and job.is_leader and (done % PROGRESS_EVERY == 0 or done == cfg.steps):
             run.progress(done, {"loss": float(record["loss"])})
-        evaluate = done % cfg.eval_every == 0 or done == cfg.steps
-        checkpoint = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+        checkpoint = done == cfg.steps or bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+        # Checkpoint steps are evaluated too, so every report carries the metrics (Tune's
+        # schedulers read the objective from each one).
+        evaluate = checkpoint or done % cfg.eval_every == 0
         if evaluate:
-            heads, primary, labels = predict_test(job, eval_batch_size)
-            metrics = {"step": done, **evaluation_metrics(exchange.all_gather(heads[primary]), labels)}
-            record = {"step": done, "peer": peer.index, "split": "test", "node": run.node,
-                      "accuracy": metrics[f"peer{peer.index}_accuracy"],
-                      "ensemble_accuracy": metrics["ensemble_accuracy"], "churn": metrics["churn"]}
-            if len(heads) > 1:  # e.g. ONE's branches beside its gated ensemble
-                record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
-            records.append(record)
+            metrics, test_record = evaluate_peers(job, exchange, eval_batch_size, done)
+            records.append({**test_record, "node": run.node})
             if peer.index == 0 and job.is_leader:
                 run.progress(done, metrics)
-        if evaluate or checkpoint:
             # Records are handed over only with checkpoints, so disk never runs ahead of a checkpoint.
-            run.report(done, metrics if evaluate else {"step": done},
+            run.report(done, metrics,
                        peer_state(job, done) if checkpoint and job.is_leader else None,
                        [_plain(r) for r in records] if checkpoint and job.is_leader else [])
             if checkpoint:

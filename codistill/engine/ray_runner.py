@@ -20,11 +20,13 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
 from codistill.config import ExperimentConfig, build_dataclass, to_dict
-from codistill.data import BatchSchedule, load_dataset
+from codistill.data import load_dataset
 from codistill.engine.checkpoint import META_FILE, checkpoint_name, from_bytes, meta_state, peer_file, to_bytes
-from codistill.engine.loop import PeerJob, RunContext, build_peer, train_peer
+from codistill.engine.loop import PeerJob, RunContext, build_peer, peer_schedules, train_peer
+from codistill.engine.rounds import PeriodicTeacher
 from codistill.exchange.collective import CollectiveExchange
-from codistill.exchange.object_store import ExchangeBoard, ObjectStoreExchange
+from codistill.exchange.object_store import (ExchangeBoard, ObjectStoreExchange, ObjectStoreRoundBoard,
+                                             RoundBoardActor)
 from codistill.methods import create_method
 from codistill.metrics import drop_records_after, write_record_part
 from codistill.storage import RunStorage
@@ -104,13 +106,14 @@ def ray_train_loop(loop_config: dict) -> None:
     torch.set_num_threads(loop_config["threads_per_worker"])
 
     data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset)
-    schedule = BatchSchedule(len(data.y_train), cfg.data.batch_size, cfg.seed,
-                             shard=peer_index if cfg.data.shard else 0,
-                             num_shards=cfg.num_peers if cfg.data.shard else 1)
+    schedules = peer_schedules(cfg, len(data.y_train))
     method = create_method(cfg.method)
     peer = build_peer(peer_index, cfg.peers[peer_index], data.num_classes, cfg.seed, device, method)
-    job = PeerJob(peer, method, data, schedule, cfg.train, device,
+    job = PeerJob(peer, method, data, schedules[peer_index if cfg.data.shard else 0], cfg.train, device,
                   replica=replica, replicas=replicas)
+    if method.periodic:
+        board = ObjectStoreRoundBoard(loop_config["round_board"], peer_index)
+        job.teacher = PeriodicTeacher(job, board, cfg.method, cfg.peers, schedules)
     exchange_group = None
     if replicas > 1:
         peer_group, exchange_group = _data_parallel_groups(cfg.num_peers, replicas, peer_index, replica)
@@ -143,6 +146,7 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, cal
         boards = [ExchangeBoard.remote(cfg.num_peers) for _ in range(replicas)]
     loop_config = {
         "experiment": to_dict(cfg),
+        "round_board": RoundBoardActor.remote(cfg.num_peers) if create_method(cfg.method).periodic else None,
         "threads_per_worker": max(1, int(per_worker.get("CPU", 1))),
         "exchange_boards": boards,
         "progress_board": progress_board,

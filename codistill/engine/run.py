@@ -60,7 +60,7 @@ def connect_ray(address: str | None) -> None:
     if address:
         ray.init(address=address)
     else:  # a private local instance, never a cluster that happens to run on this machine
-        ray.init(address="local", include_dashboard=False)
+        ray.init(address="local", include_dashboard=True)  # the state API Ray Train's cleanup uses
 
 
 def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[int, dict], None] | None = None,

@@ -82,3 +82,84 @@ class ObjectStoreExchange(Exchange):
         self.calls += 1
         fetched = iter(ray.get([r for p, r in enumerate(refs) if p != self.peer]))
         return [tensor.detach() if p == self.peer else next(fetched).to(tensor.device) for p in range(self.num_peers)]
+
+
+@ray.remote(num_cpus=0)
+class RoundBoardActor:
+    """Codistillation's coordinating actor: the newest published reference of each peer.
+
+    Like `ExchangeBoard`, a restarted group `join`s first; completing a join starts a new
+    generation and forgets every round published before, so a round from before a crash is
+    never served as new after the restart."""
+
+    def __init__(self, num_peers: int):
+        self.num_peers = num_peers
+        self.generation = 0
+        self.joining: set[int] = set()
+        self.joined = asyncio.Event()
+        self.published: dict[int, dict[int, ray.ObjectRef]] = {}
+        self.changed = asyncio.Condition()
+
+    async def join(self, peer: int) -> int:
+        self.joining.add(peer)
+        joined = self.joined
+        if len(self.joining) == self.num_peers:
+            self.generation += 1
+            self.published.clear()
+            self.joining = set()
+            self.joined = asyncio.Event()
+            joined.set()
+        await joined.wait()
+        return self.generation
+
+    async def publish(self, generation: int, round_id: int, peer: int, boxed_ref: list) -> None:
+        if generation != self.generation:
+            raise RuntimeError(f"peer {peer} publishes in generation {generation}, the board is in {self.generation}")
+        from codistill.exchange.rounds import KEEP_ROUNDS
+
+        async with self.changed:
+            rounds = self.published.setdefault(peer, {})
+            rounds[round_id] = boxed_ref[0]
+            for old in [r for r in rounds if r <= round_id - KEEP_ROUNDS]:
+                del rounds[old]
+            self.changed.notify_all()
+
+    async def newest(self, generation: int, peer: int, min_round: int, max_round: int, timeout: float):
+        from codistill.exchange.rounds import pick_round
+
+        def ready():
+            return pick_round(self.published.get(peer, {}), min_round, max_round) is not None
+
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(ready), timeout)
+            except asyncio.TimeoutError:
+                return None
+            found = pick_round(self.published[peer], min_round, max_round)
+            return found, [self.published[peer][found]]
+
+    def state(self) -> dict:
+        return {"generation": self.generation, "rounds": {p: sorted(r) for p, r in self.published.items()}}
+
+
+class ObjectStoreRoundBoard:
+    """A peer's handle on `RoundBoardActor`: one `ray.put` per payload, references passed in
+    lists (not resolved by the actor), the wait done inside the actor (no polling)."""
+
+    def __init__(self, actor: "ray.actor.ActorHandle", peer: int):
+        self.actor = actor
+        self.generation = ray.get(actor.join.remote(peer))
+
+    def publish(self, round_id: int, peer: int, payload) -> int:
+        from codistill.exchange.rounds import payload_bytes
+
+        ref = ray.put(payload)
+        ray.get(self.actor.publish.remote(self.generation, round_id, peer, [ref]))
+        return payload_bytes(payload)
+
+    def newest(self, peer: int, min_round: int, max_round: int, timeout: float):
+        answer = ray.get(self.actor.newest.remote(self.generation, peer, min_round, max_round, timeout))
+        if answer is None:
+            return None
+        round_id, boxed = answer
+        return round_id, ray.get(boxed[0])

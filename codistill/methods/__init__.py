@@ -2,6 +2,6 @@
 a loss out. Methods know nothing of Ray or of how peers' predictions arrive."""
 
 from codistill.methods.base import METHODS, DistillConfig, Method, MethodConfig, create_method, register_method
-from codistill.methods import dml, independent, one  # noqa: F401  (registers)
+from codistill.methods import codistill, dml, independent, one  # noqa: F401  (registers)
 
 __all__ = ["METHODS", "DistillConfig", "Method", "MethodConfig", "create_method", "register_method"]

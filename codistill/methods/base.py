@@ -52,7 +52,9 @@ class Method:
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     uses_peers: ClassVar[bool] = True
-    """False when the loss ignores the peers: the runner then skips the exchange entirely."""
+    """False when the loss needs no every-step exchange: the loop then skips it entirely."""
+    periodic: ClassVar[bool] = False
+    """True when peers exchange every `period` steps with bounded staleness (codistillation)."""
 
     def __init__(self, config: MethodConfig):
         self.config = config

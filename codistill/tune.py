@@ -1,0 +1,222 @@
+"""`codistill tune`: Ray Tune over distillation settings, each trial a whole group of peers.
+
+A trial is a Tune function trainable (the driver) that applies its sampled values to the
+base config and runs the peers as one Ray Train `TorchTrainer` with `TuneReportCallback`
+(the Train V2 way; `Tuner(trainer)` is deprecated). The workers report the objective at
+every evaluation, so ASHA can stop a bad trial early. Each trial's run is named by its
+trial id under `<storage_path>/<name>/runs/`, so a resumed trial resumes its run.
+
+At the end: a table of trials (sampled values, objective, status, error) printed and
+written to `trials.parquet`, the best config as a ready-to-run `best.yaml`, and
+`tune.png` (objective against the sampled values).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from dataclasses import dataclass, replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from codistill.config import ExperimentConfig, load_config, parse_distribution, set_path, to_dict
+from codistill.storage import RunStorage, resolve_storage_path
+
+TRIALS_FILE = "trials.parquet"
+BEST_FILE = "best.yaml"
+PLOT_FILE = "tune.png"
+DRIVER_MEMORY = 256 * 2**20
+
+
+def to_tune_domain(text: str, key: str):
+    from ray import tune
+
+    name, args = parse_distribution(text, key)
+    if name == "uniform":
+        return tune.uniform(*args)
+    if name == "loguniform":
+        return tune.loguniform(*args)
+    if name == "quniform":
+        return tune.quniform(*args)
+    if name == "randint":
+        return tune.randint(int(args[0]), int(args[1]))
+    if name == "choice":
+        return tune.choice(args[0])
+    return tune.grid_search(args[0])
+
+
+def trial_config(base: dict, params: dict, name: str, storage_path: str) -> ExperimentConfig:
+    """The base config with a trial's sampled values applied (as values, not re-parsed text)."""
+    data = copy.deepcopy(base)
+    for key, value in {**params, "name": name, "ray.storage_path": storage_path}.items():
+        set_path(data, key, value)
+    data.pop("tune", None)
+    return load_config(data)
+
+
+def run_trial(trial: dict) -> None:
+    """The Tune trainable: one trial = one Ray Train run of all peers."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from codistill.engine.run import train
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(trial["base"], trial["params"], trial_id, trial["runs_path"])
+    train(cfg, "ray", callbacks=[TuneReportCallback()])
+
+
+def _search_algorithm(search: str, objective: str):
+    if search == "random":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError:
+        raise SystemExit("search: optuna needs Optuna: pip install 'codistill[tune]'") from None
+    return OptunaSearch(metric=objective, mode="max")
+
+
+@dataclass
+class SweepResult:
+    table: pa.Table
+    best_config: ExperimentConfig | None
+    best_objective: float | None
+    storage: RunStorage
+
+    @property
+    def summary(self) -> str:
+        rows = self.table.to_pylist()
+        keys = [c for c in self.table.column_names if c.startswith("param:")]
+        header = f"{'trial':<14}" + "".join(f"{k[6:]:>24}" for k in keys) + f"{'objective':>12}  status"
+        lines = [header]
+        for row in rows:
+            values = "".join(f"{_short(row[k]):>24}" for k in keys)
+            objective = "—" if row["objective"] is None else f"{100 * row['objective']:.2f}%"
+            status = row["status"] + (f" ({row['error']})" if row["error"] else "")
+            lines.append(f"{row['trial_id']:<14}{values}{objective:>12}  {status}")
+        return "\n".join(lines)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_sweep(cfg: ExperimentConfig, on_trial_update=None) -> SweepResult:
+    """Run the sweep described by `cfg.tune` on the connected Ray cluster."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    settings = cfg.tune
+    if settings is None or not settings.space:
+        raise ValueError("the config has no `tune.space` to search")
+    storage_path = resolve_storage_path(cfg.ray.storage_path)
+    storage = RunStorage(storage_path, cfg.name)
+    base = to_dict(replace(cfg, tune=None))
+    base["ray"]["storage_path"] = storage_path
+    objective = settings.objective
+    evaluations = cfg.train.steps // cfg.train.eval_every + 1
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max(evaluations, settings.grace_period),
+                               grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+                 if settings.scheduler == "asha" else FIFOScheduler())
+    tuner = ray.tune.Tuner(
+        # The driver only waits on its Ray Train run, so it reserves memory, not a core: the
+        # trial's peers reserve their own CPUs/GPUs through Ray Train's placement group, and
+        # `max_concurrent` bounds how many peer groups are asked for at once.
+        ray.tune.with_resources(run_trial, {"CPU": 0, "memory": DRIVER_MEMORY}),
+        param_space={"base": base, "runs_path": storage.uri + "/runs",
+                     "params": {key: to_tune_domain(text, key) for key, text in settings.space.items()}},
+        tune_config=ray.tune.TuneConfig(metric=objective, mode="max", num_samples=settings.num_samples,
+                                        max_concurrent_trials=settings.max_concurrent, scheduler=scheduler,
+                                        search_alg=_search_algorithm(settings.search, objective)),
+        run_config=ray.tune.RunConfig(name=cfg.name, storage_path=storage_path, verbose=0),
+    )
+    grid = tuner.fit()
+    return collect_results(grid, cfg, storage)
+
+
+def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepResult:
+    objective = cfg.tune.objective
+    rows = []
+    for result in grid:
+        params = (result.config or {}).get("params", {})
+        history = result.metrics_dataframe
+        reported = history[objective].dropna().tolist() if history is not None and objective in history else []
+        metrics = result.metrics or {}
+        last_step = metrics.get("step")
+        status = "ERROR" if result.error else ("TERMINATED" if last_step == cfg.train.steps else "STOPPED")
+        rows.append({
+            "trial_id": metrics.get("trial_id") or _trial_id_from_path(result.path),
+            **{f"param:{k}": v for k, v in params.items()},
+            "objective": reported[-1] if reported else None,
+            "best_objective": max(reported) if reported else None,
+            "evaluations": len(reported),
+            "last_step": last_step,
+            "status": status,
+            "error": _error_text(result.error),
+        })
+    rows.sort(key=lambda r: r["trial_id"])
+    table = pa.Table.from_pylist(rows)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(TRIALS_FILE, buffer.getvalue())
+
+    finished = [r for r in rows if r["status"] == "TERMINATED" and r["objective"] is not None]
+    best_config, best_objective = None, None
+    if finished:
+        best = max(finished, key=lambda r: r["objective"])
+        params = {k[len("param:"):]: v for k, v in best.items() if k.startswith("param:")}
+        base = to_dict(replace(cfg, tune=None))
+        best_config = trial_config(base, params, f"{cfg.name}-best", cfg.ray.storage_path)
+        best_objective = best["objective"]
+        header = (f"# Best of sweep {cfg.name!r}: trial {best['trial_id']}, {objective} = {best_objective:.4f}\n"
+                  f"# Sampled: {json.dumps(params)}\n# Reproduce with: codistill train best.yaml\n")
+        storage.write_bytes(BEST_FILE, (header + yaml.safe_dump(to_dict(best_config), sort_keys=False)).encode())
+    plot_sweep(table, objective, storage)
+    return SweepResult(table, best_config, best_objective, storage)
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    # Tune names trial folders "<trainable>_<trial id>_<index>_<params>…"; used only when a
+    # trial failed before reporting anything.
+    parts = (path or "").rstrip("/").rsplit("/", 1)[-1].split("_")
+    return next((p for p in parts if len(p) == 5 and p.isalnum() and not p.isalpha()), parts[-1] if parts else "")
+
+
+def _error_text(error) -> str | None:
+    if error is None:
+        return None
+    text = str(getattr(error, "cause", None) or error).strip().splitlines()
+    # The last line of a remote traceback is the error itself.
+    return text[-1][:300] if text else type(error).__name__
+
+
+def plot_sweep(table: pa.Table, objective: str, storage: RunStorage) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table.to_pylist() if r["objective"] is not None]
+    keys = [c for c in table.column_names if c.startswith("param:")
+            and all(isinstance(r[c], (int, float)) for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.5 * max(1, len(keys)), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        finished = [r for r in rows if r["status"] == "TERMINATED"]
+        stopped = [r for r in rows if r["status"] != "TERMINATED"]
+        ax.scatter([r[key] for r in finished], [100 * r["objective"] for r in finished], label="finished")
+        ax.scatter([r[key] for r in stopped], [100 * r["objective"] for r in stopped], marker="x", label="stopped early")
+        if "lr" in key or "temperature" in key:
+            ax.set_xscale("log")
+        ax.set_xlabel(key[len("param:"):])
+        ax.set_ylabel(f"{objective} (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(PLOT_FILE, buffer.getvalue())

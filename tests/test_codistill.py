@@ -1,0 +1,83 @@
+"""Codistillation: burn-in, stale teachers, bounded staleness, both exchange kinds."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from codistill.engine import loop
+from codistill.engine.run import train
+from codistill.methods import create_method
+from codistill.methods.codistill import CodistillConfig
+
+BASE = "configs/codistill_mnist1d.yaml"
+
+
+def train_rows(result, peer=None):
+    return [r for r in result.records.to_pylist() if r["split"] == "train" and (peer is None or r["peer"] == peer)]
+
+
+def test_loss_is_ce_during_burn_in_then_distils_from_the_mean_stale_teacher():
+    method = create_method(CodistillConfig(name="codistill", burn_in=10, temperature=2.0))
+    z, a, b = torch.randn(3, 4, 10).unbind(0)
+    y = torch.randint(0, 10, (4,))
+    loss, terms = method.loss(z, [a, b], y, step=9)
+    assert terms["kl_weight"] == 0.0 and loss.item() == pytest.approx(torch.nn.functional.cross_entropy(z, y).item())
+    loss, terms = method.loss(z, [a, b], y, step=10)
+    target = (torch.softmax(a / 2, -1) + torch.softmax(b / 2, -1)) / 2
+    kl = 4 * torch.nn.functional.kl_div(torch.log_softmax(z / 2, -1), target, reduction="batchmean")
+    assert float(terms["kl"]) == pytest.approx(kl.item(), rel=1e-5)
+
+
+def test_burn_in_means_no_distillation_and_no_exchange_before_it(make_config):
+    result = train(make_config("name=burn", "train.steps=200", "method.burn_in=100", "method.period=20",
+                               base=BASE), "local")
+    for r in train_rows(result):
+        step_index = r["step"] - 1
+        if step_index < 100:
+            assert r["kl_weight"] == 0.0 and r["kl"] == 0.0
+        else:
+            assert r["kl_weight"] > 0 and r["kl"] > 0
+        if step_index < 80:  # the first exchange is the round that reaches the burn-in
+            assert r["peers_used"] == 0 and r.get("round") is None
+
+
+def test_predictions_and_weights_give_the_same_teacher_when_period_is_one(make_config):
+    common = ["train.steps=60", "method.burn_in=0", "method.period=1", "method.max_staleness=0"]
+    by_predictions = train(make_config("name=p", "method.exchange=predictions", *common, base=BASE), "local")
+    by_weights = train(make_config("name=w", "method.exchange=weights", *common, base=BASE), "local")
+    for p, w in zip(train_rows(by_predictions), train_rows(by_weights)):
+        assert (p["step"], p["peer"]) == (w["step"], w["peer"])
+        assert p["kl"] == pytest.approx(w["kl"], rel=1e-4, abs=1e-6)
+        assert p["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-6)
+    assert by_weights.records.to_pylist()[0]["bytes_sent"] != by_predictions.records.to_pylist()[0]["bytes_sent"]
+
+
+def test_a_slowed_peer_never_makes_the_others_use_predictions_beyond_the_staleness_bound(make_config, monkeypatch):
+    original = loop.train_step
+
+    def slow_peer1(job, exchange, step):
+        if threading.current_thread().name == "peer1":
+            time.sleep(0.004)
+        return original(job, exchange, step)
+
+    monkeypatch.setattr(loop, "train_step", slow_peer1)
+    result = train(make_config("name=slow", "train.steps=300", "method.burn_in=0", "method.period=10",
+                               "method.max_staleness=1", base=BASE), "local")
+    rounds = [r for r in train_rows(result) if r.get("round") is not None]
+    assert len(rounds) == 2 * 30
+    assert all(0 <= r["staleness_rounds"] <= 1 for r in rounds)
+    fast = [r for r in rounds if r["peer"] == 0]
+    assert any(r["staleness_rounds"] == 1 for r in fast)  # the fast peer did run ahead…
+    assert sum(r["wait_ms"] for r in fast) > 0             # …and waited when the bound was hit
+    assert all(r["missing_peers"] is None for r in rounds)
+
+
+def test_shards_train_each_peer_on_its_own_data(make_config):
+    result = train(make_config("name=shard", "data.shard=true", "train.steps=80", "method.burn_in=0",
+                               "method.period=20", base=BASE), "local")
+    assert result.final["step"] == 80
+    rounds = [r for r in train_rows(result) if r.get("round") is not None]
+    # Predictions cover both shards' batches: twice the bytes of the unsharded exchange.
+    assert {r["bytes_sent"] for r in rounds} == {2 * 2 * 20 * 100 * 10 * 4}

@@ -1,0 +1,57 @@
+"""Ray Tune sweeps on a real local Ray instance: each trial is a Ray Train run of 2 peers."""
+
+import pytest
+import yaml
+
+from codistill.config import load_config
+from codistill.engine.run import train
+from codistill.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
+
+pytestmark = pytest.mark.ray
+
+SHORT = ["train.steps=100", "train.eval_every=50", "train.checkpoint_every=100", "tune.max_concurrent=1"]
+
+
+def sweep_config(tmp_path, *overrides):
+    return load_config("configs/tune_dml_mnist1d.yaml", [f"ray.storage_path={tmp_path}", *SHORT, *overrides])
+
+
+def test_a_sweep_completes_and_its_best_config_reproduces_the_best_trial(ray_local, tmp_path):
+    cfg = sweep_config(tmp_path, "tune.num_samples=4", "tune.scheduler=fifo")
+    result = run_sweep(cfg)
+    rows = result.table.to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "TERMINATED" for r in rows)
+    assert {r["param:method.temperature"] for r in rows}.__len__() == 4  # sampled, not repeated
+    assert all(1 <= r["param:method.temperature"] <= 10 for r in rows)
+    run_dir = tmp_path / cfg.name
+    for name in (TRIALS_FILE, BEST_FILE, PLOT_FILE):
+        assert (run_dir / name).exists()
+    assert result.best_objective == max(r["objective"] for r in rows)
+
+    best = load_config(str(run_dir / BEST_FILE))
+    assert best.tune is None and best.name == f"{cfg.name}-best"
+    again = train(best, "ray")
+    assert again.final["ensemble_accuracy"] == pytest.approx(result.best_objective, abs=1e-6)
+
+
+def test_asha_stops_a_trial_that_cannot_learn(ray_local, tmp_path):
+    # Two learning rates that learn, then one that cannot: ASHA sees the first two at each rung.
+    cfg = sweep_config(tmp_path, "train.steps=200", "tune.num_samples=1", "tune.scheduler=asha",
+                       "tune.space={peers.*.optimizer.lr: 'grid([0.01, 0.005, 1.0e-7])'}")
+    rows = {r["param:peers.*.optimizer.lr"]: r for r in run_sweep(cfg).table.to_pylist()}
+    assert rows[1e-7]["status"] == "STOPPED" and rows[1e-7]["last_step"] < 200
+    assert rows[0.01]["status"] == "TERMINATED" and rows[0.01]["last_step"] == 200
+    assert rows[0.01]["objective"] > rows[1e-7]["objective"] + 0.2
+
+
+def test_a_failing_trial_is_reported_with_its_error_and_the_sweep_goes_on(ray_local, tmp_path):
+    # A batch larger than MNIST-1D's 4000 training examples fails inside the workers.
+    cfg = sweep_config(tmp_path, "tune.num_samples=1", "tune.scheduler=fifo",
+                       "tune.space={data.batch_size: 'grid([5000, 100])'}")
+    result = run_sweep(cfg)
+    rows = {r["param:data.batch_size"]: r for r in result.table.to_pylist()}
+    assert rows[5000]["status"] == "ERROR" and "batch_size" in rows[5000]["error"]
+    assert rows[100]["status"] == "TERMINATED" and rows[100]["objective"] > 0.2
+    best = yaml.safe_load((tmp_path / cfg.name / BEST_FILE).read_text())
+    assert best["data"]["batch_size"] == 100
+    assert "ERROR" in result.summary
