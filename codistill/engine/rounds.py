@@ -61,6 +61,7 @@ class PeriodicTeacher:
         else:
             # A copy: the live tensors keep training while the others read this snapshot.
             payload = {k: v.detach().cpu().clone() for k, v in self.job.peer.model.state_dict().items()}
+        predicted = time.perf_counter()
         sent = self.board.publish(round_id, me, payload)
         published = time.perf_counter()
         missing = []
@@ -78,6 +79,7 @@ class PeriodicTeacher:
             "round": round_id,
             "staleness_rounds": max((round_id - r for r, _ in self.received.values()), default=None),
             "bytes_sent": sent,
+            "predict_ms": 1000 * (predicted - started),  # the teacher pass (predictions) or the state copy
             "wait_ms": 1000 * (time.perf_counter() - published),
             "round_ms": 1000 * (time.perf_counter() - started),
             "missing_peers": ",".join(map(str, missing)) or None,
