@@ -68,6 +68,7 @@ def time_methods(job: PeerJob, exchange: Exchange, rounds: int, block: int) -> d
     methods = {"independent": create_method(IndependentConfig(name="independent")),
                "dml": create_method(DMLConfig(name="dml", temperature=3.0))}
     times: dict[str, list[float]] = {name: [] for name in methods}
+    times["dml_exchange"] = []  # the all_gather, including the wait for the slower peer
     step = 0
     for name in methods:  # warm-up: allocator, thread pools, first collective
         job.method = methods[name]
@@ -79,8 +80,10 @@ def time_methods(job: PeerJob, exchange: Exchange, rounds: int, block: int) -> d
             job.method = methods[name]
             for _ in range(block):
                 started = time.perf_counter()
-                train_step(job, exchange, step)
+                record = train_step(job, exchange, step)
                 times[name].append(time.perf_counter() - started)
+                if name == "dml":
+                    times["dml_exchange"].append(record["exchange_ms"] / 1000)
                 step += 1
     return times
 
@@ -176,7 +179,8 @@ def _wall_times(steps: int, storage: str) -> dict:
 
 def _summarise_steps(steps: dict[str, list[float]]) -> dict:
     ind, dml = statistics.median(steps["independent"]), statistics.median(steps["dml"])
-    return {"independent_ms": 1000 * ind, "dml_ms": 1000 * dml, "dml_over_independent": dml / ind}
+    return {"independent_ms": 1000 * ind, "dml_ms": 1000 * dml, "dml_over_independent": dml / ind,
+            "exchange_ms": 1000 * statistics.median(steps["dml_exchange"])}
 
 
 def _latency_row(latencies: list[float]) -> dict:
@@ -344,9 +348,10 @@ def main(args: argparse.Namespace) -> int:
         }
         if not args.skip_wall:
             figures["wall_time"] = _wall_times(args.wall_steps, folder)
-    print("\nstep time (median)         independent      dml    dml ÷ independent")
+    print("\nstep time (median)         independent      dml    dml ÷ independent   exchange incl. wait")
     for runner, row in figures["step_time"].items():
-        print(f"  {runner:<24}{row['independent_ms']:>9.1f} ms{row['dml_ms']:>7.1f} ms{row['dml_over_independent']:>12.3f}")
+        print(f"  {runner:<24}{row['independent_ms']:>9.1f} ms{row['dml_ms']:>7.1f} ms{row['dml_over_independent']:>12.3f}"
+              f"{row['exchange_ms']:>17.1f} ms")
     print("\nexchange latency, 128×100 float32      p50        p90")
     for transport, row in figures["exchange_latency_128x100"].items():
         print(f"  {transport:<34}{row['p50_ms']:>6.2f} ms{row['p90_ms']:>8.2f} ms")
