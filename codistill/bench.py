@@ -305,16 +305,24 @@ def main_codistill(args: argparse.Namespace) -> int:
     for period, row in figures["overhead"].items():
         print(f"  period {period:<19}{row['independent_ms']:>8.2f} ms{row['codistill_ms']:>8.2f} ms{row['ratio']:>7.3f}"
               f"{100 * row['teacher_pass_share']:>20.1f}%{100 * row['exchange_share']:>9.1f}%")
-    print("\nround trip through the object-store board      p50        p90")
-    for name, row in figures["round_latency"].items():
-        print(f"  {name:<44}{row['p50_ms']:>6.2f} ms{row['p90_ms']:>8.2f} ms")
+    _print_latencies("round trip through the object-store board", figures["round_latency"], 44)
     print("\nbytes per round per peer     period   predictions       weights")
     for row in figures["bytes_per_round"]:
         print(f"  {row['model']:<26}{row['period']:>6}{row['predictions_bytes']:>14,}{row['weights_bytes']:>14,}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(figures, f, indent=2)
+    _write_json(args.out, figures)
     return 0
+
+
+def _print_latencies(title: str, rows: dict[str, dict], width: int) -> None:
+    print(f"\n{title:<{width + 2}}    p50        p90")
+    for name, row in rows.items():
+        print(f"  {name:<{width}}{row['p50_ms']:>6.2f} ms{row['p90_ms']:>8.2f} ms")
+
+
+def _write_json(path: str | None, figures: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -352,15 +360,11 @@ def main(args: argparse.Namespace) -> int:
     for runner, row in figures["step_time"].items():
         print(f"  {runner:<24}{row['independent_ms']:>9.1f} ms{row['dml_ms']:>7.1f} ms{row['dml_over_independent']:>12.3f}"
               f"{row['exchange_ms']:>17.1f} ms")
-    print("\nexchange latency, 128×100 float32      p50        p90")
-    for transport, row in figures["exchange_latency_128x100"].items():
-        print(f"  {transport:<34}{row['p50_ms']:>6.2f} ms{row['p90_ms']:>8.2f} ms")
+    _print_latencies("exchange latency, 128×100 float32", figures["exchange_latency_128x100"], 34)
     if "wall_time" in figures:
         w = figures["wall_time"]
         print(f"\nwall time, demo DML ({w['steps']} steps): local {w['local_wall_s']:.1f} s, ray {w['ray_wall_s']:.1f} s"
               f" → ray ÷ local {w['wall_ratio_ray_over_local']:.2f} (median step: {w['step_ratio_ray_over_local']:.2f})")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(figures, f, indent=2)
+    _write_json(args.out, figures)
     ray.shutdown()
     return 0

@@ -21,30 +21,44 @@ import torch
 from codistill.exchange.base import Exchange
 
 
-@ray.remote(num_cpus=0)
-class ExchangeBoard:
+class PeerGroupGenerations:
+    """The join protocol both boards share: a join completes once every peer has joined,
+    then the board forgets everything (`forget`) and starts a new generation."""
+
     def __init__(self, num_peers: int):
         self.num_peers = num_peers
         self.generation = 0
         self.joining: set[int] = set()
         self.joined = asyncio.Event()
-        self.rounds: dict[tuple[int, int], dict[int, ray.ObjectRef]] = {}
-        self.complete: dict[tuple[int, int], asyncio.Event] = {}
-        self.served: dict[tuple[int, int], int] = {}
+
+    def forget(self) -> None:
+        raise NotImplementedError
 
     async def join(self, peer: int) -> int:
         self.joining.add(peer)  # a replacement worker of the same peer counts once
         joined = self.joined
         if len(self.joining) == self.num_peers:
             self.generation += 1
-            self.rounds.clear()
-            self.complete.clear()
-            self.served.clear()
+            self.forget()
             self.joining = set()
             self.joined = asyncio.Event()
             joined.set()
         await joined.wait()
         return self.generation
+
+
+@ray.remote(num_cpus=0)
+class ExchangeBoard(PeerGroupGenerations):
+    def __init__(self, num_peers: int):
+        super().__init__(num_peers)
+        self.rounds: dict[tuple[int, int], dict[int, ray.ObjectRef]] = {}
+        self.complete: dict[tuple[int, int], asyncio.Event] = {}
+        self.served: dict[tuple[int, int], int] = {}
+
+    def forget(self) -> None:
+        self.rounds.clear()
+        self.complete.clear()
+        self.served.clear()
 
     async def exchange(self, generation: int, round_id: int, peer: int, boxed_ref: list) -> list:
         if generation != self.generation:
@@ -85,7 +99,7 @@ class ObjectStoreExchange(Exchange):
 
 
 @ray.remote(num_cpus=0)
-class RoundBoardActor:
+class RoundBoardActor(PeerGroupGenerations):
     """Codistillation's coordinating actor: the newest published reference of each peer.
 
     Like `ExchangeBoard`, a restarted group `join`s first; completing a join starts a new
@@ -93,24 +107,12 @@ class RoundBoardActor:
     never served as new after the restart."""
 
     def __init__(self, num_peers: int):
-        self.num_peers = num_peers
-        self.generation = 0
-        self.joining: set[int] = set()
-        self.joined = asyncio.Event()
+        super().__init__(num_peers)
         self.published: dict[int, dict[int, ray.ObjectRef]] = {}
         self.changed = asyncio.Condition()
 
-    async def join(self, peer: int) -> int:
-        self.joining.add(peer)
-        joined = self.joined
-        if len(self.joining) == self.num_peers:
-            self.generation += 1
-            self.published.clear()
-            self.joining = set()
-            self.joined = asyncio.Event()
-            joined.set()
-        await joined.wait()
-        return self.generation
+    def forget(self) -> None:
+        self.published.clear()
 
     async def publish(self, generation: int, round_id: int, peer: int, boxed_ref: list) -> None:
         if generation != self.generation:
