@@ -8,6 +8,7 @@ import pytest
 from codistill.config import ExperimentConfig, build_dataclass
 from codistill.engine.checkpoint import LocalCheckpoints, from_bytes
 from codistill.engine.run import train
+from codistill.methods import METHODS
 
 
 def train_steps(records, peer):
@@ -88,3 +89,27 @@ def test_a_failing_peer_stops_the_run_with_its_error_instead_of_hanging_the_othe
     monkeypatch.setattr(DML, "loss", broken)
     with pytest.raises(ValueError, match="peer broke"):
         train(make_config("name=broken"), "local")
+
+
+METHOD_SETTINGS = {
+    "independent": {"name": "independent"},
+    "dml": {"name": "dml"},
+    "codistill": {"name": "codistill", "period": 2, "burn_in": 0},
+    "one": {"name": "one", "branches": 1},
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_registered_method_trains_two_peers(tmp_path, method):
+    from codistill.config import load_config
+
+    assert method in METHOD_SETTINGS, f"add settings for the new method {method!r} here"
+    cfg = load_config({"name": method, "method": METHOD_SETTINGS[method],
+                       "peers": [{"model": "mnist1d_cnn"}, {"model": "mnist1d_mlp"}],
+                       "data": {"name": "synthetic", "batch_size": 50},
+                       "train": {"steps": 6, "eval_every": 3, "checkpoint_every": 0},
+                       "ray": {"storage_path": str(tmp_path)}})
+    result = train(cfg, "local")
+    rows = [r for r in result.records.to_pylist() if r["split"] == "train"]
+    assert len(rows) == 12 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in rows)  # finite, positive
+    assert len(result.final["peer_accuracy"]) == 2
