@@ -25,10 +25,6 @@ class RunStorage:
         self.run_dir = posixpath.join(base, name)
         self.uri = self.storage_path.rstrip("/") + "/" + name
 
-    @property
-    def is_local(self) -> bool:
-        return isinstance(self.fs, pafs.LocalFileSystem)
-
     def path(self, relative: str) -> str:
         return posixpath.join(self.run_dir, relative)
 

@@ -13,9 +13,3 @@ class Exchange:
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
-
-    def barrier(self) -> None:
-        self.all_gather(torch.zeros(1))
-
-    def close(self) -> None:
-        pass
