@@ -24,7 +24,7 @@ def _progress_bar(total: int, initial_text: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from codistill.engine.run import train
+    from codistill.engine.run import connect_ray, train
 
     overrides = list(args.set or [])
     if args.address:
@@ -32,7 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     print(f"# resolved config ({args.backend} backend)\n{dump_config(cfg)}", flush=True)
     if args.backend == "ray":
-        _init_ray_quietly(cfg.ray.address, args.ray_logs)
+        # Worker logs stay in Ray's session folder; on the terminal they would bury the summary.
+        connect_ray(cfg.ray.address, log_to_driver=args.ray_logs)
     bar, update = _progress_bar(cfg.train.steps, cfg.name)
     try:
         result = train(cfg, args.backend, on_progress=update)
@@ -41,21 +42,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(result.summary)
     print(f"records: {result.storage.uri}/records.parquet\nplot:    {result.plot_path}")
     return 0
-
-
-def _init_ray_quietly(address: str | None, show_worker_logs: bool) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    # Worker logs are kept in Ray's session folder; on the terminal they would bury the summary.
-    if address:
-        ray.init(address=address, log_to_driver=show_worker_logs)
-    else:
-        # The dashboard hosts the state API that Ray Train's placement-group cleanup needs
-        # (a trial stopped by ASHA would otherwise keep its peers' resources).
-        ray.init(address="local", include_dashboard=True, log_to_driver=show_worker_logs)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -78,6 +64,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from codistill.engine.run import connect_ray
     from codistill.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
 
     overrides = list(args.set or [])
@@ -91,7 +78,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if cfg.tune is None or not cfg.tune.space:
         raise ConfigError("tune.space", "is required for `codistill tune` (e.g. `method.temperature: loguniform(1, 10)`)")
     print(f"# resolved config\n{dump_config(cfg)}", flush=True)
-    _init_ray_quietly(cfg.ray.address, args.ray_logs)
+    connect_ray(cfg.ray.address, log_to_driver=args.ray_logs)
     result = run_sweep(cfg)
     print(result.summary)
     uri = result.storage.uri

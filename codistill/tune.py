@@ -105,7 +105,7 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def run_sweep(cfg: ExperimentConfig, on_trial_update=None) -> SweepResult:
+def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     """Run the sweep described by `cfg.tune` on the connected Ray cluster."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -131,7 +131,10 @@ def run_sweep(cfg: ExperimentConfig, on_trial_update=None) -> SweepResult:
                      "params": {key: to_tune_domain(text, key) for key, text in settings.space.items()}},
         tune_config=ray.tune.TuneConfig(metric=objective, mode="max", num_samples=settings.num_samples,
                                         max_concurrent_trials=settings.max_concurrent, scheduler=scheduler,
-                                        search_alg=_search_algorithm(settings.search, objective)),
+                                        search_alg=_search_algorithm(settings.search, objective),
+                                        # A trial's folder is its id, so results name their trial
+                                        # even when the trial failed before reporting anything.
+                                        trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=ray.tune.RunConfig(name=cfg.name, storage_path=storage_path, verbose=0),
     )
     grid = tuner.fit()
@@ -149,7 +152,7 @@ def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepRe
         last_step = metrics.get("step")
         status = "ERROR" if result.error else ("TERMINATED" if last_step == cfg.train.steps else "STOPPED")
         rows.append({
-            "trial_id": metrics.get("trial_id") or _trial_id_from_path(result.path),
+            "trial_id": result.path.rstrip("/").rsplit("/", 1)[-1],
             **{f"param:{k}": v for k, v in params.items()},
             "objective": reported[-1] if reported else None,
             "best_objective": max(reported) if reported else None,
@@ -177,13 +180,6 @@ def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepRe
         storage.write_bytes(BEST_FILE, (header + yaml.safe_dump(to_dict(best_config), sort_keys=False)).encode())
     plot_sweep(table, objective, storage)
     return SweepResult(table, best_config, best_objective, storage)
-
-
-def _trial_id_from_path(path: str | None) -> str:
-    # Tune names trial folders "<trainable>_<trial id>_<index>_<params>…"; used only when a
-    # trial failed before reporting anything.
-    parts = (path or "").rstrip("/").rsplit("/", 1)[-1].split("_")
-    return next((p for p in parts if len(p) == 5 and p.isalnum() and not p.isalpha()), parts[-1] if parts else "")
 
 
 def _error_text(error) -> str | None:

@@ -39,8 +39,10 @@ def test_burn_in_means_no_distillation_and_no_exchange_before_it(make_config):
             assert r["kl_weight"] == 0.0 and r["kl"] == 0.0
         else:
             assert r["kl_weight"] > 0 and r["kl"] > 0
-        if step_index < 80:  # the first exchange is the round that reaches the burn-in
+        if step_index < 100:  # rounds that end before the burn-in exchange nothing
             assert r["peers_used"] == 0 and r.get("round") is None
+        if step_index == 100:  # the first round opens at the burn-in
+            assert r["round"] == 5 and r["peers_used"] == 1
 
 
 def test_predictions_and_weights_give_the_same_teacher_when_period_is_one(make_config):

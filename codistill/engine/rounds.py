@@ -43,10 +43,10 @@ class PeriodicTeacher:
     def _predict_window(self, round_id: int) -> torch.Tensor:
         """(schedules, window steps, B, C) logits of this peer on every peer's coming batches."""
         job, model = self.job, self.job.peer.model
+        steps = self._window_steps(round_id)
         model.eval()
         blocks = []
         for schedule in self.schedules:
-            steps = self._window_steps(round_id)
             batches = [job.data.train_batch(schedule.indices(s), schedule.generator(s))[0] for s in steps]
             logits = model(torch.cat(batches).to(job.device)).float().cpu()
             blocks.append(logits.view(len(steps), -1, logits.shape[-1]))
@@ -93,10 +93,11 @@ class PeriodicTeacher:
 
     def teacher_logits(self, step: int, x: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
         """The other peers' stale logits on this step's batch, and what the round recorded
-        (only on the step that started a round). Nothing is exchanged before `burn_in`."""
-        if step < self.config.burn_in - self.config.period:
-            return [], {}
+        (only on the step that started a round). Rounds that end before `burn_in` exchange
+        nothing: their distillation weight is zero."""
         round_id = step // self.config.period
+        if (round_id + 1) * self.config.period <= self.config.burn_in:
+            return [], {}
         info = {}
         if self.round != round_id:
             self._start_round(round_id)

@@ -51,16 +51,20 @@ def prepare_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
     return cfg, storage
 
 
-def connect_ray(address: str | None) -> None:
+def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
+    """Join `address` (or RAY_ADDRESS), else start a private local instance — never a cluster
+    that happens to run on this machine. The local instance runs the dashboard: it hosts the
+    state API that Ray Train's placement-group cleanup needs (without it, a trial stopped by
+    ASHA keeps its peers' resources)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
-    else:  # a private local instance, never a cluster that happens to run on this machine
-        ray.init(address="local", include_dashboard=True)  # the state API Ray Train's cleanup uses
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver)
 
 
 def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[int, dict], None] | None = None,
