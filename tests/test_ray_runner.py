@@ -135,3 +135,39 @@ def test_cli_names_the_bad_key():
     out = run_cli("train", "configs/dml_mnist1d.yaml", "--set", "method.temprature=3")
     assert out.returncode == 2
     assert "method.temprature" in out.stderr and "temperature" in out.stderr
+
+
+@pytest.mark.parametrize("cluster, peers, replicas, expected", [
+    ({"CPU": 16, "GPU": 4}, 2, 1, {"CPU": 1.0, "GPU": 1.0}),   # workstation, G ≥ K: one peer per GPU
+    ({"CPU": 16, "GPU": 4}, 2, 2, {"CPU": 1.0, "GPU": 1.0}),   # 2 peers × 2 DDP replicas = 4 GPUs
+    ({"CPU": 2}, 3, 1, {"CPU": 1.0}),                          # no GPU at all: one CPU per peer
+])
+def test_automatic_resources_put_one_worker_on_each_gpu(make_config, cluster, peers, replicas, expected):
+    from codistill.engine.ray_runner import resources_per_worker
+
+    cfg = make_config("peers=[" + ", ".join(["{model: mnist1d_cnn}"] * peers) + "]", f"ray.workers_per_peer={replicas}")
+    assert cfg.num_peers == peers
+    assert resources_per_worker(cfg, cluster) == expected
+
+
+def test_too_few_gpus_is_an_error_not_a_silent_cpu_run(make_config):
+    from codistill.config import ConfigError
+    from codistill.engine.ray_runner import resources_per_worker
+
+    with pytest.raises(ConfigError, match=r"ray\.resources_per_peer: .* 1 GPUs for 2 peers .*\{CPU: 1\}"):
+        resources_per_worker(make_config(), {"CPU": 8, "GPU": 1})
+    configured = make_config("ray.resources_per_peer={GPU: 1, CPU: 4}", "ray.workers_per_peer=2")
+    assert resources_per_worker(configured, {"CPU": 8, "GPU": 1}) == {"GPU": 0.5, "CPU": 2.0}
+
+
+def test_trainer_asks_ray_for_the_configured_placement(ray_local, make_config):
+    from codistill.engine.ray_runner import ProgressBoard, make_trainer
+    from codistill.storage import RunStorage
+
+    cfg = make_config("ray.resources_per_peer={GPU: 1, CPU: 2}", "ray.placement_strategy=PACK")
+    board = ProgressBoard.remote()
+    trainer = make_trainer(cfg, RunStorage(cfg.ray.storage_path, cfg.name), board)
+    ray_local.kill(board)
+    scaling = trainer.scaling_config
+    assert scaling.num_workers == 2 and scaling.use_gpu and scaling.placement_strategy == "PACK"
+    assert scaling.resources_per_worker == {"GPU": 1.0, "CPU": 2.0}

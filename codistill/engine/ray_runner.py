@@ -8,18 +8,20 @@ and restarts from the newest checkpoint after a failure (`FailureConfig`).
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
-import time
+import uuid
 
 import ray
 import ray.train
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from codistill.config import ExperimentConfig, build_dataclass, to_dict
+from codistill.config import ConfigError, ExperimentConfig, build_dataclass, to_dict
 from codistill.data import load_dataset
 from codistill.engine.checkpoint import META_FILE, checkpoint_name, from_bytes, meta_state, peer_file, to_bytes
 from codistill.engine.loop import PeerJob, RunContext, build_peer, peer_schedules, train_peer
@@ -30,6 +32,8 @@ from codistill.exchange.object_store import (ExchangeBoard, ObjectStoreExchange,
 from codistill.methods import create_method
 from codistill.metrics import drop_records_after, write_record_part
 from codistill.storage import RunStorage
+
+logger = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -128,18 +132,72 @@ def ray_train_loop(loop_config: dict) -> None:
     train_peer(job, exchange, run, cfg.data.eval_batch_size)
 
 
-def resources_per_peer(cfg: ExperimentConfig) -> dict[str, float]:
-    """The configured resources, or one GPU per peer when the cluster has enough, else one CPU."""
+def resources_per_worker(cfg: ExperimentConfig, cluster: dict[str, float]) -> dict[str, float]:
+    """What each Ray Train worker reserves, given the cluster's total resources.
+
+    Configured `resources_per_peer` are split evenly over the peer's workers. Unset: one GPU
+    per worker when the cluster has a GPU for every worker (a workstation with G GPUs and
+    K ≤ G peers gets one peer per GPU), one CPU per worker when it has no GPU at all, and an
+    error when it has some GPUs but too few, rather than silently training on CPUs."""
+    replicas = cfg.ray.workers_per_peer
     if cfg.ray.resources_per_peer is not None:
-        return dict(cfg.ray.resources_per_peer)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    return {"GPU": 1.0} if gpus >= cfg.num_peers else {"CPU": 1.0}
+        return {name: amount / replicas for name, amount in cfg.ray.resources_per_peer.items()}
+    workers = cfg.num_peers * replicas
+    gpus = cluster.get("GPU", 0)
+    if gpus >= workers:
+        return {"CPU": 1.0, "GPU": 1.0}
+    if gpus > 0:
+        raise ConfigError("ray.resources_per_peer", (
+            f"is not set and the cluster has {gpus:g} GPUs for {cfg.num_peers} peers × {replicas} "
+            f"worker(s); one GPU per worker needs {workers}. Set it: {{CPU: 1}} trains on CPUs; "
+            "{GPU: 0.5} puts two peers on a GPU (with exchange.transport: object_store, since NCCL "
+            "cannot run two ranks on one GPU); or use fewer peers."))
+    return {"CPU": 1.0}
+
+
+def _path_exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_shared_storage(storage_path: str) -> None:
+    """Refuse a local storage path that some node of the cluster cannot see.
+
+    Checkpoints are written by the workers on their nodes and read back after a restart
+    anywhere, and the driver gathers the records, so every node must see the same folder:
+    s3://, gs://, or a path that is the same NFS mount on each node. A marker written here is
+    looked for by a task pinned to every node; one node that misses it is enough to refuse."""
+    if "://" in storage_path:
+        return
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return
+    storage = RunStorage(storage_path, ".")
+    marker = f".shared-{uuid.uuid4().hex}"
+    storage.write_bytes(marker, b"codistill")
+    try:
+        probe = ray.remote(num_cpus=0)(_path_exists)
+        seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(storage.path(marker)) for n in nodes])
+    finally:
+        storage.delete(marker)
+    blind = [n["NodeManagerAddress"] + " " + n["NodeID"][:8] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ConfigError("ray.storage_path", (
+            f"{storage_path!r} is a local folder that {len(blind)} of the cluster's {len(nodes)} "
+            f"nodes cannot see ({', '.join(blind)}). On a multi-node cluster, checkpoints and records "
+            "must go to storage every node shares: s3://bucket/prefix, gs://bucket/prefix, or an NFS "
+            "mount at the same path on every node."))
 
 
 def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, callbacks=()) -> TorchTrainer:
     replicas = cfg.ray.workers_per_peer
-    per_peer = resources_per_peer(cfg)
-    per_worker = {name: amount / replicas for name, amount in per_peer.items()}
+    cluster = ray.cluster_resources()
+    per_worker = resources_per_worker(cfg, cluster)
+    missing = [name for name, amount in per_worker.items() if amount > 0 and cluster.get(name, 0) < amount]
+    if missing:
+        # Not an error: an autoscaler may still add the nodes that have them.
+        logger.warning("No node of the cluster offers %s right now; the peers wait until one does "
+                       "(resources per worker: %s).", ", ".join(missing), per_worker)
     use_gpu = per_worker.get("GPU", 0) > 0
     boards = []
     if cfg.exchange.transport == "object_store":
@@ -155,7 +213,8 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, cal
         ray_train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_peers * replicas, use_gpu=use_gpu,
-                                               resources_per_worker=per_worker),
+                                               resources_per_worker=per_worker,
+                                               placement_strategy=cfg.ray.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=storage.storage_path,

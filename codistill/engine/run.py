@@ -51,6 +51,15 @@ def prepare_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
     return cfg, storage
 
 
+def _refused_for_token(err: BaseException | None) -> bool:
+    """Ray reports a rejected token only as text inside the chain of connection errors."""
+    while err is not None:
+        if "InvalidAuthToken" in str(err) or "AuthenticationError" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
     """Join `address` (or RAY_ADDRESS), else start a private local instance — never a cluster
     that happens to run on this machine. The local instance runs the dashboard: it hosts the
@@ -60,9 +69,26 @@ def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
 
     if ray.is_initialized():
         return
+    # `ray job submit --working-dir .` runs this driver from Ray's unpacked copy of the project,
+    # and Ray (2.60) unpacks that copy again when the driver connects: for a moment the folder
+    # is gone and a lazy `import codistill.…` fails. So what the driver imports later comes first.
+    import codistill.engine.ray_runner  # noqa: F401
+    import codistill.exchange.rounds  # noqa: F401
+    import codistill.tune  # noqa: F401
+
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        try:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        except ConnectionError as err:
+            if _refused_for_token(err):
+                # Ray never sends a token to an address given explicitly unless told to.
+                raise ConnectionError(
+                    f"the Ray cluster at {address} uses token authentication and refused this "
+                    "connection: export RAY_AUTH_MODE=token, and make the cluster's token readable here "
+                    "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; `ray get-auth-token` on "
+                    "the head prints it)") from err
+            raise
     else:
         ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver)
 
@@ -71,15 +97,18 @@ def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[
           callbacks=()) -> RunResult:
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if backend == "ray":
+        from codistill.engine.ray_runner import check_shared_storage, run_ray
+
+        connect_ray(cfg.ray.address)
+        # Before anything is written: a run the cluster cannot store must not start.
+        check_shared_storage(resolve_storage_path(cfg.ray.storage_path))
     cfg, storage = prepare_run(cfg)
     if backend == "local":
         from codistill.engine.local import run_local
 
         run_local(cfg, storage, on_progress)
     else:
-        from codistill.engine.ray_runner import run_ray
-
-        connect_ray(cfg.ray.address)
         run_ray(cfg, storage, on_progress, callbacks)
     return finish_run(cfg, storage)
 

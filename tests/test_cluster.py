@@ -1,0 +1,220 @@
+"""A real multi-node Ray cluster on this machine, started by `cluster/local.sh`: a head with no
+CPUs and two worker nodes with 2 CPUs each, token authentication on.
+
+Clients run in subprocesses exactly as a user runs them (`codistill train --address`,
+`ray job submit`): this test process keeps its own local Ray instance (`ray_local`), which
+`local.sh down` must leave alone. The tests share one cluster and run in file order; the fault
+test restores the node it kills."""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+
+LOCAL_SH = os.path.join(REPO, "cluster", "local.sh")
+BIN = os.path.dirname(sys.executable)
+SHORT_RUN = ["--set", "train.eval_every=100", "--set", "train.checkpoint_every=100"]
+
+
+def free_port_block(size: int) -> int:
+    """A port p with p .. p+size-1 all free (local.sh gives node i the port DASHBOARD_PORT+100+i)."""
+    while True:
+        base = random.randrange(20000, 29000)
+        try:
+            sockets = [socket.create_server(("", p)) for p in (base, *range(base + 100, base + 100 + size))]
+        except OSError:
+            continue
+        for s in sockets:
+            s.close()
+        return base
+
+
+@dataclass
+class LoopbackCluster:
+    folder: str
+    env: dict
+    address: str
+    dashboard: str
+    runs: str
+
+    def local_sh(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([LOCAL_SH, *args], env=env or self.env, capture_output=True, text=True, timeout=180)
+
+    def client_env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_AUTH_MODE="token", PATH=f"{BIN}:{env['PATH']}")
+        return env
+
+    def train(self, name: str, *args: str, env: dict | None = None, background: bool = False):
+        argv = [os.path.join(BIN, "codistill"), "train", "configs/dml_mnist1d.yaml", "--address", self.address,
+                "--set", f"name={name}", "--set", f"ray.storage_path={self.runs}", *args]
+        if background:
+            return subprocess.Popen(argv, cwd=REPO, env=env or self.client_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+        return subprocess.run(argv, cwd=REPO, env=env or self.client_env(), capture_output=True, text=True,
+                              timeout=400)
+
+    def processes(self) -> list[psutil.Process]:
+        """Live processes of this cluster: those naming its session folders, and their children."""
+        found = {}
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            if any(os.path.join(self.folder, "ray", "session_") in part for part in proc.info["cmdline"] or ()):
+                for p in (proc, *proc.children(recursive=True)):
+                    found[p.pid] = p
+        return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    def raylets(self) -> dict[str, tuple[int, bool]]:
+        """node id → (raylet pid, is head) for the live nodes of this cluster."""
+        nodes = {}
+        for proc in self.processes():
+            cmdline = proc.cmdline()
+            if cmdline and cmdline[0].endswith("/raylet"):
+                node = next(a.split("=", 1)[1] for a in cmdline if a.startswith("--node_id="))
+                nodes[node] = (proc.pid, "--head" in cmdline)
+        return nodes
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    folder = tempfile.mkdtemp(prefix="cdc-", dir="/tmp")  # short: Unix socket paths ≤ 107 chars
+    env = {**os.environ, "CODISTILL_CLUSTER_DIR": folder, "HEAD_PORT": str(free_port_block(0)),
+           "DASHBOARD_PORT": str(free_port_block(4)), "HEAD_CPUS": "0", "WORKER_CPUS": "2",
+           "RAY": os.path.join(BIN, "ray")}
+    env.pop("RAY_ADDRESS", None)
+    up = subprocess.run([LOCAL_SH, "up", "2"], env=env, capture_output=True, text=True, timeout=180)
+    assert up.returncode == 0, up.stdout + up.stderr
+    values = dict(line.split("=", 1) for line in up.stdout.splitlines() if line.startswith(("address=", "dashboard=")))
+    os.makedirs(os.path.join(folder, "runs"))
+    handle = LoopbackCluster(folder, env, values["address"], values["dashboard"], os.path.join(folder, "runs"))
+    assert len(handle.raylets()) == 3
+    yield handle
+    handle.local_sh("down")
+
+
+def train_records(cluster: LoopbackCluster, name: str):
+    table = pq.read_table(os.path.join(cluster.runs, name, "records.parquet")).to_pandas()
+    return table[table.split == "train"]
+
+
+def test_peers_run_on_different_worker_nodes(cluster):
+    out = cluster.train("spread", "--set", "train.steps=200", *SHORT_RUN)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    records = train_records(cluster, "spread")
+    nodes = records.groupby("peer")["node"].unique()
+    assert all(len(n) == 1 for n in nodes), nodes
+    peer_nodes = [n[0] for n in nodes]
+    raylets = cluster.raylets()
+    workers = {node for node, (_, head) in raylets.items() if not head}
+    assert len(set(peer_nodes)) == 2 and set(peer_nodes) <= workers, (peer_nodes, raylets)
+
+
+def test_ray_job_submit_of_the_readme_command(cluster):
+    """`ray job submit --working-dir . -- codistill train configs/...`, as in the README."""
+    env = {**cluster.client_env(), "RAY_API_SERVER_ADDRESS": cluster.dashboard}
+    out = subprocess.run(
+        [os.path.join(BIN, "ray"), "job", "submit", "--working-dir", ".", "--",
+         "codistill", "train", "configs/dml_mnist1d.yaml", "--set", "name=job", "--set", "train.steps=200",
+         *SHORT_RUN, "--set", f"ray.storage_path={cluster.runs}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr, out.stdout[-4000:] + out.stderr[-2000:]
+    records = train_records(cluster, "job")
+    assert sorted(records.groupby("peer").step.max()) == [200, 200]
+
+
+def test_killed_worker_node_resumes_from_newest_checkpoint_with_no_step_lost_or_repeated(cluster):
+    steps, every = 1200, 200
+    run = cluster.train("fault", "--set", f"train.steps={steps}", "--set", f"train.eval_every={every}",
+                        "--set", f"train.checkpoint_every={every}", "--set", "ray.max_failures=1", background=True)
+    try:
+        # Wait for two checkpoints (records are written with them), then take peer 1's node down.
+        parts = os.path.join(cluster.runs, "fault", "records", "peer1", "*.parquet")
+        deadline = time.monotonic() + 300
+        while len(glob.glob(parts)) < 2:
+            assert run.poll() is None, run.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint in 300 s"
+            time.sleep(0.5)
+        victim = pq.read_table(sorted(glob.glob(parts))[0]).column("node")[0].as_py()
+        raylet_pid, is_head = cluster.raylets()[victim]
+        assert not is_head
+        os.kill(raylet_pid, signal.SIGKILL)
+        output, _ = run.communicate(timeout=400)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output[-4000:]
+
+    records = train_records(cluster, "fault")
+    for peer, rows in records.groupby("peer"):
+        # Every step exactly once: nothing trained before the checkpoint shows up twice, nothing is lost.
+        assert sorted(rows.step) == list(range(1, steps + 1)), f"peer {peer}"
+    peer1 = records[records.peer == 1].sort_values("step")
+    moved = peer1[peer1.node != victim]
+    assert len(moved) and not (moved.node == victim).any()
+    resumed_at = int(moved.step.min())
+    # The restart began right after a checkpoint (and not the first one: two were waited for).
+    assert resumed_at - 1 >= 2 * every and (resumed_at - 1) % every == 0, resumed_at
+    assert (peer1[peer1.step < resumed_at].node == victim).all()
+    final = pq.read_table(os.path.join(cluster.runs, "fault", "records.parquet")).to_pandas()
+    accuracy = final[(final.split == "test") & (final.step == steps)].accuracy
+    assert len(accuracy) == 2 and accuracy.min() > 0.75, accuracy
+
+    # Bring the cluster back to two worker nodes: `up` starts only the missing one.
+    up = cluster.local_sh("up", "2")
+    assert up.returncode == 0, up.stderr
+    assert sum(not head for _, head in cluster.raylets().values()) == 2
+
+
+def test_run_refuses_local_storage_that_a_node_cannot_see(cluster):
+    """A third worker node whose filesystem has its own (empty) folder at the storage path, as
+    a machine with local disks would: a private mount namespace with a tmpfs over it."""
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"needs a private mount namespace (unshare -m): {probe.stderr.decode().strip()}")
+    before = set(cluster.raylets())
+    added = subprocess.run(["unshare", "--mount", "sh", "-c", f'mount -t tmpfs tmpfs "{cluster.runs}" && '
+                            f'exec "{LOCAL_SH}" up 3'], env=cluster.env, capture_output=True, text=True, timeout=180)
+    assert added.returncode == 0, added.stdout + added.stderr
+    (blind_node,) = set(cluster.raylets()) - before
+    try:
+        out = cluster.train("refused", "--set", "train.steps=100")
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        assert "ray.storage_path" in out.stderr and "1 of the cluster's 4 nodes cannot see" in out.stderr
+        assert blind_node[:8] in out.stderr and "s3://" in out.stderr
+        assert not os.path.exists(os.path.join(cluster.runs, "refused")), "a refused run writes nothing"
+    finally:
+        pid, _ = cluster.raylets()[blind_node]
+        os.kill(pid, signal.SIGTERM)
+        psutil.Process(pid).wait(30)
+
+
+def test_client_without_token_mode_is_told_how_to_connect(cluster):
+    env = cluster.client_env()
+    env.pop("RAY_AUTH_MODE")
+    out = cluster.train("no-token", env=env)
+    assert out.returncode == 1
+    assert "token authentication" in out.stderr and "export RAY_AUTH_MODE=token" in out.stderr
+
+
+def test_down_stops_this_cluster_and_nothing_else(cluster, ray_local):
+    assert cluster.processes()
+    down = cluster.local_sh("down")
+    assert down.returncode == 0, down.stderr
+    assert cluster.processes() == []
+    # The test session's own Ray instance on the same machine still runs tasks.
+    assert ray_local.get(ray_local.remote(lambda: 42).remote(), timeout=60) == 42
