@@ -62,11 +62,15 @@ def run_trial(trial: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from codistill.engine.run import train
+    from codistill.engine.ray_runner import run_ray
+    from codistill.engine.run import finish_run, prepare_run
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(trial["base"], trial["params"], trial_id, trial["runs_path"])
-    train(cfg, "ray", callbacks=[TuneReportCallback()])
+    # `train(cfg, "ray")` without its connect and storage check: run_sweep did both, once.
+    cfg, storage = prepare_run(cfg)
+    run_ray(cfg, storage, callbacks=[TuneReportCallback()])
+    finish_run(cfg, storage)
 
 
 def _search_algorithm(search: str, objective: str):
@@ -113,7 +117,10 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     settings = cfg.tune
     if settings is None or not settings.space:
         raise ValueError("the config has no `tune.space` to search")
+    from codistill.engine.ray_runner import check_shared_storage
+
     storage_path = resolve_storage_path(cfg.ray.storage_path)
+    check_shared_storage(storage_path)  # before any trial writes: every node must see the runs
     storage = RunStorage(storage_path, cfg.name)
     base = to_dict(replace(cfg, tune=None))
     base["ray"]["storage_path"] = storage_path

@@ -133,6 +133,15 @@ def test_peers_run_on_different_worker_nodes(cluster):
     raylets = cluster.raylets()
     workers = {node for node, (_, head) in raylets.items() if not head}
     assert len(set(peer_nodes)) == 2 and set(peer_nodes) <= workers, (peer_nodes, raylets)
+    # The run's helper actors live beside the driver (which Ray attaches to the head), not on a
+    # peer's node, where a node failure would take them down with it.
+    listed = subprocess.run([os.path.join(BIN, "ray"), "list", "actors", "--address", cluster.dashboard,
+                             "--detail", "--format", "json", "--limit", "1000"],
+                            env=cluster.client_env(), capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    boards = [a for a in json.loads(listed.stdout) if a["class_name"] in ("ProgressBoard", "ExchangeBoard")]
+    head = next(node for node, (_, is_head) in raylets.items() if is_head)
+    assert boards and {a["node_id"] for a in boards} == {head}, boards
 
 
 def test_ray_job_submit_of_the_readme_command(cluster):

@@ -1,4 +1,5 @@
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -14,6 +15,25 @@ def test_schedule_is_a_function_of_seed_and_step():
         assert torch.equal(a.indices(step), b.indices(step))
     assert not torch.equal(a.indices(0), BatchSchedule(1000, 32, seed=4).indices(0))
     assert not torch.equal(a.indices(0), a.indices(a.steps_per_epoch))  # reshuffled each epoch
+
+
+def test_one_schedule_shared_by_threads_gives_each_the_right_batch():
+    # The local runner's peers share one schedule; a codistillation teacher reads the batches of
+    # coming steps (maybe the next epoch) while another peer trains on the current epoch.
+    shared, reference = BatchSchedule(1000, 10, seed=5), BatchSchedule(1000, 10, seed=5)
+    expected = {step: reference.indices(step) for step in range(300)}
+    wrong = []
+
+    def read(steps):
+        for _ in range(100):
+            wrong.extend(step for step in steps if not torch.equal(shared.indices(step), expected[step]))
+
+    threads = [threading.Thread(target=read, args=(range(start, 300, 97),)) for start in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
 
 
 def test_an_epoch_visits_each_example_at_most_once():

@@ -41,15 +41,17 @@ class BatchSchedule:
         if batch_size > len(self.pool):
             raise ValueError(f"batch_size {batch_size} is larger than the {len(self.pool)} examples per peer")
         self.steps_per_epoch = len(self.pool) // batch_size
-        self._epoch = -1
-        self._order = self.pool
+        # (epoch, its order), replaced as one object: the local runner's peer threads share a
+        # schedule, and a teacher may read the next epoch while a peer trains on this one.
+        self._epoch_order: tuple[int, torch.Tensor] = (-1, self.pool)
 
     def indices(self, step: int) -> torch.Tensor:
         epoch, position = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._order = self.pool[torch.randperm(len(self.pool), generator=_generator(self.seed, epoch))]
-            self._epoch = epoch
-        return self._order[position * self.batch_size:(position + 1) * self.batch_size]
+        cached_epoch, order = self._epoch_order
+        if cached_epoch != epoch:
+            order = self.pool[torch.randperm(len(self.pool), generator=_generator(self.seed, epoch))]
+            self._epoch_order = (epoch, order)
+        return order[position * self.batch_size:(position + 1) * self.batch_size]
 
     def generator(self, step: int) -> torch.Generator:
         """Random numbers for augmenting the batch of `step`, the same on every peer."""

@@ -189,6 +189,14 @@ def check_shared_storage(storage_path: str) -> None:
             "mount at the same path on every node."))
 
 
+def on_this_node(actor_class):
+    """`actor_class` pinned to the node of the calling process (the driver, or a Tune trial).
+    The boards hold run state the peers need after a restart; on a peer's node they would die
+    with it, and the run with them. The driver's death ends the run anyway."""
+    here = ray.get_runtime_context().get_node_id()
+    return actor_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+
+
 def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, callbacks=()) -> TorchTrainer:
     replicas = cfg.ray.workers_per_peer
     cluster = ray.cluster_resources()
@@ -201,10 +209,10 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, cal
     use_gpu = per_worker.get("GPU", 0) > 0
     boards = []
     if cfg.exchange.transport == "object_store":
-        boards = [ExchangeBoard.remote(cfg.num_peers) for _ in range(replicas)]
+        boards = [on_this_node(ExchangeBoard).remote(cfg.num_peers) for _ in range(replicas)]
     loop_config = {
         "experiment": to_dict(cfg),
-        "round_board": RoundBoardActor.remote(cfg.num_peers) if create_method(cfg.method).periodic else None,
+        "round_board": on_this_node(RoundBoardActor).remote(cfg.num_peers) if create_method(cfg.method).periodic else None,
         "threads_per_worker": max(1, int(per_worker.get("CPU", 1))),
         "exchange_boards": boards,
         "progress_board": progress_board,
@@ -227,7 +235,7 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, cal
 
 def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callbacks=()):
     """Train all peers of `cfg` on the Ray cluster this process is connected to."""
-    progress_board = ProgressBoard.remote()
+    progress_board = on_this_node(ProgressBoard).remote()
     trainer = make_trainer(cfg, storage, progress_board, callbacks)
     stop = threading.Event()
 
@@ -248,6 +256,9 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
         stop.set()
         poller.join()
         if on_progress:
-            step, metrics = ray.get(progress_board.get.remote())
-            on_progress(step, metrics)
+            try:
+                step, metrics = ray.get(progress_board.get.remote(), timeout=30)
+                on_progress(step, metrics)
+            except ray.exceptions.RayError as error:  # best-effort: must not hide fit()'s own error
+                logger.warning("Final progress not available: %s", error)
         ray.kill(progress_board)
