@@ -62,15 +62,11 @@ def run_trial(trial: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from codistill.engine.ray_runner import run_ray
-    from codistill.engine.run import finish_run, prepare_run
+    from codistill.engine.run import train_connected
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(trial["base"], trial["params"], trial_id, trial["runs_path"])
-    # `train(cfg, "ray")` without its connect and storage check: run_sweep did both, once.
-    cfg, storage = prepare_run(cfg)
-    run_ray(cfg, storage, callbacks=[TuneReportCallback()])
-    finish_run(cfg, storage)
+    train_connected(cfg, "ray", callbacks=[TuneReportCallback()])  # run_sweep checked the storage, once
 
 
 def _search_algorithm(search: str, objective: str):

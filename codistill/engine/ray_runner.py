@@ -210,9 +210,10 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, cal
     boards = []
     if cfg.exchange.transport == "object_store":
         boards = [on_this_node(ExchangeBoard).remote(cfg.num_peers) for _ in range(replicas)]
+    round_board = on_this_node(RoundBoardActor).remote(cfg.num_peers) if create_method(cfg.method).periodic else None
     loop_config = {
         "experiment": to_dict(cfg),
-        "round_board": on_this_node(RoundBoardActor).remote(cfg.num_peers) if create_method(cfg.method).periodic else None,
+        "round_board": round_board,
         "threads_per_worker": max(1, int(per_worker.get("CPU", 1))),
         "exchange_boards": boards,
         "progress_board": progress_board,

@@ -98,17 +98,25 @@ def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
     if backend == "ray":
-        from codistill.engine.ray_runner import check_shared_storage, run_ray
+        from codistill.engine.ray_runner import check_shared_storage
 
         connect_ray(cfg.ray.address)
         # Before anything is written: a run the cluster cannot store must not start.
         check_shared_storage(resolve_storage_path(cfg.ray.storage_path))
+    return train_connected(cfg, backend, on_progress, callbacks)
+
+
+def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[int, dict], None] | None = None,
+                    callbacks=()) -> RunResult:
+    """`train` once Ray is connected and its storage checked (a Tune trial: run_sweep did both)."""
     cfg, storage = prepare_run(cfg)
     if backend == "local":
         from codistill.engine.local import run_local
 
         run_local(cfg, storage, on_progress)
     else:
+        from codistill.engine.ray_runner import run_ray
+
         run_ray(cfg, storage, on_progress, callbacks)
     return finish_run(cfg, storage)
 
