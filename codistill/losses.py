@@ -37,3 +37,42 @@ def linear_rampup(step: int, rampup_steps: int) -> float:
     if rampup_steps <= 0:
         return 1.0
     return min(1.0, (step + 1) / rampup_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature-based terms (FitNets, attention transfer, FSP)
+
+
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis 2017: Q = mean_c |A_c|², flattened and L2-normalised per sample.
+    features: (B, C, *spatial) → (B, *spatial), unit norm over the spatial positions. The
+    normalisation is what lets networks of different widths and scales be compared."""
+    q = features.float().pow(2).mean(1)
+    return F.normalize(q.flatten(1), dim=1).view_as(q)
+
+
+def resize_map(q: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """An attention map resized to another network's spatial size (linear interpolation),
+    normalised again so the distance stays a distance between unit vectors."""
+    if q.shape[1:] == size:
+        return q
+    mode = "linear" if q.dim() == 2 else "bilinear"
+    resized = F.interpolate(q.unsqueeze(1), size=tuple(size), mode=mode, align_corners=False).squeeze(1)
+    return F.normalize(resized.flatten(1), dim=1).view_as(resized)
+
+
+def attention_distance(own: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean over samples and positions of (Q_own − Q_target)², the reference code's `at_loss`;
+    the target map is resized to the own map's size when the networks' maps differ."""
+    return (own - resize_map(target, own.shape[1:])).pow(2).mean()
+
+
+def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Yim et al. 2017: G = (1/N) Σ_positions F1 · F2ᵀ, the 'flow' between two layers,
+    (B, C1, C2). The larger map is average-pooled to the smaller's size first."""
+    if first.shape[2:] != second.shape[2:]:
+        size = [min(a, b) for a, b in zip(first.shape[2:], second.shape[2:])]
+        pool = F.adaptive_avg_pool1d if first.dim() == 3 else F.adaptive_avg_pool2d
+        first, second = (pool(t, size) if t.shape[2:] != torch.Size(size) else t for t in (first, second))
+    a, b = first.float().flatten(2), second.float().flatten(2)
+    return a @ b.transpose(1, 2) / a.shape[2]

@@ -18,7 +18,21 @@ def resolve_storage_path(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def read_uri(uri: str) -> bytes:
+    """One file's bytes from a local path or any URI pyarrow knows (s3://, gs://)."""
+    fs, path = pafs.FileSystem.from_uri(resolve_storage_path(uri))
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
 class RunStorage:
+    @classmethod
+    def at(cls, run: str) -> "RunStorage":
+        """The storage of the run folder `run` (a path or URI ending in the run's name)."""
+        run = resolve_storage_path(run).rstrip("/")
+        parent, name = run.rsplit("/", 1)
+        return cls(parent or "/", name)
+
     def __init__(self, storage_path: str, name: str):
         self.storage_path = resolve_storage_path(storage_path)
         self.fs, base = pafs.FileSystem.from_uri(self.storage_path)

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from codistill.config import ExperimentConfig, load_config, parse_distribution, set_path, to_dict
+from codistill.config import ExperimentConfig, load_config, set_path, to_dict
+from codistill.config.search_space import parse_distribution
 from codistill.storage import RunStorage, resolve_storage_path
 
 TRIALS_FILE = "trials.parquet"

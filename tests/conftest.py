@@ -25,9 +25,20 @@ def ray_local():
     ray.shutdown()
 
 
+def signals(logits, labels, step=0, peers=(), teacher=None, outputs=None, taps=None, network=None):
+    """A step's Signals for a method's loss, from plain tensors (peers as logits or payload dicts)."""
+    from torch import nn
+
+    from codistill.methods import Signals
+
+    return Signals(network=network or nn.Identity(), outputs=logits if outputs is None else outputs, logits=logits,
+                   labels=labels, step=step, taps=taps or {},
+                   peers=[p if isinstance(p, dict) else {"logits": p} for p in peers], teacher=teacher)
+
+
 def small_config(tmp_path, *overrides: str, base: str = "configs/dml_mnist1d.yaml"):
     """The demo config shortened for tests, writing under tmp_path."""
-    return load_config(os.path.join(REPO, base), [
+    return load_config(base if os.path.isabs(base) else os.path.join(REPO, base), [
         "train.steps=120", "train.eval_every=40", "train.checkpoint_every=40",
         f"ray.storage_path={tmp_path}", *overrides])
 

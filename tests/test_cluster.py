@@ -139,7 +139,7 @@ def test_peers_run_on_different_worker_nodes(cluster):
                              "--detail", "--format", "json", "--limit", "1000"],
                             env=cluster.client_env(), capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
-    boards = [a for a in json.loads(listed.stdout) if a["class_name"] in ("ProgressBoard", "ExchangeBoard")]
+    boards = [a for a in json.loads(listed.stdout) if a["class_name"] in ("ProgressMailbox", "GatherCoordinator")]
     head = next(node for node, (_, is_head) in raylets.items() if is_head)
     assert boards and {a["node_id"] for a in boards} == {head}, boards
 

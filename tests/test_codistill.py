@@ -10,6 +10,7 @@ from codistill.engine import loop
 from codistill.engine.run import train
 from codistill.methods import create_method
 from codistill.methods.codistill import CodistillConfig
+from tests.conftest import signals
 
 BASE = "configs/codistill_mnist1d.yaml"
 
@@ -22,9 +23,9 @@ def test_loss_is_ce_during_burn_in_then_distils_from_the_mean_stale_teacher():
     method = create_method(CodistillConfig(name="codistill", burn_in=10, temperature=2.0))
     z, a, b = torch.randn(3, 4, 10).unbind(0)
     y = torch.randint(0, 10, (4,))
-    loss, terms = method.loss(z, [a, b], y, step=9)
+    loss, terms = method.loss(signals(z, y, step=9, peers=[a, b]))
     assert terms["kl_weight"] == 0.0 and loss.item() == pytest.approx(torch.nn.functional.cross_entropy(z, y).item())
-    loss, terms = method.loss(z, [a, b], y, step=10)
+    loss, terms = method.loss(signals(z, y, step=10, peers=[a, b]))
     target = (torch.softmax(a / 2, -1) + torch.softmax(b / 2, -1)) / 2
     kl = 4 * torch.nn.functional.kl_div(torch.log_softmax(z / 2, -1), target, reduction="batchmean")
     assert float(terms["kl"]) == pytest.approx(kl.item(), rel=1e-5)
@@ -47,8 +48,8 @@ def test_burn_in_means_no_distillation_and_no_exchange_before_it(make_config):
 
 def test_predictions_and_weights_give_the_same_teacher_when_period_is_one(make_config):
     common = ["train.steps=60", "method.burn_in=0", "method.period=1", "method.max_staleness=0"]
-    by_predictions = train(make_config("name=p", "method.exchange=predictions", *common, base=BASE), "local")
-    by_weights = train(make_config("name=w", "method.exchange=weights", *common, base=BASE), "local")
+    by_predictions = train(make_config("name=p", "method.publish=predictions", *common, base=BASE), "local")
+    by_weights = train(make_config("name=w", "method.publish=weights", *common, base=BASE), "local")
     for p, w in zip(train_rows(by_predictions), train_rows(by_weights)):
         assert (p["step"], p["peer"]) == (w["step"], w["peer"])
         assert p["kl"] == pytest.approx(w["kl"], rel=1e-4, abs=1e-6)
@@ -59,10 +60,10 @@ def test_predictions_and_weights_give_the_same_teacher_when_period_is_one(make_c
 def test_a_slowed_peer_never_makes_the_others_use_predictions_beyond_the_staleness_bound(make_config, monkeypatch):
     original = loop.train_step
 
-    def slow_peer1(job, exchange, step):
+    def slow_peer1(job, step):
         if threading.current_thread().name == "peer1":
             time.sleep(0.004)
-        return original(job, exchange, step)
+        return original(job, step)
 
     monkeypatch.setattr(loop, "train_step", slow_peer1)
     result = train(make_config("name=slow", "train.steps=300", "method.burn_in=0", "method.period=10",

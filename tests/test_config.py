@@ -1,7 +1,11 @@
+import glob
+import os
+
 import pytest
 
 from codistill.config import ConfigError, dump_config, load_config
 from codistill.engine.run import prepare_run
+from tests.conftest import REPO
 
 BASE = {"name": "t", "method": {"name": "dml"}, "peers": [{"model": "mnist1d_cnn"}, {"model": "mnist1d_mlp"}]}
 
@@ -17,10 +21,21 @@ def error_of(data=None, overrides=()):
     return info.value
 
 
-def test_the_shipped_configs_load():
-    cfg = load_config("configs/dml_mnist1d.yaml")
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_shipped_config_loads_and_round_trips(path):
+    import yaml
+
+    cfg = load_config(path)
+    assert cfg.name == os.path.basename(path)[:-len(".yaml")]  # a config's run is named after its file
+    assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_the_demo_config_is_dml_of_two_peers():
+    cfg = load_config(f"{REPO}/configs/dml_mnist1d.yaml")
     assert cfg.method.name == "dml" and cfg.num_peers == 2
-    assert load_config("configs/dml_cifar100_resnet32.yaml").peers[0].model == "resnet32"
 
 
 def test_unknown_key_names_its_path_and_the_allowed_keys():
@@ -82,13 +97,6 @@ def test_overrides_reach_lists_and_wildcards():
     assert error_of(overrides=["peers.5.model=x"]).path == "peers.5"
 
 
-def test_resolved_config_round_trips_through_yaml():
-    import yaml
-
-    cfg = load_config("configs/dml_mnist1d.yaml")
-    assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
-
-
 def test_resuming_a_run_with_another_method_setting_is_refused(tmp_path):
     prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}"]))
     prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}", "train.steps=99"]))  # longer: allowed
@@ -111,5 +119,37 @@ def test_a_bad_search_space_names_the_key(space, path, message):
 
 
 def test_a_good_search_space_loads():
-    cfg = load_config("configs/tune_dml_mnist1d.yaml")
+    cfg = load_config(f"{REPO}/configs/tune_dml_mnist1d.yaml")
     assert set(cfg.tune.space) == {"method.temperature", "method.weight", "peers.*.optimizer.lr"}
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e400"])
+def test_float_settings_must_be_finite(value):
+    err = error_of(overrides=[f"peers.0.optimizer.lr={value}"])
+    assert err.path == "peers.0.optimizer.lr" and "finite" in err.message
+
+
+def test_yaml_mistakes_are_one_line_errors(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: {name: dml\npeers: []\n")
+    err = error_of(str(broken))
+    assert "not valid YAML" in err.message and "line" in err.message and "\n" not in str(err)
+    assert "folder" in error_of(str(tmp_path)).message
+    binary = tmp_path / "weights.pt"
+    binary.write_bytes(bytes(range(256)))
+    assert "not a text file" in error_of(str(binary)).message
+    err = error_of(overrides=["method.temperature=[1, 2"])
+    assert err.path == "method.temperature" and "YAML" in err.message
+
+
+def test_the_method_section_is_chosen_by_its_name_and_may_be_short():
+    assert load_config({**BASE, "method": "dml"}).method == load_config(BASE).method
+    err = error_of({**BASE, "method": {"temperature": 3}})
+    assert err.path == "method.name" and "dml" in err.message and "kd" in err.message
+
+
+def test_also_terms_are_checked_like_methods():
+    err = error_of({**BASE, "method": {"name": "dml", "also": [{"name": "one"}]}})
+    assert err.path == "method.also.0.name" and "cannot be added" in err.message
+    err = error_of({**BASE, "method": {"name": "dml", "also": [{"name": "at", "source": "peers", "taps": ["conv2"]}]}})
+    assert err.path == "method.taps" and "mnist1d_mlp" in err.message and "hidden1" in err.message

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from codistill.config import load_config
+from codistill.config import ConfigError, load_config
 from codistill.data import DATASETS, BatchSchedule, load_dataset
 
 
@@ -116,8 +116,12 @@ def test_crop_and_flip_keep_the_pixels_of_the_image():
         assert torch.isin(a, p).float().mean() > 0.9
 
 
-def test_config_accepts_every_registered_data_set():
-    for name, entry in DATASETS.items():
-        model = "resnet20" if entry.input_kind == "image" else "mnist1d_cnn"
-        cfg = load_config({"method": {"name": "independent"}, "peers": [{"model": model}], "data": {"name": name}})
-        assert cfg.data.name == name
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_registered_data_set_takes_only_models_of_its_input_kind(name):
+    kind = DATASETS[name].input_kind
+    fits, misfit = ("resnet20", "mnist1d_cnn") if kind == "image" else ("mnist1d_cnn", "resnet20")
+    config = {"method": {"name": "independent"}, "data": {"name": name}}
+    assert load_config({**config, "peers": [{"model": fits}]}).data.name == name
+    with pytest.raises(ConfigError) as info:
+        load_config({**config, "peers": [{"model": misfit}]})
+    assert info.value.path == "peers.0.model" and kind in info.value.message

@@ -70,10 +70,16 @@ def test_independent_peers_exchange_nothing_while_training(make_config):
 
 
 def test_peers_of_different_architectures_learn_from_each_other(make_config):
-    result = train(make_config("name=mixed", "peers.1.model=mnist1d_mlp"), "local")
-    assert len(result.final["peer_accuracy"]) == 2
-    kl = [r["kl"] for r in result.records.to_pylist() if r["split"] == "train"]
-    assert all(k >= 0 for k in kl) and max(kl) > 0
+    mutual = train(make_config("name=mixed", "peers.1.model=mnist1d_mlp"), "local")
+    alone = train(make_config("name=mixed-alone", "peers.1.model=mnist1d_mlp", "method={name: independent}"), "local")
+    assert len(mutual.final["peer_accuracy"]) == 2
+    # Same seed, same batches, same initial weights: the MLP's own cross-entropy can only differ
+    # after its first update if the CNN's predictions reached it.
+    ce = {name: [r["ce"] for r in run.records.to_pylist() if r["split"] == "train" and r["peer"] == 1]
+          for name, run in (("mutual", mutual), ("alone", alone))}
+    assert ce["mutual"][0] == pytest.approx(ce["alone"][0], rel=1e-6)
+    assert all(abs(a - b) > 1e-7 for a, b in zip(ce["mutual"][5:], ce["alone"][5:]))
+    assert all(r["kl"] > 0 and r["peers_used"] == 1 for r in mutual.records.to_pylist() if r["split"] == "train")
 
 
 def test_a_failing_peer_stops_the_run_with_its_error_instead_of_hanging_the_others(make_config, monkeypatch):
@@ -81,35 +87,48 @@ def test_a_failing_peer_stops_the_run_with_its_error_instead_of_hanging_the_othe
 
     original = DML.loss
 
-    def broken(self, logits, peer_logits, labels, step):
-        if step == 10 and threading.current_thread().name == "peer1":
+    def broken(self, s):
+        if s.step == 10 and threading.current_thread().name == "peer1":
             raise ValueError("peer broke")
-        return original(self, logits, peer_logits, labels, step)
+        return original(self, s)
 
     monkeypatch.setattr(DML, "loss", broken)
     with pytest.raises(ValueError, match="peer broke"):
         train(make_config("name=broken"), "local")
 
 
+CNN, NARROW, MLP = ({"model": m} for m in ("mnist1d_cnn", "mnist1d_cnn_narrow", "mnist1d_mlp"))
+# method → (method section, peers, whether it learns from a teacher). Feature-based methods
+# need peers that declare the taps they name; FSP needs the teacher's width.
 METHOD_SETTINGS = {
-    "independent": {"name": "independent"},
-    "dml": {"name": "dml"},
-    "codistill": {"name": "codistill", "period": 2, "burn_in": 0},
-    "one": {"name": "one", "branches": 1},
+    "independent": ({"name": "independent"}, [CNN, MLP], False),
+    "dml": ({"name": "dml"}, [CNN, MLP], False),
+    "codistill": ({"name": "codistill", "period": 2, "burn_in": 0}, [CNN, MLP], False),
+    "one": ({"name": "one", "branches": 1}, [CNN, MLP], False),
+    "kd": ({"name": "kd", "noise_std": 0.1}, [CNN, MLP], True),
+    "fitnets": ({"name": "fitnets", "student_tap": "conv2", "teacher_tap": "conv3", "hint_steps": 2}, [CNN, NARROW], True),
+    "at": ({"name": "at", "taps": ["conv2", "conv3"]}, [CNN, NARROW], True),
+    "fsp": ({"name": "fsp", "pairs": [["conv1", "conv2"]]}, [CNN, CNN], True),
 }
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_registered_method_trains_two_peers(tmp_path, method):
+    import torch
+
     from codistill.config import load_config
+    from codistill.models import create_model
 
     assert method in METHOD_SETTINGS, f"add settings for the new method {method!r} here"
-    cfg = load_config({"name": method, "method": METHOD_SETTINGS[method],
-                       "peers": [{"model": "mnist1d_cnn"}, {"model": "mnist1d_mlp"}],
-                       "data": {"name": "synthetic", "batch_size": 50},
-                       "train": {"steps": 6, "eval_every": 3, "checkpoint_every": 0},
-                       "ray": {"storage_path": str(tmp_path)}})
-    result = train(cfg, "local")
+    settings, peers, taught = METHOD_SETTINGS[method]
+    config = {"name": method, "method": settings, "peers": peers,
+              "data": {"name": "synthetic", "batch_size": 50},
+              "train": {"steps": 6, "eval_every": 3, "checkpoint_every": 0},
+              "ray": {"storage_path": str(tmp_path)}}
+    if taught:
+        torch.save(create_model("mnist1d_cnn", 10).state_dict(), tmp_path / "teacher.pt")
+        config["teacher"] = {"model": "mnist1d_cnn", "checkpoint": str(tmp_path / "teacher.pt")}
+    result = train(load_config(config), "local")
     rows = [r for r in result.records.to_pylist() if r["split"] == "train"]
     assert len(rows) == 12 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in rows)  # finite, positive
     assert len(result.final["peer_accuracy"]) == 2

@@ -6,6 +6,7 @@ import torch
 from codistill.losses import linear_rampup, mean_peer_kl, soft_kl
 from codistill.methods import METHODS, create_method
 from codistill.methods.dml import DMLConfig
+from tests.conftest import signals
 
 
 def test_dml_loss_matches_hand_computed_value():
@@ -25,7 +26,7 @@ def test_dml_loss_matches_hand_computed_value():
     expected = ce + 0.5 * T**2 * kl
 
     method = create_method(DMLConfig(name="dml", temperature=T, weight=0.5))
-    loss, terms = method.loss(own, [peer], label, step=0)
+    loss, terms = method.loss(signals(own, label, peers=[peer]))
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert float(terms["kl"]) == pytest.approx(T**2 * kl, rel=1e-6)
 
@@ -40,7 +41,9 @@ def test_dml_averages_over_the_other_peers():
 def test_peer_logits_receive_no_gradient():
     own = torch.randn(4, 10, requires_grad=True)
     peer = torch.randn(4, 10, requires_grad=True)
-    loss, _ = create_method(DMLConfig(name="dml", temperature=3.0)).loss(own, [peer], torch.zeros(4, dtype=torch.long), 0)
+    # The engine hands peers' payloads over detached; the loss must not re-attach them either.
+    loss, _ = create_method(DMLConfig(name="dml", temperature=3.0)).loss(
+        signals(own, torch.zeros(4, dtype=torch.long), peers=[peer.detach()]))
     loss.backward()
     assert own.grad is not None and own.grad.abs().sum() > 0
     assert peer.grad is None
@@ -64,10 +67,10 @@ def test_rampup_is_linear_then_flat():
     assert [cfg.weight_at(s) for s in range(5)] == [0.5, 1.0, 1.5, 2.0, 2.0]
 
 
-def test_independent_ignores_peers():
+def test_independent_ignores_peers_and_asks_for_nothing():
     method = create_method(METHODS["independent"].config_class(name="independent"))
-    z = torch.randn(4, 10)
+    z, peer = torch.randn(2, 4, 10).unbind(0)
     y = torch.randint(0, 10, (4,))
-    loss, _ = method.loss(z, [], y, 0)
+    loss, _ = method.loss(signals(z, y, peers=[peer]))  # a peer's logits are there, and unused
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(z, y).item())
-    assert not method.uses_peers
+    assert not method.needs.peers and method.needs.rounds is None and not method.needs.teacher

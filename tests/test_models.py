@@ -25,5 +25,27 @@ def test_cifar_resnets_have_the_published_sizes(depth, params):
 
 
 def test_unknown_model_lists_the_registry():
-    with pytest.raises(KeyError, match="mnist1d_cnn"):
+    from codistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mnist1d_cnn"):
         create_model("lenet", 10)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_declared_feature_tap_is_caught_in_one_forward_pass(name):
+    from codistill.models.taps import capture_taps
+
+    model = create_model(name, num_classes=7).eval()
+    x = torch.randn(2, *INPUTS[MODELS[name].input_kind])
+    with capture_taps(model, MODELS[name].taps) as taps:
+        logits = model(x)
+    assert set(taps) == set(MODELS[name].taps) and logits.shape == (2, 7)
+    assert all(t.shape[0] == 2 for t in taps.values())
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())  # hooks removed
+
+
+def test_registering_a_name_twice_is_refused():
+    from codistill.models import register_model
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model("mnist1d_cnn", input_kind="sequence")(lambda num_classes: None)

@@ -10,14 +10,14 @@ from codistill.methods import create_method
 from codistill.methods.one import ONEConfig
 from codistill.models import create_model
 from codistill.models.multi_branch import BranchOutputs, make_multi_branch
+from tests.conftest import signals
 
 
-def test_gate_weights_sum_to_one_and_the_ensemble_is_the_weighted_sum():
+def test_the_ensemble_is_the_gate_weighted_sum_of_the_members():
     torch.manual_seed(0)
     logits = torch.randn(3, 4, 5)  # 3 members, batch 4, 5 classes
     gates = torch.randn(4, 3)
     weights = torch.softmax(gates, -1)
-    assert torch.allclose(weights.sum(-1), torch.ones(4))
     by_hand = torch.stack([sum(weights[b, k] * logits[k, b] for k in range(3)) for b in range(4)])
     assert torch.allclose(gated_ensemble(logits, gates), by_hand, atol=1e-6)
 
@@ -51,7 +51,8 @@ def test_the_ensemble_teacher_is_detached_from_the_distillation_term():
     logits = torch.randn(3, 4, 10, requires_grad=True)
     gates = torch.randn(4, 3, requires_grad=True)
     labels = torch.randint(0, 10, (4,))
-    _, terms = method.loss(BranchOutputs(logits, gates), [], labels, step=0)
+    out = BranchOutputs(logits, gates)
+    _, terms = method.loss(signals(method.logits(out), labels, outputs=out))
     # Recompute only the KL term: if the target were live, the gate would get a gradient from it.
     from codistill.losses import soft_kl, soft_targets
 
@@ -62,7 +63,8 @@ def test_the_ensemble_teacher_is_detached_from_the_distillation_term():
     assert gates.grad is None
     # ...while the full loss does train the gate, through the ensemble's own CE.
     logits.grad = None
-    loss, _ = method.loss(BranchOutputs(logits, gates), [], labels, step=0)
+    out = BranchOutputs(logits, gates)
+    loss, _ = method.loss(signals(method.logits(out), labels, outputs=out))
     loss.backward()
     assert gates.grad is not None and gates.grad.abs().sum() > 0
 
@@ -71,15 +73,15 @@ def test_across_peers_each_peer_gets_gradient_only_through_its_own_outputs():
     method = create_method(ONEConfig(name="one", branches=1))
     own_logits = torch.randn(4, 10, requires_grad=True)
     own_gate = torch.randn(4, 1, requires_grad=True)
-    received = torch.randn(4, 11, requires_grad=True)  # another peer's [logits, gate]
-    loss, terms = method.loss((own_logits, own_gate), [received.detach()], torch.randint(0, 10, (4,)), step=0)
+    received = {"logits": torch.randn(4, 10, requires_grad=True), "gate": torch.randn(4, 1, requires_grad=True)}
+    sent = method.payload((own_logits, own_gate), {})  # what this peer sends: named, detached
+    assert set(sent) == {"logits", "gate"} and not sent["logits"].requires_grad
+    out = (own_logits, own_gate)
+    loss, terms = method.loss(signals(own_logits, torch.randint(0, 10, (4,)), outputs=out,
+                                      peers=[{k: v.detach() for k, v in received.items()}]))
     loss.backward()
-    assert own_logits.grad is not None and own_gate.grad is not None and received.grad is None
-    assert payload_shape(method, own_logits, own_gate) == (4, 11)
-
-
-def payload_shape(method, logits, gate):
-    return tuple(method.payload((logits, gate)).shape)
+    assert own_logits.grad is not None and own_gate.grad is not None
+    assert received["logits"].grad is None and received["gate"].grad is None
 
 
 def test_config_checks_which_one_is_meant():

@@ -94,12 +94,12 @@ def test_a_killed_peer_restarts_from_the_newest_checkpoint_with_nothing_lost(ray
     assert all(r["staleness_rounds"] == 0 for r in rounds)
 
 
-def test_the_round_board_forgets_every_round_when_a_restarted_group_joins(ray_local):
+def test_the_publication_coordinator_forgets_every_round_when_a_restarted_group_joins(ray_local):
     import ray
 
-    from codistill.exchange.object_store import RoundBoardActor
+    from codistill.exchange.object_store import PublicationCoordinator
 
-    board = RoundBoardActor.remote(2)
+    board = PublicationCoordinator.remote(2)
     first = ray.get([board.join.remote(0), board.join.remote(1)])
     assert first == [1, 1]
     for r in range(3):
@@ -161,11 +161,11 @@ def test_too_few_gpus_is_an_error_not_a_silent_cpu_run(make_config):
 
 
 def test_trainer_asks_ray_for_the_configured_placement(ray_local, make_config):
-    from codistill.engine.ray_runner import ProgressBoard, make_trainer
+    from codistill.engine.ray_runner import ProgressMailbox, make_trainer
     from codistill.storage import RunStorage
 
     cfg = make_config("ray.resources_per_peer={GPU: 1, CPU: 2}", "ray.placement_strategy=PACK")
-    board = ProgressBoard.remote()
+    board = ProgressMailbox.remote()
     trainer = make_trainer(cfg, RunStorage(cfg.ray.storage_path, cfg.name), board)
     ray_local.kill(board)
     scaling = trainer.scaling_config

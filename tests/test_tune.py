@@ -5,6 +5,7 @@ import yaml
 
 from codistill.config import load_config
 from codistill.engine.run import train
+from tests.conftest import REPO
 from codistill.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
 
 pytestmark = pytest.mark.ray
@@ -13,7 +14,7 @@ SHORT = ["train.steps=100", "train.eval_every=50", "train.checkpoint_every=100",
 
 
 def sweep_config(tmp_path, *overrides):
-    return load_config("configs/tune_dml_mnist1d.yaml", [f"ray.storage_path={tmp_path}", *SHORT, *overrides])
+    return load_config(f"{REPO}/configs/tune_dml_mnist1d.yaml", [f"ray.storage_path={tmp_path}", *SHORT, *overrides])
 
 
 def test_a_sweep_completes_and_its_best_config_reproduces_the_best_trial(ray_local, tmp_path):

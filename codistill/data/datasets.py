@@ -14,6 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from codistill.registry import Registry
+
 
 @dataclass
 class ArrayDataset:
@@ -73,21 +75,19 @@ class DatasetEntry:
     num_classes: int
 
 
-DATASETS: dict[str, DatasetEntry] = {}
+DATASETS: Registry[DatasetEntry] = Registry("data set")
 
 
 def register_dataset(name: str, input_kind: str, num_classes: int):
     def decorator(fn):
-        DATASETS[name] = DatasetEntry(fn, input_kind, num_classes)
+        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes))
         return fn
     return decorator
 
 
 def load_dataset(name: str, root: str = "~/.cache/codistill", augment: bool = True,
                  download: bool = False, train_subset: int = 0) -> ArrayDataset:
-    if name not in DATASETS:
-        raise KeyError(f"unknown data set {name!r}; registered: {', '.join(sorted(DATASETS))}")
-    data = DATASETS[name].load(root=Path(os.path.expanduser(root)), augment=augment, download=download)
+    data = DATASETS.get(name, "data.name").load(root=Path(os.path.expanduser(root)), augment=augment, download=download)
     if train_subset:
         data.x_train, data.y_train = data.x_train[:train_subset], data.y_train[:train_subset]
     return data

@@ -69,3 +69,16 @@ class LocalCheckpoints:
         self.storage.write_bytes(f"{self._dir(step)}/{META_FILE}", to_bytes(meta))
         for old in self.complete_steps()[:-self.keep] if self.keep > 0 else []:
             self.storage.delete(self._dir(old))
+
+
+def newest_complete(storage: RunStorage, peer: int) -> str | None:
+    """The folder (relative to the run) of the run's newest checkpoint that holds `meta.pt` and
+    `peer`'s file: the local runner's under `checkpoints/`, Ray Train's at the run's top level."""
+    found = []
+    for parent in (LOCAL_CHECKPOINT_DIR, ""):
+        for name in storage.list(parent or "."):
+            folder = f"{parent}/{name}" if parent else name
+            if (name.startswith("step_") and name[len("step_"):].isdigit() and storage.exists(f"{folder}/{META_FILE}")
+                    and storage.exists(f"{folder}/{peer_file(peer)}")):
+                found.append((int(name[len("step_"):]), folder))
+    return max(found)[1] if found else None

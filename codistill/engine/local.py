@@ -12,11 +12,9 @@ import torch
 from codistill.config import ExperimentConfig, to_dict
 from codistill.data import load_dataset
 from codistill.engine.checkpoint import LocalCheckpoints, meta_state
-from codistill.engine.loop import PeerJob, RunContext, build_peer, peer_schedules, train_peer
-from codistill.engine.rounds import PeriodicTeacher
-from codistill.exchange.local import LocalBoard
-from codistill.exchange.rounds import LocalRoundBoard
-from codistill.methods import create_method
+from codistill.engine.job import make_job, peer_schedules
+from codistill.engine.loop import RunContext, train_peer
+from codistill.exchange import LocalGatherHub, LocalPublications
 from codistill.metrics import drop_records_after, write_record_part
 from codistill.storage import RunStorage
 
@@ -65,26 +63,23 @@ class LocalRunContext(RunContext):
 def run_local(cfg: ExperimentConfig, storage: RunStorage, on_progress=None) -> list[dict]:
     """Train all peers of `cfg` in this process. Returns the metrics reported by peer 0."""
     data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset)
-    method = create_method(cfg.method)
     device = torch.device("cpu")
-    peers = [build_peer(k, spec, data.num_classes, cfg.seed, device, method) for k, spec in enumerate(cfg.peers)]
     shared = _SharedRun(cfg, storage, on_progress)
-    board = LocalBoard(cfg.num_peers)
-    round_board = LocalRoundBoard(cfg.num_peers)
+    hub = LocalGatherHub(cfg.num_peers)
+    publications = LocalPublications(cfg.num_peers)
     schedules = peer_schedules(cfg, len(data.y_train))
+    jobs = [make_job(cfg, k, data, schedules, device, hub.exchange_for(k), publications.exchange_for(k))
+            for k in range(cfg.num_peers)]
     errors: list[BaseException] = []
 
     def run_peer(k: int) -> None:
-        job = PeerJob(peers[k], method, data, schedules[k if cfg.data.shard else 0], cfg.train, device)
-        if method.periodic:
-            job.teacher = PeriodicTeacher(job, round_board.for_peer(k), cfg.method, cfg.peers, schedules)
         try:
-            train_peer(job, board.exchange_for(k), LocalRunContext(shared, k), cfg.data.eval_batch_size)
+            train_peer(jobs[k], LocalRunContext(shared, k), cfg.data.eval_batch_size)
         except threading.BrokenBarrierError:
             pass  # another peer failed first; its error is the one to report
         except BaseException as err:  # noqa: BLE001 — re-raised in the caller's thread
             errors.append(err)
-            board.abort()
+            hub.abort()
             shared.barrier.abort()
 
     # One intra-op thread per peer when there are enough cores: the same arithmetic as one

@@ -8,6 +8,7 @@ and restarts from the newest checkpoint after a failure (`FailureConfig`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -21,14 +22,14 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from codistill.config import ConfigError, ExperimentConfig, build_dataclass, to_dict
+from codistill.config import ConfigError, ExperimentConfig, load_config, to_dict
 from codistill.data import load_dataset
 from codistill.engine.checkpoint import META_FILE, checkpoint_name, from_bytes, meta_state, peer_file, to_bytes
-from codistill.engine.loop import PeerJob, RunContext, build_peer, peer_schedules, train_peer
-from codistill.engine.rounds import PeriodicTeacher
+from codistill.engine.job import make_job, peer_schedules
+from codistill.engine.loop import RunContext, train_peer
 from codistill.exchange.collective import CollectiveExchange
-from codistill.exchange.object_store import (ExchangeBoard, ObjectStoreExchange, ObjectStoreRoundBoard,
-                                             RoundBoardActor)
+from codistill.exchange.object_store import (GatherCoordinator, ObjectStoreExchange, ObjectStorePeriodicExchange,
+                                             PublicationCoordinator)
 from codistill.methods import create_method
 from codistill.metrics import drop_records_after, write_record_part
 from codistill.storage import RunStorage
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
-class ProgressBoard:
+class ProgressMailbox:
     """Where peer 0 posts its progress for the driver's progress bar (fire-and-forget)."""
 
     def __init__(self):
@@ -52,11 +53,11 @@ class ProgressBoard:
 
 
 class RayRunContext(RunContext):
-    def __init__(self, storage: RunStorage, peer: int, leader: bool, progress_board, cfg_dict: dict):
+    def __init__(self, storage: RunStorage, peer: int, leader: bool, progress_mailbox, cfg_dict: dict):
         self.storage = storage
         self.peer = peer
         self.leader = leader
-        self.progress_board = progress_board
+        self.progress_mailbox = progress_mailbox
         self.cfg_dict = cfg_dict
         self.node = ray.get_runtime_context().get_node_id()
 
@@ -88,7 +89,7 @@ class RayRunContext(RunContext):
 
     def progress(self, step: int, metrics: dict) -> None:
         # The pid lets an operator (or the fault tests) find the process that runs peer 0.
-        self.progress_board.post.remote(step, {**metrics, "pid": os.getpid()})
+        self.progress_mailbox.post.remote(step, {**metrics, "pid": os.getpid()})
 
 
 def _data_parallel_groups(num_peers: int, replicas: int, peer: int, replica: int):
@@ -102,7 +103,7 @@ def _data_parallel_groups(num_peers: int, replicas: int, peer: int, replica: int
 
 def ray_train_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker."""
-    cfg: ExperimentConfig = build_dataclass(ExperimentConfig, loop_config["experiment"])
+    cfg: ExperimentConfig = load_config(loop_config["experiment"])  # imports the config's `imports` here too
     context = ray.train.get_context()
     replicas = cfg.ray.workers_per_peer
     peer_index, replica = divmod(context.get_world_rank(), replicas)
@@ -110,26 +111,23 @@ def ray_train_loop(loop_config: dict) -> None:
     torch.set_num_threads(loop_config["threads_per_worker"])
 
     data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset)
-    schedules = peer_schedules(cfg, len(data.y_train))
-    method = create_method(cfg.method)
-    peer = build_peer(peer_index, cfg.peers[peer_index], data.num_classes, cfg.seed, device, method)
-    job = PeerJob(peer, method, data, schedules[peer_index if cfg.data.shard else 0], cfg.train, device,
-                  replica=replica, replicas=replicas)
-    if method.periodic:
-        board = ObjectStoreRoundBoard(loop_config["round_board"], peer_index)
-        job.teacher = PeriodicTeacher(job, board, cfg.method, cfg.peers, schedules)
-    exchange_group = None
-    if replicas > 1:
+    exchange_group, data_parallel = None, None
+    if replicas > 1:  # DDP over the peer's workers; its column of replicas exchanges
         peer_group, exchange_group = _data_parallel_groups(cfg.num_peers, replicas, peer_index, replica)
-        job.train_model = torch.nn.parallel.DistributedDataParallel(
-            peer.model, process_group=peer_group, device_ids=[device.index] if device.type == "cuda" else None)
+        data_parallel = functools.partial(torch.nn.parallel.DistributedDataParallel, process_group=peer_group,
+                                          device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.exchange.transport == "collective":
         exchange = CollectiveExchange(peer_index, cfg.num_peers, exchange_group, device)
     else:
-        exchange = ObjectStoreExchange(loop_config["exchange_boards"][replica], peer_index, cfg.num_peers)
+        exchange = ObjectStoreExchange(loop_config["gather_coordinators"][replica], peer_index, cfg.num_peers)
+    periodic = None
+    if loop_config["publication_coordinator"] is not None:
+        periodic = ObjectStorePeriodicExchange(loop_config["publication_coordinator"], peer_index)
+    job = make_job(cfg, peer_index, data, peer_schedules(cfg, len(data.y_train)), device, exchange, periodic,
+                   replica=replica, replicas=replicas, data_parallel=data_parallel)
     storage = RunStorage(cfg.ray.storage_path, cfg.name)
-    run = RayRunContext(storage, peer_index, job.is_leader, loop_config["progress_board"], loop_config["experiment"])
-    train_peer(job, exchange, run, cfg.data.eval_batch_size)
+    run = RayRunContext(storage, peer_index, job.is_leader, loop_config["progress_mailbox"], loop_config["experiment"])
+    train_peer(job, run, cfg.data.eval_batch_size)
 
 
 def resources_per_worker(cfg: ExperimentConfig, cluster: dict[str, float]) -> dict[str, float]:
@@ -173,7 +171,7 @@ def check_shared_storage(storage_path: str) -> None:
         return
     storage = RunStorage(storage_path, ".")
     marker = f".shared-{uuid.uuid4().hex}"
-    storage.write_bytes(marker, b"codistill")
+    storage.write_bytes(marker, b"shared storage probe")
     try:
         probe = ray.remote(num_cpus=0)(_path_exists)
         seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
@@ -191,13 +189,13 @@ def check_shared_storage(storage_path: str) -> None:
 
 def on_this_node(actor_class):
     """`actor_class` pinned to the node of the calling process (the driver, or a Tune trial).
-    The boards hold run state the peers need after a restart; on a peer's node they would die
+    The coordinators hold run state the peers need after a restart; on a peer's node they would die
     with it, and the run with them. The driver's death ends the run anyway."""
     here = ray.get_runtime_context().get_node_id()
     return actor_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
 
 
-def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, callbacks=()) -> TorchTrainer:
+def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox, callbacks=()) -> TorchTrainer:
     replicas = cfg.ray.workers_per_peer
     cluster = ray.cluster_resources()
     per_worker = resources_per_worker(cfg, cluster)
@@ -207,16 +205,18 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, cal
         logger.warning("No node of the cluster offers %s right now; the peers wait until one does "
                        "(resources per worker: %s).", ", ".join(missing), per_worker)
     use_gpu = per_worker.get("GPU", 0) > 0
-    boards = []
+    coordinators = []
     if cfg.exchange.transport == "object_store":
-        boards = [on_this_node(ExchangeBoard).remote(cfg.num_peers) for _ in range(replicas)]
-    round_board = on_this_node(RoundBoardActor).remote(cfg.num_peers) if create_method(cfg.method).periodic else None
+        coordinators = [on_this_node(GatherCoordinator).remote(cfg.num_peers) for _ in range(replicas)]
+    publications = None
+    if create_method(cfg.method).needs.rounds is not None:
+        publications = on_this_node(PublicationCoordinator).remote(cfg.num_peers)
     loop_config = {
         "experiment": to_dict(cfg),
-        "round_board": round_board,
+        "publication_coordinator": publications,
         "threads_per_worker": max(1, int(per_worker.get("CPU", 1))),
-        "exchange_boards": boards,
-        "progress_board": progress_board,
+        "gather_coordinators": coordinators,
+        "progress_mailbox": progress_mailbox,
     }
     return TorchTrainer(
         ray_train_loop,
@@ -236,14 +236,14 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_board, cal
 
 def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callbacks=()):
     """Train all peers of `cfg` on the Ray cluster this process is connected to."""
-    progress_board = on_this_node(ProgressBoard).remote()
-    trainer = make_trainer(cfg, storage, progress_board, callbacks)
+    progress_mailbox = on_this_node(ProgressMailbox).remote()
+    trainer = make_trainer(cfg, storage, progress_mailbox, callbacks)
     stop = threading.Event()
 
     def poll_progress() -> None:
         while not stop.wait(0.5):
             try:
-                step, metrics = ray.get(progress_board.get.remote(), timeout=5)
+                step, metrics = ray.get(progress_mailbox.get.remote(), timeout=5)
             except Exception:  # noqa: BLE001 — progress is best-effort
                 continue
             if on_progress and step:
@@ -258,8 +258,8 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
         poller.join()
         if on_progress:
             try:
-                step, metrics = ray.get(progress_board.get.remote(), timeout=30)
+                step, metrics = ray.get(progress_mailbox.get.remote(), timeout=30)
                 on_progress(step, metrics)
             except ray.exceptions.RayError as error:  # best-effort: must not hide fit()'s own error
                 logger.warning("Final progress not available: %s", error)
-        ray.kill(progress_board)
+        ray.kill(progress_mailbox)

@@ -13,6 +13,7 @@ import pyarrow as pa
 import yaml
 
 from codistill.config import ConfigError, ExperimentConfig, dump_config, to_dict
+from codistill.engine.teacher import resolve_teacher
 from codistill.metrics import consolidate_records, final_metrics, plot_accuracy, summary_text
 from codistill.storage import RunStorage, resolve_storage_path
 
@@ -38,6 +39,7 @@ def prepare_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
     """Resolve the storage path, and store the config — or check it against the stored one
     when the run already exists (re-running a name resumes it)."""
     cfg = replace(cfg, ray=replace(cfg.ray, storage_path=resolve_storage_path(cfg.ray.storage_path)))
+    cfg = resolve_teacher(cfg)  # before anything is written: a teacher that does not fit stops here
     storage = RunStorage(cfg.ray.storage_path, cfg.name)
     if storage.exists(CONFIG_FILE):
         stored = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())
@@ -71,10 +73,10 @@ def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
         return
     # `ray job submit --working-dir .` runs this driver from Ray's unpacked copy of the project,
     # and Ray (2.60) unpacks that copy again when the driver connects: for a moment the folder
-    # is gone and a lazy `import codistill.…` fails. So what the driver imports later comes first.
+    # is gone and a lazy `import codistill.…` fails. The Ray runner imports everything a driver
+    # needs later at its top level (exchange, coordinators, checkpoints), so importing it first
+    # is enough; `codistill tune` has imported `codistill.tune` before it connects.
     import codistill.engine.ray_runner  # noqa: F401
-    import codistill.exchange.rounds  # noqa: F401
-    import codistill.tune  # noqa: F401
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -1,15 +1,62 @@
+"""How peers see each other: two interfaces, each with a local and a Ray transport.
+
+- `Exchange`: every step, every peer hands in its payload and gets every peer's (an
+  all-gather; DML, ONE across peers, AT between peers). Transports: `local.LocalExchange`
+  (threads), `collective.CollectiveExchange` (torch.distributed), `object_store.ObjectStoreExchange`.
+- `PeriodicExchange`: once per round a peer publishes a payload and takes each other peer's
+  newest publication, waiting only when it is too stale (codistillation). Transports:
+  `local.LocalPeriodicExchange`, `object_store.ObjectStorePeriodicExchange`.
+
+A payload is named tensors, `{"logits": …, "attention.conv2": …}` (or, for periodic weights,
+a state dict); how it is packed to travel is the transport's business.
+"""
+
 from __future__ import annotations
 
 import torch
 
+Payload = dict[str, torch.Tensor]
+
 
 class Exchange:
-    """Every peer calls `all_gather(tensor)` in the same order; each call returns the K
-    peers' tensors indexed by peer (the caller's own included). Tensors must have the
-    same shape on every peer."""
+    """Every peer calls `all_gather(payload)` in the same order; each call returns the K peers'
+    payloads indexed by peer (the caller's own included). Every peer sends the same names;
+    shapes may differ between peers (peers of different architectures)."""
 
     num_peers: int
     peer: int
 
-    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+    def all_gather(self, payload: Payload) -> list[Payload]:
         raise NotImplementedError
+
+
+class PeriodicExchange:
+    """One peer's handle on the round publications of its group."""
+
+    def publish(self, round_id: int, peer: int, payload) -> int:
+        """Publish this peer's payload of round `round_id`; returns the number of bytes sent."""
+        raise NotImplementedError
+
+    def newest(self, peer: int, min_round: int, max_round: int, timeout: float) -> tuple[int, object] | None:
+        """(round, payload) of `peer`'s newest publication with min_round ≤ round ≤ max_round,
+        or None when none arrived within `timeout` seconds. (A peer that is ahead may already
+        have published rounds after max_round: those cover batches this peer has not reached.)"""
+        raise NotImplementedError
+
+
+# Rounds kept per peer: enough for the slowest reader any staleness bound we use allows;
+# older rounds can never satisfy `min_round` again.
+KEEP_ROUNDS = 8
+
+
+def pick_round(published: dict[int, object], min_round: int, max_round: int) -> int | None:
+    usable = [r for r in published if min_round <= r <= max_round]
+    return max(usable) if usable else None
+
+
+def payload_bytes(payload) -> int:
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, dict):
+        return sum(payload_bytes(v) for v in payload.values())
+    return 0

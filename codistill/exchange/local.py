@@ -1,15 +1,14 @@
-"""In-process exchange for K peers running as threads (the local runner and tests)."""
+"""In-process transports for K peers running as threads (the local runner and tests)."""
 
 from __future__ import annotations
 
 import threading
+import time
 
-import torch
-
-from codistill.exchange.base import Exchange
+from codistill.exchange.base import KEEP_ROUNDS, Exchange, Payload, PeriodicExchange, payload_bytes, pick_round
 
 
-class LocalBoard:
+class LocalGatherHub:
     """Shared slots plus one barrier. Two slot sets alternate between calls: a peer that
     has passed call n can only write call n+1's slots, which nobody is still reading, and it
     cannot reach call n+2 until every peer has finished reading call n."""
@@ -28,15 +27,56 @@ class LocalBoard:
 
 
 class LocalExchange(Exchange):
-    def __init__(self, board: LocalBoard, peer: int):
-        self.board = board
+    def __init__(self, hub: LocalGatherHub, peer: int):
+        self.hub = hub
         self.peer = peer
-        self.num_peers = board.num_peers
+        self.num_peers = hub.num_peers
         self.calls = 0
 
-    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        slots = self.board.slots[self.calls % 2]
+    def all_gather(self, payload: Payload) -> list[Payload]:
+        slots = self.hub.slots[self.calls % 2]
         self.calls += 1
-        slots[self.peer] = tensor.detach()
-        self.board.barrier.wait()
+        slots[self.peer] = {name: t.detach() for name, t in payload.items()}
+        self.hub.barrier.wait()
         return list(slots)
+
+
+class LocalPublications:
+    """Every peer's recent round publications, in memory, for peers running as threads."""
+
+    def __init__(self, num_peers: int):
+        self.num_peers = num_peers
+        self.published: dict[int, dict[int, object]] = {}
+        self.changed = threading.Condition()
+
+    def exchange_for(self, peer: int) -> "LocalPeriodicExchange":
+        return LocalPeriodicExchange(self)
+
+
+class LocalPeriodicExchange(PeriodicExchange):
+    def __init__(self, publications: LocalPublications):
+        self.publications = publications
+
+    def publish(self, round_id: int, peer: int, payload) -> int:
+        store = self.publications
+        with store.changed:
+            rounds = store.published.setdefault(peer, {})
+            rounds[round_id] = payload
+            for old in [r for r in rounds if r <= round_id - KEEP_ROUNDS]:
+                del rounds[old]
+            store.changed.notify_all()
+        return payload_bytes(payload)
+
+    def newest(self, peer: int, min_round: int, max_round: int, timeout: float):
+        store = self.publications
+        deadline = time.monotonic() + timeout
+        with store.changed:
+            while True:
+                rounds = store.published.get(peer, {})
+                found = pick_round(rounds, min_round, max_round)
+                if found is not None:
+                    return found, rounds[found]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                store.changed.wait(remaining)

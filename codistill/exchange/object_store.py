@@ -1,14 +1,17 @@
-"""Exchange through the Ray object store, for peers outside one process group.
+"""Both exchanges through the Ray object store, for peers outside one process group.
 
-Each peer `ray.put`s its tensor once and hands the reference to a small coordinating actor
-(`ExchangeBoard`); the actor answers each peer, in one round trip, with the references of all
-peers once the round is complete, and each peer then fetches the others' objects directly
+Every step (`ObjectStoreExchange`): each peer `ray.put`s its payload once and hands the
+reference to a small coordinating actor (`GatherCoordinator`); the actor answers each peer, in
+one round trip, with the references of all peers once the call is complete, and each peer then fetches the others' objects directly
 from the object store. The references travel wrapped in a list so that Ray passes them on
 instead of resolving them inside the actor. The actor waits on asyncio events: no polling.
 
 Restarts: when Ray Train restarts the workers after a failure, the new workers `join` first.
 A join completes once every peer has joined, and starts a new generation that discards every
-round of the old one, so a half-finished round from before the crash is never served as new.
+call or round of the old one, so nothing half-finished from before the crash is served as new.
+
+Per round (`ObjectStorePeriodicExchange`, codistillation): `PublicationCoordinator` keeps
+the newest publications of each peer.
 """
 
 from __future__ import annotations
@@ -16,14 +19,12 @@ from __future__ import annotations
 import asyncio
 
 import ray
-import torch
-
-from codistill.exchange.base import Exchange
+from codistill.exchange.base import KEEP_ROUNDS, Exchange, Payload, PeriodicExchange, payload_bytes, pick_round
 
 
 class PeerGroupGenerations:
-    """The join protocol both boards share: a join completes once every peer has joined,
-    then the board forgets everything (`forget`) and starts a new generation."""
+    """The join protocol both coordinators share: a join completes once every peer has joined,
+    then the coordinator forgets everything (`forget`) and starts a new generation."""
 
     def __init__(self, num_peers: int):
         self.num_peers = num_peers
@@ -48,23 +49,23 @@ class PeerGroupGenerations:
 
 
 @ray.remote(num_cpus=0)
-class ExchangeBoard(PeerGroupGenerations):
+class GatherCoordinator(PeerGroupGenerations):
     def __init__(self, num_peers: int):
         super().__init__(num_peers)
-        self.rounds: dict[tuple[int, int], dict[int, ray.ObjectRef]] = {}
+        self.calls: dict[tuple[int, int], dict[int, ray.ObjectRef]] = {}
         self.complete: dict[tuple[int, int], asyncio.Event] = {}
         self.served: dict[tuple[int, int], int] = {}
 
     def forget(self) -> None:
-        self.rounds.clear()
+        self.calls.clear()
         self.complete.clear()
         self.served.clear()
 
-    async def exchange(self, generation: int, round_id: int, peer: int, boxed_ref: list) -> list:
+    async def exchange(self, generation: int, call: int, peer: int, boxed_ref: list) -> list:
         if generation != self.generation:
-            raise RuntimeError(f"peer {peer} is in exchange generation {generation}, the board in {self.generation}")
-        key = (generation, round_id)
-        published = self.rounds.setdefault(key, {})
+            raise RuntimeError(f"peer {peer} is in exchange generation {generation}, the coordinator in {self.generation}")
+        key = (generation, call)
+        published = self.calls.setdefault(key, {})
         event = self.complete.setdefault(key, asyncio.Event())
         published[peer] = boxed_ref[0]
         if len(published) == self.num_peers:
@@ -72,37 +73,39 @@ class ExchangeBoard(PeerGroupGenerations):
         await event.wait()
         refs = [published[p] for p in range(self.num_peers)]
         self.served[key] = self.served.get(key, 0) + 1
-        if self.served[key] == self.num_peers:  # everyone has its answer: forget the round
-            self.rounds.pop(key, None)
+        if self.served[key] == self.num_peers:  # everyone has its answer: forget the call
+            self.calls.pop(key, None)
             self.complete.pop(key, None)
             self.served.pop(key, None)
         return refs
 
 
 class ObjectStoreExchange(Exchange):
-    def __init__(self, board: "ray.actor.ActorHandle", peer: int, num_peers: int):
-        self.board = board
+    def __init__(self, coordinator: "ray.actor.ActorHandle", peer: int, num_peers: int):
+        self.coordinator = coordinator
         self.peer = peer
         self.num_peers = num_peers
         self.generation: int | None = None
         self.calls = 0
 
-    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+    def all_gather(self, payload: Payload) -> list[Payload]:
         if self.generation is None:
-            self.generation = ray.get(self.board.join.remote(self.peer))
-        own = tensor.detach().cpu()
-        ref = ray.put(own)
-        refs = ray.get(self.board.exchange.remote(self.generation, self.calls, self.peer, [ref]))
+            self.generation = ray.get(self.coordinator.join.remote(self.peer))
+        ref = ray.put({name: t.detach().cpu() for name, t in payload.items()})
+        refs = ray.get(self.coordinator.exchange.remote(self.generation, self.calls, self.peer, [ref]))
         self.calls += 1
         fetched = iter(ray.get([r for p, r in enumerate(refs) if p != self.peer]))
-        return [tensor.detach() if p == self.peer else next(fetched).to(tensor.device) for p in range(self.num_peers)]
+        own = {name: t.detach() for name, t in payload.items()}
+        device = next(iter(payload.values())).device
+        return [own if p == self.peer else {n: t.to(device) for n, t in next(fetched).items()}
+                for p in range(self.num_peers)]
 
 
 @ray.remote(num_cpus=0)
-class RoundBoardActor(PeerGroupGenerations):
-    """Codistillation's coordinating actor: the newest published reference of each peer.
+class PublicationCoordinator(PeerGroupGenerations):
+    """Codistillation's coordinating actor: the newest published references of each peer.
 
-    Like `ExchangeBoard`, a restarted group `join`s first; completing a join starts a new
+    Like `GatherCoordinator`, a restarted group `join`s first; completing a join starts a new
     generation and forgets every round published before, so a round from before a crash is
     never served as new after the restart."""
 
@@ -116,9 +119,7 @@ class RoundBoardActor(PeerGroupGenerations):
 
     async def publish(self, generation: int, round_id: int, peer: int, boxed_ref: list) -> None:
         if generation != self.generation:
-            raise RuntimeError(f"peer {peer} publishes in generation {generation}, the board is in {self.generation}")
-        from codistill.exchange.rounds import KEEP_ROUNDS
-
+            raise RuntimeError(f"peer {peer} publishes in generation {generation}, the coordinator is in {self.generation}")
         async with self.changed:
             rounds = self.published.setdefault(peer, {})
             rounds[round_id] = boxed_ref[0]
@@ -127,8 +128,6 @@ class RoundBoardActor(PeerGroupGenerations):
             self.changed.notify_all()
 
     async def newest(self, generation: int, peer: int, min_round: int, max_round: int, timeout: float):
-        from codistill.exchange.rounds import pick_round
-
         def ready():
             return pick_round(self.published.get(peer, {}), min_round, max_round) is not None
 
@@ -144,17 +143,15 @@ class RoundBoardActor(PeerGroupGenerations):
         return {"generation": self.generation, "rounds": {p: sorted(r) for p, r in self.published.items()}}
 
 
-class ObjectStoreRoundBoard:
-    """A peer's handle on `RoundBoardActor`: one `ray.put` per payload, references passed in
-    lists (not resolved by the actor), the wait done inside the actor (no polling)."""
+class ObjectStorePeriodicExchange(PeriodicExchange):
+    """A peer's handle on `PublicationCoordinator`: one `ray.put` per payload, references passed
+    in lists (not resolved by the actor), the wait done inside the actor (no polling)."""
 
     def __init__(self, actor: "ray.actor.ActorHandle", peer: int):
         self.actor = actor
         self.generation = ray.get(actor.join.remote(peer))
 
     def publish(self, round_id: int, peer: int, payload) -> int:
-        from codistill.exchange.rounds import payload_bytes
-
         ref = ray.put(payload)
         ray.get(self.actor.publish.remote(self.generation, round_id, peer, [ref]))
         return payload_bytes(payload)

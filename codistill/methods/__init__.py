@@ -1,7 +1,10 @@
-"""Method registry. A method is plain PyTorch: own logits and the peers' (detached) logits in,
-a loss out. Methods know nothing of Ray or of how peers' predictions arrive."""
+"""Method registry. A method is plain PyTorch: it declares what it needs (`Needs`), and turns
+the signals the engine serves (`Signals`) into a loss. Methods know nothing of Ray or of how
+peers' and teachers' outputs arrive."""
 
-from codistill.methods.base import METHODS, DistillConfig, Method, MethodConfig, create_method, register_method
-from codistill.methods import codistill, dml, independent, one  # noqa: F401  (registers)
+from codistill.methods.base import (METHODS, DistillConfig, Method, MethodConfig, Needs, RoundSpec, Signals,
+                                    create_method, register_method)
+from codistill.methods import at, codistill, dml, fitnets, fsp, independent, kd, one  # noqa: F401  (registers)
 
-__all__ = ["METHODS", "DistillConfig", "Method", "MethodConfig", "create_method", "register_method"]
+__all__ = ["METHODS", "DistillConfig", "Method", "MethodConfig", "Needs", "RoundSpec", "Signals",
+           "create_method", "register_method"]

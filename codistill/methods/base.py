@@ -1,26 +1,140 @@
-"""What every method shares: its config base classes, the interface and the registry."""
+"""What every method shares: its config base, what it declares it needs, the signals the
+engine serves it each step, and the registry.
+
+The seam between methods and the engine: a method *declares* what it consumes (`Needs`):
+feature taps of its own network, its peers' payloads every step, stale peers' payloads per
+round (codistillation), a frozen teacher's outputs. The engine serves each of them into one
+`Signals` object per step without knowing which method asked, and the method turns the
+signals into a loss. Payloads are named tensors (`{"logits": …, "attention.conv2": …}`);
+how they travel is the transport's business.
+
+Methods compose: `also: [{name: at}, …]` adds other methods' distillation terms (without
+their cross-entropy) to a method's loss, their needs and payloads merged with its own, so
+KD + AT or DML + AT needs no file of its own.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
+import torch.nn.functional as F
 
-from codistill.config import ConfigError, _check
+from codistill.errors import ConfigError, check
 from codistill.losses import linear_rampup
+from codistill.registry import Registry
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """Periodic exchange with bounded staleness: every `period` steps each peer publishes a
+    payload (its `predictions` on the coming batches, or its `weights`), and takes every other
+    peer's newest publication at most `max_staleness` rounds old. Nothing is exchanged in rounds
+    that end before `burn_in`."""
+
+    period: int
+    max_staleness: int
+    publish: str
+    burn_in: int
+    wait_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method consumes besides its own network's output."""
+
+    taps: frozenset[str] = frozenset()
+    """Named feature taps of its own network (declared by the model registry)."""
+    peers: bool = False
+    """The other peers' payloads on the same batch, every step (a synchronous exchange)."""
+    rounds: RoundSpec | None = None
+    """The other peers' stale payloads, exchanged per round."""
+    teacher: bool = False
+    """A frozen teacher's logits."""
+    teacher_taps: frozenset[str] = frozenset()
+    """Named feature taps of the teacher's network."""
+
+    def __or__(self, other: "Needs") -> "Needs":
+        if self.rounds and other.rounds and self.rounds != other.rounds:
+            raise ValueError("two methods that each exchange in rounds cannot be combined")
+        return Needs(self.taps | other.taps, self.peers or other.peers, self.rounds or other.rounds,
+                     self.teacher or other.teacher, self.teacher_taps | other.teacher_taps)
+
+
+@dataclass
+class Signals:
+    """Everything a method's loss may use at one step of one peer. Tensors from peers and the
+    teacher arrive detached: a peer learns from them but never pushes gradients into them."""
+
+    network: nn.Module
+    """The peer's own live network (where a method's trainable modules, e.g. regressors, live)."""
+    outputs: Any
+    """The network's forward output (logits, or a method's richer output)."""
+    logits: torch.Tensor
+    labels: torch.Tensor
+    step: int
+    peer: int = 0
+    seed: int = 0
+    taps: dict[str, torch.Tensor] = field(default_factory=dict)
+    peers: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    """The other peers' payloads (every step, or stale per round), in peer order."""
+    teacher: dict[str, torch.Tensor] | None = None
+    """The frozen teacher's `logits` and the taps the method asked for."""
+
+    def generator(self) -> torch.Generator:
+        """Random numbers for this step and peer, the same in every runner and after a resume."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) * 1_009 + self.peer + 7)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MethodConfig:
     name: str
     """Registered method name."""
+    also: tuple[MethodConfig, ...] = ()
+    """Other methods whose distillation terms are added to this one's loss, e.g. `[{name: at}]`."""
     min_peers: ClassVar[int] = 1
+    composable: ClassVar[bool] = True
+    """False for methods that shape the network or the exchange themselves (and so cannot be an `also` term)."""
 
-    def check_peers(self, peers) -> None:
-        """Raise ConfigError (key path from the top of the config) if the peers do not suit."""
+    @classmethod
+    def choose_class(cls, data: dict, path: str) -> tuple[type, str]:
+        """The config class of the method `data["name"]` names (the builder's registry hook)."""
+        key = f"{path}.name" if path else "name"
+        check("name" in data, key, f"is required; registered methods: {', '.join(METHODS.names())}")
+        return METHODS.get(data["name"], key).config_class, f"method {data['name']!r}"
+
+    @property
+    def uses_teacher(self) -> bool:
+        return False
+
+    def check(self, peers, teacher) -> None:
+        """Raise ConfigError (key path from the top of the config) if the peers or teacher do not suit."""
         if len(peers) < self.min_peers:
             raise ConfigError("peers", f"method {self.name!r} needs at least {self.min_peers} peers, got {len(peers)}")
+        if self.uses_teacher and teacher is None:
+            raise ConfigError("teacher", f"method {self.name!r} learns from a frozen teacher: add a `teacher:` "
+                                         "section (`run: <a codistill run>` or `checkpoint: <file>` and `model:`)")
+        for i, extra in enumerate(self.also):
+            composable = [n for n, m in METHODS.items() if m.config_class.composable]
+            check(extra.composable, f"method.also.{i}.name",
+                  f"method {extra.name!r} cannot be added to another; methods that can: {', '.join(sorted(composable))}")
+            extra.check(peers, teacher)
+
+    def check_taps(self, taps, key: str, models: list[tuple[str, str | None]]) -> None:
+        """Every tap in `taps` must be declared by every model in `models` ((where, model name);
+        a teacher whose model is not known yet is checked when it is)."""
+        from codistill.models import MODELS
+
+        check(len(taps) > 0, key, "name at least one feature tap")
+        for where, model in models:
+            if model is None:
+                continue
+            declared = MODELS[model].taps
+            for tap in taps:
+                check(tap in declared, key, f"model {model!r} ({where}) has no feature tap {tap!r}; "
+                      f"its taps: {', '.join(declared) or 'none'}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -33,54 +147,121 @@ class DistillConfig(MethodConfig):
     """Ramp the distillation weight linearly from 0 over this many steps (0: no ramp)."""
 
     def __post_init__(self):
-        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        _check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
-        _check(self.rampup_steps >= 0, "rampup_steps", f"must be >= 0, got {self.rampup_steps}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        check(self.rampup_steps >= 0, "rampup_steps", f"must be >= 0, got {self.rampup_steps}")
 
     def weight_at(self, step: int) -> float:
         return self.weight * linear_rampup(step, self.rampup_steps)
 
 
 class Method:
-    """A training objective for one peer.
+    """A training objective for one peer: plain PyTorch, nothing of Ray or of how signals arrive.
 
-    `loss(logits, peer_logits, labels, step)` returns the scalar to minimise and a dict of
-    named terms for the records (detached tensors or floats; the loop converts them in bulk, so
-    a GPU is not synchronised every step). `peer_logits` are the other peers' predictions on the same
-    batch, already detached: a peer learns from its peers but never pushes gradients into them.
-    """
+    Subclasses set `config_class`, declare `own_needs()`, and give either `distill_terms`
+    (added to the cross-entropy) or a whole `own_loss`. Terms are returned for the records as
+    detached tensors or floats (the loop converts them in bulk, so a GPU is not synchronised
+    every step)."""
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    uses_peers: ClassVar[bool] = True
-    """False when the loss needs no every-step exchange: the loop then skips it entirely."""
-    periodic: ClassVar[bool] = False
-    """True when peers exchange every `period` steps with bounded staleness (codistillation)."""
 
     def __init__(self, config: MethodConfig):
         self.config = config
+        self.also = [create_method(extra) for extra in config.also]
+        needs = self.own_needs()
+        for extra in self.also:
+            needs = needs | extra.needs
+        self.needs = needs
 
-    def wrap_model(self, model: torch.nn.Module, model_name: str) -> torch.nn.Module:
+    # -- what the method declares -----------------------------------------------------------
+
+    def own_needs(self) -> Needs:
+        return Needs()
+
+    def own_network(self, model: nn.Module, model_name: str, tap_shapes: dict) -> nn.Module:
         """The network this method trains, built around a registered model (default: itself)."""
         return model
 
-    def payload(self, outputs) -> torch.Tensor:
-        """What a peer sends its peers each step (default: its logits, detached)."""
-        return outputs.detach()
+    def logits(self, outputs) -> torch.Tensor:
+        """The peer's class logits within the network's output."""
+        return outputs
 
-    def loss(self, logits: torch.Tensor, peer_logits: list[torch.Tensor], labels: torch.Tensor,
-             step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def evaluation_heads(self, outputs) -> dict[str, torch.Tensor]:
+        """Test logits of each head of the network; the first stands for the peer."""
+        return {"model": self.logits(outputs)}
+
+    def own_payload(self, logits: torch.Tensor, outputs, taps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": logits}
+
+    def distill_terms(self, s: Signals) -> tuple[torch.Tensor | float, dict]:
+        """The weighted distillation loss and its record terms (no cross-entropy)."""
+        return 0.0, {}
+
+    def own_loss(self, s: Signals) -> tuple[torch.Tensor, dict]:
+        ce = F.cross_entropy(s.logits, s.labels)
+        extra, terms = self.distill_terms(s)
+        return ce + extra, {"ce": ce.detach(), **terms}
+
+    # -- what the engine calls ---------------------------------------------------------------
+
+    def build_network(self, model: nn.Module, model_name: str, tap_shapes: dict | None = None) -> nn.Module:
+        """`tap_shapes`: {"own": {tap: shape}, "teacher": {tap: shape}} of one example, for
+        methods whose trainable modules depend on them (FitNets' regressors)."""
+        network = self.own_network(model, model_name, tap_shapes or {})
+        for extra in self.also:
+            network = extra.build_network(network, model_name, tap_shapes)
+        return network
+
+    def payload(self, outputs, taps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a peer sends its peers (named tensors, detached)."""
+        logits = self.logits(outputs)
+        sent = self.own_payload(logits, outputs, taps)
+        for extra in self.also:
+            sent.update(extra.own_payload(logits, outputs, taps))
+        return {name: t.detach() for name, t in sent.items()}
+
+    def loss(self, s: Signals) -> tuple[torch.Tensor, dict]:
+        total, terms = self.own_loss(s)
+        for extra in self.also:
+            added, extra_terms = extra.distill_terms(s)
+            total = total + added
+            terms.update(extra_terms)
+        return total, {"loss": total.detach(), **terms}
+
+
+class StagedTerm(Method):
+    """A distillation term that a paper first trains alone (FitNets' hints, FSP's flow): for the
+    first `stage_steps()` steps the loss is the term alone, then CE + weight · term."""
+
+    term: ClassVar[str]
+
+    def stage_steps(self) -> int:
+        return 0
+
+    def term_loss(self, s: Signals) -> torch.Tensor:
         raise NotImplementedError
 
+    def distill_terms(self, s):
+        value = self.term_loss(s)
+        return self.config.weight * value, {self.term: value.detach()}
 
-METHODS: dict[str, type[Method]] = {}
+    def own_loss(self, s):
+        if s.step < self.stage_steps():
+            value = self.term_loss(s)
+            ce = F.cross_entropy(s.logits, s.labels)
+            return value, {"ce": ce.detach(), self.term: value.detach()}
+        return super().own_loss(s)
+
+
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(name: str):
     def decorator(cls: type[Method]):
-        METHODS[name] = cls
+        METHODS.add(name, cls)
         return cls
     return decorator
 
 
 def create_method(config: MethodConfig) -> Method:
-    return METHODS[config.name](config)
+    return METHODS.get(config.name, "method.name")(config)

@@ -4,31 +4,32 @@ online distillation").
 Peer i minimises CE(z_i, y) + w(step) · T²·KL(mean_{j≠i} softmax(z̃_j/T) ‖ softmax(z_i/T)),
 where z̃_j are predictions of peer j's parameters from at most `period` steps (plus
 `max_staleness` rounds) ago, and w = 0 for the first `burn_in` steps. Peers exchange only
-every `period` steps, through the Ray object store, and need not run in lock-step; how the
-stale predictions arrive is the engine's business (`engine/rounds.py`).
+every `period` steps, through the Ray object store, and need not run in lock-step: the method
+declares its rounds (`Needs.rounds`) and the engine serves the stale predictions
+(`engine/stale_peers.py`).
 """
 
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
-from codistill.config import _check
+from codistill.errors import check
 from codistill.losses import soft_kl, soft_targets
-from codistill.methods.base import DistillConfig, Method, register_method
+from codistill.methods.base import DistillConfig, Method, Needs, RoundSpec, register_method
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CodistillConfig(DistillConfig):
     min_peers: ClassVar[int] = 2
+    composable: ClassVar[bool] = False  # it shapes the exchange (rounds)
     burn_in: int = 0
     """Steps trained with cross-entropy only, before any exchange (the paper's burn-in)."""
     period: int = 50
     """Steps per round: peers exchange once per round."""
     max_staleness: int = 1
     """Rounds a peer may run ahead of another before it waits for that peer's newer exchange."""
-    exchange: Literal["predictions", "weights"] = "predictions"
+    publish: Literal["predictions", "weights"] = "predictions"
     """predictions: each peer sends its predictions on the coming rounds' batches (K·batches·C
     floats). weights: each peer sends its state dict; the others run a stale copy (K·|θ|)."""
     wait_timeout_s: float = 300.0
@@ -36,31 +37,31 @@ class CodistillConfig(DistillConfig):
 
     def __post_init__(self):
         DistillConfig.__post_init__(self)
-        _check(self.burn_in >= 0, "burn_in", f"must be >= 0, got {self.burn_in}")
-        _check(self.period >= 1, "period", f"must be >= 1, got {self.period}")
-        _check(self.max_staleness >= 0, "max_staleness", f"must be >= 0, got {self.max_staleness}")
-        _check(self.wait_timeout_s > 0, "wait_timeout_s", f"must be > 0, got {self.wait_timeout_s}")
+        check(self.burn_in >= 0, "burn_in", f"must be >= 0, got {self.burn_in}")
+        check(self.period >= 1, "period", f"must be >= 1, got {self.period}")
+        check(self.max_staleness >= 0, "max_staleness", f"must be >= 0, got {self.max_staleness}")
+        check(self.wait_timeout_s > 0, "wait_timeout_s", f"must be > 0, got {self.wait_timeout_s}")
 
 
 @register_method("codistill")
 class Codistill(Method):
     config_class = CodistillConfig
-    uses_peers = False  # no every-step exchange: the engine's periodic teacher serves stale logits
-    periodic = True
+
+    def own_needs(self) -> Needs:
+        c = self.config
+        return Needs(rounds=RoundSpec(c.period, c.max_staleness, c.publish, c.burn_in, c.wait_timeout_s))
 
     def distill_weight(self, step: int) -> float:
         if step < self.config.burn_in:
             return 0.0
         return self.config.weight_at(step - self.config.burn_in)
 
-    def loss(self, logits, stale_peer_logits, labels, step):
-        ce = F.cross_entropy(logits, labels)
-        weight = self.distill_weight(step)
-        if weight == 0.0 or not stale_peer_logits:
-            kl = torch.zeros((), device=logits.device)
+    def distill_terms(self, s):
+        weight = self.distill_weight(s.step)
+        if weight == 0.0 or not s.peers:
+            kl = torch.zeros((), device=s.logits.device)
         else:
             T = self.config.temperature
-            target = torch.stack([soft_targets(z.detach(), T) for z in stale_peer_logits]).mean(0)
-            kl = soft_kl(logits, target, T)
-        total = ce + weight * kl
-        return total, {"loss": total.detach(), "ce": ce.detach(), "kl": kl.detach(), "kl_weight": weight}
+            target = torch.stack([soft_targets(p["logits"], T) for p in s.peers]).mean(0)
+            kl = soft_kl(s.logits, target, T)
+        return weight * kl, {"kl": kl.detach(), "kl_weight": weight}

@@ -9,10 +9,8 @@ would serialise the peers).
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch.nn.functional as F
-
 from codistill.losses import mean_peer_kl
-from codistill.methods.base import DistillConfig, Method, register_method
+from codistill.methods.base import DistillConfig, Method, Needs, register_method
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -24,10 +22,11 @@ class DMLConfig(DistillConfig):
 class DML(Method):
     config_class = DMLConfig
 
-    def loss(self, logits, peer_logits, labels, step):
-        ce = F.cross_entropy(logits, labels)
+    def own_needs(self) -> Needs:
+        return Needs(peers=True)
+
+    def distill_terms(self, s):
         # Peer logits arrive detached: each peer's own CE, not its peers' KL, trains it.
-        kl = mean_peer_kl(logits, peer_logits, self.config.temperature)
-        weight = self.config.weight_at(step)
-        total = ce + weight * kl
-        return total, {"loss": total.detach(), "ce": ce.detach(), "kl": kl.detach(), "kl_weight": weight}
+        kl = mean_peer_kl(s.logits, [p["logits"] for p in s.peers], self.config.temperature)
+        weight = self.config.weight_at(s.step)
+        return weight * kl, {"kl": kl.detach(), "kl_weight": weight}

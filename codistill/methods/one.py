@@ -15,26 +15,27 @@ ensemble's CE reaches peer i only through z_i and its gate, which it holds live.
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from codistill.config import ConfigError
+from codistill.errors import ConfigError
 from codistill.losses import gated_ensemble, soft_kl, soft_targets
-from codistill.methods.base import DistillConfig, Method, register_method
+from codistill.methods.base import DistillConfig, Method, Needs, register_method
+from codistill.models import MODELS
 from codistill.models.multi_branch import GatedPeer, make_multi_branch
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ONEConfig(DistillConfig):
+    composable: ClassVar[bool] = False  # it shapes the network (branches, gates)
     temperature: float = 3.0
     """The ONE paper's code uses T = 3."""
     branches: int = 3
     """m ≥ 2: ONE inside one network with m branches (one peer). 1: ONE across the K peers."""
 
-    def check_peers(self, peers) -> None:
-        from codistill.models import MODELS
-
+    def check(self, peers, teacher) -> None:
         if self.branches < 1:
             raise ConfigError("method.branches", f"must be >= 1, got {self.branches}")
         if self.branches >= 2:
@@ -47,6 +48,7 @@ class ONEConfig(DistillConfig):
                                   f"models that can branch: {', '.join(able)}")
         elif len(peers) < 2:
             raise ConfigError("peers", f"ONE across peers (method.branches: 1) needs at least 2 peers, got {len(peers)}")
+        DistillConfig.check(self, peers, teacher)
 
 
 @register_method("one")
@@ -54,29 +56,42 @@ class ONE(Method):
     config_class = ONEConfig
 
     def __init__(self, config: ONEConfig):
-        super().__init__(config)
         self.in_one_network = config.branches >= 2
-        self.uses_peers = not self.in_one_network
+        super().__init__(config)
 
-    def wrap_model(self, model, model_name):
+    def own_needs(self) -> Needs:
+        return Needs(peers=not self.in_one_network)
+
+    def own_network(self, model, model_name, tap_shapes):
         if self.in_one_network:
             return make_multi_branch(model, model_name, self.config.branches)
         return GatedPeer(model)
 
-    def payload(self, outputs) -> torch.Tensor:
-        logits, gate = outputs
-        return torch.cat([logits, gate], dim=1).detach()
-
-    def loss(self, outputs, peer_payloads, labels, step):
-        T, weight = self.config.temperature, self.config.weight_at(step)
+    def logits(self, outputs):
         if self.in_one_network:
-            logits, gate_logits = outputs  # (m, B, C), (B, m)
+            return gated_ensemble(outputs.logits, outputs.gate_logits)
+        return outputs[0]
+
+    def evaluation_heads(self, outputs):
+        if not self.in_one_network:
+            return {"model": outputs[0]}
+        heads = {"ensemble": gated_ensemble(outputs.logits, outputs.gate_logits)}
+        heads.update({f"branch{k}": z for k, z in enumerate(outputs.logits)})
+        return heads
+
+    def own_payload(self, logits, outputs, taps):
+        return {"logits": logits, "gate": outputs[1]}
+
+    def own_loss(self, s):
+        T, weight, labels = self.config.temperature, self.config.weight_at(s.step), s.labels
+        if self.in_one_network:
+            logits, gate_logits = s.outputs  # (m, B, C), (B, m)
             ce_members = torch.stack([F.cross_entropy(z, labels) for z in logits]).sum()
         else:
-            own_logits, own_gate = outputs  # (B, C), (B, 1)
+            own_logits, own_gate = s.outputs  # (B, C), (B, 1)
             # The order of members does not change a gated sum, so own first, then the others.
-            logits = torch.stack([own_logits] + [p[:, :-1] for p in peer_payloads])
-            gate_logits = torch.cat([own_gate] + [p[:, -1:] for p in peer_payloads], dim=1)
+            logits = torch.stack([own_logits] + [p["logits"] for p in s.peers])
+            gate_logits = torch.cat([own_gate] + [p["gate"] for p in s.peers], dim=1)
             ce_members = F.cross_entropy(own_logits, labels)
         ensemble = gated_ensemble(logits, gate_logits)
         target = soft_targets(ensemble.detach(), T)
@@ -84,5 +99,5 @@ class ONE(Method):
         kl = torch.stack([soft_kl(z, target, T) for z in members]).sum()
         ce_ensemble = F.cross_entropy(ensemble, labels)
         total = ce_members + ce_ensemble + weight * kl
-        return total, {"loss": total.detach(), "ce": ce_members.detach(), "ce_ensemble": ce_ensemble.detach(),
+        return total, {"ce": ce_members.detach(), "ce_ensemble": ce_ensemble.detach(),
                        "kl": kl.detach(), "kl_weight": weight}

@@ -55,16 +55,6 @@ class MultiBranchModel(nn.Module):
         logits = torch.stack([branch(shared) for branch in self.branches])
         return BranchOutputs(logits, self.gate(_pool(shared)))
 
-    def evaluation_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        from codistill.losses import gated_ensemble
-
-        out = self(x)
-        heads = {"ensemble": gated_ensemble(out.logits, out.gate_logits)}
-        heads.update({f"branch{k}": z for k, z in enumerate(out.logits)})
-        return heads
-
-    primary_head = "ensemble"
-
     def single_branch(self, k: int) -> nn.Sequential:
         """Branch k with the trunk as a standalone network: the deployable student, at the
         inference cost of one model."""
@@ -80,11 +70,6 @@ class GatedPeer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.model.features(x)
         return self.model.classifier(features), self.gate(features)
-
-    def evaluation_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"model": self(x)[0]}
-
-    primary_head = "model"
 
 
 def make_multi_branch(model: PeerModel, model_name: str, branches: int) -> MultiBranchModel:

@@ -1,12 +1,15 @@
-"""One registry for every model, timm-style: a name → a builder and the input it takes."""
+"""One registry for every model, timm-style: a name → a builder, the input it takes, where ONE
+may split it, and the named feature taps methods may ask for."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+
+from codistill.registry import Registry
 
 
 class PeerModel(nn.Module):
@@ -31,21 +34,20 @@ class ModelEntry:
     branch_point: int | None = None
     """Index into `features` where high-level layers begin: ONE shares `features[:branch_point]`
     as its trunk and copies the rest into each branch. None: the model cannot branch."""
+    taps: dict[str, str] = field(default_factory=dict)
+    """Tap name → the submodule (dotted path) whose output it is, e.g. {"stage2": "features.2"}:
+    what feature-based methods (FitNets, attention transfer, FSP) may ask for."""
 
 
-MODELS: dict[str, ModelEntry] = {}
+MODELS: Registry[ModelEntry] = Registry("model")
 
 
-def register_model(name: str, input_kind: str, branch_point: int | None = None):
+def register_model(name: str, input_kind: str, branch_point: int | None = None, taps: dict[str, str] | None = None):
     def decorator(fn: Callable[[int], nn.Module]):
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelEntry(fn, input_kind, branch_point)
+        MODELS.add(name, ModelEntry(fn, input_kind, branch_point, dict(taps or {})))
         return fn
     return decorator
 
 
 def create_model(name: str, num_classes: int) -> nn.Module:
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}")
-    return MODELS[name].build(num_classes)
+    return MODELS.get(name, "model").build(num_classes)

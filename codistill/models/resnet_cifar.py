@@ -18,9 +18,11 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != channels:
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+        # No parameters: a named point where the sum before the ReLU can be tapped (`stage3.pre`).
+        self.preact = nn.Identity()
 
     def forward(self, x):
-        return (self.body(x) + self.shortcut(x)).relu()
+        return self.preact(self.body(x) + self.shortcut(x)).relu()
 
 
 def resnet_stage(in_channels: int, channels: int, blocks: int, stride: int) -> nn.Sequential:
@@ -49,6 +51,15 @@ def cifar_resnet(depth: int, num_classes: int) -> PeerModel:
     return model
 
 
+def resnet_taps(depth: int) -> dict[str, str]:
+    """Each stage's output (after its last block's ReLU) and its pre-activation sum (`.pre`)."""
+    last = (depth - 2) // 6 - 1
+    taps = {f"stage{s}": f"features.{s}" for s in (1, 2, 3)}
+    taps.update({f"stage{s}.pre": f"features.{s}.{last}.preact" for s in (1, 2, 3)})
+    return taps
+
+
 # ONE's trunk: stem + stages 1 and 2 (features[:3]); each branch gets stage 3 and the classifier.
 for _depth in (20, 32, 56, 110):
-    register_model(f"resnet{_depth}", input_kind="image", branch_point=3)(lambda num_classes, d=_depth: cifar_resnet(d, num_classes))
+    register_model(f"resnet{_depth}", input_kind="image", branch_point=3, taps=resnet_taps(_depth))(
+        lambda num_classes, d=_depth: cifar_resnet(d, num_classes))

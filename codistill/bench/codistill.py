@@ -1,0 +1,135 @@
+"""`codistill bench codistill`: codistillation's amortised overhead per period (against
+independent training, ABBA blocks), one round's latency through the object-store coordinator
+per payload, and bytes per round."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+import torch
+
+from codistill.bench.common import latency_row, print_latencies, write_json
+from codistill.config import load_config
+from codistill.data import load_dataset
+from codistill.engine.job import make_job, peer_schedules
+from codistill.engine.loop import train_step
+from codistill.exchange import LocalGatherHub, LocalPublications
+
+
+def _codistill_overhead(periods: list[int], rounds_per_period: int) -> dict:
+    """Mean step time of codistillation ÷ independent training, two MNIST-1D CNN peers as
+    threads, alternating blocks of 50 steps (a whole number of rounds for every period)."""
+    base = {"peers": [{"model": "mnist1d_cnn"}] * 2, "data": {"name": "mnist1d", "batch_size": 100}}
+    data = load_dataset("mnist1d")
+    results = {}
+    for period in periods:
+        hub, publications = LocalGatherHub(2), LocalPublications(2)
+        jobs = []  # per peer: the same peer as an independent and as a codistillation job
+        for k in range(2):
+            by_method = {}
+            for name, method in (("independent", {"name": "independent"}),
+                                 ("codistill", {"name": "codistill", "period": period, "max_staleness": 0})):
+                cfg = load_config({**base, "method": method})
+                by_method[name] = make_job(cfg, k, data, peer_schedules(cfg, len(data.y_train)), torch.device("cpu"),
+                                           hub.exchange_for(k), publications.exchange_for(k))
+            jobs.append(by_method)
+        times: dict[str, list[float]] = {"independent": [], "codistill": []}
+        barrier = threading.Barrier(2)
+        rounds: list[dict] = []
+
+        def run(k: int) -> None:
+            step = 0
+            for block in range(2 * rounds_per_period):
+                name = ("independent", "codistill")[(block + block // 2) % 2]  # ABBA order cancels drift
+                barrier.wait()
+                for _ in range(50):
+                    started = time.perf_counter()
+                    record = train_step(jobs[k][name], step)
+                    if k == 0:
+                        times[name].append(time.perf_counter() - started)
+                        if "round" in record:
+                            rounds.append(record)
+                    step += 1
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ind, cod = statistics.mean(times["independent"]), statistics.mean(times["codistill"])
+        # Split the overhead: the teacher pass (predicting the round's batches) is compute that
+        # codistillation needs wherever it runs; the rest of a round is the exchange itself.
+        predict_per_step = sum(r["predict_ms"] for r in rounds) / len(times["codistill"]) / 1000
+        exchange_per_step = sum(r["round_ms"] - r["predict_ms"] for r in rounds) / len(times["codistill"]) / 1000
+        results[period] = {"independent_ms": 1000 * ind, "codistill_ms": 1000 * cod, "ratio": cod / ind,
+                           "teacher_pass_share": predict_per_step / ind, "exchange_share": exchange_per_step / ind}
+    return results
+
+
+def _round_latency(calls: int) -> dict:
+    """Publish + fetch of one round through the object-store coordinator, per payload."""
+    import ray
+
+    from codistill.exchange.object_store import PublicationCoordinator
+    from codistill.models import create_model
+
+    coordinator = PublicationCoordinator.remote(2)
+    generation = ray.get([coordinator.join.remote(0), coordinator.join.remote(1)])[0]
+    payloads = {
+        "predictions 1×100×10 (period 1)": torch.randn(1, 1, 100, 10),
+        "predictions 50×100×10 (period 50)": torch.randn(1, 50, 100, 10),
+        "predictions 50×128×100 (CIFAR-100, period 50)": torch.randn(1, 50, 128, 100),
+        "weights mnist1d_cnn": create_model("mnist1d_cnn", 10).state_dict(),
+        "weights resnet32": create_model("resnet32", 100).state_dict(),
+    }
+    out = {}
+    for name, payload in payloads.items():
+        latencies = []
+        for r in range(calls + 3):
+            started = time.perf_counter()
+            ref = ray.put(payload)
+            ray.get(coordinator.publish.remote(generation, r, 0, [ref]))
+            round_id, boxed = ray.get(coordinator.newest.remote(generation, 0, r, r, 10.0))
+            ray.get(boxed[0])
+            if r >= 3:
+                latencies.append(time.perf_counter() - started)
+        out[name] = latency_row(latencies)
+    ray.kill(coordinator)
+    return out
+
+
+def _bytes_per_round() -> list[dict]:
+    from codistill.models import create_model
+
+    rows = []
+    for model, classes, batch in (("mnist1d_cnn", 10, 100), ("resnet32", 100, 128)):
+        weights = sum(t.numel() * t.element_size() for t in create_model(model, classes).state_dict().values())
+        for period in (1, 10, 50):
+            predictions = period * batch * classes * 4  # one round's batches, float32, max_staleness 0
+            rows.append({"model": model, "period": period, "predictions_bytes": predictions, "weights_bytes": weights})
+    return rows
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+
+    from codistill.engine.run import connect_ray
+
+    print("# codistill bench codistill — 2 MNIST-1D CNN peers (threads), object-store coordinator on local Ray", flush=True)
+    figures = {"overhead": _codistill_overhead([1, 10, 50], args.rounds), "bytes_per_round": _bytes_per_round()}
+    connect_ray(None)
+    figures["round_latency"] = _round_latency(args.latency_calls)
+    ray.shutdown()
+    print("\namortised step time, mean   independent  codistill  ratio   of which: teacher pass  exchange")
+    for period, row in figures["overhead"].items():
+        print(f"  period {period:<19}{row['independent_ms']:>8.2f} ms{row['codistill_ms']:>8.2f} ms{row['ratio']:>7.3f}"
+              f"{100 * row['teacher_pass_share']:>20.1f}%{100 * row['exchange_share']:>9.1f}%")
+    print_latencies("round trip through the object-store coordinator", figures["round_latency"], 44)
+    print("\nbytes per round per peer     period   predictions       weights")
+    for row in figures["bytes_per_round"]:
+        print(f"  {row['model']:<26}{row['period']:>6}{row['predictions_bytes']:>14,}{row['weights_bytes']:>14,}")
+    write_json(args.out, figures)
+    return 0

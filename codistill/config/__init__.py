@@ -1,0 +1,13 @@
+"""The run configuration: plain YAML in, frozen dataclasses out (`schema.py`), built and
+validated with key paths in every error (`builder.py`); `tune.space`'s grammar in
+`search_space.py`."""
+
+from codistill.config.builder import (apply_override, build_dataclass, dump_config, load_config, set_path,
+                                      to_dict)
+from codistill.config.schema import (DataConfig, ExchangeConfig, ExperimentConfig, OptimizerConfig, PeerSpec,
+                                     RaySettings, TeacherConfig, TrainConfig, TuneSettings)
+from codistill.errors import ConfigError
+
+__all__ = ["ConfigError", "DataConfig", "ExchangeConfig", "ExperimentConfig", "OptimizerConfig", "PeerSpec",
+           "RaySettings", "TeacherConfig", "TrainConfig", "TuneSettings", "apply_override", "build_dataclass",
+           "dump_config", "load_config", "set_path", "to_dict"]

@@ -1,0 +1,228 @@
+"""The run configuration's schema: one small frozen dataclass per section.
+
+`load_config` (in `builder.py`) builds them from plain YAML data and checks every key against
+these fields, so a typo is an error naming the key path and the keys that are allowed, never
+a silently ignored setting. Range checks live in each dataclass's `__post_init__` and raise
+`ConfigError(field, message)`; the builder prefixes the path (e.g. `method.temperature`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from codistill.config.search_space import parse_distribution
+from codistill.data import DATASETS
+from codistill.errors import check
+from codistill.methods.base import MethodConfig
+from codistill.models import MODELS
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    """Optimizer. SGD uses `momentum` and `nesterov`."""
+    lr: float = 1e-2
+    """Peak learning rate."""
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    schedule: Literal["constant", "cosine", "multistep"] = "constant"
+    """Learning-rate schedule over `train.steps` (multistep: ÷10 at each of `milestones`)."""
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    """For `multistep`: fractions of training at which the rate drops tenfold."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to `lr` over this many steps."""
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(all(0 < m < 1 for m in self.milestones), "milestones",
+               f"must be fractions in (0, 1), got {list(self.milestones)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerSpec:
+    model: str
+    """Registered model name (see `codistill.models.MODELS`)."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self):
+        MODELS.get(self.model, "model")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    name: str = "mnist1d"
+    """Registered data set (see `codistill.data.DATASETS`)."""
+    root: str = "~/.cache/codistill"
+    """Where data sets are cached or found (CIFAR: the torchvision folder)."""
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    shard: bool = False
+    """Give each peer a disjoint part of the training set (codistillation as parallelism)."""
+    train_subset: int = 0
+    """Use only the first N training examples (0: all). For quick experiments and tests."""
+    augment: bool = True
+    """Standard augmentation where the data set defines one (CIFAR: crop + flip)."""
+    download: bool = False
+    """Allow torchvision to download CIFAR when `root` does not have it."""
+
+    def __post_init__(self):
+        DATASETS.get(self.name, "name")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        check(self.train_subset >= 0, "train_subset", f"must be >= 0, got {self.train_subset}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 3000
+    """Optimizer steps per peer."""
+    eval_every: int = 250
+    """Evaluate every peer, the ensemble and churn on the test split every N steps (and at the end)."""
+    checkpoint_every: int = 500
+    """Save every peer's state every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (0: all)."""
+
+    def __post_init__(self):
+        check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+        check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.keep_checkpoints >= 0, "keep_checkpoints", f"must be >= 0, got {self.keep_checkpoints}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExchangeConfig:
+    transport: Literal["collective", "object_store"] = "collective"
+    """How peers see each other on Ray: torch.distributed all_gather, or the Ray object store.
+    The local runner always exchanges in-process."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RaySettings:
+    address: str | None = None
+    """Ray cluster to join (`ray://…`, `host:port`, or `auto`); None starts a local instance.
+    `RAY_ADDRESS` in the environment is used when this is None."""
+    resources_per_peer: dict[str, float] | None = None
+    """Resources one peer reserves, e.g. {GPU: 1} or {CPU: 2}, split evenly over its workers.
+    None: one GPU per peer when the cluster has a GPU for every peer, else one CPU."""
+    workers_per_peer: int = 1
+    """Data-parallel workers (DDP) per peer; peer = rank // workers_per_peer."""
+    storage_path: str = "runs"
+    """Where checkpoints and records go: a local directory, NFS path or s3://bucket/prefix."""
+    max_failures: int = 0
+    """Worker failures Ray Train recovers from (restarting from the newest checkpoint)."""
+    placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = "SPREAD"
+    """How peers are placed on nodes. SPREAD (best effort) gives each peer a node of its own
+    when there are enough, so a node failure takes one peer and peers do not share a node's
+    CPUs; PACK keeps them together (fastest per-step exchange over NVLink on one multi-GPU node)."""
+
+    def __post_init__(self):
+        check(self.workers_per_peer >= 1, "workers_per_peer", f"must be >= 1, got {self.workers_per_peer}")
+        check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
+        for name, amount in (self.resources_per_peer or {}).items():
+            check(amount >= 0, f"resources_per_peer.{name}", f"must be >= 0, got {amount}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TuneSettings:
+    space: dict[str, str] = field(default_factory=dict)
+    """Config key path → distribution, e.g. `method.temperature: loguniform(1, 10)`,
+    `peers.*.optimizer.lr: loguniform(1e-3, 1e-1)`, `method.weight: uniform(0, 1)`."""
+    objective: Literal["best_accuracy", "mean_accuracy", "ensemble_accuracy"] = "ensemble_accuracy"
+    """What a trial is judged by, reported at every evaluation (so ASHA can stop it early)."""
+    num_samples: int = 8
+    """Trials to sample (with `grid(...)` values: repetitions of the grid)."""
+    max_concurrent: int = 1
+    """Trials running at once; each trial is a whole group of peers."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    search: Literal["random", "optuna"] = "random"
+    grace_period: int = 1
+    """ASHA: evaluations a trial always gets before it may be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep the top 1/reduction_factor at each rung."""
+
+    def __post_init__(self):
+        for key, text in self.space.items():
+            parse_distribution(text, f"space.{key}")
+        check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        check(self.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {self.max_concurrent}")
+        check(self.grace_period >= 1, "grace_period", f"must be >= 1, got {self.grace_period}")
+        check(self.reduction_factor >= 2, "reduction_factor", f"must be >= 2, got {self.reduction_factor}")
+        if self.search == "optuna":
+            grids = [k for k, t in self.space.items() if t.strip().startswith("grid(")]
+            check(not grids, f"space.{grids[0] if grids else ''}", "grid(...) cannot be used with search: optuna")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TeacherConfig:
+    """A frozen teacher: a registered model and where its weights come from. It runs in every
+    worker in eval mode without gradients, is in no optimizer and in no checkpoint."""
+
+    model: str | None = None
+    """Registered model of the teacher. Default: the model of `peer` in the teacher run's config."""
+    run: str | None = None
+    """A codistill run whose newest checkpoint teaches: a run name under this run's
+    `ray.storage_path`, or the run folder's path or URI (s3://…)."""
+    peer: int = 0
+    """Which peer of `run` teaches."""
+    checkpoint: str | None = None
+    """A file with the teacher's weights (a state dict, or a codistill peer checkpoint), as a
+    path or URI. With `run`, codistill fills it in when the student run starts (the run's
+    newest checkpoint), so a resumed student keeps the teacher it started with."""
+
+    def __post_init__(self):
+        check(self.run is not None or self.checkpoint is not None, "run",
+              "a teacher needs `run` (a codistill run) or `checkpoint` (a weights file)")
+        check(self.run is not None or self.model is not None, "model",
+              "is required with `checkpoint` (which registered model the weights belong to)")
+        check(self.peer >= 0, "peer", f"must be >= 0, got {self.peer}")
+        if self.model is not None:
+                MODELS.get(self.model, "model")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExperimentConfig:
+    name: str = "run"
+    """Run name: the folder under `ray.storage_path`; re-running a name resumes it."""
+    imports: tuple[str, ...] = ()
+    """Python modules imported before the config is read, in the driver and in every worker:
+    where your own models, data sets or methods register themselves (e.g. `[mypkg.models]`)."""
+    seed: int = 0
+    method: MethodConfig
+    """The training objective, chosen by `method.name` from the method registry."""
+    peers: tuple[PeerSpec, ...] = ()
+    teacher: TeacherConfig | None = None
+    """A frozen teacher for the methods that learn from one (kd, fitnets, at, fsp)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
+    ray: RaySettings = field(default_factory=RaySettings)
+    tune: TuneSettings | None = None
+    """The search space and sweep settings of `codistill tune` (ignored by `codistill train`)."""
+
+    def __post_init__(self):
+        check(len(self.peers) >= 1, "peers", "needs at least one peer")
+        from codistill.data import DATASETS
+        data_kind = DATASETS[self.data.name].input_kind
+        models = [(f"peers.{i}.model", peer.model) for i, peer in enumerate(self.peers)]
+        if self.teacher is not None and self.teacher.model is not None:
+            models.append(("teacher.model", self.teacher.model))
+        for key, model in models:
+            model_kind = MODELS[model].input_kind
+            check(model_kind == data_kind, key,
+                  f"model {model!r} takes {model_kind} input but data set {self.data.name!r} "
+                  f"gives {data_kind}; models for {data_kind}: "
+                  + ", ".join(sorted(n for n, m in MODELS.items() if m.input_kind == data_kind)))
+        self.method.check(self.peers, self.teacher)
+
+    @property
+    def num_peers(self) -> int:
+        return len(self.peers)

@@ -1,0 +1,144 @@
+"""One peer's job, built in one place for every runner and benchmark: `make_job`.
+
+A job holds the peer's network and optimizer, the method, its data and batch schedule, the
+exchange its evaluation gathers through, and the signal sources its method declared it needs
+(peers every step, stale peers per round, a frozen teacher). It is complete when built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from codistill.config import ExperimentConfig, OptimizerConfig, PeerSpec, TrainConfig
+from codistill.data import ArrayDataset, BatchSchedule
+from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
+from codistill.engine.stale_peers import StalePeers
+from codistill.engine.teacher import load_teacher
+from codistill.exchange import Exchange, PeriodicExchange
+from codistill.methods import Method, create_method
+from codistill.models import MODELS, create_model
+from codistill.models.taps import capture_taps
+
+
+@dataclass
+class Peer:
+    index: int
+    spec: PeerSpec
+    base: nn.Module
+    """The registered model inside `network` (where the feature taps are)."""
+    network: nn.Module
+    """What trains: the model as the method shaped it (branches, a gate, a regressor, …)."""
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass(frozen=True)
+class PeerJob:
+    """Everything one worker trains with. `replica`/`replicas`: this worker's position among
+    the data-parallel workers of its peer (each takes one slice of the shared batch)."""
+
+    peer: Peer
+    method: Method
+    data: ArrayDataset
+    schedule: BatchSchedule
+    train: TrainConfig
+    device: torch.device
+    exchange: Exchange
+    sources: tuple[SignalSource, ...]
+    tap_paths: dict[str, str]
+    seed: int = 0
+    train_model: nn.Module | None = None
+    """What the forward pass runs: the network, or its DDP wrapper when replicas > 1."""
+    replica: int = 0
+    replicas: int = 1
+
+    @property
+    def is_leader(self) -> bool:
+        return self.replica == 0
+
+
+def make_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
+    """A pure function of the step, so a resumed run needs no scheduler state."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "multistep":
+        return cfg.lr * 0.1 ** sum(step >= m * total_steps for m in cfg.milestones)
+    return cfg.lr
+
+
+def peer_schedules(cfg: ExperimentConfig, num_examples: int) -> list[BatchSchedule]:
+    """Each peer's batch schedule: its own shard of the data when `data.shard`, else one
+    schedule all peers share."""
+    if not cfg.data.shard:
+        return [BatchSchedule(num_examples, cfg.data.batch_size, cfg.seed)]
+    return [BatchSchedule(num_examples, cfg.data.batch_size, cfg.seed, shard=k, num_shards=cfg.num_peers)
+            for k in range(cfg.num_peers)]
+
+
+@torch.no_grad()
+def tap_shapes(network: nn.Module, paths: dict[str, str], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """The shape (batch excluded) of each tap on an example batch, in eval mode."""
+    if not paths:
+        return {}
+    was_training = network.training
+    network.eval()
+    with capture_taps(network, paths) as taps:
+        network(example)
+    network.train(was_training)
+    return {name: tuple(t.shape[1:]) for name, t in taps.items()}
+
+
+def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device: torch.device, method: Method,
+               teacher: FrozenTeacher | None = None) -> Peer:
+    """Peer `index`'s network (the registered model, shaped by the method) and optimizer. The
+    init seed depends on (seed, index) only, so a peer starts from the same weights in every
+    runner; different peers start differently, which is what makes mutual learning worth anything."""
+    paths = {tap: MODELS[spec.model].taps[tap] for tap in method.needs.taps}
+    example = next(data.test_batches(2))[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + index)
+        base = create_model(spec.model, data.num_classes)
+        shapes = {"own": tap_shapes(base, paths, example),
+                  "teacher": teacher.tap_shapes(example) if teacher is not None else {}}
+        network = method.build_network(base, spec.model, shapes).to(device)
+    return Peer(index, spec, base, network, make_optimizer(spec.optimizer, network.parameters()))
+
+
+def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedules: list[BatchSchedule],
+             device: torch.device, exchange: Exchange, periodic: PeriodicExchange | None = None,
+             replica: int = 0, replicas: int = 1, data_parallel=None) -> PeerJob:
+    """The job of peer `peer_index` (worker `replica` of its `replicas`). `periodic` serves a
+    method that exchanges in rounds; `data_parallel` wraps the network for DDP."""
+    method = create_method(cfg.method)
+    needs = method.needs
+    teacher = None
+    if needs.teacher:
+        network = load_teacher(cfg.teacher, data.num_classes, device)
+        teacher = FrozenTeacher(network, {tap: MODELS[cfg.teacher.model].taps[tap] for tap in needs.teacher_taps})
+    peer = build_peer(peer_index, cfg.peers[peer_index], data, cfg.seed, device, method, teacher)
+    sources: list[SignalSource] = []
+    if teacher is not None:
+        sources.append(teacher)
+    if needs.peers:
+        sources.append(PeerPayloads())
+    if needs.rounds is not None:
+        sources.append(StalePeers(periodic, needs.rounds, cfg.peers, schedules))
+    return PeerJob(peer=peer, method=method, data=data, schedule=schedules[peer_index if cfg.data.shard else 0],
+                   train=cfg.train, device=device, exchange=exchange, sources=tuple(sources),
+                   tap_paths={tap: MODELS[peer.spec.model].taps[tap] for tap in needs.taps}, seed=cfg.seed,
+                   train_model=data_parallel(peer.network) if data_parallel else peer.network,
+                   replica=replica, replicas=replicas)

@@ -1,0 +1,128 @@
+"""The signal source of methods that exchange in rounds (codistillation): every `period`
+steps a peer publishes what its peers need to distil from it, and takes the newest
+publication of every other peer, waiting only when one is more than `max_staleness` rounds old.
+
+- predictions: at the start of round r a peer predicts (eval mode) on the batches of rounds
+  r … r + max_staleness of every peer's schedule, so that a block up to `max_staleness`
+  rounds old still covers the batch a peer trains on now. One block per round.
+- weights: the peer publishes its state dict; the others load it into a stale copy of its
+  network and predict on their own batch each step (the paper's scheme).
+
+What is published is the method's own payload (named tensors), so any method that declares
+`Needs.rounds` is served, not one method by name.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from codistill.config import PeerSpec
+from codistill.data import BatchSchedule
+from codistill.engine.sources import SignalSource
+from codistill.exchange import PeriodicExchange
+from codistill.methods import RoundSpec
+from codistill.models import create_model
+
+
+class StalePeers(SignalSource):
+    def __init__(self, periodic: PeriodicExchange, spec: RoundSpec, peer_specs: tuple[PeerSpec, ...],
+                 schedules: list[BatchSchedule]):
+        self.periodic = periodic
+        self.spec = spec
+        self.peer_specs = peer_specs
+        self.schedules = schedules  # every peer's schedule (the same one K times when not sharded)
+        self.round: int | None = None
+        self.received: dict[int, tuple[int, object]] = {}
+        self.stale_networks: dict[int, torch.nn.Module] = {}
+        self.round_info: dict = {}
+
+    def _window_steps(self, round_id: int) -> range:
+        period = self.spec.period
+        return range(round_id * period, (round_id + self.spec.max_staleness + 1) * period)
+
+    @torch.no_grad()
+    def _predict_window(self, job, round_id: int) -> dict[str, torch.Tensor]:
+        """This peer's payload on every peer's coming batches: each tensor (schedules, window steps, B, …)."""
+        network = job.peer.network
+        steps = self._window_steps(round_id)
+        network.eval()
+        blocks: dict[str, list[torch.Tensor]] = {}
+        for schedule in self.schedules:
+            batches = [job.data.train_batch(schedule.indices(s), schedule.generator(s))[0] for s in steps]
+            payload = job.method.payload(network(torch.cat(batches).to(job.device)), {})
+            for name, t in payload.items():
+                t = t.float().cpu() if t.is_floating_point() else t.cpu()
+                blocks.setdefault(name, []).append(t.view(len(steps), -1, *t.shape[1:]))
+        network.train()
+        return {name: torch.stack(parts) for name, parts in blocks.items()}
+
+    def _start_round(self, job, round_id: int) -> None:
+        started = time.perf_counter()
+        me = job.peer.index
+        if self.spec.publish == "predictions":
+            payload = self._predict_window(job, round_id)
+        else:
+            # A copy: the live tensors keep training while the others read this snapshot.
+            payload = {k: v.detach().cpu().clone() for k, v in job.peer.network.state_dict().items()}
+        predicted = time.perf_counter()
+        sent = self.periodic.publish(round_id, me, payload)
+        published = time.perf_counter()
+        missing = []
+        for peer in range(len(self.peer_specs)):
+            if peer == me:
+                continue
+            entry = self.periodic.newest(peer, round_id - self.spec.max_staleness, round_id, self.spec.wait_timeout_s)
+            if entry is None:
+                missing.append(peer)
+                self.received.pop(peer, None)
+                continue
+            self.received[peer] = entry
+            if self.spec.publish == "weights":
+                self._stale_network(job, peer).load_state_dict(entry[1])
+        self.round = round_id
+        self.round_info = {
+            "round": round_id,
+            "staleness_rounds": max((round_id - r for r, _ in self.received.values()), default=None),
+            "bytes_sent": sent,
+            "predict_ms": 1000 * (predicted - started),  # the teacher pass (predictions) or the state copy
+            "wait_ms": 1000 * (time.perf_counter() - published),
+            "round_ms": 1000 * (time.perf_counter() - started),
+            "missing_peers": ",".join(map(str, missing)) or None,
+        }
+
+    def _stale_network(self, job, peer: int) -> torch.nn.Module:
+        """A copy of peer `peer`'s network, built as its method builds it, to load its weights into."""
+        if peer not in self.stale_networks:
+            spec = self.peer_specs[peer]
+            network = job.method.build_network(create_model(spec.model, job.data.num_classes), spec.model)
+            self.stale_networks[peer] = network.to(job.device).eval()
+        return self.stale_networks[peer]
+
+    def serve(self, job, step, x, signals):
+        """The other peers' stale payloads on this step's batch; the round's record fields on the
+        step that starts a round. Rounds that end before `burn_in` exchange nothing."""
+        round_id = step // self.spec.period
+        if (round_id + 1) * self.spec.period <= self.spec.burn_in:
+            return {}
+        info = {}
+        if self.round != round_id:
+            self._start_round(job, round_id)
+            info = self.round_info
+        payloads = []
+        for peer, (published_round, payload) in self.received.items():
+            if self.spec.publish == "predictions":
+                shard = job.peer.index if len(self.schedules) > 1 else 0
+                here = {}
+                for name, t in payload.items():
+                    z = t[shard, step - published_round * self.spec.period]
+                    if job.replicas > 1:  # this worker trains on one slice of the batch
+                        z = z.chunk(job.replicas)[job.replica]
+                    here[name] = z.to(x.device)
+                payloads.append(here)
+            else:
+                with torch.no_grad():
+                    payloads.append(job.method.payload(self.stale_networks[peer](x), {}))
+        signals.peers = payloads
+        return info

@@ -1,0 +1,84 @@
+"""Frozen teachers: which weights teach (resolved once on the driver, before anything is
+written) and loading them in each worker through the storage layer (so s3:// works on a
+cluster), with `weights_only=True`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+import yaml
+from torch import nn
+
+from codistill.config import ExperimentConfig, TeacherConfig
+from codistill.data import DATASETS
+from codistill.engine.checkpoint import from_bytes, newest_complete, peer_file
+from codistill.errors import ConfigError
+from codistill.models import create_model
+from codistill.storage import RunStorage, read_uri
+
+RUN_CONFIG_FILE = "config.yaml"
+
+
+def teacher_run_storage(run: str, storage_path: str) -> RunStorage:
+    """A bare name is a run under this run's storage path; anything path-like is the run's folder."""
+    if "://" in run or "/" in run or run.startswith(("~", ".")):
+        return RunStorage.at(os.path.expanduser(run) if "://" not in run else run)
+    return RunStorage(storage_path, run)
+
+
+def resolve_teacher(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with `teacher.model` and `teacher.checkpoint` filled in from `teacher.run` (its
+    newest complete checkpoint), after checking the weights load into the model and fit the
+    data's classes. Errors name the teacher's key."""
+    teacher = cfg.teacher
+    if teacher is None:
+        return cfg
+    if teacher.checkpoint is None:
+        storage = teacher_run_storage(teacher.run, cfg.ray.storage_path)
+        if not storage.exists(RUN_CONFIG_FILE):
+            raise ConfigError("teacher.run", f"no codistill run at {storage.uri} (no {RUN_CONFIG_FILE}); "
+                              "give a run name under ray.storage_path, or the run folder's path or URI")
+        peers = yaml.safe_load(storage.read_bytes(RUN_CONFIG_FILE).decode()).get("peers", [])
+        if teacher.peer >= len(peers):
+            raise ConfigError("teacher.peer", f"run {storage.uri} has {len(peers)} peers (0..{len(peers) - 1}), "
+                              f"got {teacher.peer}")
+        folder = newest_complete(storage, teacher.peer)
+        if folder is None:
+            raise ConfigError("teacher.run", f"run {storage.uri} has no complete checkpoint yet")
+        teacher = replace(teacher, model=teacher.model or peers[teacher.peer]["model"],
+                          checkpoint=f"{storage.uri}/{folder}/{peer_file(teacher.peer)}")
+        cfg = replace(cfg, teacher=teacher)  # validated again, now with the teacher's model
+    load_teacher(teacher, DATASETS[cfg.data.name].num_classes, torch.device("cpu"))
+    return cfg
+
+
+def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The teacher's network with its weights, frozen. The file may be a plain state dict or a
+    codistill peer checkpoint; tensors a method added around the model (a gate head, a
+    regressor) are left out."""
+    try:
+        state = from_bytes(read_uri(teacher.checkpoint))
+    except Exception as err:  # noqa: BLE001 — unreadable, truncated, not a weights-only file: all one answer
+        raise ConfigError("teacher.checkpoint", f"cannot load {teacher.checkpoint}: "
+                          f"{str(err).strip().splitlines()[0][:200]}") from None
+    weights = state["model"] if isinstance(state.get("model"), dict) and "step" in state else state
+    network = create_model(teacher.model, num_classes)
+    expected = network.state_dict()
+    if not expected.keys() <= weights.keys():
+        inner = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
+        weights = inner if expected.keys() <= inner.keys() else weights
+    missing = sorted(expected.keys() - weights.keys())
+    if missing:
+        raise ConfigError("teacher.model", f"the weights in {teacher.checkpoint} are not model {teacher.model!r}'s: "
+                          f"{len(missing)} tensors missing (e.g. {missing[0]})")
+    for key, value in expected.items():
+        if weights[key].shape != value.shape:
+            if key.startswith("classifier."):
+                raise ConfigError("teacher.model", f"the teacher predicts {weights[key].shape[0]} classes, "
+                                  f"the data set has {num_classes}")
+            raise ConfigError("teacher.model", f"{key} is {list(weights[key].shape)} in {teacher.checkpoint}, "
+                              f"model {teacher.model!r} has {list(value.shape)}")
+    network.load_state_dict({k: weights[k] for k in expected})
+    return network.to(device).eval().requires_grad_(False)
