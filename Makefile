@@ -5,7 +5,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast bench install clean
 
 install: $(STAMP)
 
@@ -18,8 +18,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/codistill train configs/dml_mnist1d.yaml --set name=dml_mnist1d-$(RUN_ID)
 
+# Everything, as CI runs it: the layering contracts, then every test (Ray, Tune, the loopback cluster).
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest
+
+# Everyday work: the contracts and every test that starts no Ray instance (under a minute).
+test-fast: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/python -m pytest -m "not ray and not cluster"
 
 bench: $(STAMP)
 	$(VENV)/bin/codistill bench dml

@@ -1,4 +1,4 @@
-"""`codistill train | tune | report | bench` — parse → build → run → close."""
+"""`codistill train | tune | born-again | report | bench` — parse → build → run → close."""
 
 from __future__ import annotations
 
@@ -50,9 +50,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from codistill.metrics import plot_accuracy, read_records, summary_text
     from codistill.storage import RunStorage
 
-    run_dir = args.run_dir.rstrip("/")
-    parent, name = run_dir.rsplit("/", 1) if "/" in run_dir else (".", run_dir)
-    storage = RunStorage(parent, name)
+    storage = RunStorage.at(args.run_dir)
     if not storage.exists(CONFIG_FILE):
         raise SystemExit(f"error: {storage.uri} is not a codistill run (no {CONFIG_FILE})")
     config = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())
@@ -89,6 +87,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_born_again(args: argparse.Namespace) -> int:
+    from codistill.born_again import GENERATIONS_FILE, run_generations
+    from codistill.engine.run import connect_ray
+
+    overrides = list(args.set or [])
+    if args.generations is not None:
+        overrides.append(f"born_again.generations={args.generations}")
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    cfg = load_config(args.config, overrides)
+    if cfg.born_again is None:
+        raise ConfigError("born_again", "is required for `codistill born-again` (e.g. `born_again: {generations: 3}`)")
+    print(f"# resolved config ({args.backend} backend)\n{dump_config(cfg)}", flush=True)
+    if args.backend == "ray":
+        connect_ray(cfg.ray.address, log_to_driver=args.ray_logs)
+    result = run_generations(cfg, args.backend)
+    print(result.summary)
+    print(f"table: {result.storage.uri}/{GENERATIONS_FILE}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from codistill import bench
 
@@ -119,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("born-again", help="born-again networks: N generations, each taught by the one before")
+    p.add_argument("config", help="YAML config with a `born_again:` section (see configs/born_again_mnist1d.yaml)")
+    p.add_argument("--generations", type=int, help="generations in all (born_again.generations)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--backend", choices=["ray", "local"], default="ray")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
+    p.set_defaults(func=cmd_born_again)
 
     p = sub.add_parser("report", help="print the summary of a run and write its plot again")
     p.add_argument("run_dir", help="the run's folder: <storage_path>/<name>")

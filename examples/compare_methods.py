@@ -10,8 +10,7 @@ import argparse
 import statistics
 import tempfile
 
-from codistill.config import load_config
-from codistill.engine.run import train
+from codistill import load_config, train
 
 
 def main() -> None:

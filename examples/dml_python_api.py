@@ -3,12 +3,14 @@
     python examples/dml_python_api.py
 """
 
+import os
+
 import ray
 
-from codistill.config import load_config
-from codistill.engine.run import train
+from codistill import load_config, train
 
-cfg = load_config("configs/dml_mnist1d.yaml", [
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dml_mnist1d.yaml")
+cfg = load_config(CONFIG, [
     "name=api-example",
     "train.steps=1000",
     "method.temperature=2",

@@ -70,34 +70,33 @@ def _codistill_overhead(periods: list[int], rounds_per_period: int) -> dict:
 
 
 def _round_latency(calls: int) -> dict:
-    """Publish + fetch of one round through the object-store coordinator, per payload."""
-    import ray
-
-    from codistill.exchange.object_store import PublicationCoordinator
+    """Publish + fetch of one round through the object-store coordinator, per payload: the
+    periodic exchange's own `publish` and `newest`, as a peer calls them (a group of one, so
+    nothing waits for another peer)."""
+    from codistill.exchange.object_store import ObjectStorePeriodicExchange, PublicationCoordinator
     from codistill.models import create_model
 
-    coordinator = PublicationCoordinator.remote(2)
-    generation = ray.get([coordinator.join.remote(0), coordinator.join.remote(1)])[0]
+    coordinator = PublicationCoordinator.remote(1)
+    periodic = ObjectStorePeriodicExchange(coordinator, 0)
     payloads = {
-        "predictions 1×100×10 (period 1)": torch.randn(1, 1, 100, 10),
-        "predictions 50×100×10 (period 50)": torch.randn(1, 50, 100, 10),
-        "predictions 50×128×100 (CIFAR-100, period 50)": torch.randn(1, 50, 128, 100),
+        "predictions 1×100×10 (period 1)": {"logits": torch.randn(1, 1, 100, 10)},
+        "predictions 50×100×10 (period 50)": {"logits": torch.randn(1, 50, 100, 10)},
+        "predictions 50×128×100 (CIFAR-100, period 50)": {"logits": torch.randn(1, 50, 128, 100)},
         "weights mnist1d_cnn": create_model("mnist1d_cnn", 10).state_dict(),
         "weights resnet32": create_model("resnet32", 100).state_dict(),
     }
     out = {}
+    round_id = 0
     for name, payload in payloads.items():
         latencies = []
         for r in range(calls + 3):
             started = time.perf_counter()
-            ref = ray.put(payload)
-            ray.get(coordinator.publish.remote(generation, r, 0, [ref]))
-            round_id, boxed = ray.get(coordinator.newest.remote(generation, 0, r, r, 10.0))
-            ray.get(boxed[0])
+            periodic.publish(round_id, 0, payload)
+            periodic.newest(0, round_id, round_id, 10.0)
             if r >= 3:
                 latencies.append(time.perf_counter() - started)
+            round_id += 1
         out[name] = latency_row(latencies)
-    ray.kill(coordinator)
     return out
 
 
@@ -114,15 +113,13 @@ def _bytes_per_round() -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray
-
-    from codistill.engine.run import connect_ray
+    from codistill.engine.run import connect_ray, disconnect_ray
 
     print("# codistill bench codistill — 2 MNIST-1D CNN peers (threads), object-store coordinator on local Ray", flush=True)
     figures = {"overhead": _codistill_overhead([1, 10, 50], args.rounds), "bytes_per_round": _bytes_per_round()}
     connect_ray(None)
     figures["round_latency"] = _round_latency(args.latency_calls)
-    ray.shutdown()
+    disconnect_ray()
     print("\namortised step time, mean   independent  codistill  ratio   of which: teacher pass  exchange")
     for period, row in figures["overhead"].items():
         print(f"  period {period:<19}{row['independent_ms']:>8.2f} ms{row['codistill_ms']:>8.2f} ms{row['ratio']:>7.3f}"

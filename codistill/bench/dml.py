@@ -74,15 +74,11 @@ def time_exchange(exchange: Exchange, shape: tuple[int, int], calls: int) -> lis
     return latencies
 
 
-def _ray_bench_worker(spec: dict) -> None:
-    import ray.train
-
+def _ray_bench_worker(rank: int, device: torch.device, spec: dict) -> dict:
     from codistill.exchange.collective import CollectiveExchange
     from codistill.exchange.object_store import ObjectStoreExchange
 
-    rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(1)
-    device = ray.train.torch.get_device()
     collective = CollectiveExchange(rank, spec["peers"], None, device)
     steps = time_methods(bench_jobs(spec, rank, device, collective), spec["rounds"], spec["block"])
     latency = {
@@ -90,8 +86,7 @@ def _ray_bench_worker(spec: dict) -> None:
         "object_store": time_exchange(ObjectStoreExchange(spec["coordinator"], rank, spec["peers"]),
                                       spec["payload"], spec["latency_calls"]),
     }
-    if rank == 0:  # Train V2 keeps only metrics reported with a checkpoint: hand them over directly
-        ray.get(spec["mailbox"].post.remote(1, {"steps": steps, "latency": latency}))
+    return {"steps": steps, "latency": latency}
 
 
 def _local_bench(spec: dict) -> tuple[dict, list[float]]:
@@ -116,21 +111,11 @@ def _local_bench(spec: dict) -> tuple[dict, list[float]]:
 
 
 def _ray_bench(spec: dict) -> dict:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from codistill.engine.ray_runner import ProgressMailbox
+    from codistill.engine.ray_runner import run_on_workers
     from codistill.exchange.object_store import GatherCoordinator
 
-    mailbox = ProgressMailbox.remote()
-    spec = {**spec, "coordinator": GatherCoordinator.remote(spec["peers"]), "mailbox": mailbox}
-    with tempfile.TemporaryDirectory() as storage:
-        trainer = TorchTrainer(_ray_bench_worker, train_loop_config=spec,
-                               scaling_config=ray.train.ScalingConfig(num_workers=spec["peers"],
-                                                                      resources_per_worker={"CPU": 1}),
-                               run_config=ray.train.RunConfig(name="bench", storage_path=storage))
-        trainer.fit()
-    return ray.get(mailbox.get.remote())[1]
+    spec = {**spec, "coordinator": GatherCoordinator.remote(spec["peers"])}
+    return run_on_workers(_ray_bench_worker, spec, spec["peers"])
 
 
 def _wall_times(steps: int, storage: str) -> dict:
@@ -157,9 +142,7 @@ def _summarise_steps(steps: dict[str, list[float]]) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray
-
-    from codistill.engine.run import connect_ray
+    from codistill.engine.run import connect_ray, disconnect_ray
 
     with tempfile.TemporaryDirectory() as folder:
         image_model = MODELS[args.model].input_kind == "image"
@@ -192,5 +175,5 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nwall time, demo DML ({w['steps']} steps): local {w['local_wall_s']:.1f} s, ray {w['ray_wall_s']:.1f} s"
               f" → ray ÷ local {w['wall_ratio_ray_over_local']:.2f} (median step: {w['step_ratio_ray_over_local']:.2f})")
     write_json(args.out, figures)
-    ray.shutdown()
+    disconnect_ray()
     return 0

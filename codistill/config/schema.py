@@ -188,6 +188,28 @@ class TeacherConfig:
                 MODELS.get(self.model, "model")
 
 
+def _born_again_default_method() -> MethodConfig:
+    from codistill.methods.kd import KDConfig
+
+    return KDConfig(name="kd", temperature=1.0, alpha=0.5)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BornAgainSettings:
+    """The generations of `codistill born-again` (Furlanello et al. 2018)."""
+
+    generations: int = 3
+    """Generations in all: the first trains with the run's own `method` and no teacher, each
+    later one learns from the one before (same peers, same recipe, a new initialisation)."""
+    method: MethodConfig = field(default_factory=_born_again_default_method)
+    """How generation k learns from generation k − 1 (default: KD at T = 1, α = 0.5)."""
+
+    def __post_init__(self):
+        check(self.generations >= 2, "generations", f"must be >= 2 (a teacher and a student), got {self.generations}")
+        check(self.method.learns_from_teacher(), "method.name",
+              f"method {self.method.name!r} learns from no teacher; use kd, fitnets, at or fsp")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ExperimentConfig:
     name: str = "run"
@@ -207,6 +229,8 @@ class ExperimentConfig:
     ray: RaySettings = field(default_factory=RaySettings)
     tune: TuneSettings | None = None
     """The search space and sweep settings of `codistill tune` (ignored by `codistill train`)."""
+    born_again: BornAgainSettings | None = None
+    """The generations of `codistill born-again` (ignored by `codistill train`)."""
 
     def __post_init__(self):
         check(len(self.peers) >= 1, "peers", "needs at least one peer")
@@ -222,6 +246,9 @@ class ExperimentConfig:
                   f"gives {data_kind}; models for {data_kind}: "
                   + ", ".join(sorted(n for n, m in MODELS.items() if m.input_kind == data_kind)))
         self.method.check(self.peers, self.teacher)
+        check(self.teacher is None or self.method.learns_from_teacher(), "teacher",
+              f"is set, but method {self.method.name!r} learns from no teacher; remove `teacher:` or use a "
+              "method that does (kd, fitnets, at, fsp), alone or in `method.also`")
 
     @property
     def num_peers(self) -> int:

@@ -95,6 +95,12 @@ def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
         ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver)
 
 
+def disconnect_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
 def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[int, dict], None] | None = None,
           callbacks=()) -> RunResult:
     if backend not in ("local", "ray"):

@@ -28,29 +28,33 @@ def teacher_run_storage(run: str, storage_path: str) -> RunStorage:
     return RunStorage(storage_path, run)
 
 
+def resolve_teacher_config(teacher: TeacherConfig, storage_path: str) -> TeacherConfig:
+    """`teacher` with `model` and `checkpoint` filled in from `run` (its newest complete
+    checkpoint). Errors name the teacher's key."""
+    if teacher.checkpoint is not None:
+        return teacher
+    storage = teacher_run_storage(teacher.run, storage_path)
+    if not storage.exists(RUN_CONFIG_FILE):
+        raise ConfigError("teacher.run", f"no codistill run at {storage.uri} (no {RUN_CONFIG_FILE}); "
+                          "give a run name under ray.storage_path, or the run folder's path or URI")
+    peers = yaml.safe_load(storage.read_bytes(RUN_CONFIG_FILE).decode()).get("peers", [])
+    if teacher.peer >= len(peers):
+        raise ConfigError("teacher.peer", f"run {storage.uri} has {len(peers)} peers (0..{len(peers) - 1}), "
+                          f"got {teacher.peer}")
+    folder = newest_complete(storage, teacher.peer)
+    if folder is None:
+        raise ConfigError("teacher.run", f"run {storage.uri} has no complete checkpoint yet")
+    return replace(teacher, model=teacher.model or peers[teacher.peer]["model"],
+                   checkpoint=f"{storage.uri}/{folder}/{peer_file(teacher.peer)}")
+
+
 def resolve_teacher(cfg: ExperimentConfig) -> ExperimentConfig:
-    """`cfg` with `teacher.model` and `teacher.checkpoint` filled in from `teacher.run` (its
-    newest complete checkpoint), after checking the weights load into the model and fit the
-    data's classes. Errors name the teacher's key."""
-    teacher = cfg.teacher
-    if teacher is None:
+    """`cfg` with its teacher resolved (see `resolve_teacher_config`), after checking the weights
+    load into the model and fit the data's classes: before the run writes anything."""
+    if cfg.teacher is None:
         return cfg
-    if teacher.checkpoint is None:
-        storage = teacher_run_storage(teacher.run, cfg.ray.storage_path)
-        if not storage.exists(RUN_CONFIG_FILE):
-            raise ConfigError("teacher.run", f"no codistill run at {storage.uri} (no {RUN_CONFIG_FILE}); "
-                              "give a run name under ray.storage_path, or the run folder's path or URI")
-        peers = yaml.safe_load(storage.read_bytes(RUN_CONFIG_FILE).decode()).get("peers", [])
-        if teacher.peer >= len(peers):
-            raise ConfigError("teacher.peer", f"run {storage.uri} has {len(peers)} peers (0..{len(peers) - 1}), "
-                              f"got {teacher.peer}")
-        folder = newest_complete(storage, teacher.peer)
-        if folder is None:
-            raise ConfigError("teacher.run", f"run {storage.uri} has no complete checkpoint yet")
-        teacher = replace(teacher, model=teacher.model or peers[teacher.peer]["model"],
-                          checkpoint=f"{storage.uri}/{folder}/{peer_file(teacher.peer)}")
-        cfg = replace(cfg, teacher=teacher)  # validated again, now with the teacher's model
-    load_teacher(teacher, DATASETS[cfg.data.name].num_classes, torch.device("cpu"))
+    cfg = replace(cfg, teacher=resolve_teacher_config(cfg.teacher, cfg.ray.storage_path))  # validated again
+    load_teacher(cfg.teacher, DATASETS[cfg.data.name].num_classes, torch.device("cpu"))
     return cfg
 
 

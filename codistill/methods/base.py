@@ -109,6 +109,10 @@ class MethodConfig:
     def uses_teacher(self) -> bool:
         return False
 
+    def learns_from_teacher(self) -> bool:
+        """Whether this method or any of its `also` terms uses a frozen teacher."""
+        return self.uses_teacher or any(extra.learns_from_teacher() for extra in self.also)
+
     def check(self, peers, teacher) -> None:
         """Raise ConfigError (key path from the top of the config) if the peers or teacher do not suit."""
         if len(peers) < self.min_peers:
