@@ -153,3 +153,19 @@ def test_also_terms_are_checked_like_methods():
     assert err.path == "method.also.0.name" and "cannot be added" in err.message
     err = error_of({**BASE, "method": {"name": "dml", "also": [{"name": "at", "source": "peers", "taps": ["conv2"]}]}})
     assert err.path == "method.taps" and "mnist1d_mlp" in err.message and "hidden1" in err.message
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_override_a_config_documents_loads(path):
+    """`--set '…'` lines in a config's header comments are instructions to users: each must load
+    (with a teacher of the right kind standing in for a run not trained here)."""
+    import re
+
+    from codistill.data import DATASETS
+
+    text = open(path).read()
+    base = load_config(path)
+    stand_in = {"image": "resnet110", "sequence": "mnist1d_cnn_wide"}[DATASETS[base.data.name].input_kind]
+    teacher = [f"teacher.model={stand_in}"] if base.teacher is not None else []
+    for override in re.findall(r"--set '([^']+)'", text):
+        assert load_config(path, [override, *teacher]).method is not None

@@ -52,9 +52,11 @@ def cifar_resnet(depth: int, num_classes: int) -> PeerModel:
 
 
 def resnet_taps(depth: int) -> dict[str, str]:
-    """Each stage's output (after its last block's ReLU) and its pre-activation sum (`.pre`)."""
+    """The stem's output, each stage's output (after its last block's ReLU) and each stage's
+    pre-activation sum (`.pre`)."""
     last = (depth - 2) // 6 - 1
-    taps = {f"stage{s}": f"features.{s}" for s in (1, 2, 3)}
+    taps = {"stem": "features.0"}
+    taps.update({f"stage{s}": f"features.{s}" for s in (1, 2, 3)})
     taps.update({f"stage{s}.pre": f"features.{s}.{last}.preact" for s in (1, 2, 3)})
     return taps
 
