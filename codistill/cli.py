@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from codistill.config import ConfigError, dump_config, load_config
+from codistill.errors import RunError
 
 
 def _progress_bar(total: int, initial_text: str):
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except ConnectionError as err:
+    except (ConnectionError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

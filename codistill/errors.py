@@ -25,3 +25,11 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError(key, message) unless `condition` holds."""
     if not condition:
         raise ConfigError(key, message)
+
+
+class RunError(RuntimeError):
+    """A run cannot go on, through no mistake in its config: it diverged, another process
+    writes the same run, its records do not add up. The CLI prints it as one line (exit 1)."""
+
+    def __reduce__(self):  # survives pickling across Ray processes as the same type
+        return type(self), self.args

@@ -8,14 +8,24 @@ the parts written after the checkpoint it resumes from and no step appears twice
 from __future__ import annotations
 
 import io
+import logging
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from codistill.errors import RunError
 from codistill.storage import RunStorage
 
 RECORDS_FILE = "records.parquet"
+PART = re.compile(r"(\d{8})-(\d{8})\.parquet")
+PEER_DIR = re.compile(r"peer(\d+)")
+logger = logging.getLogger(__name__)
+
+
+class RecordsError(RunError):
+    """A run's record parts do not add up (a part missing, or two covering the same steps)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,20 +79,52 @@ def write_record_part(storage: RunStorage, peer: int, rows: list[dict]) -> None:
     storage.write_bytes(f"records/peer{peer}/{_part_name(first, last)}", buffer.getvalue())
 
 
+def record_parts(storage: RunStorage, folder: str) -> list[tuple[int, int, str]]:
+    """(first step, last step, name) of the record parts in `folder`, in step order. Files that
+    are not parts (another tool's, an editor's copy) are left alone, with a warning."""
+    parts = []
+    for name in storage.list(folder):
+        match = PART.fullmatch(name)
+        if match is None:
+            if not name.endswith(".tmp"):  # a write interrupted by a crash leaves only a .tmp
+                logger.warning("ignoring %s/%s/%s: not a record part (NNNNNNNN-NNNNNNNN.parquet)", storage.uri, folder, name)
+            continue
+        parts.append((int(match.group(1)), int(match.group(2)), name))
+    return sorted(parts)
+
+
 def drop_records_after(storage: RunStorage, peer: int, step: int) -> None:
     """Delete the parts of `peer` holding steps after `step` (written after the checkpoint we resume from)."""
-    for name in storage.list(f"records/peer{peer}"):
-        if name.endswith(".parquet") and int(name.split("-")[0]) > step:
+    for first, _, name in record_parts(storage, f"records/peer{peer}"):
+        if first > step:
             storage.delete(f"records/peer{peer}/{name}")
+
+
+def check_parts(peer_dir: str, parts: list[tuple[int, int, str]]) -> None:
+    """A peer's parts must cover steps 1.. without a gap or an overlap: each part starts one
+    step after the previous one ends."""
+    expected = 1
+    for first, last, name in parts:
+        if first < expected:
+            raise RecordsError(f"records/{peer_dir}/{name} covers steps {first}..{last}, which an earlier part "
+                               "covers too (a copied or stray part?): remove one of them")
+        if first > expected:
+            raise RecordsError(f"records/{peer_dir}: steps {expected}..{first - 1} are missing (no part "
+                               f"before {name}); the records of this run are incomplete")
+        expected = last + 1
 
 
 def read_records(storage: RunStorage) -> pa.Table:
     """All peers' parts as one table sorted by (step, peer, split), or the consolidated file."""
     tables = []
     for peer_dir in storage.list("records"):
-        for name in storage.list(f"records/{peer_dir}"):
-            if name.endswith(".parquet"):
-                tables.append(pq.read_table(io.BytesIO(storage.read_bytes(f"records/{peer_dir}/{name}"))))
+        if PEER_DIR.fullmatch(peer_dir) is None:
+            logger.warning("ignoring %s/records/%s: not a peer's folder (peerN)", storage.uri, peer_dir)
+            continue
+        parts = record_parts(storage, f"records/{peer_dir}")
+        check_parts(peer_dir, parts)
+        for _, _, name in parts:
+            tables.append(pq.read_table(io.BytesIO(storage.read_bytes(f"records/{peer_dir}/{name}"))))
     if not tables:
         if storage.exists(RECORDS_FILE):
             return pq.read_table(io.BytesIO(storage.read_bytes(RECORDS_FILE)))
@@ -137,6 +179,10 @@ def summary_text(table: pa.Table, peer_models: list[str] | None = None) -> str:
     lines.append(f"{'mean':<28}{100 * sum(accs) / len(accs):>9.2f}%")
     lines.append(f"{'ensemble':<28}{100 * final['ensemble_accuracy']:>9.2f}%")
     lines.append(f"{'churn':<28}{100 * final['churn']:>9.2f}%")
+    if "skipped" in table.column_names:
+        skipped = sum(1 for v in table.column("skipped").to_pylist() if v)
+        if skipped:
+            lines.append(f"{skipped} step(s) skipped for a non-finite loss (train.on_nonfinite: skip_step)")
     return "\n".join(lines)
 
 

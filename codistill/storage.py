@@ -7,8 +7,17 @@ from __future__ import annotations
 
 import os
 import posixpath
+import threading
+from contextlib import contextmanager
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from codistill.errors import ConfigError
+
+# How long the first call to a run's storage may take before the run gives up with a one-line
+# error: an unreachable bucket otherwise hangs in the filesystem's own retries for minutes.
+STORAGE_TIMEOUT_S = 30.0
 
 
 def resolve_storage_path(path: str) -> str:
@@ -23,6 +32,59 @@ def read_uri(uri: str) -> bytes:
     fs, path = pafs.FileSystem.from_uri(resolve_storage_path(uri))
     with fs.open_input_stream(path) as stream:
         return stream.read()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+@contextmanager
+def storage_errors(key: str, uri: str):
+    """Filesystem failures (no permission, a file where a folder should be, …) as one-line
+    ConfigErrors naming the setting."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(key, f"cannot use {uri}: {_first_line(err)}") from None
+
+
+def within_time(fn, seconds: float, key: str, uri: str):
+    """`fn()` in a helper thread, waited for at most `seconds` (interruptible with Ctrl-C)."""
+    result: dict = {}
+
+    def call():
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 — handed to the caller below
+            result["error"] = err
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise ConfigError(key, f"{uri} did not answer within {seconds:.0f} s (no network, or storage that is "
+                               "not reachable from here)")
+    if "error" in result:
+        err = result["error"]
+        if isinstance(err, (OSError, pa.ArrowException)):
+            raise ConfigError(key, f"cannot use {uri}: {_first_line(err)}") from None
+        raise err
+    return result.get("value")
+
+
+def open_run_storage(storage_path: str, name: str, key: str = "ray.storage_path") -> "RunStorage":
+    """A run's storage, checked before anything is written: a known scheme, and an answer
+    within STORAGE_TIMEOUT_S. Every failure is one ConfigError line naming `key`."""
+    uri = resolve_storage_path(storage_path)
+    try:
+        storage = RunStorage(uri, name)
+    except (pa.ArrowException, ValueError) as err:
+        scheme = uri.split("://", 1)[0]
+        raise ConfigError(key, f"{uri!r}: unknown storage scheme {scheme!r} ({_first_line(err)}); use a local "
+                               "path, s3://bucket/prefix, gs://bucket/prefix or hdfs://…") from None
+    within_time(lambda: storage.exists("."), STORAGE_TIMEOUT_S, key, storage.uri)
+    return storage
 
 
 class RunStorage:

@@ -46,3 +46,12 @@ def small_config(tmp_path, *overrides: str, base: str = "configs/dml_mnist1d.yam
 @pytest.fixture
 def make_config(tmp_path):
     return lambda *overrides, **kw: small_config(tmp_path, *overrides, **kw)
+
+
+@pytest.fixture(autouse=True)
+def quick_lease(monkeypatch):
+    """In-process runs take their lease with a short settle wait (one process cannot race itself);
+    the test of two real processes starting at once runs subprocesses with the real wait."""
+    from codistill.engine import lease
+
+    monkeypatch.setattr(lease, "SETTLE_S", 0.02)

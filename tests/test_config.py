@@ -97,12 +97,84 @@ def test_overrides_reach_lists_and_wildcards():
     assert error_of(overrides=["peers.5.model=x"]).path == "peers.5"
 
 
+def trained_run(tmp_path, *overrides):
+    from codistill.engine.run import train
+
+    quick = [f"ray.storage_path={tmp_path}", "train.steps=4", "train.eval_every=2", "train.checkpoint_every=2",
+             "data.name=synthetic", "data.batch_size=50", *overrides]
+    return train(load_config(BASE, quick), "local"), quick
+
+
 def test_resuming_a_run_with_another_method_setting_is_refused(tmp_path):
-    prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}"]))
-    prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}", "train.steps=99"]))  # longer: allowed
+    _, quick = trained_run(tmp_path)
     with pytest.raises(ConfigError) as info:
-        prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}", "method.temperature=5"]))
+        prepare_run(load_config(BASE, [*quick, "method.temperature=5"]))
     assert info.value.path == "method" and "another `name`" in info.value.message
+
+
+def test_train_steps_may_change_on_resume_only_where_no_rate_depends_on_them(tmp_path):
+    _, quick = trained_run(tmp_path, "peers.*.optimizer.schedule=cosine")
+    with pytest.raises(ConfigError) as info:  # the cosine schedule would jump at the resume step
+        prepare_run(load_config(BASE, [*quick, "train.steps=8"]))
+    assert info.value.path == "train.steps" and "cosine" in info.value.message and "train.steps=4" in info.value.message
+    _, constant = trained_run(tmp_path, "name=constant")
+    assert prepare_run(load_config(BASE, [*constant, "train.steps=8"]))[0].train.steps == 8  # constant: may grow
+    with pytest.raises(ConfigError) as info:  # never below what the run has trained
+        prepare_run(load_config(BASE, [*constant, "train.steps=2"]))
+    assert info.value.path == "train.steps" and "trained 4 steps" in info.value.message
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_lock_its_name(tmp_path):
+    prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}", "method.temperature=5"]))  # then it failed
+    cfg, storage = prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}"]))  # the corrected re-run starts
+    assert "temperature: 5" not in storage.read_bytes("config.yaml").decode()
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    (["data.batch_size=5000"], "data.batch_size", "4000 training examples"),
+    (["data.train_subset=50"], "data.batch_size", "raise data.train_subset"),
+    (["data.shard=true", "data.batch_size=2500"], "data.batch_size", "shard"),
+    (["seed=18446744073709551616"], "seed", "2**53"),
+    (["name=../x"], "name", "one folder name"),
+    (["name=/abs/path"], "name", "one folder name"),
+    (["name=''"], "name", "one folder name"),
+])
+def test_what_would_fail_at_start_up_fails_at_load(overrides, key, words):
+    err = error_of({**BASE, "data": {"name": "mnist1d", "batch_size": 100}}, overrides)
+    assert err.path == key and words in err.message
+
+
+def test_storage_and_data_folders_that_cannot_work_are_one_line_errors(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert error_of(overrides=[f"data.root={a_file}"]).path == "data.root"
+    for storage_path, words in ((f"{a_file}", "cannot use"), ("foo://bucket/runs", "unknown storage scheme")):
+        with pytest.raises(ConfigError) as info:
+            prepare_run(load_config(BASE, [f"ray.storage_path={storage_path}"]))
+        assert info.value.path == "ray.storage_path" and words in info.value.message
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if os.access(read_only, os.W_OK):
+            pytest.skip("running as a user who may write anywhere (root): a read-only folder cannot be made")
+        with pytest.raises(ConfigError) as info:
+            prepare_run(load_config(BASE, [f"ray.storage_path={read_only}"]))
+        assert info.value.path == "ray.storage_path"
+    finally:
+        read_only.chmod(0o700)
+
+
+def test_unreachable_storage_is_a_one_line_error_within_the_time_limit(monkeypatch):
+    import time
+
+    import codistill.storage as storage
+
+    monkeypatch.setattr(storage, "STORAGE_TIMEOUT_S", 2.0)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:  # no network here: the filesystem call hangs or fails
+        storage.open_run_storage("gs://codistill-no-such-bucket/runs", "x")
+    assert info.value.path == "ray.storage_path" and time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("space,path,message", [

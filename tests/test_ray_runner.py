@@ -29,6 +29,12 @@ def local_reference(tmp_path_factory):
     return get
 
 
+def load_config_of(base, overrides):
+    from codistill.engine.teacher import resolve_teacher
+
+    return resolve_teacher(small_config(REPO, *overrides, base=base))
+
+
 def by_step(records):
     return {(r["step"], r["peer"], r["split"]): r for r in records.to_pylist()}
 
@@ -59,9 +65,11 @@ TEST_FILE_METHOD = ("imports=[tests.seam_method]", "method={name: test_tap_agree
 
 
 @pytest.fixture(scope="module")
-def teacher_uri(tmp_path_factory):
+def teacher_uri(ray_local, tmp_path_factory):
+    """A teacher trained on the Ray runner: its checkpoints are in Ray Train's layout, which the
+    student's teacher section must find as well as the local runner's."""
     folder = tmp_path_factory.mktemp("teacher")
-    return train(small_config(folder, "train.steps=80", base="configs/teacher_mnist1d_wide.yaml"), "local").storage.uri
+    return train(small_config(folder, "train.steps=80", base="configs/teacher_mnist1d_wide.yaml"), "ray").storage.uri
 
 
 @pytest.mark.parametrize("base,transport,overrides", [
@@ -79,6 +87,7 @@ def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_refer
                                                 overrides):
     if "kd_" in base:
         overrides = (*overrides, f"teacher.run={teacher_uri}")
+        assert "/step_00000080/peer0.pt" in load_config_of(base, overrides).teacher.checkpoint
     result = train(small_config(tmp_path, "name=reference", f"exchange.transport={transport}", *overrides,
                                 base=base), "ray")
     assert_same_run(local_reference(base, *overrides), result)

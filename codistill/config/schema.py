@@ -8,17 +8,23 @@ a silently ignored setting. Range checks live in each dataclass's `__post_init__
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from codistill.config.search_space import parse_distribution
 from codistill.data import DATASETS
-from codistill.errors import check
+from codistill.errors import ConfigError, check
 from codistill.methods.base import MethodConfig
 from codistill.models import MODELS
 
 # ---------------------------------------------------------------------------------------------
 # Sections
+
+
+# A run's name is one folder under the storage path: never a path that leaves it.
+RUN_NAME = re.compile(r"[A-Za-z0-9_+=][A-Za-z0-9._+=-]*")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -75,6 +81,9 @@ class DataConfig:
 
     def __post_init__(self):
         DATASETS.get(self.name, "name")
+        root = os.path.expanduser(self.root)
+        check(not os.path.isfile(root), "root", f"{self.root!r} is a file; it must be the folder where data sets "
+              "are cached or found")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         check(self.train_subset >= 0, "train_subset", f"must be >= 0, got {self.train_subset}")
@@ -90,6 +99,10 @@ class TrainConfig:
     """Save every peer's state every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep (0: all)."""
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    """A loss that is NaN or infinite: `stop` the run (no checkpoint of the bad weights is
+    written; every good one is kept), or `skip_step` (drop that step's update and go on; this
+    checks every step, a GPU sync per step)."""
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -233,6 +246,9 @@ class ExperimentConfig:
     """The generations of `codistill born-again` (ignored by `codistill train`)."""
 
     def __post_init__(self):
+        check(RUN_NAME.fullmatch(self.name) is not None and self.name not in (".", ".."), "name",
+              f"must be one folder name (letters, digits, . _ - + =, not starting with . or -), got {self.name!r}")
+        check(0 <= self.seed < 2**53, "seed", f"must be in [0, 2**53), got {self.seed}")
         check(len(self.peers) >= 1, "peers", "needs at least one peer")
         from codistill.data import DATASETS
         data_kind = DATASETS[self.data.name].input_kind
@@ -246,9 +262,26 @@ class ExperimentConfig:
                   f"gives {data_kind}; models for {data_kind}: "
                   + ", ".join(sorted(n for n, m in MODELS.items() if m.input_kind == data_kind)))
         self.method.check(self.peers, self.teacher)
+        self._check_batches()
+        check(self.train.on_nonfinite == "stop" or self.ray.workers_per_peer == 1, "train.on_nonfinite",
+              "skip_step needs ray.workers_per_peer: 1 (data-parallel replicas must all take or all skip a step)")
         check(self.teacher is None or self.method.learns_from_teacher(), "teacher",
               f"is set, but method {self.method.name!r} learns from no teacher; remove `teacher:` or use a "
               "method that does (kd, fitnets, at, fsp), alone or in `method.also`")
+
+    def _check_batches(self) -> None:
+        """Every peer needs one whole batch of its examples (the last incomplete batch of an
+        epoch is dropped): checked here, before any run starts, where the data set's size is known."""
+        total = DATASETS[self.data.name].train_examples
+        if total is None:
+            return
+        examples = min(self.data.train_subset or total, total)
+        per_peer = examples // self.num_peers if self.data.shard else examples
+        if self.data.batch_size > per_peer:
+            where = f"the {per_peer} examples each peer's shard holds" if self.data.shard else f"the {per_peer} training examples"
+            fix = "lower data.batch_size" + (" or raise data.train_subset" if self.data.train_subset else "")
+            raise ConfigError("data.batch_size", f"{self.data.batch_size} is more than {where} of "
+                                                 f"{self.data.name!r}; {fix}")
 
     @property
     def num_peers(self) -> int:

@@ -73,14 +73,16 @@ class DatasetEntry:
     load: Callable[..., ArrayDataset]
     input_kind: str
     num_classes: int
+    train_examples: int | None = None
+    """Size of the training split, when known without loading it (checked against the batch size)."""
 
 
 DATASETS: Registry[DatasetEntry] = Registry("data set")
 
 
-def register_dataset(name: str, input_kind: str, num_classes: int):
+def register_dataset(name: str, input_kind: str, num_classes: int, train_examples: int | None = None):
     def decorator(fn):
-        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes))
+        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes, train_examples))
         return fn
     return decorator
 
@@ -102,7 +104,7 @@ def _save_atomically(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
-@register_dataset("mnist1d", input_kind="sequence", num_classes=10)
+@register_dataset("mnist1d", input_kind="sequence", num_classes=10, train_examples=4000)
 def mnist1d(root: Path, augment: bool, download: bool) -> ArrayDataset:
     """MNIST-1D (Greydanus 2020) with the package's default arguments: 4000 train / 1000 test,
     length 40. Generated locally from the package's templates, then cached."""
@@ -162,12 +164,12 @@ def _cifar(num_classes: int, root: Path, augment: bool, download: bool) -> Array
                         std=_CIFAR_STD[num_classes], augment=augment)
 
 
-@register_dataset("cifar10", input_kind="image", num_classes=10)
+@register_dataset("cifar10", input_kind="image", num_classes=10, train_examples=50000)
 def cifar10(root: Path, augment: bool, download: bool) -> ArrayDataset:
     return _cifar(10, root, augment, download)
 
 
-@register_dataset("cifar100", input_kind="image", num_classes=100)
+@register_dataset("cifar100", input_kind="image", num_classes=100, train_examples=50000)
 def cifar100(root: Path, augment: bool, download: bool) -> ArrayDataset:
     return _cifar(100, root, augment, download)
 
@@ -180,7 +182,7 @@ def _synthetic_sequences(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return templates[y] + 1.5 * torch.randn(n, 1, 40, generator=g), y
 
 
-@register_dataset("synthetic", input_kind="sequence", num_classes=10)
+@register_dataset("synthetic", input_kind="sequence", num_classes=10, train_examples=2000)
 def synthetic(root: Path, augment: bool, download: bool) -> ArrayDataset:
     """Noisy class templates shaped like MNIST-1D (1 × 40): for tests and benchmarks."""
     x, y = _synthetic_sequences(2000, seed=1)
@@ -188,7 +190,7 @@ def synthetic(root: Path, augment: bool, download: bool) -> ArrayDataset:
     return ArrayDataset(x, y, xt, yt, num_classes=10, input_kind="sequence")
 
 
-@register_dataset("synthetic_images", input_kind="image", num_classes=100)
+@register_dataset("synthetic_images", input_kind="image", num_classes=100, train_examples=1024)
 def synthetic_images(root: Path, augment: bool, download: bool) -> ArrayDataset:
     """Random CIFAR-shaped uint8 images, 100 classes: for timing image models, not accuracy."""
     g = torch.Generator().manual_seed(3)

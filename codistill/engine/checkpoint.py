@@ -6,6 +6,8 @@ tensors and containers only, never pickled code."""
 from __future__ import annotations
 
 import io
+import logging
+import re
 
 import torch
 
@@ -13,6 +15,8 @@ from codistill.storage import RunStorage
 
 META_FILE = "meta.pt"
 LOCAL_CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = re.compile(r"step_(\d{8})")
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_name(step: int) -> str:
@@ -49,11 +53,7 @@ class LocalCheckpoints:
         return f"{LOCAL_CHECKPOINT_DIR}/{checkpoint_name(step)}"
 
     def complete_steps(self) -> list[int]:
-        steps = []
-        for name in self.storage.list(LOCAL_CHECKPOINT_DIR):
-            if name.startswith("step_") and self.storage.exists(f"{LOCAL_CHECKPOINT_DIR}/{name}/{META_FILE}"):
-                steps.append(int(name[len("step_"):]))
-        return sorted(steps)
+        return [step for step, _ in checkpoint_folders(self.storage, [LOCAL_CHECKPOINT_DIR])]
 
     def newest(self) -> int | None:
         steps = self.complete_steps()
@@ -71,14 +71,25 @@ class LocalCheckpoints:
             self.storage.delete(self._dir(old))
 
 
-def newest_complete(storage: RunStorage, peer: int) -> str | None:
-    """The folder (relative to the run) of the run's newest checkpoint that holds `meta.pt` and
-    `peer`'s file: the local runner's under `checkpoints/`, Ray Train's at the run's top level."""
+def checkpoint_folders(storage: RunStorage, parents=(LOCAL_CHECKPOINT_DIR, "")) -> list[tuple[int, str]]:
+    """(step, folder relative to the run) of every complete checkpoint (its `meta.pt` written
+    last), oldest first: the local runner's under `checkpoints/`, Ray Train's at the run's top
+    level. Folders that are not ours (`step_latest`, a copy) are left alone, with a warning."""
     found = []
-    for parent in (LOCAL_CHECKPOINT_DIR, ""):
+    for parent in parents:
         for name in storage.list(parent or "."):
             folder = f"{parent}/{name}" if parent else name
-            if (name.startswith("step_") and name[len("step_"):].isdigit() and storage.exists(f"{folder}/{META_FILE}")
-                    and storage.exists(f"{folder}/{peer_file(peer)}")):
-                found.append((int(name[len("step_"):]), folder))
-    return max(found)[1] if found else None
+            match = CHECKPOINT_DIR.fullmatch(name)
+            if match is None:
+                if name.startswith("step_"):
+                    logger.warning("ignoring %s/%s: not a checkpoint folder name (step_NNNNNNNN)", storage.uri, folder)
+                continue
+            if storage.exists(f"{folder}/{META_FILE}"):
+                found.append((int(match.group(1)), folder))
+    return sorted(found)
+
+
+def newest_complete(storage: RunStorage, peer: int) -> str | None:
+    """The folder of the run's newest complete checkpoint that holds `peer`'s file."""
+    found = [folder for _, folder in checkpoint_folders(storage) if storage.exists(f"{folder}/{peer_file(peer)}")]
+    return found[-1] if found else None

@@ -12,6 +12,7 @@ import time
 import torch
 
 from codistill.engine.job import PeerJob, learning_rate
+from codistill.errors import RunError
 from codistill.methods import Signals
 from codistill.metrics import accuracy, evaluation_metrics
 from codistill.models.taps import capture_taps
@@ -60,8 +61,11 @@ def train_step(job: PeerJob, step: int) -> dict:
         record[source.timing] = record.get(source.timing, 0.0) + 1000 * (time.perf_counter() - source_started)
     loss, terms = job.method.loss(signals)
     peer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    peer.optimizer.step()
+    if job.train.on_nonfinite == "skip_step" and not torch.isfinite(loss).item():
+        record["skipped"] = True  # this step's update is dropped; the run goes on
+    else:
+        loss.backward()
+        peer.optimizer.step()
     # A record's step counts the updates done once it is written: this update is number step + 1.
     return {"step": step + 1, "peer": peer.index, "split": "train", "node": None, **terms,
             "lr": peer.optimizer.param_groups[0]["lr"], "step_ms": 1000 * (time.perf_counter() - started),
@@ -107,6 +111,26 @@ def peer_state(job: PeerJob, step: int) -> dict:
             "torch_rng": torch.get_rng_state()}
 
 
+class NonFiniteLoss(RunError):
+    pass
+
+
+def first_nonfinite(records: list[dict]) -> tuple[int, str, float] | None:
+    """(step, term, value) of the first non-finite loss term in `records`, or None. One check
+    of all the losses at once (a single GPU sync), then a closer look only when one is bad."""
+    losses = [r["loss"] for r in records if r["split"] == "train" and not r.get("skipped")]
+    if not losses or bool(torch.isfinite(torch.stack([torch.as_tensor(v).float() for v in losses])).all()):
+        return None
+    for r in records:
+        if r["split"] != "train" or r.get("skipped"):
+            continue
+        terms = [(k, v) for k, v in r.items() if isinstance(v, torch.Tensor) and k != "loss"] + [("loss", r["loss"])]
+        for name, value in terms:
+            if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+                return r["step"], name, float(torch.as_tensor(value).float().flatten()[0])
+    return None
+
+
 def _plain(record: dict) -> dict:
     # Loss terms stay tensors during training so a GPU is not synchronised every step.
     return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
@@ -125,17 +149,36 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
         start = state["step"]
     records: list[dict] = []
     metrics: dict = {}
+    unchecked = 0  # records not yet checked for a non-finite loss
+    last_checkpoint = start
     for step in range(start, cfg.steps):
         record = train_step(job, step)
         record["node"] = run.node
         records.append(record)
+        unchecked += 1
         done = step + 1
-        if peer.index == 0 and job.is_leader and (done % PROGRESS_EVERY == 0 or done == cfg.steps):
-            run.progress(done, {"loss": float(record["loss"])})
         checkpoint = done == cfg.steps or bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
         # Checkpoint steps are evaluated too, so every report carries the metrics (Tune's
         # schedulers read the objective from each one).
         evaluate = checkpoint or done % cfg.eval_every == 0
+        if done % PROGRESS_EVERY == 0 or evaluate:
+            # Divergence is looked for where the loop reports anyway, and always before a
+            # checkpoint: weights that went NaN never overwrite a good checkpoint.
+            bad = first_nonfinite(records[-unchecked:])
+            unchecked = 0
+            if bad is not None:
+                kept = (f"Nothing after step {last_checkpoint} was saved and every checkpoint up to it is kept: re-run "
+                        "the same command with --set train.on_nonfinite=skip_step to resume from it dropping such "
+                        "steps," if last_checkpoint else "No checkpoint was written yet: re-run with --set "
+                        "train.on_nonfinite=skip_step to drop such steps,")
+                raise NonFiniteLoss(f"peer {peer.index} diverged: its loss term {bad[1]!r} is {bad[2]} at step "
+                                    f"{bad[0]}. {kept} or start a new run (another name) with a smaller learning rate.")
+        if peer.index == 0 and job.is_leader and (done % PROGRESS_EVERY == 0 or done == cfg.steps):
+            run.progress(done, {"loss": float(record["loss"])})
+        if checkpoint and not bool(torch.stack([p.isfinite().all() for p in peer.network.parameters()]).all()):
+            # Skipped steps keep the weights, but a step with a finite loss can still blow them up.
+            raise NonFiniteLoss(f"peer {peer.index}'s weights are not finite at step {done}; nothing after step "
+                                f"{last_checkpoint} was saved. Start a new run (another name) with a smaller learning rate.")
         if evaluate:
             metrics, test_record = evaluate_peers(job, eval_batch_size, done)
             records.append({**test_record, "node": run.node})
@@ -147,4 +190,5 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
                        [_plain(r) for r in records] if checkpoint and job.is_leader else [])
             if checkpoint:
                 records = []
+                last_checkpoint = done
     return metrics

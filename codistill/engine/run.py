@@ -13,9 +13,11 @@ import pyarrow as pa
 import yaml
 
 from codistill.config import ConfigError, ExperimentConfig, dump_config, to_dict
+from codistill.engine.checkpoint import checkpoint_folders
+from codistill.engine.lease import RunLease
 from codistill.engine.teacher import resolve_teacher
 from codistill.metrics import consolidate_records, final_metrics, plot_accuracy, summary_text
-from codistill.storage import RunStorage, resolve_storage_path
+from codistill.storage import RunStorage, open_run_storage, resolve_storage_path, storage_errors
 
 CONFIG_FILE = "config.yaml"
 # What may change when a run is resumed: how long and where it runs, not what it trains.
@@ -36,21 +38,44 @@ class RunResult:
 
 
 def prepare_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
-    """Resolve the storage path, and store the config — or check it against the stored one
-    when the run already exists (re-running a name resumes it)."""
+    """Resolve the storage path and the teacher, and store the config — or check it against the
+    stored one when the run has trained (re-running a name resumes it). Everything that can be
+    checked before training is checked before anything is written."""
     cfg = replace(cfg, ray=replace(cfg.ray, storage_path=resolve_storage_path(cfg.ray.storage_path)))
-    cfg = resolve_teacher(cfg)  # before anything is written: a teacher that does not fit stops here
-    storage = RunStorage(cfg.ray.storage_path, cfg.name)
-    if storage.exists(CONFIG_FILE):
-        stored = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())
-        current = to_dict(cfg)
-        changed = [k for k in current if k not in RESUMABLE_SECTIONS and stored.get(k) != current[k]]
-        if changed:
-            raise ConfigError(changed[0], f"differs from the stored config of run {cfg.name!r} in "
-                              f"{storage.uri}; a run resumes only with the same {', '.join(changed)}. "
-                              "Choose another `name` to start a new run.")
-    storage.write_bytes(CONFIG_FILE, dump_config(cfg).encode())
+    storage = open_run_storage(cfg.ray.storage_path, cfg.name)
+    cfg = resolve_teacher(cfg)  # a teacher that does not fit stops here
+    trained = [step for step, _ in checkpoint_folders(storage)]
+    if trained and storage.exists(CONFIG_FILE):
+        check_resumable(cfg, yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode()), trained[-1], storage.uri)
+    # A run that stopped before its first checkpoint trained nothing that was kept: its stored
+    # config is simply replaced, so a failed start never locks the name.
+    with storage_errors("ray.storage_path", storage.uri):
+        storage.write_bytes(CONFIG_FILE, dump_config(cfg).encode())
     return cfg, storage
+
+
+def check_resumable(cfg: ExperimentConfig, stored: dict, trained: int, uri: str) -> None:
+    """A run resumes only with what it trained with: the same method, peers, data, seed and
+    teacher. `train.steps` may change only where no learning rate depends on it (a constant
+    schedule), and never below the steps already trained."""
+    current = to_dict(cfg)
+    changed = [k for k in current if k not in RESUMABLE_SECTIONS and stored.get(k) != current[k]]
+    if changed:
+        raise ConfigError(changed[0], f"differs from the stored config of run {cfg.name!r} in {uri}; a run "
+                          f"resumes only with the same {', '.join(changed)}. Choose another `name` to start a new run.")
+    before = stored.get("train", {}).get("steps")
+    if before is None or before == cfg.train.steps:
+        return
+    if cfg.train.steps < trained:
+        raise ConfigError("train.steps", f"run {cfg.name!r} has trained {trained} steps already; it cannot end at "
+                          f"{cfg.train.steps}. Choose another `name` for a shorter run.")
+    scheduled = [i for i, p in enumerate(cfg.peers) if p.optimizer.schedule != "constant"]
+    if scheduled:
+        raise ConfigError("train.steps", (
+            f"is {cfg.train.steps}, run {cfg.name!r} was started with {before}: the "
+            f"{cfg.peers[scheduled[0]].optimizer.schedule} learning-rate schedule of peers.{scheduled[0]} is a "
+            "function of train.steps, so the rate would jump at the resume step. Resume with "
+            f"train.steps={before}, or choose another `name`; only constant schedules can be extended."))
 
 
 def _refused_for_token(err: BaseException | None) -> bool:
@@ -116,17 +141,19 @@ def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[
 
 def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[int, dict], None] | None = None,
                     callbacks=()) -> RunResult:
-    """`train` once Ray is connected and its storage checked (a Tune trial: run_sweep did both)."""
-    cfg, storage = prepare_run(cfg)
-    if backend == "local":
-        from codistill.engine.local import run_local
+    """`train` once Ray is connected and its storage checked (a Tune trial: run_sweep did both).
+    The run's lease is held from before its first write to after its last."""
+    with RunLease(open_run_storage(cfg.ray.storage_path, cfg.name)):
+        cfg, storage = prepare_run(cfg)
+        if backend == "local":
+            from codistill.engine.local import run_local
 
-        run_local(cfg, storage, on_progress)
-    else:
-        from codistill.engine.ray_runner import run_ray
+            run_local(cfg, storage, on_progress)
+        else:
+            from codistill.engine.ray_runner import run_ray
 
-        run_ray(cfg, storage, on_progress, callbacks)
-    return finish_run(cfg, storage)
+            run_ray(cfg, storage, on_progress, callbacks)
+        return finish_run(cfg, storage)
 
 
 def finish_run(cfg: ExperimentConfig, storage: RunStorage) -> RunResult:

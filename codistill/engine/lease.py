@@ -1,0 +1,106 @@
+"""One writer per run name: a lease file in the run's folder, taken before anything is
+written and renewed while the run lives, so a second start of the same name — a scheduler
+retrying a job whose first attempt still runs — fails at once instead of interleaving its
+records and checkpoints with the first one's.
+
+It works on any storage the run can write (a shared file system or an object store): the
+lease is taken by writing it, waiting a moment and reading it back, so of two starts that race,
+the one whose write landed last keeps it and the other sees a token not its own. A lease is
+stale — and is taken over, with a warning — when it was not renewed for `TTL_S`, or when its
+holder is a process on this host that no longer exists (a run killed with kill -9).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from codistill.errors import RunError
+from codistill.storage import RunStorage
+
+LEASE_FILE = "lease.json"
+TTL_S = 60.0
+RENEW_S = 15.0
+SETTLE_S = 0.5
+logger = logging.getLogger(__name__)
+
+
+class RunLocked(RunError):
+    pass
+
+
+class RunLease:
+    def __init__(self, storage: RunStorage):
+        self.storage = storage
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        self.stop = threading.Event()
+        self.renewer: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.storage.read_bytes(LEASE_FILE))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write(self) -> None:
+        self.storage.write_bytes(LEASE_FILE, json.dumps({**self.holder, "renewed": time.time()}).encode())
+
+    def _stale(self, held: dict) -> bool:
+        if time.time() - held.get("renewed", 0) > TTL_S:
+            return True
+        if held.get("host") == self.holder["host"]:
+            try:
+                os.kill(int(held["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, KeyError):
+                return False
+        return False
+
+    def _refuse(self, held: dict) -> RunLocked:
+        return RunLocked(f"run {self.storage.uri} is being written by another process (host {held.get('host')}, "
+                         f"pid {held.get('pid')}, started {held.get('started')}, lease renewed "
+                         f"{time.time() - held.get('renewed', 0):.0f} s ago); wait for it to end, or choose another name")
+
+    def acquire(self) -> "RunLease":
+        held = self._read()
+        if held is not None and held.get("token") != self.holder["token"]:
+            if not self._stale(held):
+                raise self._refuse(held)
+            logger.warning("taking over the stale lease of run %s (host %s, pid %s, started %s)", self.storage.uri,
+                           held.get("host"), held.get("pid"), held.get("started"))
+        self._write()
+        time.sleep(SETTLE_S)  # a start that raced with this one has written by now
+        held = self._read()
+        if held is None or held.get("token") != self.holder["token"]:
+            raise self._refuse(held or {})
+        self.renewer = threading.Thread(target=self._renew, daemon=True, name="lease")
+        self.renewer.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self.stop.wait(RENEW_S):
+            try:
+                self._write()
+            except Exception as err:  # noqa: BLE001 — a missed renewal is retried; the run goes on
+                logger.warning("could not renew the lease of %s: %s", self.storage.uri, err)
+
+    def release(self) -> None:
+        self.stop.set()
+        if self.renewer is not None:
+            self.renewer.join()
+        held = self._read()
+        if held is not None and held.get("token") == self.holder["token"]:
+            self.storage.delete(LEASE_FILE)
+
+    def __enter__(self) -> "RunLease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
