@@ -37,11 +37,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar, update = _progress_bar(cfg.train.steps, cfg.name)
     try:
         result = train(cfg, args.backend, on_progress=update)
+    except (KeyboardInterrupt, SystemExit):  # Ray's own Ctrl-C handler ends its run with SystemExit
+        bar.close()
+        print(f"interrupted at step {bar.n}: {_saved_up_to(cfg)}; re-run the same command to resume.", file=sys.stderr)
+        return 130
     finally:
         bar.close()
     print(result.summary)
     print(f"records: {result.storage.uri}/records.parquet\nplot:    {result.plot_path}")
     return 0
+
+
+def _saved_up_to(cfg) -> str:
+    from codistill.engine.checkpoint import checkpoint_folders
+    from codistill.storage import RunStorage
+
+    try:
+        steps = [step for step, _ in checkpoint_folders(RunStorage(cfg.ray.storage_path, cfg.name))]
+    except Exception:  # noqa: BLE001 — the message must come out whatever the storage says
+        steps = []
+    return f"the run is saved up to step {steps[-1]} (its newest checkpoint)" if steps else "no checkpoint was written yet"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

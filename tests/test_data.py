@@ -85,9 +85,27 @@ def _write_cifar(root, num_classes: int, train: int = 20, test: int = 10):
         pickle.dump({meta[1]: [f"class{i}" for i in range(num_classes)]}, f)
 
 
+def _trust_tiny_cifar(monkeypatch, root, classes: int) -> None:
+    """Make torchvision's expected checksums those of the tiny files `_write_cifar` wrote."""
+    import hashlib
+
+    import torchvision
+
+    base = torchvision.datasets.CIFAR10 if classes == 10 else torchvision.datasets.CIFAR100
+    folder = root / base.base_folder
+
+    def md5(name):
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    monkeypatch.setattr(base, "train_list", [[n, md5(n)] for n, _ in base.train_list])
+    monkeypatch.setattr(base, "test_list", [[n, md5(n)] for n, _ in base.test_list])
+    monkeypatch.setattr(base, "meta", {**base.meta, "md5": md5(base.meta["filename"])})
+
+
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
-def test_cifar_loader_reads_torchvisions_on_disk_format(tmp_path, name, classes):
+def test_cifar_loader_reads_torchvisions_on_disk_format(tmp_path, monkeypatch, name, classes):
     _write_cifar(tmp_path, classes)
+    _trust_tiny_cifar(monkeypatch, tmp_path, classes)
     data = load_dataset(name, root=str(tmp_path))
     assert data.x_train.shape == (20, 3, 32, 32) and data.x_train.dtype == torch.uint8
     assert data.x_test.shape == (10, 3, 32, 32) and data.num_classes == classes
@@ -98,6 +116,38 @@ def test_cifar_loader_reads_torchvisions_on_disk_format(tmp_path, name, classes)
     assert torch.equal(x, x2)
     x3, _ = data.train_batch(torch.arange(8), torch.Generator().manual_seed(1))
     assert not torch.equal(x, x3)
+
+
+class Planted:
+    """A pickle that would run code when loaded (it touches a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cifar_files_that_fail_the_checksum_are_never_unpickled(tmp_path, monkeypatch):
+    import codistill.data.datasets as datasets
+    from codistill.errors import ConfigError
+
+    _write_cifar(tmp_path, 10)
+    _trust_tiny_cifar(monkeypatch, tmp_path, 10)
+    load_dataset("cifar10", root=str(tmp_path))  # verified once...
+    hashed = []
+    monkeypatch.setattr(datasets, "_md5", lambda path: hashed.append(path) or "x")
+    load_dataset("cifar10", root=str(tmp_path))
+    assert hashed == []  # ...then remembered by size and modification time
+    monkeypatch.undo()
+    _trust_tiny_cifar(monkeypatch, tmp_path, 10)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump(Planted(str(marker)), f)  # a planted file on a shared data cache
+    with pytest.raises(ConfigError) as info:
+        load_dataset("cifar10", root=str(tmp_path))
+    assert info.value.path == "data.root" and "checksum" in info.value.message and "data_batch_1" in info.value.message
+    assert not marker.exists()
 
 
 def test_missing_cifar_says_where_it_looked(tmp_path):

@@ -132,3 +132,52 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch
     dead = {**live, "host": socket.gethostname(), "pid": 2**22 + 12345, "renewed": time.time()}  # kill -9'd here
     lease_file.write_text(json.dumps(dead))
     assert train(cfg, "local").final["step"] == 20
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(tmp_path, caplog, damage):
+    reference = train(small_config(tmp_path, "name=whole"), "local")
+
+    def crash(step, metrics):
+        if step >= 100:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):  # checkpoints at 40 and 80, then the crash
+        train(small_config(tmp_path, "name=damaged"), "local", on_progress=crash)
+    newest = tmp_path / "damaged" / "checkpoints" / "step_00000080" / "peer1.pt"
+    if damage == "truncated":
+        newest.write_bytes(newest.read_bytes()[:100])
+    elif damage == "garbage":
+        newest.write_bytes(b"\x00not a checkpoint" * 50)
+    else:
+        newest.unlink()
+    resumed = train(small_config(tmp_path, "name=damaged"), "local")
+    assert "skipping the checkpoint at step 80" in caplog.text and "weights_only=False" not in caplog.text
+    assert resumed.final == reference.final  # resumed from step 40: nothing lost, nothing twice
+    steps = [r["step"] for r in resumed.records.to_pylist() if r["split"] == "train" and r["peer"] == 0]
+    assert steps == list(range(1, 121))
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path, backend):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [os.path.join(os.path.dirname(sys.executable), "codistill"), "train", f"{REPO}/configs/dml_mnist1d.yaml",
+            "--backend", backend, "--set", f"ray.storage_path={tmp_path}", "--set", "name=stopped",
+            "--set", "train.steps=100000", "--set", "train.checkpoint_every=100", "--set", "train.eval_every=100"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    deadline = time.monotonic() + 240
+    checkpoints = tmp_path / "stopped" / ("checkpoints" if backend == "local" else "")
+    while time.monotonic() < deadline and not any(checkpoints.glob("step_*/meta.pt")):
+        time.sleep(0.5)
+    assert any(checkpoints.glob("step_*/meta.pt")), "no checkpoint was written in time"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    last = err.strip().replace("\r", "\n").splitlines()[-1]
+    assert proc.returncode == 130, err[-2000:]
+    assert last.startswith("interrupted at step") and "saved up to step" in last and "re-run the same command" in last

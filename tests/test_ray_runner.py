@@ -194,3 +194,46 @@ def test_trainer_asks_ray_for_the_configured_placement(ray_local, make_config):
     scaling = trainer.scaling_config
     assert scaling.num_workers == 2 and scaling.use_gpu and scaling.placement_strategy == "PACK"
     assert scaling.resources_per_worker == {"GPU": 1.0, "CPU": 2.0}
+
+
+@pytest.mark.parametrize("per_worker, nodes, fits", [
+    ({"CPU": 1.0}, [{"CPU": 2.0}], 2),
+    ({"CPU": 1.0}, [{"CPU": 2.0}, {"CPU": 1.5}], 3),            # a worker lives on one node
+    ({"CPU": 1.0, "GPU": 1.0}, [{"CPU": 8.0, "GPU": 2.0}], 2),
+    ({"CPU": 0.5}, [{"CPU": 2.0}], 4),
+])
+def test_workers_that_fit_count_whole_workers_per_node(per_worker, nodes, fits):
+    from codistill.engine.ray_runner import workers_that_fit
+
+    assert workers_that_fit(per_worker, nodes) == fits
+
+
+def test_more_peers_than_a_fixed_instance_can_place_fail_before_any_worker_starts(ray_local, tmp_path):
+    import time
+
+    from codistill.config import ConfigError
+
+    cfg = small_config(tmp_path, "name=crowded", "peers=[{model: mnist1d_cnn}, {model: mnist1d_cnn}, "
+                       "{model: mnist1d_cnn}, {model: mnist1d_cnn}]")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        train(cfg, "ray")
+    assert time.monotonic() - started < 30
+    message = info.value.message
+    assert info.value.path == "ray.resources_per_peer" and "4 peers" in message and "holds 2" in message
+    assert "--backend local" in message and "fewer peers" in message
+
+
+def test_a_diverging_ray_run_stops_with_the_peer_step_and_term_and_keeps_its_checkpoints(ray_local, tmp_path):
+    from codistill.engine.checkpoint import checkpoint_folders, from_bytes
+    from codistill.engine.loop import NonFiniteLoss
+    from codistill.storage import RunStorage
+    from tests.test_faults import DIVERGES
+
+    with pytest.raises(NonFiniteLoss, match=r"peer \d diverged: its loss term '(ce|kl)' is nan at step \d+"):
+        train(small_config(tmp_path, "name=nan", *DIVERGES), "ray")
+    storage = RunStorage(str(tmp_path), "nan")
+    kept = checkpoint_folders(storage, [""])
+    assert kept
+    state = from_bytes(storage.read_bytes(f"{kept[-1][1]}/peer0.pt"))
+    assert all(t.isfinite().all() for t in state["model"].values())

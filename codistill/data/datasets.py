@@ -4,6 +4,8 @@ and the same (seed, step) gives the same batch on every peer."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import tempfile
@@ -14,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from codistill.errors import ConfigError
 from codistill.registry import Registry
 
 
@@ -135,12 +138,16 @@ def _cifar(num_classes: int, root: Path, augment: bool, download: bool) -> Array
     base = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
 
     class cls(base):  # noqa: N801
-        # torchvision hashes all 170 MB on every load; presence is enough here (a damaged file
-        # fails to unpickle anyway), and it lets the tests use a tiny set in the same format.
+        # The files are pickles: unpickling a planted one runs its code. So every file must match
+        # torchvision's checksum before anything is unpickled — hashed once, then remembered by
+        # size and modification time (torchvision hashes all 170 MB on every load).
         def _check_integrity(self) -> bool:
             folder = os.path.join(self.root, self.base_folder)
-            names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-            return all(os.path.exists(os.path.join(folder, name)) for name in names)
+            files = [*self.train_list, *self.test_list, (self.meta["filename"], self.meta["md5"])]
+            if not all(os.path.exists(os.path.join(folder, name)) for name, _ in files):
+                return False
+            verify_checksums(folder, files)
+            return True
 
         def _load_meta(self) -> None:
             with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
@@ -162,6 +169,54 @@ def _cifar(num_classes: int, root: Path, augment: bool, download: bool) -> Array
     return ArrayDataset(images(train), torch.tensor(train.targets), images(test), torch.tensor(test.targets),
                         num_classes=num_classes, input_kind="image", mean=_CIFAR_MEAN[num_classes],
                         std=_CIFAR_STD[num_classes], augment=augment)
+
+
+VERIFIED_FILE = ".codistill-verified.json"
+
+
+def _md5(path: str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksums(folder: str, files: list[tuple[str, str]]) -> None:
+    """Each (name, md5) in `folder` must have that checksum; a file verified before and unchanged
+    since (same size and modification time) is not hashed again. A mismatch is a ConfigError
+    naming `data.root`, raised before the file is read."""
+    cache_path = os.path.join(folder, VERIFIED_FILE)
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    changed = False
+    for name, expected in files:
+        path = os.path.join(folder, name)
+        stat = os.stat(path)
+        key = [stat.st_size, stat.st_mtime_ns, expected]
+        if cache.get(name) == key:
+            continue
+        if _md5(path) != expected:
+            raise ConfigError("data.root", f"{path} does not match torchvision's checksum, so it is not read (the "
+                              "files are pickles, and a planted one would run code): remove it and set "
+                              "data.download: true, or put the original file there")
+        cache[name] = key
+        changed = True
+    if changed:
+        try:  # best effort: a read-only data folder is verified again next time
+            _save_json_atomically(cache_path, cache)
+        except OSError:
+            pass
+
+
+def _save_json_atomically(path: str, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
 
 
 @register_dataset("cifar10", input_kind="image", num_classes=10, train_examples=50000)

@@ -93,3 +93,19 @@ def newest_complete(storage: RunStorage, peer: int) -> str | None:
     """The folder of the run's newest complete checkpoint that holds `peer`'s file."""
     found = [folder for _, folder in checkpoint_folders(storage) if storage.exists(f"{folder}/{peer_file(peer)}")]
     return found[-1] if found else None
+
+
+def newest_loadable(storage: RunStorage, folders: list[tuple[int, str]], num_peers: int) -> tuple[int, list[dict]] | None:
+    """The newest of `folders` ((step, folder), oldest first) whose every peer file loads, with
+    the peers' states — each worker asks for all peers', so all agree on one step. A damaged
+    checkpoint (truncated, not a checkpoint, a peer's file missing) is skipped with a warning
+    that says which and why; a run then resumes from the one before."""
+    for step, folder in reversed(folders):
+        try:
+            states = [from_bytes(storage.read_bytes(f"{folder}/{peer_file(k)}")) for k in range(num_peers)]
+        except Exception as err:  # noqa: BLE001 — any unreadable file disqualifies the checkpoint
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            logger.warning("skipping the checkpoint at step %d (%s/%s): %s", step, storage.uri, folder, reason)
+            continue
+        return step, states
+    return None

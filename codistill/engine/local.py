@@ -11,7 +11,8 @@ import torch
 
 from codistill.config import ExperimentConfig, to_dict
 from codistill.data import load_dataset
-from codistill.engine.checkpoint import LocalCheckpoints, meta_state
+from codistill.engine.checkpoint import (LOCAL_CHECKPOINT_DIR, LocalCheckpoints, checkpoint_folders, meta_state,
+                                         newest_loadable)
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
 from codistill.exchange import LocalGatherHub, LocalPublications
@@ -24,8 +25,10 @@ class _SharedRun:
         self.cfg = cfg
         self.storage = storage
         self.checkpoints = LocalCheckpoints(storage, cfg.train.keep_checkpoints)
-        self.resume_step = self.checkpoints.newest()
+        found = newest_loadable(storage, checkpoint_folders(storage, [LOCAL_CHECKPOINT_DIR]), cfg.num_peers)
+        self.resume_step, self.resume_states = found if found else (None, None)
         self.barrier = threading.Barrier(cfg.num_peers)
+        self.stop = threading.Event()
         self.on_progress = on_progress
         self.reports: list[dict] = []
 
@@ -42,7 +45,7 @@ class LocalRunContext(RunContext):
         if step is None:
             return None
         drop_records_after(self.shared.storage, peer, step)
-        return self.shared.checkpoints.load_peer(step, peer)
+        return self.shared.resume_states[peer]
 
     def report(self, step: int, metrics: dict, checkpoint: dict | None, records: list[dict]) -> None:
         shared = self.shared
@@ -54,6 +57,9 @@ class LocalRunContext(RunContext):
             if checkpoint is not None:
                 shared.checkpoints.commit(step, meta_state(step, to_dict(shared.cfg)))
             shared.reports.append(metrics)
+
+    def stopping(self) -> bool:
+        return self.shared.stop.is_set()
 
     def progress(self, step: int, metrics: dict) -> None:
         if self.shared.on_progress:
@@ -90,8 +96,19 @@ def run_local(cfg: ExperimentConfig, storage: RunStorage, on_progress=None) -> l
         threads = [threading.Thread(target=run_peer, args=(k,), name=f"peer{k}") for k in range(cfg.num_peers)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except KeyboardInterrupt:
+            # Ctrl-C reaches this thread only: stop the peers at their next step and release the
+            # ones waiting for each other, then let the interruption through.
+            shared.stop.set()
+            hub.abort()
+            publications.abort()
+            shared.barrier.abort()
+            for t in threads:
+                t.join()
+            raise
     finally:
         torch.set_num_threads(threads_before)
     if errors:

@@ -35,6 +35,10 @@ class RunContext:
     def progress(self, step: int, metrics: dict) -> None:
         pass
 
+    def stopping(self) -> bool:
+        """True once the run was asked to stop (Ctrl-C in the local runner)."""
+        return False
+
 
 PROGRESS_EVERY = 10
 
@@ -152,6 +156,8 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
     unchecked = 0  # records not yet checked for a non-finite loss
     last_checkpoint = start
     for step in range(start, cfg.steps):
+        if run.stopping():
+            raise KeyboardInterrupt(f"peer {peer.index} stopped at step {step}")
         record = train_step(job, step)
         record["node"] = run.node
         records.append(record)

@@ -24,7 +24,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from codistill.config import ConfigError, ExperimentConfig, load_config, to_dict
 from codistill.data import load_dataset
-from codistill.engine.checkpoint import META_FILE, checkpoint_name, from_bytes, meta_state, peer_file, to_bytes
+from codistill.engine.checkpoint import (CHECKPOINT_DIR, META_FILE, checkpoint_folders, checkpoint_name, meta_state,
+                                         newest_loadable, peer_file, to_bytes)
+from codistill.errors import RunError
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
 from codistill.exchange.collective import CollectiveExchange
@@ -53,7 +55,9 @@ class ProgressMailbox:
 
 
 class RayRunContext(RunContext):
-    def __init__(self, storage: RunStorage, peer: int, leader: bool, progress_mailbox, cfg_dict: dict):
+    def __init__(self, storage: RunStorage, peer: int, leader: bool, progress_mailbox, cfg_dict: dict,
+                 num_peers: int):
+        self.num_peers = num_peers
         self.storage = storage
         self.peer = peer
         self.leader = leader
@@ -65,12 +69,16 @@ class RayRunContext(RunContext):
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as folder:
-            with open(os.path.join(folder, peer_file(peer)), "rb") as f:
-                state = from_bytes(f.read())
+        # Ray's newest committed checkpoint, or the newest before it whose every peer file loads.
+        newest = int(CHECKPOINT_DIR.fullmatch(os.path.basename(checkpoint.path.rstrip("/"))).group(1))
+        folders = [(step, folder) for step, folder in checkpoint_folders(self.storage, [""]) if step <= newest]
+        found = newest_loadable(self.storage, folders, self.num_peers)
+        if found is None:
+            raise RunError(f"no checkpoint of {self.storage.uri} up to step {newest} loads; see the warnings above")
+        step, states = found
         if self.leader:
-            drop_records_after(self.storage, peer, state["step"])
-        return state
+            drop_records_after(self.storage, peer, step)
+        return states[peer]
 
     def report(self, step: int, metrics: dict, checkpoint: dict | None, records: list[dict]) -> None:
         if checkpoint is None and not records:
@@ -126,7 +134,8 @@ def ray_train_loop(loop_config: dict) -> None:
     job = make_job(cfg, peer_index, data, peer_schedules(cfg, len(data.y_train)), device, exchange, periodic,
                    replica=replica, replicas=replicas, data_parallel=data_parallel)
     storage = RunStorage(cfg.ray.storage_path, cfg.name)
-    run = RayRunContext(storage, peer_index, job.is_leader, loop_config["progress_mailbox"], loop_config["experiment"])
+    run = RayRunContext(storage, peer_index, job.is_leader, loop_config["progress_mailbox"], loop_config["experiment"],
+                        cfg.num_peers)
     train_peer(job, run, cfg.data.eval_batch_size)
 
 
@@ -195,15 +204,41 @@ def on_this_node(actor_class):
     return actor_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
 
 
+def workers_that_fit(per_worker: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many workers reserving `per_worker` the nodes (their total resources) can hold at once."""
+    needed = {name: amount for name, amount in per_worker.items() if amount > 0}
+    if not needed:
+        return 10**9
+    return sum(int(min(node.get(name, 0.0) / amount + 1e-9 for name, amount in needed.items())) for node in nodes)
+
+
+def check_placement(cfg: ExperimentConfig, per_worker: dict[str, float], nodes: list[dict[str, float]],
+                    fixed_size: bool) -> None:
+    """All K·M workers start together (Ray Train's placement group). On a fixed-size instance,
+    more than fit is an error before any worker starts; on a cluster an autoscaler may grow,
+    it is a warning that says what is pending."""
+    workers = cfg.num_peers * cfg.ray.workers_per_peer
+    fit = workers_that_fit(per_worker, nodes)
+    if fit >= workers:
+        return
+    have = ", ".join(f"{n.get('CPU', 0):g} CPU" + (f" + {n['GPU']:g} GPU" if n.get("GPU") else "") for n in nodes) or "no node"
+    asked = f"{cfg.num_peers} peers × {cfg.ray.workers_per_peer} worker(s), each reserving {per_worker}"
+    if fixed_size:
+        raise ConfigError("ray.resources_per_peer", (
+            f"{asked}, but this Ray instance ({have}) holds {fit} such workers at once and cannot grow. "
+            "Choose: fewer peers; ray.resources_per_peer with less per peer (e.g. {CPU: 0.5}); --backend local "
+            "(peers as threads); or a cluster (--address) with room or an autoscaler."))
+    logger.warning("%s; the cluster's nodes (%s) hold %d such workers now. The run waits until an autoscaler "
+                   "adds nodes (the workers are pending until then).", asked, have, fit)
+
+
 def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox, callbacks=()) -> TorchTrainer:
     replicas = cfg.ray.workers_per_peer
     cluster = ray.cluster_resources()
     per_worker = resources_per_worker(cfg, cluster)
-    missing = [name for name, amount in per_worker.items() if amount > 0 and cluster.get(name, 0) < amount]
-    if missing:
-        # Not an error: an autoscaler may still add the nodes that have them.
-        logger.warning("No node of the cluster offers %s right now; the peers wait until one does "
-                       "(resources per worker: %s).", ", ".join(missing), per_worker)
+    # A private local instance (no address given) has the size it was started with.
+    fixed_size = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
+    check_placement(cfg, per_worker, [n["Resources"] for n in ray.nodes() if n["Alive"]], fixed_size)
     use_gpu = per_worker.get("GPU", 0) > 0
     coordinators = []
     if cfg.exchange.transport == "object_store":
@@ -253,6 +288,14 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
     poller.start()
     try:
         return trainer.fit()
+    except ray.train.WorkerGroupError as err:
+        # A worker's own one-line error (the run diverged, a setting that fails in the worker)
+        # is the answer, not Ray's wrapping of it.
+        for failure in err.worker_failures.values():
+            cause = getattr(failure, "cause", None) or failure
+            if isinstance(cause, (RunError, ConfigError)):
+                raise cause from None
+        raise
     finally:
         stop.set()
         poller.join()

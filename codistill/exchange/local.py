@@ -48,6 +48,13 @@ class LocalPublications:
         self.num_peers = num_peers
         self.published: dict[int, dict[int, object]] = {}
         self.changed = threading.Condition()
+        self.aborted = False
+
+    def abort(self) -> None:
+        """Release peers waiting for a publication (they get none) when the run stops."""
+        with self.changed:
+            self.aborted = True
+            self.changed.notify_all()
 
     def exchange_for(self, peer: int) -> "LocalPeriodicExchange":
         return LocalPeriodicExchange(self)
@@ -77,6 +84,6 @@ class LocalPeriodicExchange(PeriodicExchange):
                 if found is not None:
                     return found, rounds[found]
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or store.aborted:
                     return None
                 store.changed.wait(remaining)
