@@ -46,13 +46,23 @@ def test_asha_stops_a_trial_that_cannot_learn(ray_local, tmp_path):
 
 
 def test_a_failing_trial_is_reported_with_its_error_and_the_sweep_goes_on(ray_local, tmp_path):
-    # A batch larger than MNIST-1D's 4000 training examples fails inside the workers.
+    # What the config can check is checked before any trial (a batch larger than the data set is
+    # refused at load); a data folder the workers cannot create fails inside one trial only.
+    unwritable = "/proc/codistill-cannot-create-this"
     cfg = sweep_config(tmp_path, "tune.num_samples=1", "tune.scheduler=fifo",
-                       "tune.space={data.batch_size: 'grid([5000, 100])'}")
+                       f"tune.space={{data.root: 'grid([{unwritable}, ~/.cache/codistill])'}}")
     result = run_sweep(cfg)
-    rows = {r["param:data.batch_size"]: r for r in result.table.to_pylist()}
-    assert rows[5000]["status"] == "ERROR" and "batch_size" in rows[5000]["error"]
-    assert rows[100]["status"] == "TERMINATED" and rows[100]["objective"] > 0.2
+    rows = {r["param:data.root"]: r for r in result.table.to_pylist()}
+    assert rows[unwritable]["status"] == "ERROR" and "codistill-cannot-create-this" in rows[unwritable]["error"]
+    assert rows["~/.cache/codistill"]["status"] == "TERMINATED" and rows["~/.cache/codistill"]["objective"] > 0.2
     best = yaml.safe_load((tmp_path / cfg.name / BEST_FILE).read_text())
-    assert best["data"]["batch_size"] == 100
+    assert best["data"]["root"] == "~/.cache/codistill"
     assert "ERROR" in result.summary
+
+
+def test_a_space_value_the_config_refuses_is_refused_before_any_trial(tmp_path):
+    from codistill.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        sweep_config(tmp_path, "tune.space={data.batch_size: 'grid([5000, 100])'}")
+    assert info.value.path == "tune.space.data.batch_size" and "4000 training examples" in info.value.message

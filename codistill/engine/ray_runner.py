@@ -236,9 +236,6 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox, c
     replicas = cfg.ray.workers_per_peer
     cluster = ray.cluster_resources()
     per_worker = resources_per_worker(cfg, cluster)
-    # A private local instance (no address given) has the size it was started with.
-    fixed_size = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
-    check_placement(cfg, per_worker, [n["Resources"] for n in ray.nodes() if n["Alive"]], fixed_size)
     use_gpu = per_worker.get("GPU", 0) > 0
     coordinators = []
     if cfg.exchange.transport == "object_store":
@@ -271,6 +268,10 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox, c
 
 def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callbacks=()):
     """Train all peers of `cfg` on the Ray cluster this process is connected to."""
+    # A private local instance (no address given) has the size it was started with.
+    fixed_size = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
+    check_placement(cfg, resources_per_worker(cfg, ray.cluster_resources()),
+                    [n["Resources"] for n in ray.nodes() if n["Alive"]], fixed_size)
     progress_mailbox = on_this_node(ProgressMailbox).remote()
     trainer = make_trainer(cfg, storage, progress_mailbox, callbacks)
     stop = threading.Event()

@@ -143,7 +143,10 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
                     callbacks=()) -> RunResult:
     """`train` once Ray is connected and its storage checked (a Tune trial: run_sweep did both).
     The run's lease is held from before its first write to after its last."""
-    with RunLease(open_run_storage(cfg.ray.storage_path, cfg.name)):
+    cfg = replace(cfg, ray=replace(cfg.ray, storage_path=resolve_storage_path(cfg.ray.storage_path)))
+    storage = open_run_storage(cfg.ray.storage_path, cfg.name)
+    cfg = resolve_teacher(cfg)  # a teacher that does not fit stops the run before even the lease is written
+    with RunLease(storage):
         cfg, storage = prepare_run(cfg)
         if backend == "local":
             from codistill.engine.local import run_local
