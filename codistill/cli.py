@@ -23,10 +23,18 @@ def _progress_bar(total: int, initial_text: str):
     return bar, update
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set values, plus --import modules appended to the config's `imports`."""
+    overrides = list(args.set or [])
+    if args.imports:
+        overrides.append(f"imports+={','.join(args.imports)}")
+    return overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from codistill.engine.run import connect_ray, train
 
-    overrides = list(args.set or [])
+    overrides = _overrides(args)
     if args.address:
         overrides.append(f"ray.address={args.address}")
     cfg = load_config(args.config, overrides)
@@ -80,7 +88,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from codistill.engine.run import connect_ray
     from codistill.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
 
-    overrides = list(args.set or [])
+    overrides = _overrides(args)
     for flag, key in ((args.samples, "num_samples"), (args.max_concurrent, "max_concurrent"),
                       (args.scheduler, "scheduler"), (args.search, "search")):
         if flag is not None:
@@ -107,7 +115,7 @@ def cmd_born_again(args: argparse.Namespace) -> int:
     from codistill.born_again import GENERATIONS_FILE, run_generations
     from codistill.engine.run import connect_ray
 
-    overrides = list(args.set or [])
+    overrides = _overrides(args)
     if args.generations is not None:
         overrides.append(f"born_again.generations={args.generations}")
     if args.address:
@@ -133,8 +141,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    imports = argparse.ArgumentParser(add_help=False)
+    imports.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                         help="import MODULE first (where your own models, data sets or methods register); "
+                              "added to the config's `imports`, so every Ray worker imports it too")
 
-    p = sub.add_parser("train", help="train the peers of a config")
+    p = sub.add_parser("train", help="train the peers of a config", parents=[imports])
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set method.temperature=3 --set peers.*.optimizer.lr=0.05")
@@ -144,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", help="search distillation settings with Ray Tune (the config's `tune:` section)")
+    p = sub.add_parser("tune", help="search distillation settings with Ray Tune (the config's `tune:` section)", parents=[imports])
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--samples", type=int, help="trials to sample (tune.num_samples)")
@@ -155,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("born-again", help="born-again networks: N generations, each taught by the one before")
+    p = sub.add_parser("born-again", help="born-again networks: N generations, each taught by the one before", parents=[imports])
     p.add_argument("config", help="YAML config with a `born_again:` section (see configs/born_again_mnist1d.yaml)")
     p.add_argument("--generations", type=int, help="generations in all (born_again.generations)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")

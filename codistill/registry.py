@@ -17,12 +17,29 @@ class Registry(Generic[Entry]):
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._from_user: set[str] = set()
 
-    def add(self, name: str, entry: Entry) -> Entry:
+    def add(self, name: str, entry: Entry, origin: str = "") -> Entry:
+        """Register `entry`; `origin` is the module of the code behind it (codistill's own
+        entries come from `codistill.…`; everything else is the user's, shipped with a run)."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = entry
+        if origin and not (origin == "codistill" or origin.startswith("codistill.")):
+            self._from_user.add(name)
         return entry
+
+    def user_entries(self) -> dict[str, Entry]:
+        """What user code registered (in a script's __main__, a module beside it, a package):
+        the runners ship these to every worker, which imports codistill afresh."""
+        return {name: self._entries[name] for name in sorted(self._from_user)}
+
+    def adopt(self, entries: dict[str, Entry]) -> None:
+        """Register entries shipped from the driver, unless this process has them already."""
+        for name, entry in entries.items():
+            if name not in self._entries:
+                self._entries[name] = entry
+                self._from_user.add(name)
 
     def get(self, name: str, key: str = "") -> Entry:
         """The entry of `name`; an unknown name is a ConfigError at `key` listing the names."""

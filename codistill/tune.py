@@ -63,8 +63,10 @@ def run_trial(trial: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from codistill.engine.registrations import adopt_registrations
     from codistill.engine.run import train_connected
 
+    adopt_registrations(trial["registrations"])  # a trial's process imports codistill afresh
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(trial["base"], trial["params"], trial_id, trial["runs_path"])
     train_connected(cfg, "ray", callbacks=[TuneReportCallback()])  # run_sweep checked the storage, once
@@ -115,6 +117,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     if settings is None or not settings.space:
         raise ValueError("the config has no `tune.space` to search")
     from codistill.engine.ray_runner import check_shared_storage
+    from codistill.engine.registrations import user_registrations
 
     storage_path = resolve_storage_path(cfg.ray.storage_path)
     check_shared_storage(storage_path)  # before any trial writes: every node must see the runs
@@ -131,7 +134,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
         # trial's peers reserve their own CPUs/GPUs through Ray Train's placement group, and
         # `max_concurrent` bounds how many peer groups are asked for at once.
         ray.tune.with_resources(run_trial, {"CPU": 0, "memory": DRIVER_MEMORY}),
-        param_space={"base": base, "runs_path": storage.uri + "/runs",
+        param_space={"base": base, "runs_path": storage.uri + "/runs", "registrations": user_registrations(),
                      "params": {key: to_tune_domain(text, key) for key, text in settings.space.items()}},
         tune_config=ray.tune.TuneConfig(metric=objective, mode="max", num_samples=settings.num_samples,
                                         max_concurrent_trials=settings.max_concurrent, scheduler=scheduler,

@@ -66,3 +66,21 @@ def test_a_space_value_the_config_refuses_is_refused_before_any_trial(tmp_path):
     with pytest.raises(ConfigError) as info:
         sweep_config(tmp_path, "tune.space={data.batch_size: 'grid([5000, 100])'}")
     assert info.value.path == "tune.space.data.batch_size" and "4000 training examples" in info.value.message
+
+
+from torch import nn  # noqa: E402
+
+from codistill import register_model  # noqa: E402
+
+
+@register_model("test_tune_user_mlp", input_kind="sequence")
+def user_mlp(num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+def test_a_trial_trains_a_model_the_users_code_registered(ray_local, tmp_path):
+    # Tune runs each trial in a process that imports codistill afresh: the registration is shipped.
+    cfg = sweep_config(tmp_path, "tune.num_samples=1", "tune.scheduler=fifo", "peers.*.model=test_tune_user_mlp",
+                       "tune.space={method.temperature: 'grid([2.0])'}")
+    rows = run_sweep(cfg).table.to_pylist()
+    assert rows[0]["status"] == "TERMINATED" and rows[0]["objective"] > 0.2, rows

@@ -132,6 +132,9 @@ def apply_override(data: dict, assignment: str) -> dict:
     """Apply one `key.path=value` override to plain config data (value parsed as YAML)."""
     if "=" not in assignment:
         raise ConfigError(assignment, "an override must look like key.path=value")
+    if assignment.startswith("imports+="):  # the CLI's --import: add to the config's list
+        data["imports"] = [*(data.get("imports") or []), *assignment.split("=", 1)[1].split(",")]
+        return data
     key, raw = assignment.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""

@@ -85,7 +85,7 @@ DATASETS: Registry[DatasetEntry] = Registry("data set")
 
 def register_dataset(name: str, input_kind: str, num_classes: int, train_examples: int | None = None):
     def decorator(fn):
-        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes, train_examples))
+        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes, train_examples), getattr(fn, "__module__", ""))
         return fn
     return decorator
 
@@ -95,6 +95,10 @@ def load_dataset(name: str, root: str = "~/.cache/codistill", augment: bool = Tr
     data = DATASETS.get(name, "data.name").load(root=Path(os.path.expanduser(root)), augment=augment, download=download)
     if train_subset:
         data.x_train, data.y_train = data.x_train[:train_subset], data.y_train[:train_subset]
+    for split, labels in (("training", data.y_train), ("test", data.y_test)):
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= data.num_classes):
+            raise ConfigError("data.name", f"data set {name!r} has {split} labels from {int(labels.min())} to "
+                              f"{int(labels.max())}, but {data.num_classes} classes (labels 0..{data.num_classes - 1})")
     return data
 
 

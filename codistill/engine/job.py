@@ -14,6 +14,7 @@ from torch import nn
 
 from codistill.config import ExperimentConfig, OptimizerConfig, PeerSpec, TrainConfig
 from codistill.data import ArrayDataset, BatchSchedule
+from codistill.errors import ConfigError
 from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
 from codistill.engine.stale_peers import StalePeers
 from codistill.engine.teacher import load_teacher
@@ -115,7 +116,29 @@ def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device
         shapes = {"own": tap_shapes(base, paths, example),
                   "teacher": teacher.tap_shapes(example) if teacher is not None else {}}
         network = method.build_network(base, spec.model, shapes).to(device)
+    check_output(network, method, spec.model, index, example.to(device), data.num_classes)
     return Peer(index, spec, base, network, make_optimizer(spec.optimizer, network.parameters()))
+
+
+@torch.no_grad()
+def check_output(network: nn.Module, method: Method, model: str, index: int, example: torch.Tensor,
+                 num_classes: int) -> None:
+    """A classifier must give [batch, num_classes] logits: said at start-up, naming the peer's model,
+    instead of a shape error deep inside a loss."""
+    was_training = network.training
+    network.eval()
+    try:
+        logits = method.logits(network(example))
+    except Exception as err:  # noqa: BLE001 — the model cannot even take the data's input
+        raise ConfigError(f"peers.{index}.model", f"model {model!r} fails on a batch of the data "
+                          f"{list(example.shape)}: {str(err).strip().splitlines()[0][:200]}") from None
+    finally:
+        network.train(was_training)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (example.shape[0], num_classes):
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(f"peers.{index}.model", f"model {model!r} returns {got} for a batch of "
+                          f"{example.shape[0]}; a peer must return logits [batch, num_classes] = "
+                          f"[{example.shape[0]}, {num_classes}]")
 
 
 def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedules: list[BatchSchedule],

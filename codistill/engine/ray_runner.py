@@ -29,6 +29,7 @@ from codistill.engine.checkpoint import (CHECKPOINT_DIR, META_FILE, checkpoint_f
 from codistill.errors import RunError
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
+from codistill.engine.registrations import adopt_registrations, user_registrations
 from codistill.exchange.collective import CollectiveExchange
 from codistill.exchange.object_store import (GatherCoordinator, ObjectStoreExchange, ObjectStorePeriodicExchange,
                                              PublicationCoordinator)
@@ -111,7 +112,10 @@ def _data_parallel_groups(num_peers: int, replicas: int, peer: int, replica: int
 
 def ray_train_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker."""
-    cfg: ExperimentConfig = load_config(loop_config["experiment"])  # imports the config's `imports` here too
+    # The worker imports codistill afresh: what the user registered (even in a script's
+    # __main__) arrives with the run, and the config's `imports` are imported by load_config.
+    adopt_registrations(loop_config["registrations"])
+    cfg: ExperimentConfig = load_config(loop_config["experiment"])
     context = ray.train.get_context()
     replicas = cfg.ray.workers_per_peer
     peer_index, replica = divmod(context.get_world_rank(), replicas)
@@ -245,6 +249,7 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox, c
         publications = on_this_node(PublicationCoordinator).remote(cfg.num_peers)
     loop_config = {
         "experiment": to_dict(cfg),
+        "registrations": user_registrations(),
         "publication_coordinator": publications,
         "threads_per_worker": max(1, int(per_worker.get("CPU", 1))),
         "gather_coordinators": coordinators,

@@ -262,7 +262,7 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 def register_method(name: str):
     def decorator(cls: type[Method]):
-        METHODS.add(name, cls)
+        METHODS.add(name, cls, cls.__module__)
         return cls
     return decorator
 

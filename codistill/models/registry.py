@@ -44,7 +44,7 @@ MODELS: Registry[ModelEntry] = Registry("model")
 
 def register_model(name: str, input_kind: str, branch_point: int | None = None, taps: dict[str, str] | None = None):
     def decorator(fn: Callable[[int], nn.Module]):
-        MODELS.add(name, ModelEntry(fn, input_kind, branch_point, dict(taps or {})))
+        MODELS.add(name, ModelEntry(fn, input_kind, branch_point, dict(taps or {})), getattr(fn, "__module__", ""))
         return fn
     return decorator
 
