@@ -70,3 +70,66 @@ def test_the_example_trains_its_own_model_and_data_identically_on_both_runners(t
     assert out.returncode == 0, out.stderr[-3000:]
     assert "identical: True" in out.stdout
     assert (tmp_path / "own-ray" / "records.parquet").exists()
+
+
+def sequences(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 5, (n,), generator=g)
+    return torch.randn(5, 1, 40, generator=torch.Generator().manual_seed(9))[y] + torch.randn(n, 1, 40, generator=g), y
+
+
+def test_train_takes_your_tensors_or_a_dataset_and_records_which(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    train_split, test_split = sequences(400, 1), sequences(100, 2)
+    cfg = quick(tmp_path, train={"steps": 60, "eval_every": 30, "checkpoint_every": 30})
+    from_tensors = train(cfg, "local", data=(train_split, test_split))
+    name = from_tensors.config.data.name
+    assert name.startswith("given-") and f"name: {name}" in from_tensors.storage.read_bytes("config.yaml").decode()
+    from_datasets = train(load_config({**__import__("codistill").config.to_dict(cfg), "name": "ds"}), "local",
+                          data=(TensorDataset(*train_split), TensorDataset(*test_split)))
+    assert from_datasets.config.data.name == name  # the same content, the same data set
+    assert from_datasets.final == from_tensors.final  # and the same (seed, step) → batch schedule
+    assert from_tensors.final["ensemble_accuracy"] > 0.5  # 5 classes: chance is 0.2
+    with pytest.raises(ConfigError):  # resuming a run with other data is refused
+        train(cfg, "local", data=(sequences(400, 3), test_split))
+
+
+def write_image_folder(root, classes=("cat", "dog", "eel"), train=8, test=4):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", train), ("test", test)):
+        for k, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = (torch.rand(36, 40, 3, generator=g) * 80 + 60 * k).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def test_an_image_folder_trains_like_cifar(tmp_path):
+    from codistill.data import load_dataset
+
+    write_image_folder(tmp_path / "pets")
+    data = load_dataset("imagefolder", root=str(tmp_path / "pets"))
+    assert data.x_train.shape == (24, 3, 32, 32) and data.x_train.dtype == torch.uint8
+    assert data.num_classes == 3 and data.y_train.tolist() == [0] * 8 + [1] * 8 + [2] * 8  # sorted class folders
+    x, _ = data.train_batch(torch.arange(8), torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and abs(float(x.mean())) < 1.0  # normalised, augmented
+    cfg = load_config({"name": "pets", "method": {"name": "dml"}, "peers": [{"model": "resnet20"}] * 2,
+                       "data": {"name": "imagefolder", "root": str(tmp_path / "pets"), "batch_size": 8},
+                       "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2},
+                       "ray": {"storage_path": str(tmp_path / "runs")}})
+    assert train(cfg, "local").final["step"] == 4
+    with pytest.raises(ConfigError) as info:
+        load_dataset("imagefolder", root=str(tmp_path))
+    assert info.value.path == "data.root" and "train/ and test/" in info.value.message
+
+
+@pytest.mark.ray
+def test_given_data_reaches_the_ray_workers_and_trains_exactly_as_locally(ray_local, tmp_path):
+    cfg = quick(tmp_path, train={"steps": 40, "eval_every": 20, "checkpoint_every": 20})
+    data = (sequences(400, 1), sequences(100, 2))
+    local = train(cfg, "local", data=data)
+    on_ray = train(load_config({**__import__("codistill").config.to_dict(cfg), "name": "on-ray"}), "ray", data=data)
+    assert on_ray.final == local.final

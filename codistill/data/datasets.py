@@ -35,7 +35,7 @@ class ArrayDataset:
     """Random crop (pad 4) and horizontal flip, the standard CIFAR augmentation."""
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_kind != "image":
+        if self.input_kind != "image" or x.is_floating_point():  # sequences, and images given as floats
             return x
         x = x.float().div_(255)
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
@@ -75,7 +75,8 @@ def _crop_and_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) ->
 class DatasetEntry:
     load: Callable[..., ArrayDataset]
     input_kind: str
-    num_classes: int
+    num_classes: int | None
+    """None: known only from the data (an image folder's class folders)."""
     train_examples: int | None = None
     """Size of the training split, when known without loading it (checked against the batch size)."""
 
@@ -83,7 +84,7 @@ class DatasetEntry:
 DATASETS: Registry[DatasetEntry] = Registry("data set")
 
 
-def register_dataset(name: str, input_kind: str, num_classes: int, train_examples: int | None = None):
+def register_dataset(name: str, input_kind: str, num_classes: int | None, train_examples: int | None = None):
     def decorator(fn):
         DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes, train_examples), getattr(fn, "__module__", ""))
         return fn
@@ -256,4 +257,42 @@ def synthetic_images(root: Path, augment: bool, download: bool) -> ArrayDataset:
     x = torch.randint(0, 256, (1024, 3, 32, 32), generator=g, dtype=torch.uint8)
     return ArrayDataset(x, torch.randint(0, 100, (1024,), generator=g), x[:256], torch.randint(0, 100, (256,), generator=g),
                         num_classes=100, input_kind="image", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                        augment=augment)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def _image_folder(folder: Path, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((folder / name).iterdir()) if (folder / name).is_dir() else []:
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                with Image.open(path) as image:
+                    pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+                images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+                labels.append(label)
+    if not images:
+        raise ConfigError("data.root", f"{folder} holds no images in class folders ({', '.join(IMAGE_SUFFIXES)})")
+    return torch.stack(images), torch.tensor(labels)
+
+
+@register_dataset("imagefolder", input_kind="image", num_classes=None)
+def imagefolder(root: Path, augment: bool, download: bool) -> ArrayDataset:
+    """A local folder in torchvision's ImageFolder layout under `data.root`: `train/<class>/*.png`
+    and `test/<class>/*.png` (or `val/`), classes in sorted order, images resized to 32×32 (what
+    the CIFAR ResNets take), normalised with the training set's channel means and deviations, with
+    the same crop + flip augmentation as CIFAR. Held in memory as uint8, like CIFAR."""
+    test_name = "test" if (root / "test").is_dir() else "val"
+    if not (root / "train").is_dir() or not (root / test_name).is_dir():
+        raise ConfigError("data.root", f"{root} needs train/ and test/ (or val/) folders of class folders "
+                                       "(torchvision's ImageFolder layout)")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    x, y = _image_folder(root / "train", classes, 32)
+    x_test, y_test = _image_folder(root / test_name, classes, 32)
+    pixels = x.float().div(255)
+    return ArrayDataset(x, y, x_test, y_test, num_classes=len(classes), input_kind="image",
+                        mean=tuple(pixels.mean((0, 2, 3)).tolist()), std=tuple(pixels.std((0, 2, 3)).tolist()),
                         augment=augment)

@@ -127,9 +127,16 @@ def disconnect_ray() -> None:
 
 
 def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[int, dict], None] | None = None,
-          callbacks=()) -> RunResult:
+          callbacks=(), data=None) -> RunResult:
+    """Train the peers of `cfg` on the `local` or the `ray` backend. `data`: your own data
+    instead of `cfg.data.name` — an ArrayDataset, or (train, test), each (x, y) tensors or a
+    map-style Dataset (see `codistill.data.given`)."""
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if data is not None:
+        from codistill.data.given import register_given
+
+        cfg = replace(cfg, data=replace(cfg.data, name=register_given(data)))  # validated against the peers
     if backend == "ray":
         from codistill.engine.ray_runner import check_shared_storage
 

@@ -54,7 +54,9 @@ def resolve_teacher(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.teacher is None:
         return cfg
     cfg = replace(cfg, teacher=resolve_teacher_config(cfg.teacher, cfg.ray.storage_path))  # validated again
-    load_teacher(cfg.teacher, DATASETS[cfg.data.name].num_classes, torch.device("cpu"))
+    classes = DATASETS[cfg.data.name].num_classes
+    if classes is not None:  # else known only from the data: checked where the workers load it
+        load_teacher(cfg.teacher, classes, torch.device("cpu"))
     return cfg
 
 
