@@ -7,7 +7,9 @@ import copy
 import importlib
 import dataclasses
 import math
+import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -209,7 +211,15 @@ def import_modules(modules) -> None:
         raise ConfigError("imports", f"expected a list of module names, got {modules!r}")
     for i, module in enumerate(modules):
         try:
-            importlib.import_module(str(module))
+            try:
+                importlib.import_module(str(module))
+            except ModuleNotFoundError:
+                # As `python -m` would: a module beside the user, in the working directory (the
+                # `codistill` command's own sys.path starts at its script's folder instead).
+                if os.getcwd() in sys.path:
+                    raise
+                sys.path.append(os.getcwd())
+                importlib.import_module(str(module))
         except ImportError as err:
             raise ConfigError(f"imports.{i}", f"cannot import {module!r}: {err}") from None
 
