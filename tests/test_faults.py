@@ -99,7 +99,7 @@ def test_two_starts_of_one_run_name_at_once_one_runs_and_the_other_is_refused(tm
     codes = sorted(code for code, _ in outcomes)
     assert codes == [0, 1], outcomes
     refused = next(err for code, err in outcomes if code == 1).strip().splitlines()[-1]
-    assert "is being written by another process" in refused and f"pid" in refused and "host" in refused
+    assert "is being written by another process" in refused and "pid" in refused and "host" in refused
     from codistill.metrics import read_records
     from codistill.storage import RunStorage
 
