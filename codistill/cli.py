@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from codistill.config import ConfigError, dump_config, load_config
@@ -47,13 +48,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, args.backend, on_progress=update)
     except (KeyboardInterrupt, SystemExit):  # Ray's own Ctrl-C handler ends its run with SystemExit
         bar.close()
-        print(f"interrupted at step {bar.n}: {_saved_up_to(cfg)}; re-run the same command to resume.", file=sys.stderr)
-        return 130
+        print(f"interrupted at step {bar.n}: {_saved_up_to(cfg)}; re-run the same command to resume.",
+              file=sys.stderr, flush=True)
+        _leave_after_interrupt(130)
     finally:
         bar.close()
     print(result.summary)
     print(f"records: {result.storage.uri}/records.parquet\nplot:    {result.plot_path}")
     return 0
+
+
+def _leave_after_interrupt(code: int) -> None:
+    """Exit at once after Ctrl-C. Interrupted threads (torch's pools, Ray's) may still be winding
+    down, and C++ destructors at a normal interpreter exit can then abort the process and hide the
+    exit code; so stop the Ray instance this process started (atexit would have), flush, and go."""
+    from codistill.engine.run import disconnect_ray
+
+    try:
+        disconnect_ray()  # a no-op when this process runs no Ray
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _saved_up_to(cfg) -> str:
