@@ -21,6 +21,13 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.path}" if self.path else prefix, self.message)
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a one-line error: its message's first line, or its type's
+    name when it has no message."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__
+
+
 def check(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError(key, message) unless `condition` holds."""
     if not condition:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from codistill.errors import ConfigError
+from codistill.errors import ConfigError, first_line
 
 # How long the first call to a run's storage may take before the run gives up with a one-line
 # error: an unreachable bucket otherwise hangs in the filesystem's own retries for minutes.
@@ -34,11 +34,6 @@ def read_uri(uri: str) -> bytes:
         return stream.read()
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
-
-
 @contextmanager
 def storage_errors(key: str, uri: str):
     """Filesystem failures (no permission, a file where a folder should be, …) as one-line
@@ -46,7 +41,7 @@ def storage_errors(key: str, uri: str):
     try:
         yield
     except (OSError, pa.ArrowException) as err:
-        raise ConfigError(key, f"cannot use {uri}: {_first_line(err)}") from None
+        raise ConfigError(key, f"cannot use {uri}: {first_line(err)}") from None
 
 
 def within_time(fn, seconds: float, key: str, uri: str):
@@ -68,7 +63,7 @@ def within_time(fn, seconds: float, key: str, uri: str):
     if "error" in result:
         err = result["error"]
         if isinstance(err, (OSError, pa.ArrowException)):
-            raise ConfigError(key, f"cannot use {uri}: {_first_line(err)}") from None
+            raise ConfigError(key, f"cannot use {uri}: {first_line(err)}") from None
         raise err
     return result.get("value")
 
@@ -81,7 +76,7 @@ def open_run_storage(storage_path: str, name: str, key: str = "ray.storage_path"
         storage = RunStorage(uri, name)
     except (pa.ArrowException, ValueError) as err:
         scheme = uri.split("://", 1)[0]
-        raise ConfigError(key, f"{uri!r}: unknown storage scheme {scheme!r} ({_first_line(err)}); use a local "
+        raise ConfigError(key, f"{uri!r}: unknown storage scheme {scheme!r} ({first_line(err)}); use a local "
                                "path, s3://bucket/prefix, gs://bucket/prefix or hdfs://…") from None
     within_time(lambda: storage.exists("."), STORAGE_TIMEOUT_S, key, storage.uri)
     return storage

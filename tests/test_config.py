@@ -241,3 +241,11 @@ def test_every_override_a_config_documents_loads(path):
     teacher = [f"teacher.model={stand_in}"] if base.teacher is not None else []
     for override in re.findall(r"--set '([^']+)'", text):
         assert load_config(path, [override, *teacher]).method is not None
+
+
+def test_an_error_becomes_one_line_even_without_a_message():
+    from codistill.errors import first_line
+
+    assert first_line(ValueError("bad value\nsecond line")) == "bad value"
+    assert first_line(ValueError()) == "ValueError"  # the copies this replaced raised IndexError here
+    assert first_line(OSError("x" * 500), 200) == "x" * 200

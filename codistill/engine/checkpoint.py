@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from codistill.errors import first_line
 from codistill.storage import RunStorage
 
 META_FILE = "meta.pt"
@@ -104,8 +105,8 @@ def newest_loadable(storage: RunStorage, folders: list[tuple[int, str]], num_pee
         try:
             states = [from_bytes(storage.read_bytes(f"{folder}/{peer_file(k)}")) for k in range(num_peers)]
         except Exception as err:  # noqa: BLE001 — any unreadable file disqualifies the checkpoint
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            logger.warning("skipping the checkpoint at step %d (%s/%s): %s", step, storage.uri, folder, reason)
+            logger.warning("skipping the checkpoint at step %d (%s/%s): %s", step, storage.uri, folder,
+                           first_line(err, 200))
             continue
         return step, states
     return None

@@ -14,7 +14,7 @@ from torch import nn
 
 from codistill.config import ExperimentConfig, OptimizerConfig, PeerSpec, TrainConfig
 from codistill.data import ArrayDataset, BatchSchedule
-from codistill.errors import ConfigError
+from codistill.errors import ConfigError, first_line
 from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
 from codistill.engine.stale_peers import StalePeers
 from codistill.engine.teacher import load_teacher
@@ -131,7 +131,7 @@ def check_output(network: nn.Module, method: Method, model: str, index: int, exa
         logits = method.logits(network(example))
     except Exception as err:  # noqa: BLE001 — the model cannot even take the data's input
         raise ConfigError(f"peers.{index}.model", f"model {model!r} fails on a batch of the data "
-                          f"{list(example.shape)}: {str(err).strip().splitlines()[0][:200]}") from None
+                          f"{list(example.shape)}: {first_line(err, 200)}") from None
     finally:
         network.train(was_training)
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (example.shape[0], num_classes):

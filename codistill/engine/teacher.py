@@ -14,7 +14,7 @@ from torch import nn
 from codistill.config import ExperimentConfig, TeacherConfig
 from codistill.data import DATASETS
 from codistill.engine.checkpoint import from_bytes, newest_complete, peer_file
-from codistill.errors import ConfigError
+from codistill.errors import ConfigError, first_line
 from codistill.models import create_model
 from codistill.storage import RunStorage, read_uri
 
@@ -68,7 +68,7 @@ def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device)
         state = from_bytes(read_uri(teacher.checkpoint))
     except Exception as err:  # noqa: BLE001 — unreadable, truncated, not a weights-only file: all one answer
         raise ConfigError("teacher.checkpoint", f"cannot load {teacher.checkpoint}: "
-                          f"{str(err).strip().splitlines()[0][:200]}") from None
+                          f"{first_line(err, 200)}") from None
     weights = state["model"] if isinstance(state.get("model"), dict) and "step" in state else state
     network = create_model(teacher.model, num_classes)
     expected = network.state_dict()
