@@ -21,7 +21,7 @@ from codistill.engine.teacher import load_teacher
 from codistill.exchange import Exchange, PeriodicExchange
 from codistill.methods import Method, create_method
 from codistill.models import MODELS, create_model
-from codistill.models.taps import capture_taps
+from codistill.models.taps import tap_shapes
 
 
 @dataclass
@@ -88,19 +88,6 @@ def peer_schedules(cfg: ExperimentConfig, num_examples: int) -> list[BatchSchedu
         return [BatchSchedule(num_examples, cfg.data.batch_size, cfg.seed)]
     return [BatchSchedule(num_examples, cfg.data.batch_size, cfg.seed, shard=k, num_shards=cfg.num_peers)
             for k in range(cfg.num_peers)]
-
-
-@torch.no_grad()
-def tap_shapes(network: nn.Module, paths: dict[str, str], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """The shape (batch excluded) of each tap on an example batch, in eval mode."""
-    if not paths:
-        return {}
-    was_training = network.training
-    network.eval()
-    with capture_taps(network, paths) as taps:
-        network(example)
-    network.train(was_training)
-    return {name: tuple(t.shape[1:]) for name, t in taps.items()}
 
 
 def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device: torch.device, method: Method,

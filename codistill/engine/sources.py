@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from codistill.methods import Signals
-from codistill.models.taps import capture_taps
+from codistill.models.taps import capture_taps, tap_shapes
 
 
 class SignalSource:
@@ -47,8 +47,7 @@ class FrozenTeacher(SignalSource):
         return {"logits": logits, **taps}
 
     def tap_shapes(self, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
-        out = self.outputs(example.to(next(self.network.parameters()).device))
-        return {name: tuple(t.shape[1:]) for name, t in out.items() if name != "logits"}
+        return tap_shapes(self.network, self.tap_paths, example.to(next(self.network.parameters()).device))
 
     def serve(self, job, step, x, signals):
         signals.teacher = self.outputs(x)

@@ -25,3 +25,17 @@ def capture_taps(model: nn.Module, paths: dict[str, str]) -> Iterator[dict[str, 
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def tap_shapes(model: nn.Module, paths: dict[str, str], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """The shape (batch excluded) of each tap on an example batch, in eval mode (the model's
+    mode is restored after)."""
+    if not paths:
+        return {}
+    was_training = model.training
+    model.eval()
+    with capture_taps(model, paths) as taps:
+        model(example)
+    model.train(was_training)
+    return {name: tuple(t.shape[1:]) for name, t in taps.items()}
