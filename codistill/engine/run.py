@@ -37,20 +37,30 @@ class RunResult:
         return summary_text(self.records, [p.model for p in self.config.peers])
 
 
-def prepare_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
-    """Resolve the storage path and the teacher, and store the config — or check it against the
-    stored one when the run has trained (re-running a name resumes it). Everything that can be
-    checked before training is checked before anything is written."""
+def resolve_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
+    """The run's storage (its path resolved, and answering) and its teacher (resolved to one
+    file that loads and fits): everything checked before anything is written, nothing written."""
     cfg = replace(cfg, ray=replace(cfg.ray, storage_path=resolve_storage_path(cfg.ray.storage_path)))
     storage = open_run_storage(cfg.ray.storage_path, cfg.name)
-    cfg = resolve_teacher(cfg)  # a teacher that does not fit stops here
+    return resolve_teacher(cfg), storage
+
+
+def store_config(cfg: ExperimentConfig, storage: RunStorage) -> None:
+    """Store the resolved config — or, when the run has trained, check it against the stored one
+    first (re-running a name resumes it). A run that stopped before its first checkpoint trained
+    nothing that was kept: its stored config is simply replaced, so a failed start never locks
+    the name."""
     trained = [step for step, _ in checkpoint_folders(storage)]
     if trained and storage.exists(CONFIG_FILE):
         check_resumable(cfg, yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode()), trained[-1], storage.uri)
-    # A run that stopped before its first checkpoint trained nothing that was kept: its stored
-    # config is simply replaced, so a failed start never locks the name.
     with storage_errors("ray.storage_path", storage.uri):
         storage.write_bytes(CONFIG_FILE, dump_config(cfg).encode())
+
+
+def prepare_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
+    """`resolve_run`, then `store_config` (without the lease `train` holds around both)."""
+    cfg, storage = resolve_run(cfg)
+    store_config(cfg, storage)
     return cfg, storage
 
 
@@ -150,11 +160,9 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
                     callbacks=()) -> RunResult:
     """`train` once Ray is connected and its storage checked (a Tune trial: run_sweep did both).
     The run's lease is held from before its first write to after its last."""
-    cfg = replace(cfg, ray=replace(cfg.ray, storage_path=resolve_storage_path(cfg.ray.storage_path)))
-    storage = open_run_storage(cfg.ray.storage_path, cfg.name)
-    cfg = resolve_teacher(cfg)  # a teacher that does not fit stops the run before even the lease is written
+    cfg, storage = resolve_run(cfg)  # a teacher or storage that does not work stops here, before the lease
     with RunLease(storage):
-        cfg, storage = prepare_run(cfg)
+        store_config(cfg, storage)
         if backend == "local":
             from codistill.engine.local import run_local
 
