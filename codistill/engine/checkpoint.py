@@ -56,10 +56,6 @@ class LocalCheckpoints:
     def complete_steps(self) -> list[int]:
         return [step for step, _ in checkpoint_folders(self.storage, [LOCAL_CHECKPOINT_DIR])]
 
-    def newest(self) -> int | None:
-        steps = self.complete_steps()
-        return steps[-1] if steps else None
-
     def write_peer(self, step: int, peer: int, state: dict) -> None:
         self.storage.write_bytes(f"{self._dir(step)}/{peer_file(peer)}", to_bytes(state))
 
