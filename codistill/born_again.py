@@ -70,7 +70,8 @@ def run_generations(cfg: ExperimentConfig, backend: str = "local", on_progress=N
 @torch.no_grad()
 def evaluate_generations(cfg: ExperimentConfig, runs: list[RunResult]) -> pa.Table:
     """Each generation's first peer on the test split, and the ensemble of generations 0..k."""
-    data = load_dataset(cfg.data.name, cfg.data.root, False, cfg.data.download, cfg.data.train_subset)
+    data = load_dataset(cfg.data.name, cfg.data.root, False, cfg.data.download, cfg.data.train_subset,
+                        cfg.data.validation)
     labels = data.y_test
     rows, logits = [], []
     for k, run in enumerate(runs):

@@ -76,3 +76,46 @@ def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         first, second = (pool(t, size) if t.shape[2:] != torch.Size(size) else t for t in (first, second))
     a, b = first.float().flatten(2), second.float().flatten(2)
     return a @ b.transpose(1, 2) / a.shape[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensemble teachers built from the peers (KDCL, OKDDip, PCL)
+
+
+def min_loss_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample, the logits of the member with the smallest cross-entropy. logits: (K, B, C)."""
+    ce = torch.stack([F.cross_entropy(z, labels, reduction="none") for z in logits])  # (K, B)
+    best = ce.argmin(0)  # (B,)
+    return logits[best, torch.arange(logits.shape[1], device=logits.device)]
+
+
+def min_logit(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KDCL-MinLogit: each member's logits shifted so its true-class logit is 0, then the
+    element-wise minimum over members (the true class stays 0; every wrong class takes its
+    least confident member's margin). logits: (K, B, C) → (B, C)."""
+    true = logits.gather(2, labels.view(1, -1, 1).expand(logits.shape[0], -1, 1))  # (K, B, 1)
+    return (logits - true).min(0).values
+
+
+def simplex_combination(logits: torch.Tensor, labels: torch.Tensor, iterations: int = 20,
+                        step_size: float = 1.0) -> torch.Tensor:
+    """Weights α on the simplex (α ≥ 0, Σα = 1) minimising CE(Σ_k α_k z_k, y) on this batch, by
+    exponentiated-gradient descent from the uniform weights (a convex problem in α; K weights,
+    so a few dozen small steps). logits: (K, B, C), detached → α: (K,)."""
+    k = logits.shape[0]
+    alpha = torch.full((k,), 1.0 / k, dtype=logits.dtype, device=logits.device)
+    flat = logits.detach()
+    for _ in range(iterations):
+        combined = torch.einsum("k,kbc->bc", alpha, flat)
+        probs = combined.softmax(-1)
+        probs[torch.arange(len(labels)), labels] -= 1  # ∂CE/∂combined, summed over the batch below
+        grad = torch.einsum("bc,kbc->k", probs, flat) / len(labels)
+        alpha = alpha * torch.exp(-step_size * grad)
+        alpha = alpha / alpha.sum()
+    return alpha
+
+
+def attention_weights(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """OKDDip's aggregation weights: α_ij = softmax_j(q_i · k_j). queries: (B, d), keys: (M, B, d)
+    → (B, M): one peer's weights over the M members."""
+    return torch.einsum("bd,mbd->bm", queries, keys).softmax(-1)

@@ -153,7 +153,7 @@ def final_metrics(table: pa.Table) -> dict:
     last = max(r["step"] for r in rows)
     final = sorted((r for r in rows if r["step"] == last), key=lambda r: r["peer"])
     head_columns = sorted(k for k in final[0] if k.endswith("_accuracy") and k != "ensemble_accuracy"
-                          and any(r.get(k) is not None for r in final))
+                          and not k.startswith("member_") and any(r.get(k) is not None for r in final))
     return {
         "step": last,
         "peer_accuracy": [r["accuracy"] for r in final],
@@ -161,6 +161,8 @@ def final_metrics(table: pa.Table) -> dict:
         "churn": final[0]["churn"],
         # Extra heads of a peer's network (ONE's branches), per peer.
         "head_accuracy": {k[:-len("_accuracy")]: [r[k] for r in final] for k in head_columns},
+        # The group's members (the peers, or one network's branches): first, mean, best, ensemble, churn.
+        "members": {k[len("member_"):]: v for k, v in final[0].items() if k.startswith("member_") and v is not None},
     }
 
 

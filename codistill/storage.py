@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import uuid
 import threading
 from contextlib import contextmanager
 
@@ -101,11 +102,14 @@ class RunStorage:
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         # Write aside then move, so a reader never sees half a file (a crash leaves only the .tmp).
+        # The aside name is this writer's own: two processes writing one file at once (two
+        # starts racing for a run's lease) must each move their own file, not one the other moved.
         target = self.path(relative)
+        aside = f"{target}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         self.fs.create_dir(posixpath.dirname(target), recursive=True)
-        with self.fs.open_output_stream(target + ".tmp") as out:
+        with self.fs.open_output_stream(aside) as out:
             out.write(data)
-        self.fs.move(target + ".tmp", target)
+        self.fs.move(aside, target)
 
     def read_bytes(self, relative: str) -> bytes:
         with self.fs.open_input_stream(self.path(relative)) as stream:

@@ -69,12 +69,21 @@ def run_trial(trial: dict) -> None:
     adopt_registrations(trial["registrations"])  # a trial's process imports codistill afresh
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(trial["base"], trial["params"], trial_id, trial["runs_path"])
-    train_connected(cfg, "ray", callbacks=[TuneReportCallback()])  # run_sweep checked the storage, once
+    if trial["backend"] == "local":
+        def report(step: int, metrics: dict) -> None:
+            if "mean_accuracy" in metrics:  # an evaluation, not a progress tick
+                ray.tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+        train_connected(cfg, "local", on_progress=report)
+    else:
+        train_connected(cfg, "ray", callbacks=[TuneReportCallback()])  # run_sweep checked the storage, once
 
 
-def _search_algorithm(search: str, objective: str):
+def _search_algorithm(search: str, objective: str, seed: int):
     if search == "random":
-        return None
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed)  # the same trials on a re-run
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
@@ -133,12 +142,14 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
         # The driver only waits on its Ray Train run, so it reserves memory, not a core: the
         # trial's peers reserve their own CPUs/GPUs through Ray Train's placement group, and
         # `max_concurrent` bounds how many peer groups are asked for at once.
-        ray.tune.with_resources(run_trial, {"CPU": 0, "memory": DRIVER_MEMORY}),
+        ray.tune.with_resources(run_trial, {"CPU": cfg.num_peers if settings.backend == "local" else 0,
+                                            "memory": DRIVER_MEMORY}),
         param_space={"base": base, "runs_path": storage.uri + "/runs", "registrations": user_registrations(),
+                     "backend": settings.backend,
                      "params": {key: to_tune_domain(text, key) for key, text in settings.space.items()}},
         tune_config=ray.tune.TuneConfig(metric=objective, mode="max", num_samples=settings.num_samples,
                                         max_concurrent_trials=settings.max_concurrent, scheduler=scheduler,
-                                        search_alg=_search_algorithm(settings.search, objective),
+                                        search_alg=_search_algorithm(settings.search, objective, cfg.seed),
                                         # A trial's folder is its id, so results name their trial
                                         # even when the trial failed before reporting anything.
                                         trial_dirname_creator=lambda trial: trial.trial_id),

@@ -81,8 +81,14 @@ def teacher_uri(ray_local, tmp_path_factory):
     ("configs/dml_mnist1d.yaml", "object_store", TEST_FILE_METHOD),
     ("configs/kd_mnist1d.yaml", "collective", ("peers=[{model: mnist1d_cnn_narrow}, {model: mnist1d_mlp}]",
                                                "method.noise_std=0.1")),
+    # The online zoo: an ensemble teacher; attention over three heterogeneous peers (keys travel
+    # beside logits); ensemble slices and temporal means (the means restored by nothing but the checkpoint).
+    ("configs/dml_mnist1d.yaml", "collective", ("method={name: kdcl, variant: min_loss}",)),
+    ("configs/dml_mnist1d.yaml", "object_store", ("method={name: okddip}",
+                                                  "peers=[{model: mnist1d_cnn}, {model: mnist1d_mlp}, {model: mnist1d_cnn_narrow}]")),
+    ("configs/dml_mnist1d.yaml", "collective", ("method={name: pcl, mean_decay: 0.9}", "peers.1.model=mnist1d_mlp")),
 ], ids=["dml-collective", "dml-object_store", "one-peers", "codistill-lockstep", "dml+at-between-peers",
-        "test-file-method", "kd-noisy-teacher"])
+        "test-file-method", "kd-noisy-teacher", "kdcl", "okddip-3-peers", "pcl"])
 def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, teacher_uri, base, transport,
                                                 overrides):
     if "kd_" in base:

@@ -78,6 +78,9 @@ class DataConfig:
     """Standard augmentation where the data set defines one (CIFAR: crop + flip)."""
     download: bool = False
     """Allow torchvision to download CIFAR when `root` does not have it."""
+    validation: float = 0.0
+    """Hold out this fraction of the training set and evaluate on it instead of the test set
+    (a validation split for tuning; the same examples in every run). 0: train on all, test on the test set."""
 
     def __post_init__(self):
         DATASETS.get(self.name, "name")
@@ -87,6 +90,7 @@ class DataConfig:
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         check(self.train_subset >= 0, "train_subset", f"must be >= 0, got {self.train_subset}")
+        check(0 <= self.validation < 1, "validation", f"must be a fraction in [0, 1), got {self.validation}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,8 +153,9 @@ class TuneSettings:
     space: dict[str, str] = field(default_factory=dict)
     """Config key path → distribution, e.g. `method.temperature: loguniform(1, 10)`,
     `peers.*.optimizer.lr: loguniform(1e-3, 1e-1)`, `method.weight: uniform(0, 1)`."""
-    objective: Literal["best_accuracy", "mean_accuracy", "ensemble_accuracy"] = "ensemble_accuracy"
-    """What a trial is judged by, reported at every evaluation (so ASHA can stop it early)."""
+    objective: Literal["best_accuracy", "mean_accuracy", "ensemble_accuracy", "member_mean_accuracy"] = "ensemble_accuracy"
+    """What a trial is judged by, reported at every evaluation (so ASHA can stop it early).
+    member_mean_accuracy: the mean over the group's members — peers, or one network's branches."""
     num_samples: int = 8
     """Trials to sample (with `grid(...)` values: repetitions of the grid)."""
     max_concurrent: int = 1
@@ -161,6 +166,10 @@ class TuneSettings:
     """ASHA: evaluations a trial always gets before it may be stopped."""
     reduction_factor: int = 2
     """ASHA: keep the top 1/reduction_factor at each rung."""
+    backend: Literal["ray", "local"] = "ray"
+    """How a trial runs its peers: ray = one Ray Train run per trial (a worker per peer, any
+    node); local = the peers as threads inside the trial's own process (no Train start-up;
+    the trial reserves a CPU per peer on one node)."""
 
     def __post_init__(self):
         for key, text in self.space.items():
@@ -276,6 +285,7 @@ class ExperimentConfig:
         if total is None:
             return
         examples = min(self.data.train_subset or total, total)
+        examples -= round(self.data.validation * examples)
         per_peer = examples // self.num_peers if self.data.shard else examples
         if self.data.batch_size > per_peer:
             where = f"the {per_peer} examples each peer's shard holds" if self.data.shard else f"the {per_peer} training examples"

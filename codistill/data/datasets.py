@@ -91,11 +91,23 @@ def register_dataset(name: str, input_kind: str, num_classes: int | None, train_
     return decorator
 
 
+VALIDATION_SEED = 20_201_125
+"""The held-out split depends on this alone (not on a run's seed): every trial of a sweep, and
+every method of a comparison, is tuned on the same validation examples."""
+
+
 def load_dataset(name: str, root: str = "~/.cache/codistill", augment: bool = True,
-                 download: bool = False, train_subset: int = 0) -> ArrayDataset:
+                 download: bool = False, train_subset: int = 0, validation: float = 0.0) -> ArrayDataset:
     data = DATASETS.get(name, "data.name").load(root=Path(os.path.expanduser(root)), augment=augment, download=download)
     if train_subset:
         data.x_train, data.y_train = data.x_train[:train_subset], data.y_train[:train_subset]
+    if validation:
+        # Tuning never sees the test set: a fixed part of the training set stands in for it.
+        order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+        held = order[:max(1, round(validation * len(order)))]
+        kept = order[len(held):].sort().values
+        data.x_test, data.y_test = data.x_train[held], data.y_train[held]
+        data.x_train, data.y_train = data.x_train[kept], data.y_train[kept]
     for split, labels in (("training", data.y_train), ("test", data.y_test)):
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= data.num_classes):
             raise ConfigError("data.name", f"data set {name!r} has {split} labels from {int(labels.min())} to "

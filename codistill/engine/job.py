@@ -104,7 +104,10 @@ def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device
                   "teacher": teacher.tap_shapes(example) if teacher is not None else {}}
         network = method.build_network(base, spec.model, shapes).to(device)
     check_output(network, method, spec.model, index, example.to(device), data.num_classes)
-    return Peer(index, spec, base, network, make_optimizer(spec.optimizer, network.parameters()))
+    # Only what trains: a method's frozen parts (a temporal mean) are in the network and its
+    # checkpoints, never in the optimizer.
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    return Peer(index, spec, base, network, make_optimizer(spec.optimizer, trainable))
 
 
 @torch.no_grad()

@@ -68,7 +68,8 @@ class LocalRunContext(RunContext):
 
 def run_local(cfg: ExperimentConfig, storage: RunStorage, on_progress=None) -> list[dict]:
     """Train all peers of `cfg` in this process. Returns the metrics reported by peer 0."""
-    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset)
+    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset,
+                        cfg.data.validation)
     device = torch.device("cpu")
     shared = _SharedRun(cfg, storage, on_progress)
     hub = LocalGatherHub(cfg.num_peers)

@@ -70,6 +70,7 @@ def train_step(job: PeerJob, step: int) -> dict:
     else:
         loss.backward()
         peer.optimizer.step()
+        job.method.after_update(peer.network, step)
     # A record's step counts the updates done once it is written: this update is number step + 1.
     return {"step": step + 1, "peer": peer.index, "split": "train", "node": None, **terms,
             "lr": peer.optimizer.param_groups[0]["lr"], "step_ms": 1000 * (time.perf_counter() - started),
@@ -98,11 +99,18 @@ def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict
     this peer's test record (with each head's accuracy when its network has several)."""
     heads, labels = predict_test(job, batch_size)
     primary = next(iter(heads))
-    gathered = job.exchange.all_gather({"logits": heads[primary]})
+    members = torch.stack([heads[name] for name in job.method.evaluation_members(heads)])
+    gathered = job.exchange.all_gather({"logits": heads[primary], "members": members})
     metrics = {"step": step, **evaluation_metrics([p["logits"] for p in gathered], labels)}
+    # The group's members: the peers, or the branches of a network that holds several. What a
+    # comparison of methods reports, whichever form a method takes.
+    group = evaluation_metrics([z for p in gathered for z in p["members"]], labels)
+    metrics.update({"member_first_accuracy": group["peer0_accuracy"],
+                    **{f"member_{k}": group[k] for k in ("mean_accuracy", "best_accuracy", "ensemble_accuracy", "churn")}})
     record = {"step": step, "peer": job.peer.index, "split": "test",
               "accuracy": metrics[f"peer{job.peer.index}_accuracy"],
-              "ensemble_accuracy": metrics["ensemble_accuracy"], "churn": metrics["churn"]}
+              "ensemble_accuracy": metrics["ensemble_accuracy"], "churn": metrics["churn"],
+              **{k: v for k, v in metrics.items() if k.startswith("member_")}}
     if len(heads) > 1:  # e.g. branches beside their ensemble
         record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
     return metrics, record

@@ -122,7 +122,8 @@ def ray_train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(loop_config["threads_per_worker"])
 
-    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset)
+    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset,
+                        cfg.data.validation)
     exchange_group, data_parallel = None, None
     if replicas > 1:  # DDP over the peer's workers; its column of replicas exchanges
         peer_group, exchange_group = _data_parallel_groups(cfg.num_peers, replicas, peer_index, replica)

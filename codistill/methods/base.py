@@ -201,6 +201,14 @@ class Method:
         """The weighted distillation loss and its record terms (no cross-entropy)."""
         return 0.0, {}
 
+    def evaluation_members(self, heads: dict[str, torch.Tensor]) -> list[str]:
+        """The heads that are members of the group (what a comparison counts as peers): the
+        peer's own head, or the branches of a network that holds several."""
+        return [next(iter(heads))]
+
+    def after_update(self, network: nn.Module, step: int) -> None:
+        """Called after each optimizer step of the peer (a temporal mean's update)."""
+
     def own_loss(self, s: Signals) -> tuple[torch.Tensor, dict]:
         ce = F.cross_entropy(s.logits, s.labels)
         extra, terms = self.distill_terms(s)

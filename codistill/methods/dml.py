@@ -3,27 +3,25 @@
 Peer i minimises CE(z_i, y) + w · (1/(K-1)) Σ_{j≠i} T²·KL(softmax(z_j/T) ‖ softmax(z_i/T)),
 where z_j are the other peers' logits on the same batch at the same step. All peers update
 in the same step (the paper's alternating update order makes no measurable difference and
-would serialise the peers).
+would serialise the peers). With `branches: m` the peers are branches of one network.
 """
 
 from dataclasses import dataclass
 from typing import ClassVar
 
 from codistill.losses import mean_peer_kl
-from codistill.methods.base import DistillConfig, Method, Needs, register_method
+from codistill.methods.base import register_method
+from codistill.methods.peers import PeerMethod, PeerMethodConfig
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class DMLConfig(DistillConfig):
+class DMLConfig(PeerMethodConfig):
     min_peers: ClassVar[int] = 2
 
 
 @register_method("dml")
-class DML(Method):
+class DML(PeerMethod):
     config_class = DMLConfig
-
-    def own_needs(self) -> Needs:
-        return Needs(peers=True)
 
     def distill_terms(self, s):
         # Peer logits arrive detached: each peer's own CE, not its peers' KL, trains it.

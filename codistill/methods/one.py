@@ -79,6 +79,9 @@ class ONE(Method):
         heads.update({f"branch{k}": z for k, z in enumerate(outputs.logits)})
         return heads
 
+    def evaluation_members(self, heads):
+        return [name for name in heads if name.startswith("branch")] if self.in_one_network else [next(iter(heads))]
+
     def own_payload(self, logits, outputs, taps):
         return {"logits": logits, "gate": outputs[1]}
 

@@ -78,3 +78,37 @@ def make_multi_branch(model: PeerModel, model_name: str, branches: int) -> Multi
         able = sorted(n for n, e in MODELS.items() if e.branch_point is not None)
         raise ValueError(f"model {model_name!r} has no trunk/branch split; models that can branch: {', '.join(able)}")
     return MultiBranchModel(model, point, branches)
+
+
+class PeerBranches(nn.Module):
+    """A shared trunk and m branches, each branch a whole peer network of its own: `make_peer`
+    wraps a `PeerModel` holding a copy of the high-level layers and a classifier (the way a
+    method wraps a peer's model across workers, e.g. with attention projections). The forward
+    pass returns each branch's outputs, in branch order: the peers of one network."""
+
+    def __init__(self, model: PeerModel, branch_point: int, branches: int, make_peer):
+        super().__init__()
+        self.trunk = model.features[:branch_point]
+        high_level = nn.Sequential(*model.features[branch_point:])
+        members = []
+        for k in range(branches):
+            branch = PeerModel(high_level if k == 0 else copy.deepcopy(high_level), model.feature_dim,
+                               model.classifier.out_features)
+            if k == 0:
+                branch.classifier = model.classifier
+            else:
+                _reset(branch)  # copies would start identical, and identical branches teach nothing
+            members.append(make_peer(branch))
+        self.branches = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> list:
+        shared = self.trunk(x)
+        return [branch(shared) for branch in self.branches]
+
+
+def make_peer_branches(model: PeerModel, model_name: str, branches: int, make_peer) -> PeerBranches:
+    point = MODELS[model_name].branch_point
+    if point is None:
+        able = sorted(n for n, e in MODELS.items() if e.branch_point is not None)
+        raise ValueError(f"model {model_name!r} has no trunk/branch split; models that can branch: {', '.join(able)}")
+    return PeerBranches(model, point, branches, make_peer)
