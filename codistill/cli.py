@@ -1,4 +1,4 @@
-"""`codistill train | tune | born-again | report | bench` — parse → build → run → close."""
+"""`codistill train | tune | compare | born-again | report | bench` — parse → build → run → close."""
 
 from __future__ import annotations
 
@@ -127,6 +127,30 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from codistill.compare import MARKDOWN_FILE, PLOT_FILE, TABLE_FILE, compare
+    from codistill.engine.run import connect_ray
+
+    overrides = _overrides(args)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    cfg = load_config(args.config, overrides)
+    if args.tune is not None and args.tune < 1:
+        raise ConfigError("--tune", f"is the number of trials per method, >= 1; got {args.tune}")
+    if args.backend == "ray" or args.tune:
+        connect_ray(cfg.ray.address, log_to_driver=args.ray_logs)
+    try:
+        result = compare(cfg, args.methods, args.seeds, args.backend, args.tune or 0,
+                         log=lambda text: print(text, flush=True))
+    except (KeyboardInterrupt, SystemExit):
+        print("interrupted: finished cells are kept; re-run the same command to go on.", file=sys.stderr, flush=True)
+        _leave_after_interrupt(130)
+    print(result.markdown)
+    uri = result.storage.uri
+    print(f"table:    {uri}/{TABLE_FILE}\nmarkdown: {uri}/{MARKDOWN_FILE}\nplot:     {uri}/{PLOT_FILE}")
+    return 0
+
+
 def cmd_born_again(args: argparse.Namespace) -> int:
     from codistill.born_again import GENERATIONS_FILE, run_generations
     from codistill.engine.run import connect_ray
@@ -182,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("compare", help="several methods x seeds under one recipe: a table of mean ± std", parents=[imports])
+    p.add_argument("config", help="the shared recipe: peers, data, steps, optimizer (its method is replaced)")
+    p.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
+                   help="registered names, with settings after a colon: dml kdcl:variant=min_logit one:branches=3")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--tune", type=int, metavar="N",
+                   help="first give every method N Ray Tune trials on a validation split, then run the seeds at its best")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the recipe")
+    p.add_argument("--backend", choices=["ray", "local"], default="local",
+                   help="how the seeds' runs train their peers (tuning trials run their peers as threads in a trial)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("born-again", help="born-again networks: N generations, each taught by the one before", parents=[imports])
     p.add_argument("config", help="YAML config with a `born_again:` section (see configs/born_again_mnist1d.yaml)")
