@@ -85,7 +85,8 @@ def teacher_uri(ray_local, tmp_path_factory):
     # beside logits); ensemble slices and temporal means (the means restored by nothing but the checkpoint).
     ("configs/dml_mnist1d.yaml", "collective", ("method={name: kdcl, variant: min_loss}",)),
     ("configs/dml_mnist1d.yaml", "object_store", ("method={name: okddip}",
-                                                  "peers=[{model: mnist1d_cnn}, {model: mnist1d_mlp}, {model: mnist1d_cnn_narrow}]")),
+                                                  "peers=[{model: mnist1d_cnn}, {model: mnist1d_mlp}, {model: mnist1d_cnn_narrow}]",
+                                                  "ray.resources_per_peer={CPU: 0.5}")),
     ("configs/dml_mnist1d.yaml", "collective", ("method={name: pcl, mean_decay: 0.9}", "peers.1.model=mnist1d_mlp")),
 ], ids=["dml-collective", "dml-object_store", "one-peers", "codistill-lockstep", "dml+at-between-peers",
         "test-file-method", "kd-noisy-teacher", "kdcl", "okddip-3-peers", "pcl"])
