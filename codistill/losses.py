@@ -115,6 +115,16 @@ def simplex_combination(logits: torch.Tensor, labels: torch.Tensor, iterations: 
     return alpha
 
 
+def soft_kl_to_logits(student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)) from the target's logits, for a target that is
+    trained through (OKDDip's attention mix). `soft_kl` takes probabilities, whose gradient
+    log p + 1 is −∞ where a probability underflows to 0 — one such sample turns the weights
+    NaN; from log-probabilities both sides' gradients stay finite."""
+    log_p = F.log_softmax(target_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
 def attention_weights(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """OKDDip's aggregation weights: α_ij = softmax_j(q_i · k_j). queries: (B, d), keys: (M, B, d)
     → (B, M): one peer's weights over the M members."""

@@ -221,3 +221,21 @@ def test_branches_need_one_peer_of_a_model_that_can_branch():
         load_config({"name": "t", "method": {"name": "dml", "branches": 2, "also": [{"name": "at", "source": "peers",
                                                                                    "taps": ["conv2"]}]},
                      "peers": [{"model": "mnist1d_cnn"}]})
+
+
+def test_okddip_gradients_stay_finite_when_its_live_target_underflows():
+    """The attention mix is trained through; a peaked target (probabilities that underflow to 0
+    in fp32) made the KL's gradient −∞ → NaN weights in tuning trials before the KL was taken
+    from log-probabilities."""
+    method = create_method(load_config({"name": "t", "method": {"name": "okddip", "temperature": 1.0},
+                                        "peers": [{"model": "mnist1d_cnn"}] * 3}).method)
+    own = torch.tensor([[200.0, -200.0, 0.0]], requires_grad=True)
+    query = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    key = torch.tensor([[3.0, 0.0]], requires_grad=True)
+    other = {"logits": torch.tensor([[-200.0, 200.0, 0.0]]), "key": torch.tensor([[0.0, 1.0]])}
+    leader = {"logits": torch.zeros(1, 3), "key": torch.zeros(1, 2)}
+    s = Signals(network=None, outputs=(own, query, key), logits=own, labels=torch.tensor([0]), step=0, peer=0,
+                peers=[other, leader])
+    loss, _ = method.loss(s)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(t.grad).all() for t in (own, query, key))

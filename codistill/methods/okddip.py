@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from codistill.errors import check
-from codistill.losses import attention_weights, soft_kl, soft_targets
+from codistill.losses import attention_weights, soft_kl, soft_kl_to_logits, soft_targets
 from codistill.methods.base import register_method
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 
@@ -76,11 +76,12 @@ class OKDDip(PeerMethod):
         auxiliaries = s.peers if leader else s.peers[:-1]  # the leader's payload comes last
         if leader:
             target = torch.stack([p["logits"] for p in auxiliaries]).mean(0)
+            kl = soft_kl(s.logits, soft_targets(target, T), T)
         else:
             _, query, key = s.outputs
             keys = torch.stack([key] + [p["key"] for p in auxiliaries])                # (M, B, d)
             logits = torch.stack([s.logits] + [p["logits"] for p in auxiliaries])      # (M, B, C)
             target = torch.einsum("bm,mbc->bc", attention_weights(query, keys), logits)
-        kl = soft_kl(s.logits, soft_targets(target, T), T)
+            kl = soft_kl_to_logits(s.logits, target, T)  # a live target: gradients through it stay finite
         weight = self.config.weight_at(s.step)
         return weight * kl, {"kl": kl.detach(), "kl_weight": weight}
