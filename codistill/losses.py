@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 
 def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.softmax(logits / temperature, dim=-1)
+    # fp32 whatever the compute dtype: bf16 keeps 8 bits of mantissa, too few for the small
+    # probabilities a soft target is made of.
+    return F.softmax(logits.float() / temperature, dim=-1)
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -16,7 +18,7 @@ def soft_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
     The T² keeps the gradient of the soft term on the same scale as the cross-entropy's
     when T changes (Hinton et al. 2015): the soft gradient shrinks as 1/T².
     """
-    log_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return temperature**2 * F.kl_div(log_student, teacher_probs, reduction="batchmean")
 
 
@@ -103,8 +105,8 @@ def simplex_combination(logits: torch.Tensor, labels: torch.Tensor, iterations: 
     exponentiated-gradient descent from the uniform weights (a convex problem in α; K weights,
     so a few dozen small steps). logits: (K, B, C), detached → α: (K,)."""
     k = logits.shape[0]
-    alpha = torch.full((k,), 1.0 / k, dtype=logits.dtype, device=logits.device)
-    flat = logits.detach()
+    alpha = torch.full((k,), 1.0 / k, device=logits.device)
+    flat = logits.detach().float()
     for _ in range(iterations):
         combined = torch.einsum("k,kbc->bc", alpha, flat)
         probs = combined.softmax(-1)

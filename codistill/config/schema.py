@@ -107,6 +107,18 @@ class TrainConfig:
     """A loss that is NaN or infinite: `stop` the run (no checkpoint of the bad weights is
     written; every good one is kept), or `skip_step` (drop that step's update and go on; this
     checks every step, a GPU sync per step)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """The compute dtype of the forward pass and the payloads (autocast): `bf16` halves the
+    bytes a peer sends; `fp16` adds a gradient scaler. Soft targets and KL terms are computed
+    in fp32 whatever the precision."""
+    overlap: bool = False
+    """Start the every-step exchange right after the forward pass and back-propagate the
+    cross-entropy while it is in flight, then the distillation terms (same gradients)."""
+    compile: bool = False
+    """Wrap each peer's network in `torch.compile` for training (not with feature taps)."""
+    data_on_device: bool = False
+    """Move the whole data set to the peer's device once; batches are gathered and augmented
+    there (the same batches as on the CPU). For data sets that fit: MNIST-1D, CIFAR."""
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -274,6 +286,13 @@ class ExperimentConfig:
         self._check_batches()
         check(self.train.on_nonfinite == "stop" or self.ray.workers_per_peer == 1, "train.on_nonfinite",
               "skip_step needs ray.workers_per_peer: 1 (data-parallel replicas must all take or all skip a step)")
+        if self.train.compile:
+            from codistill.methods import create_method
+
+            needs = create_method(self.method).needs
+            check(not (needs.taps or needs.teacher_taps), "train.compile",
+                  f"method {self.method.name!r} reads feature taps (forward hooks), which a compiled network "
+                  "does not run; set train.compile: false, or use a method without taps")
         check(self.teacher is None or self.method.learns_from_teacher(), "teacher",
               f"is set, but method {self.method.name!r} learns from no teacher; remove `teacher:` or use a "
               "method that does (kd, fitnets, at, fsp), alone or in `method.also`")

@@ -9,7 +9,7 @@ import json
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,15 +34,22 @@ class ArrayDataset:
     augment: bool = False
     """Random crop (pad 4) and horizontal flip, the standard CIFAR augmentation."""
 
+    def to(self, device: torch.device) -> "ArrayDataset":
+        """A copy whose tensors live on `device`: batches are then gathered, normalised and
+        augmented there (the same batches: the random numbers still come from the CPU generator)."""
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_kind != "image" or x.is_floating_point():  # sequences, and images given as floats
             return x
         x = x.float().div_(255)
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
     def train_batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = indices.to(self.x_train.device)
         x = self._prepare(self.x_train[indices])
         if self.augment and self.input_kind == "image":
             x = _crop_and_flip(x, generator)
@@ -59,15 +66,17 @@ class ArrayDataset:
 
 def _crop_and_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     n, _, h, w = x.shape
+    device = x.device
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
+    # Drawn on the CPU generator, then moved: the same crops and flips wherever the data lives.
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=device).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w, device=device).view(1, w))  # (n, w)
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
-    batch = torch.arange(n).view(n, 1, 1, 1)
-    channel = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
+    channel = torch.arange(x.shape[1], device=device).view(1, -1, 1, 1)
     return padded[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
 
 

@@ -54,10 +54,25 @@ class PeerJob:
     """What the forward pass runs: the network, or its DDP wrapper when replicas > 1."""
     replica: int = 0
     replicas: int = 1
+    scaler: torch.amp.GradScaler | None = None
+    """fp16 only: the gradient scaler (checkpointed with the peer)."""
+    overlap: bool = False
+    """Start the every-step exchange before the backward pass (`train.overlap`, when it applies)."""
+    channels_last: bool = False
+    sync_timing: bool = False
+    """Wait for the device at each part of a step, so a step's parts are their own (benchmarks)."""
 
     @property
     def is_leader(self) -> bool:
         return self.replica == 0
+
+    def autocast(self):
+        """The forward pass's (and the loss's) compute dtype: `train.precision`."""
+        dtype = COMPUTE_DTYPES[self.train.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
@@ -142,7 +157,13 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     if needs.teacher:
         network = load_teacher(cfg.teacher, data.num_classes, device)
         teacher = FrozenTeacher(network, {tap: MODELS[cfg.teacher.model].taps[tap] for tap in needs.teacher_taps})
+    if cfg.train.data_on_device:
+        data = data.to(device)  # once; every batch is then cut and augmented where it trains
     peer = build_peer(peer_index, cfg.peers[peer_index], data, cfg.seed, device, method, teacher)
+    # channels_last: the layout tensor cores want for convolutions; on a CPU it only costs.
+    channels_last = device.type == "cuda" and data.input_kind == "image"
+    if channels_last:
+        peer.network.to(memory_format=torch.channels_last)
     sources: list[SignalSource] = []
     if teacher is not None:
         sources.append(teacher)
@@ -150,8 +171,15 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
         sources.append(PeerPayloads())
     if needs.rounds is not None:
         sources.append(StalePeers(periodic, needs.rounds, cfg.peers, schedules))
+    train_model = data_parallel(peer.network) if data_parallel else peer.network
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)  # evaluation runs the plain network
+    # Overlap needs a source that can work in the background, and one backward pass per
+    # forward under DDP (its gradient hooks fire once per pass).
+    overlap = cfg.train.overlap and needs.peers and replicas == 1
     return PeerJob(peer=peer, method=method, data=data, schedule=schedules[peer_index if cfg.data.shard else 0],
                    train=cfg.train, device=device, exchange=exchange, sources=tuple(sources),
                    tap_paths={tap: MODELS[peer.spec.model].taps[tap] for tap in needs.taps}, seed=cfg.seed,
-                   train_model=data_parallel(peer.network) if data_parallel else peer.network,
-                   replica=replica, replicas=replicas)
+                   train_model=train_model, replica=replica, replicas=replicas,
+                   scaler=torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None,
+                   overlap=overlap, channels_last=channels_last)

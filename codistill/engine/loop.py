@@ -43,34 +43,92 @@ class RunContext:
 PROGRESS_EVERY = 10
 
 
+class _Clock:
+    """The wall time of a step's parts, accumulated into its record. On a GPU the device runs
+    behind the host, so a part's time is only its own when the clock waits for the device at
+    each lap (`sync`, which `codistill bench step` asks for; a training run does not pay it)."""
+
+    def __init__(self, record: dict, sync: torch.device | None):
+        self.record, self.sync, self.last = record, sync, time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        if self.sync is not None and self.sync.type == "cuda":
+            torch.cuda.synchronize(self.sync)
+        now = time.perf_counter()
+        self.record[part] = self.record.get(part, 0.0) + 1000 * (now - self.last)
+        self.last = now
+
+
+def _backward(job: PeerJob, loss: torch.Tensor, retain_graph: bool = False) -> None:
+    (job.scaler.scale(loss) if job.scaler is not None else loss).backward(retain_graph=retain_graph)
+
+
+def _optimizer_step(job: PeerJob) -> None:
+    if job.scaler is not None:  # fp16: skips the step when the scaled gradients overflowed
+        job.scaler.step(job.peer.optimizer)
+        job.scaler.update()
+    else:
+        job.peer.optimizer.step()
+
+
 def train_step(job: PeerJob, step: int) -> dict:
-    """One optimizer step of one peer; returns the record of the step."""
+    """One optimizer step of one peer; returns the record of the step.
+
+    Overlapped (`job.overlap`): the exchange starts right after the forward pass, and the part
+    of the loss that needs no peer (the cross-entropy) is back-propagated while it is in
+    flight; then the distillation terms. Two backward passes accumulate the same gradient as
+    one of their sum."""
     peer = job.peer
     started = time.perf_counter()
+    record: dict = {"exchange_ms": 0.0}
+    clock = _Clock(record, job.device if job.sync_timing else None)
     x, y = job.data.train_batch(job.schedule.indices(step), job.schedule.generator(step))
     if job.replicas > 1:
         x, y = x.chunk(job.replicas)[job.replica], y.chunk(job.replicas)[job.replica]
     x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
+    if job.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     for group in peer.optimizer.param_groups:
         group["lr"] = learning_rate(peer.spec.optimizer, step, job.train.steps)
+    clock.lap("data_ms")
 
-    with capture_taps(peer.base, job.tap_paths) as taps:
-        outputs = job.train_model(x)
-    signals = Signals(network=peer.network, outputs=outputs, logits=job.method.logits(outputs), labels=y,
-                      step=step, peer=peer.index, seed=job.seed, taps=taps)
-    record: dict = {"exchange_ms": 0.0}
-    for source in job.sources:
-        source_started = time.perf_counter()
-        record.update(source.serve(job, step, x, signals))
-        record[source.timing] = record.get(source.timing, 0.0) + 1000 * (time.perf_counter() - source_started)
-    loss, terms = job.method.loss(signals)
+    with job.autocast():
+        with capture_taps(peer.base, job.tap_paths) as taps:
+            outputs = job.train_model(x)
+        signals = Signals(network=peer.network, outputs=outputs, logits=job.method.logits(outputs), labels=y,
+                          step=step, peer=peer.index, seed=job.seed, taps=taps)
+        clock.lap("forward_ms")
+        finishes = []
+        for source in job.sources:
+            finishes.append((source, source.start(job, step, x, signals)))
+            clock.lap(source.timing)
+        local = job.method.local_loss(signals) if job.overlap else None
     peer.optimizer.zero_grad(set_to_none=True)
+    if local is not None:
+        _backward(job, local[0], retain_graph=True)
+        clock.lap("backward_ms")
+    for source, finish in finishes:
+        record.update(finish())
+        clock.lap(source.timing)
+    with job.autocast():
+        if local is None:
+            loss, terms = job.method.loss(signals)
+            rest = loss
+        else:
+            rest, terms = job.method.remote_loss(signals)
+            loss = local[0] + rest
+            terms = {"loss": loss.detach(), **local[1], **terms}
+    clock.lap("forward_ms")
     if job.train.on_nonfinite == "skip_step" and not torch.isfinite(loss).item():
+        peer.optimizer.zero_grad(set_to_none=True)
         record["skipped"] = True  # this step's update is dropped; the run goes on
     else:
-        loss.backward()
-        peer.optimizer.step()
+        if isinstance(rest, torch.Tensor) and rest.requires_grad:
+            _backward(job, rest)
+        clock.lap("backward_ms")
+        _optimizer_step(job)
         job.method.after_update(peer.network, step)
+        clock.lap("optimizer_ms")
     # A record's step counts the updates done once it is written: this update is number step + 1.
     return {"step": step + 1, "peer": peer.index, "split": "train", "node": None, **terms,
             "lr": peer.optimizer.param_groups[0]["lr"], "step_ms": 1000 * (time.perf_counter() - started),
@@ -87,9 +145,11 @@ def predict_test(job: PeerJob, batch_size: int) -> tuple[dict[str, torch.Tensor]
     heads: dict[str, list[torch.Tensor]] = {}
     labels = []
     for x, y in job.data.test_batches(batch_size):
-        for name, logits in job.method.evaluation_heads(network(x.to(job.device))).items():
+        with job.autocast():
+            outputs = network(x.to(job.device))
+        for name, logits in job.method.evaluation_heads(outputs).items():
             heads.setdefault(name, []).append(logits.float().cpu())
-        labels.append(y)
+        labels.append(y.cpu())
     network.train()
     return {name: torch.cat(chunks) for name, chunks in heads.items()}, torch.cat(labels)
 
@@ -120,7 +180,8 @@ def peer_state(job: PeerJob, step: int) -> dict:
     """What a checkpoint holds of a peer: its network (never a teacher), optimizer and RNG."""
     return {"peer": job.peer.index, "model_name": job.peer.spec.model, "step": step,
             "model": job.peer.network.state_dict(), "optimizer": job.peer.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state()}
+            "torch_rng": torch.get_rng_state(),
+            **({"grad_scaler": job.scaler.state_dict()} if job.scaler is not None else {})}
 
 
 class NonFiniteLoss(RunError):
@@ -158,6 +219,8 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
         peer.network.load_state_dict(state["model"])
         peer.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if job.scaler is not None and "grad_scaler" in state:  # (absent when the run was not fp16 before)
+            job.scaler.load_state_dict(state["grad_scaler"])
         start = state["step"]
     records: list[dict] = []
     metrics: dict = {}

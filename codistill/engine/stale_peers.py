@@ -53,7 +53,7 @@ class StalePeers(SignalSource):
             batches = [job.data.train_batch(schedule.indices(s), schedule.generator(s))[0] for s in steps]
             payload = job.method.payload(network(torch.cat(batches).to(job.device)), {})
             for name, t in payload.items():
-                t = t.float().cpu() if t.is_floating_point() else t.cpu()
+                t = t.cpu()  # in the compute dtype: bf16 halves the bytes of a round
                 blocks.setdefault(name, []).append(t.view(len(steps), -1, *t.shape[1:]))
         network.train()
         return {name: torch.stack(parts) for name, parts in blocks.items()}
@@ -67,13 +67,12 @@ class StalePeers(SignalSource):
             # A copy: the live tensors keep training while the others read this snapshot.
             payload = {k: v.detach().cpu().clone() for k, v in job.peer.network.state_dict().items()}
         predicted = time.perf_counter()
-        sent = self.periodic.publish(round_id, me, payload)
-        published = time.perf_counter()
+        others = [peer for peer in range(len(self.peer_specs)) if peer != me]
+        sent, entries = self.periodic.round_trip(round_id, me, payload, others, round_id - self.spec.max_staleness,
+                                                 self.spec.wait_timeout_s)
         missing = []
-        for peer in range(len(self.peer_specs)):
-            if peer == me:
-                continue
-            entry = self.periodic.newest(peer, round_id - self.spec.max_staleness, round_id, self.spec.wait_timeout_s)
+        for peer in others:
+            entry = entries[peer]
             if entry is None:
                 missing.append(peer)
                 self.received.pop(peer, None)
@@ -87,7 +86,7 @@ class StalePeers(SignalSource):
             "staleness_rounds": max((round_id - r for r, _ in self.received.values()), default=None),
             "bytes_sent": sent,
             "predict_ms": 1000 * (predicted - started),  # the teacher pass (predictions) or the state copy
-            "wait_ms": 1000 * (time.perf_counter() - published),
+            "wait_ms": 1000 * (time.perf_counter() - predicted),  # publishing, waiting for late peers, fetching
             "round_ms": 1000 * (time.perf_counter() - started),
             "missing_peers": ",".join(map(str, missing)) or None,
         }

@@ -13,6 +13,8 @@ a state dict); how it is packed to travel is the transport's business.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 
 Payload = dict[str, torch.Tensor]
@@ -29,6 +31,24 @@ class Exchange:
     def all_gather(self, payload: Payload) -> list[Payload]:
         raise NotImplementedError
 
+    def start_all_gather(self, payload: Payload) -> "Pending":
+        """`all_gather` started without waiting for it (an overlapped step computes meanwhile):
+        on a thread of the exchange's own, so the wait for a slower peer is spent there. Calls
+        stay in order: one gather at a time per exchange."""
+        if getattr(self, "_gatherer", None) is None:
+            self._gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"exchange-{self.peer}")
+        return Pending(self._gatherer.submit(self.all_gather, payload))
+
+
+class Pending:
+    """An exchange in flight; `wait()` gives what `all_gather` would have returned (or raises what it raised)."""
+
+    def __init__(self, future: Future):
+        self.future = future
+
+    def wait(self) -> list[Payload]:
+        return self.future.result()
+
 
 class PeriodicExchange:
     """One peer's handle on the round publications of its group."""
@@ -42,6 +62,15 @@ class PeriodicExchange:
         or None when none arrived within `timeout` seconds. (A peer that is ahead may already
         have published rounds after max_round: those cover batches this peer has not reached.)"""
         raise NotImplementedError
+
+    def round_trip(self, round_id: int, peer: int, payload, others: list[int], min_round: int,
+                   timeout: float) -> tuple[int, dict[int, tuple[int, object] | None]]:
+        """A round's whole exchange: publish `payload`, then each of `others`' newest publication
+        in [min_round, round_id] (None for a peer that sent none within `timeout`). Returns
+        (bytes sent, {peer: (round, payload) or None}). A transport over the network does it in
+        one request."""
+        sent = self.publish(round_id, peer, payload)
+        return sent, {other: self.newest(other, min_round, round_id, timeout) for other in others}
 
 
 # Rounds kept per peer: enough for the slowest reader any staleness bound we use allows;

@@ -139,6 +139,13 @@ class PublicationCoordinator(PeerGroupGenerations):
             found = pick_round(self.published[peer], min_round, max_round)
             return found, [self.published[peer][found]]
 
+    async def round_trip(self, generation: int, round_id: int, peer: int, boxed_ref: list, others: list[int],
+                         min_round: int, timeout: float) -> dict:
+        """`publish`, then `newest` of each other peer (waiting for them together): one call a round."""
+        await self.publish(generation, round_id, peer, boxed_ref)
+        found = await asyncio.gather(*[self.newest(generation, other, min_round, round_id, timeout) for other in others])
+        return dict(zip(others, found))
+
     def state(self) -> dict:
         return {"generation": self.generation, "rounds": {p: sorted(r) for p, r in self.published.items()}}
 
@@ -162,3 +169,12 @@ class ObjectStorePeriodicExchange(PeriodicExchange):
             return None
         round_id, boxed = answer
         return round_id, ray.get(boxed[0])
+
+    def round_trip(self, round_id, peer, payload, others, min_round, timeout):
+        ref = ray.put(payload)
+        answers = ray.get(self.actor.round_trip.remote(self.generation, round_id, peer, [ref], others, min_round,
+                                                      timeout))
+        found = {p: a for p, a in answers.items() if a is not None}
+        fetched = ray.get([boxed[0] for _, boxed in found.values()])  # every peer's block at once
+        payloads = {p: (found[p][0], value) for p, value in zip(found, fetched)}
+        return payload_bytes(payload), {p: payloads.get(p) for p in others}

@@ -234,11 +234,39 @@ class Method:
 
     def loss(self, s: Signals) -> tuple[torch.Tensor, dict]:
         total, terms = self.own_loss(s)
+        added, extra_terms = self._also_terms(s)
+        total = total + added
+        return total, {"loss": total.detach(), **terms, **extra_terms}
+
+    def _also_terms(self, s: Signals) -> tuple[torch.Tensor | float, dict]:
+        total, terms = 0.0, {}
         for extra in self.also:
             added, extra_terms = extra.distill_terms(s)
             total = total + added
             terms.update(extra_terms)
-        return total, {"loss": total.detach(), **terms}
+        return total, terms
+
+    # An overlapped step (`train.overlap`) splits `loss` in two: the part that needs no peer's
+    # payload, back-propagated while the exchange is in flight, then the rest. The two parts
+    # add up to `loss` exactly, so the gradients are the same.
+
+    def local_loss(self, s: Signals) -> tuple[torch.Tensor, dict] | None:
+        """The cross-entropy of a loss that is CE + distillation terms; None for a method that
+        writes its whole loss itself (`own_loss`): its step waits for the exchange first."""
+        if not self.splits:
+            return None
+        ce = F.cross_entropy(s.logits, s.labels)
+        return ce, {"ce": ce.detach()}
+
+    @property
+    def splits(self) -> bool:
+        return type(self).own_loss is Method.own_loss
+
+    def remote_loss(self, s: Signals) -> tuple[torch.Tensor | float, dict]:
+        """`loss` minus `local_loss`: the distillation terms, once the peers' payloads are in."""
+        own, terms = self.distill_terms(s)
+        added, extra_terms = self._also_terms(s)
+        return own + added, {**terms, **extra_terms}
 
 
 class StagedTerm(Method):

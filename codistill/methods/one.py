@@ -85,22 +85,32 @@ class ONE(Method):
     def own_payload(self, logits, outputs, taps):
         return {"logits": logits, "gate": outputs[1]}
 
+    @property
+    def splits(self):
+        return not self.in_one_network
+
     def own_loss(self, s):
+        if not self.in_one_network:
+            return super().own_loss(s)  # CE(z_i) + distill_terms, which an overlapped step splits
         T, weight, labels = self.config.temperature, self.config.weight_at(s.step), s.labels
-        if self.in_one_network:
-            logits, gate_logits = s.outputs  # (m, B, C), (B, m)
-            ce_members = torch.stack([F.cross_entropy(z, labels) for z in logits]).sum()
-        else:
-            own_logits, own_gate = s.outputs  # (B, C), (B, 1)
-            # The order of members does not change a gated sum, so own first, then the others.
-            logits = torch.stack([own_logits] + [p["logits"] for p in s.peers])
-            gate_logits = torch.cat([own_gate] + [p["gate"] for p in s.peers], dim=1)
-            ce_members = F.cross_entropy(own_logits, labels)
+        logits, gate_logits = s.outputs  # (m, B, C), (B, m)
+        ce_members = torch.stack([F.cross_entropy(z, labels) for z in logits]).sum()
         ensemble = gated_ensemble(logits, gate_logits)
         target = soft_targets(ensemble.detach(), T)
-        members = logits if self.in_one_network else logits[:1]
-        kl = torch.stack([soft_kl(z, target, T) for z in members]).sum()
+        kl = torch.stack([soft_kl(z, target, T) for z in logits]).sum()
         ce_ensemble = F.cross_entropy(ensemble, labels)
         total = ce_members + ce_ensemble + weight * kl
         return total, {"ce": ce_members.detach(), "ce_ensemble": ce_ensemble.detach(),
                        "kl": kl.detach(), "kl_weight": weight}
+
+    def distill_terms(self, s):
+        """Across peers: the ensemble's CE and the KL to it (the peer's own CE is added by `own_loss`)."""
+        T, weight = self.config.temperature, self.config.weight_at(s.step)
+        own_logits, own_gate = s.outputs  # (B, C), (B, 1)
+        # The order of members does not change a gated sum, so own first, then the others.
+        logits = torch.stack([own_logits] + [p["logits"] for p in s.peers])
+        gate_logits = torch.cat([own_gate] + [p["gate"] for p in s.peers], dim=1)
+        ensemble = gated_ensemble(logits, gate_logits)
+        kl = soft_kl(own_logits, soft_targets(ensemble.detach(), T), T)
+        ce_ensemble = F.cross_entropy(ensemble, s.labels)
+        return ce_ensemble + weight * kl, {"ce_ensemble": ce_ensemble.detach(), "kl": kl.detach(), "kl_weight": weight}

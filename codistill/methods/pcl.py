@@ -86,13 +86,12 @@ class PCL(PeerMethod):
     def after_update(self, network, step):
         network.update(step)
 
-    def own_loss(self, s):
+    def distill_terms(self, s):
         T, weight = self.config.temperature, self.config.weight_at(s.step)
-        ce = F.cross_entropy(s.logits, s.labels)
         ensemble = s.outputs[0][1] + sum(p["contribution"] for p in s.peers)
         ce_ensemble = F.cross_entropy(ensemble, s.labels)
         kl_ensemble = soft_kl(s.logits, soft_targets(ensemble.detach(), T), T)
         kl_mean = mean_peer_kl(s.logits, [p["mean_logits"] for p in s.peers], T)
-        total = ce + ce_ensemble + weight * (kl_ensemble + kl_mean)
-        return total, {"ce": ce.detach(), "ce_ensemble": ce_ensemble.detach(), "kl_ensemble": kl_ensemble.detach(),
-                       "kl_mean": kl_mean.detach(), "kl_weight": weight}
+        return ce_ensemble + weight * (kl_ensemble + kl_mean), {
+            "ce_ensemble": ce_ensemble.detach(), "kl_ensemble": kl_ensemble.detach(), "kl_mean": kl_mean.detach(),
+            "kl_weight": weight}

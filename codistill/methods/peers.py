@@ -121,6 +121,9 @@ class PeerMethod(Method):
             sent.update(extra.own_payload(self.peer_logits(member), member, taps))
         return {name: t.detach() for name, t in sent.items()}
 
+    def local_loss(self, s: Signals):
+        return None if self.branched else super().local_loss(s)
+
     def loss(self, s: Signals):
         if not self.branched:
             return super().loss(s)
