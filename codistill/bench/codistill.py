@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from codistill.bench.common import latency_row, print_latencies, write_json
+from codistill.bench.common import latency_row, paired_ratio, print_latencies, ratio_text, write_json
 from codistill.config import load_config
 from codistill.data import load_dataset
 from codistill.engine.job import make_job, peer_schedules
@@ -20,8 +20,9 @@ from codistill.exchange import LocalGatherHub, LocalPublications
 
 
 def _codistill_overhead(periods: list[int], rounds_per_period: int) -> dict:
-    """Mean step time of codistillation ÷ independent training, two MNIST-1D CNN peers as
-    threads, alternating blocks of 50 steps (a whole number of rounds for every period)."""
+    """Step time of codistillation ÷ independent training, two MNIST-1D CNN peers as threads,
+    in ABBA blocks of 50 steps (a whole number of rounds for every period): the median of the
+    paired block ratios with its bootstrap interval."""
     base = {"peers": [{"model": "mnist1d_cnn"}] * 2, "data": {"name": "mnist1d", "batch_size": 100}}
     data = load_dataset("mnist1d")
     results = {}
@@ -45,34 +46,39 @@ def _codistill_overhead(periods: list[int], rounds_per_period: int) -> dict:
             for block in range(2 * rounds_per_period):
                 name = ("independent", "codistill")[(block + block // 2) % 2]  # ABBA order cancels drift
                 barrier.wait()
+                spent = 0.0
                 for _ in range(50):
                     started = time.perf_counter()
                     record = train_step(jobs[k][name], step)
-                    if k == 0:
-                        times[name].append(time.perf_counter() - started)
-                        if "round" in record:
-                            rounds.append(record)
+                    spent += time.perf_counter() - started
+                    if k == 0 and "round" in record:
+                        rounds.append(record)
                     step += 1
+                if k == 0:
+                    times[name].append(spent / 50)  # one block: a whole number of rounds
 
         threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        ind, cod = statistics.mean(times["independent"]), statistics.mean(times["codistill"])
+        ind, cod = statistics.median(times["independent"]), statistics.median(times["codistill"])
         # Split the overhead: the teacher pass (predicting the round's batches) is compute that
         # codistillation needs wherever it runs; the rest of a round is the exchange itself.
-        predict_per_step = sum(r["predict_ms"] for r in rounds) / len(times["codistill"]) / 1000
-        exchange_per_step = sum(r["round_ms"] - r["predict_ms"] for r in rounds) / len(times["codistill"]) / 1000
-        results[period] = {"independent_ms": 1000 * ind, "codistill_ms": 1000 * cod, "ratio": cod / ind,
+        steps = 50 * len(times["codistill"])
+        predict_per_step = sum(r["predict_ms"] for r in rounds) / steps / 1000
+        exchange_per_step = sum(r["round_ms"] - r["predict_ms"] for r in rounds) / steps / 1000
+        # Blocks run A B B A A B …: each consecutive pair holds one block of each.
+        results[period] = {"independent_ms": 1000 * ind, "codistill_ms": 1000 * cod,
+                           "ratio": paired_ratio(times["independent"], times["codistill"]),
                            "teacher_pass_share": predict_per_step / ind, "exchange_share": exchange_per_step / ind}
     return results
 
 
 def _round_latency(calls: int) -> dict:
-    """Publish + fetch of one round through the object-store coordinator, per payload: the
-    periodic exchange's own `publish` and `newest`, as a peer calls them (a group of one, so
-    nothing waits for another peer)."""
+    """One round through the object-store coordinator, per payload: the periodic exchange's
+    own `round_trip` (put, one actor call that publishes and answers, fetch), as a peer calls it
+    (a group of one that fetches its own publication, so nothing waits for another peer)."""
     from codistill.exchange.object_store import ObjectStorePeriodicExchange, PublicationCoordinator
     from codistill.models import create_model
 
@@ -82,6 +88,7 @@ def _round_latency(calls: int) -> dict:
         "predictions 1×100×10 (period 1)": {"logits": torch.randn(1, 1, 100, 10)},
         "predictions 50×100×10 (period 50)": {"logits": torch.randn(1, 50, 100, 10)},
         "predictions 50×128×100 (CIFAR-100, period 50)": {"logits": torch.randn(1, 50, 128, 100)},
+        "predictions 50×128×100 bf16": {"logits": torch.randn(1, 50, 128, 100).bfloat16()},
         "weights mnist1d_cnn": create_model("mnist1d_cnn", 10).state_dict(),
         "weights resnet32": create_model("resnet32", 100).state_dict(),
     }
@@ -91,8 +98,7 @@ def _round_latency(calls: int) -> dict:
         latencies = []
         for r in range(calls + 3):
             started = time.perf_counter()
-            periodic.publish(round_id, 0, payload)
-            periodic.newest(0, round_id, round_id, 10.0)
+            periodic.round_trip(round_id, 0, payload, [0], round_id, 10.0)  # what a peer does each round
             if r >= 3:
                 latencies.append(time.perf_counter() - started)
             round_id += 1
@@ -108,7 +114,8 @@ def _bytes_per_round() -> list[dict]:
         weights = sum(t.numel() * t.element_size() for t in create_model(model, classes).state_dict().values())
         for period in (1, 10, 50):
             predictions = period * batch * classes * 4  # one round's batches, float32, max_staleness 0
-            rows.append({"model": model, "period": period, "predictions_bytes": predictions, "weights_bytes": weights})
+            rows.append({"model": model, "period": period, "predictions_bytes": predictions,
+                         "predictions_bf16_bytes": predictions // 2, "weights_bytes": weights})
     return rows
 
 
@@ -120,13 +127,15 @@ def main(args: argparse.Namespace) -> int:
     connect_ray(None)
     figures["round_latency"] = _round_latency(args.latency_calls)
     disconnect_ray()
-    print("\namortised step time, mean   independent  codistill  ratio   of which: teacher pass  exchange")
+    print(f"\namortised step time, median block ({2 * args.rounds} blocks of 50 steps, ABBA)\n"
+          "                  independent  codistill   ratio [95% CI]          of which: teacher pass  exchange")
     for period, row in figures["overhead"].items():
-        print(f"  period {period:<19}{row['independent_ms']:>8.2f} ms{row['codistill_ms']:>8.2f} ms{row['ratio']:>7.3f}"
-              f"{100 * row['teacher_pass_share']:>20.1f}%{100 * row['exchange_share']:>9.1f}%")
+        print(f"  period {period:<8}{row['independent_ms']:>8.2f} ms{row['codistill_ms']:>8.2f} ms   "
+              f"{ratio_text(row['ratio']):<24}{100 * row['teacher_pass_share']:>12.1f}%{100 * row['exchange_share']:>9.1f}%")
     print_latencies("round trip through the object-store coordinator", figures["round_latency"], 44)
-    print("\nbytes per round per peer     period   predictions       weights")
+    print("\nbytes per round per peer     period   predictions  (bf16)         weights")
     for row in figures["bytes_per_round"]:
-        print(f"  {row['model']:<26}{row['period']:>6}{row['predictions_bytes']:>14,}{row['weights_bytes']:>14,}")
+        print(f"  {row['model']:<26}{row['period']:>6}{row['predictions_bytes']:>14,}{row['predictions_bf16_bytes']:>12,}"
+              f"{row['weights_bytes']:>14,}")
     write_json(args.out, figures)
     return 0

@@ -31,3 +31,23 @@ def write_json(path: str | None, figures: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(figures, f, indent=2)
+
+
+def paired_ratio(base: list[float], other: list[float], seed: int = 0, resamples: int = 4000) -> dict:
+    """other ÷ base from paired blocks (block i of each measured next to the other, in
+    alternating order): the median of the per-pair ratios, and a 95% percentile-bootstrap
+    interval of that median (the pairs resampled; seeded, so the same blocks give the same
+    interval). Pairing cancels the drift of a shared machine; the interval says whether the
+    blocks were enough to resolve the difference asked about."""
+    import random
+    import statistics
+
+    ratios = [o / b for b, o in zip(base, other, strict=True)]
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {"ratio": statistics.median(ratios), "low": medians[int(0.025 * resamples)],
+            "high": medians[int(0.975 * resamples) - 1], "pairs": len(ratios)}
+
+
+def ratio_text(r: dict) -> str:
+    return f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"

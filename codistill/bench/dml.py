@@ -3,8 +3,9 @@
 Every figure is a ratio or a distribution measured in one run, with the two things compared
 interleaved in alternating blocks, because the machine is shared and noisy:
 
-1. step time of DML ÷ step time of independent training, same peers, same runner
-   (local threads, and Ray Train workers with the collective transport);
+1. step time of DML (plain and overlapped) ÷ step time of independent training, same peers,
+   same runner (local threads, and Ray Train workers with the collective transport): the
+   median of paired block ratios with a bootstrap interval;
 2. wall time of K peers on Ray ÷ the same K peers in one process (a short demo run);
 3. exchange latency p50/p90 per transport for a B×C float32 payload.
 
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-from codistill.bench.common import DEMO_CONFIG, latency_row, print_latencies, write_json
+from codistill.bench.common import DEMO_CONFIG, latency_row, paired_ratio, print_latencies, ratio_text, write_json
 from codistill.config import load_config
 from codistill.data import load_dataset
 from codistill.engine.job import PeerJob, make_job, peer_schedules
@@ -31,34 +32,44 @@ from codistill.exchange import Exchange, LocalGatherHub
 from codistill.models import MODELS
 
 
+ARMS = {"independent": ({"name": "independent"}, False), "dml": ({"name": "dml", "temperature": 3.0}, False),
+        "dml_overlap": ({"name": "dml", "temperature": 3.0}, True)}
+
+
 def bench_jobs(spec: dict, peer_index: int, device: torch.device, exchange: Exchange) -> dict[str, PeerJob]:
-    """The same peer (same initial weights) as an independent and as a DML job."""
+    """The same peer (same initial weights) as an independent job, a DML job and an overlapped
+    DML job (`train.overlap`)."""
     data = load_dataset(spec["config"]["data"]["name"], augment=True)
     jobs = {}
-    for name, method in (("independent", {"name": "independent"}), ("dml", {"name": "dml", "temperature": 3.0})):
-        cfg = load_config({**spec["config"], "method": method})
+    for name, (method, overlap) in ARMS.items():
+        cfg = load_config({**spec["config"], "method": method, "train": {"overlap": overlap}})
         jobs[name] = make_job(cfg, peer_index, data, peer_schedules(cfg, len(data.y_train)), device, exchange)
     return jobs
 
 
 def time_methods(jobs: dict[str, PeerJob], rounds: int, block: int) -> dict[str, list[float]]:
-    """Step times (s) of independent vs DML on the same peer, in alternating blocks."""
+    """Per round, one block of `block` steps of each arm, the order rotating from round to
+    round (so no arm always follows another); a block's time is its steps' mean (s). Returns
+    each arm's block times, and the DML arms' exchange time per block (incl. waiting)."""
     times: dict[str, list[float]] = {name: [] for name in jobs}
-    times["dml_exchange"] = []  # the all_gather, including the wait for the slower peer
+    times.update({f"{name}_exchange": [] for name in jobs if name != "independent"})
     step = 0
     for name in jobs:  # warm-up: allocator, thread pools, first collective
         train_step(jobs[name], step)
         step += 1
+    names = list(jobs)
     for r in range(rounds):
-        order = list(jobs) if r % 2 == 0 else list(reversed(jobs))
-        for name in order:
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            spent, exchange = 0.0, 0.0
             for _ in range(block):
                 started = time.perf_counter()
                 record = train_step(jobs[name], step)
-                times[name].append(time.perf_counter() - started)
-                if name == "dml":
-                    times["dml_exchange"].append(record["exchange_ms"] / 1000)
+                spent += time.perf_counter() - started
+                exchange += record["exchange_ms"] / 1000
                 step += 1
+            times[name].append(spent / block)
+            if name != "independent":
+                times[f"{name}_exchange"].append(exchange / block)
     return times
 
 
@@ -136,9 +147,12 @@ def _wall_times(steps: int, storage: str) -> dict:
 
 
 def _summarise_steps(steps: dict[str, list[float]]) -> dict:
-    ind, dml = statistics.median(steps["independent"]), statistics.median(steps["dml"])
-    return {"independent_ms": 1000 * ind, "dml_ms": 1000 * dml, "dml_over_independent": dml / ind,
-            "exchange_ms": 1000 * statistics.median(steps["dml_exchange"])}
+    row = {"independent_ms": 1000 * statistics.median(steps["independent"]), "blocks": len(steps["independent"])}
+    for arm in ("dml", "dml_overlap"):
+        row[f"{arm}_ms"] = 1000 * statistics.median(steps[arm])
+        row[f"{arm}_over_independent"] = paired_ratio(steps["independent"], steps[arm])
+        row[f"{arm}_exchange_ms"] = 1000 * statistics.median(steps[f"{arm}_exchange"])
+    return row
 
 
 def main(args: argparse.Namespace) -> int:
@@ -152,7 +166,8 @@ def main(args: argparse.Namespace) -> int:
         spec = {"config": config, "peers": args.peers, "rounds": args.rounds, "block": args.block,
                 "payload": (128, 100), "latency_calls": args.latency_calls}
         print(f"# codistill bench dml — {args.peers} × {args.model}, batch {args.batch_size}, "
-              f"{args.rounds} alternating blocks of {args.block} steps", flush=True)
+              f"{args.rounds} rounds of one block of {args.block} steps per arm (independent, dml, dml overlapped), "
+              "order rotating", flush=True)
         local_steps, local_latency = _local_bench(spec)
         connect_ray(None)
         ray_figures = _ray_bench(spec)
@@ -165,10 +180,12 @@ def main(args: argparse.Namespace) -> int:
         }
         if not args.skip_wall:
             figures["wall_time"] = _wall_times(args.wall_steps, folder)
-    print("\nstep time (median)         independent      dml    dml ÷ independent   exchange incl. wait")
+    print("\nstep time, median block    independent      dml   overlapped   dml ÷ independent [95% CI]"
+          "   overlapped ÷ independent   exchange incl. wait (dml / overlapped)")
     for runner, row in figures["step_time"].items():
-        print(f"  {runner:<24}{row['independent_ms']:>9.1f} ms{row['dml_ms']:>7.1f} ms{row['dml_over_independent']:>12.3f}"
-              f"{row['exchange_ms']:>17.1f} ms")
+        print(f"  {runner:<24}{row['independent_ms']:>9.1f} ms{row['dml_ms']:>7.1f} ms{row['dml_overlap_ms']:>9.1f} ms"
+              f"   {ratio_text(row['dml_over_independent']):>22}   {ratio_text(row['dml_overlap_over_independent']):>22}"
+              f"   {row['dml_exchange_ms']:>7.1f} / {row['dml_overlap_exchange_ms']:.1f} ms")
     print_latencies("exchange latency, 128×100 float32", figures["exchange_latency_128x100"], 34)
     if "wall_time" in figures:
         w = figures["wall_time"]
