@@ -1,0 +1,56 @@
+"""The benchmarks' arithmetic: a paired ratio and its interval, and a step's parts adding up
+to the step (speed itself is measured by `codistill bench`, never by a timed test)."""
+
+import json
+import random
+
+import pytest
+
+from codistill.bench.common import paired_ratio
+from codistill.cli import main
+
+
+def blocks(ratio: float, pairs: int, noise: float, seed: int) -> tuple[list[float], list[float]]:
+    """Paired block times with a shared drift (the machine) and independent noise."""
+    rng = random.Random(seed)
+    base, other = [], []
+    for _ in range(pairs):
+        drift = rng.uniform(0.5, 2.0)  # a shared machine slows both blocks of a pair together
+        base.append(drift * (1 + rng.gauss(0, noise)))
+        other.append(drift * ratio * (1 + rng.gauss(0, noise)))
+    return base, other
+
+
+def test_a_paired_ratio_recovers_the_true_ratio_through_drift():
+    r = paired_ratio(*blocks(1.04, 60, 0.01, seed=1))
+    assert r["low"] <= 1.04 <= r["high"] and r["pairs"] == 60
+    assert r["high"] - r["low"] < 0.02  # enough pairs to resolve a few per cent
+
+
+def test_its_interval_narrows_with_more_pairs_and_is_reproducible():
+    few, many = paired_ratio(*blocks(1.0, 8, 0.05, seed=2)), paired_ratio(*blocks(1.0, 200, 0.05, seed=2))
+    assert many["high"] - many["low"] < few["high"] - few["low"]
+    assert paired_ratio(*blocks(1.0, 8, 0.05, seed=2)) == few
+
+
+def test_bench_step_reports_every_variant_and_parts_that_add_up(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--rounds", "2", "--block", "3", "--set", "train.steps=100",
+                 "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures["variants"]) == {"fp32, data on cpu", "fp32, data on device", "bf16, data on cpu",
+                                        "bf16, data on device"}
+    for row in figures["variants"].values():
+        assert row["samples_per_s_per_peer"] > 0
+        assert sum(row["parts_ms"].values()) == pytest.approx(row["step_ms"], rel=0.5)
+    assert "samples/s" in capsys.readouterr().out
+
+
+def test_a_steps_parts_partition_its_time(tmp_path):
+    from tests.test_gpu_step import one_step
+    from tests.conftest import small_config
+
+    for peer in one_step(small_config(tmp_path, "train.overlap=true")):
+        record = peer["record"]
+        parts = sum(record[p] for p in ("data_ms", "forward_ms", "exchange_ms", "backward_ms", "optimizer_ms"))
+        assert parts <= record["step_ms"] and parts >= 0.9 * record["step_ms"]
