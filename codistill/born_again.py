@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from codistill.config import ExperimentConfig, TeacherConfig
-from codistill.data import load_dataset
+from codistill.data import load_data
 from codistill.engine.run import RunResult, train
 from codistill.engine.teacher import load_teacher, resolve_teacher_config
 from codistill.metrics import accuracy, ensemble_accuracy
@@ -70,8 +70,7 @@ def run_generations(cfg: ExperimentConfig, backend: str = "local", on_progress=N
 @torch.no_grad()
 def evaluate_generations(cfg: ExperimentConfig, runs: list[RunResult]) -> pa.Table:
     """Each generation's first peer on the test split, and the ensemble of generations 0..k."""
-    data = load_dataset(cfg.data.name, cfg.data.root, False, cfg.data.download, cfg.data.train_subset,
-                        cfg.data.validation)
+    data = load_data(replace(cfg.data, augment=False))
     labels = data.y_test
     rows, logits = [], []
     for k, run in enumerate(runs):

@@ -131,3 +131,44 @@ def attention_weights(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     """OKDDip's aggregation weights: α_ij = softmax_j(q_i · k_j). queries: (B, d), keys: (M, B, d)
     → (B, M): one peer's weights over the M members."""
     return torch.einsum("bd,mbd->bm", queries, keys).softmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k soft targets: a next-token distribution per position is far too large to ship whole
+
+
+def top_k_targets(logits: torch.Tensor, k: int, temperature: float, dtype: torch.dtype = torch.float16) -> dict:
+    """The soft target softmax(z/T) per row, cut to its k largest log-probabilities with their
+    token ids, plus the log of the remaining mass (the tail bucket): (N, k) values, (N, k) ids,
+    (N, 1) tail. Sent instead of the (N, V) logits; `top_k_kl` is the KL against it."""
+    log_p = F.log_softmax(logits.detach().float() / temperature, dim=-1)
+    values, ids = log_p.topk(min(k, log_p.shape[-1]), dim=-1)
+    kept = values.exp().sum(-1, keepdim=True)
+    tail = torch.log((1 - kept).clamp(min=0)).clamp(min=-1e4)  # ≈ −inf when k covers everything
+    return {"topk_logp": values.to(dtype), "topk_ids": ids.to(torch.int32), "tail_logp": tail.to(dtype)}
+
+
+def top_k_kl(student_logits: torch.Tensor, target: dict, temperature: float) -> torch.Tensor:
+    """T² · KL over the k sent tokens plus the tail bucket, averaged over rows:
+        Σ_{j∈top-k} p_j log(p_j / q_j) + p_tail log(p_tail / q_tail),  q_tail = 1 − Σ_{j∈top-k} q_j.
+    Merging the tail into one bucket can only lower a KL (it never exceeds the full KL); with
+    k = V it is the full KL. The sent target is renormalised (values travel in fp16/bf16)."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    ids = target["topk_ids"].long()
+    log_p, tail_p = target["topk_logp"].float(), target["tail_logp"].float()
+    norm = torch.logsumexp(torch.cat([log_p, tail_p], dim=-1), dim=-1, keepdim=True)
+    log_p, tail_p = log_p - norm, tail_p - norm
+    log_q_top = log_q.gather(-1, ids)
+    q_tail = (1 - log_q_top.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
+    head = (log_p.exp() * (log_p - log_q_top)).sum(-1)
+    tail = tail_p.exp() * (tail_p - q_tail.log())
+    tail = torch.where(tail_p.exp() > 0, tail, torch.zeros_like(tail)).squeeze(-1)
+    return temperature**2 * (head + tail).mean()
+
+
+def payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float) -> torch.Tensor:
+    """T²·KL(a peer's soft target ‖ softmax(student/T)), from the peer's payload: its whole
+    logits, or its top-k target (`exchange.top_k`)."""
+    if "topk_ids" in payload:
+        return top_k_kl(student_logits, payload, temperature)
+    return soft_kl(student_logits, soft_targets(payload["logits"], temperature), temperature)

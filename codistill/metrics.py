@@ -8,6 +8,7 @@ the parts written after the checkpoint it resumes from and no step appears twice
 from __future__ import annotations
 
 import io
+import math
 import logging
 import re
 
@@ -51,11 +52,20 @@ def churn(peer_logits: list[torch.Tensor]) -> float:
     return sum(pairs) / len(pairs) if pairs else 0.0
 
 
-def evaluation_metrics(peer_logits: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
+def bits(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean −log2 of the label's probability: bits per token for a language model."""
+    return (-log_probs.gather(-1, labels.view(-1, 1)).mean() / math.log(2)).item()
+
+
+def evaluation_metrics(peer_logits: list[torch.Tensor], labels: torch.Tensor, with_bits: bool = False) -> dict[str, float]:
     accs = [accuracy(z, labels) for z in peer_logits]
     metrics = {f"peer{k}_accuracy": a for k, a in enumerate(accs)}
     metrics.update(mean_accuracy=sum(accs) / len(accs), best_accuracy=max(accs),
                    ensemble_accuracy=ensemble_accuracy(peer_logits, labels), churn=churn(peer_logits))
+    if with_bits:  # language models: test loss in bits per token, each peer's and the ensemble's
+        metrics.update({f"peer{k}_bits": bits(z.float().log_softmax(-1), labels) for k, z in enumerate(peer_logits)})
+        mixture = torch.stack([z.float().log_softmax(-1) for z in peer_logits]).logsumexp(0) - math.log(len(peer_logits))
+        metrics["ensemble_bits"] = bits(mixture, labels)
     return metrics
 
 
@@ -163,6 +173,8 @@ def final_metrics(table: pa.Table) -> dict:
         "head_accuracy": {k[:-len("_accuracy")]: [r[k] for r in final] for k in head_columns},
         # The group's members (the peers, or one network's branches): first, mean, best, ensemble, churn.
         "members": {k[len("member_"):]: v for k, v in final[0].items() if k.startswith("member_") and v is not None},
+        **({"peer_bits": [r["bits"] for r in final], "ensemble_bits": final[0]["ensemble_bits"]}
+           if final[0].get("bits") is not None else {}),
     }
 
 
@@ -170,16 +182,18 @@ def summary_text(table: pa.Table, peer_models: list[str] | None = None) -> str:
     final = final_metrics(table)
     if not final:
         return "no evaluation recorded"
-    lines = [f"final evaluation at step {final['step']}", f"{'peer':<6}{'model':<22}{'test acc':>10}"]
+    lm = "peer_bits" in final  # a language model: top-1 next-token accuracy and bits per token
+    lines = [f"final evaluation at step {final['step']}",
+             f"{'peer':<6}{'model':<22}{'test acc':>10}" + ("   bits/token" if lm else "")]
     for k, acc in enumerate(final["peer_accuracy"]):
         model = peer_models[k] if peer_models else ""
-        lines.append(f"{k:<6}{model:<22}{100 * acc:>9.2f}%")
+        lines.append(f"{k:<6}{model:<22}{100 * acc:>9.2f}%" + (f"{final['peer_bits'][k]:>13.3f}" if lm else ""))
     for head, values in final["head_accuracy"].items():
         for k, acc in enumerate(values):
             lines.append(f"{k:<6}{'  ' + head:<22}{100 * acc:>9.2f}%")
     accs = final["peer_accuracy"]
     lines.append(f"{'mean':<28}{100 * sum(accs) / len(accs):>9.2f}%")
-    lines.append(f"{'ensemble':<28}{100 * final['ensemble_accuracy']:>9.2f}%")
+    lines.append(f"{'ensemble':<28}{100 * final['ensemble_accuracy']:>9.2f}%" + (f"{final['ensemble_bits']:>13.3f}" if lm else ""))
     lines.append(f"{'churn':<28}{100 * final['churn']:>9.2f}%")
     if "skipped" in table.column_names:
         skipped = sum(1 for v in table.column("skipped").to_pylist() if v)

@@ -237,7 +237,7 @@ def test_every_override_a_config_documents_loads(path):
 
     text = open(path).read()
     base = load_config(path)
-    stand_in = {"image": "resnet110", "sequence": "mnist1d_cnn_wide"}[DATASETS[base.data.name].input_kind]
+    stand_in = {"image": "resnet110", "sequence": "mnist1d_cnn_wide", "tokens": "gpt"}[DATASETS[base.data.name].input_kind]
     teacher = [f"teacher.model={stand_in}"] if base.teacher is not None else []
     for line in text.splitlines():  # the overrides of one command line load together
         overrides = re.findall(r"--set '([^']+)'", line)

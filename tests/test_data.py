@@ -167,10 +167,12 @@ def test_crop_and_flip_keep_the_pixels_of_the_image():
 
 
 @pytest.mark.parametrize("name", DATASETS.names())
-def test_every_registered_data_set_takes_only_models_of_its_input_kind(name):
+def test_every_registered_data_set_takes_only_models_of_its_input_kind(name, tmp_path):
     kind = DATASETS[name].input_kind
-    fits, misfit = ("resnet20", "mnist1d_cnn") if kind == "image" else ("mnist1d_cnn", "resnet20")
-    config = {"method": {"name": "independent"}, "data": {"name": name}}
+    fits, misfit = {"image": ("resnet20", "mnist1d_cnn"), "sequence": ("mnist1d_cnn", "resnet20"),
+                    "tokens": ("gpt", "mnist1d_cnn")}[kind]
+    (tmp_path / "a.txt").write_text("some text\n")
+    config = {"method": {"name": "independent"}, "data": {"name": name, **({"path": str(tmp_path)} if name == "text" else {})}}
     assert load_config({**config, "peers": [{"model": fits}]}).data.name == name
     with pytest.raises(ConfigError) as info:
         load_config({**config, "peers": [{"model": misfit}]})

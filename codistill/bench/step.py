@@ -21,7 +21,7 @@ import torch
 
 from codistill.bench.common import DEMO_CONFIG, paired_ratio, ratio_text, write_json
 from codistill.config import load_config
-from codistill.data import load_dataset
+from codistill.data import load_data
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import train_step
 from codistill.exchange import LocalGatherHub, LocalPublications
@@ -32,7 +32,7 @@ PARTS = ("data_ms", "forward_ms", "exchange_ms", "backward_ms", "optimizer_ms")
 
 
 def _jobs(cfg, device: torch.device) -> dict[str, list]:
-    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset)
+    data = load_data(cfg.data)
     jobs = {}
     for name, (precision, on_device) in VARIANTS.items():
         variant = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from codistill.config.search_space import parse_distribution
 from codistill.data import DATASETS
@@ -57,9 +57,15 @@ class PeerSpec:
     model: str
     """Registered model name (see `codistill.models.MODELS`)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the model's builder, e.g. `{width: 256, depth: 4}` for `gpt`."""
 
     def __post_init__(self):
         MODELS.get(self.model, "model")
+        from codistill.models.registry import check_model_args
+
+        problem = check_model_args(self.model, self.model_args)
+        check(problem is None, "model_args", problem or "")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -81,9 +87,27 @@ class DataConfig:
     validation: float = 0.0
     """Hold out this fraction of the training set and evaluate on it instead of the test set
     (a validation split for tuning; the same examples in every run). 0: train on all, test on the test set."""
+    path: str | None = None
+    """`text`: the text file or folder of text files to train on."""
+    tokenizer: Literal["bpe", "bytes"] = "bpe"
+    """Text: a byte-level BPE trained on the training split (`tokenizers`), or plain bytes (256 tokens)."""
+    vocab_size: int = 1024
+    """Text, bpe: the vocabulary the BPE is trained to."""
+    context: int = 128
+    """Text: tokens per window (an example is a window; its labels are the next tokens)."""
+    test_windows: int = 64
+    """Text: at most this many windows of the test split (evenly spaced) are evaluated."""
 
     def __post_init__(self):
         DATASETS.get(self.name, "name")
+        check(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
+        check(self.context >= 1, "context", f"must be >= 1, got {self.context}")
+        check(self.test_windows >= 1, "test_windows", f"must be >= 1, got {self.test_windows}")
+        if self.name == "text":
+            from codistill.data.text import text_files
+
+            check(self.path is not None, "path", "is required for data set 'text': a text file or a folder of text files")
+            text_files(self.path)  # a ConfigError naming data.path when it does not exist or holds no text
         root = os.path.expanduser(self.root)
         check(not os.path.isfile(root), "root", f"{self.root!r} is a file; it must be the folder where data sets "
               "are cached or found")
@@ -132,6 +156,15 @@ class ExchangeConfig:
     transport: Literal["collective", "object_store"] = "collective"
     """How peers see each other on Ray: torch.distributed all_gather, or the Ray object store.
     The local runner always exchanges in-process."""
+    top_k: int = 0
+    """> 0: a peer sends, per row (per position for a language model), the k largest
+    log-probabilities of its soft target with their token ids and the remaining mass, instead
+    of its whole logits; the KL is over the k tokens plus the tail bucket. 0: whole logits."""
+    top_k_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """The dtype top-k values travel in (the ids travel as int32)."""
+
+    def __post_init__(self):
+        check(self.top_k >= 0, "top_k", f"must be >= 0 (0: send whole logits), got {self.top_k}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -286,6 +319,13 @@ class ExperimentConfig:
         self._check_batches()
         check(self.train.on_nonfinite == "stop" or self.ray.workers_per_peer == 1, "train.on_nonfinite",
               "skip_step needs ray.workers_per_peer: 1 (data-parallel replicas must all take or all skip a step)")
+        if self.exchange.top_k:
+            from codistill.methods import METHODS
+
+            able = sorted(n for n, m in METHODS.items() if m.config_class.takes_top_k)
+            check(self.method.takes_top_k and not self.method.also, "exchange.top_k",
+                  f"method {self.method.name!r}{' with also-terms' if self.method.also else ''} uses its peers' logits "
+                  f"as more than soft targets; top-k targets work with: {', '.join(able)}")
         if self.train.compile:
             from codistill.methods import create_method
 

@@ -33,6 +33,9 @@ class ArrayDataset:
     std: tuple[float, ...] | None = None
     augment: bool = False
     """Random crop (pad 4) and horizontal flip, the standard CIFAR augmentation."""
+    fingerprint: dict | None = None
+    """What exactly was loaded, where it is not fixed by the name (a text corpus: its hash, the
+    tokenizer). Kept in every checkpoint; a run resumes only on the same data."""
 
     def to(self, device: torch.device) -> "ArrayDataset":
         """A copy whose tensors live on `device`: batches are then gathered, normalised and
@@ -48,16 +51,26 @@ class ArrayDataset:
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
+    def _labels(self, y: torch.Tensor) -> torch.Tensor:
+        # Tokens: a label per position, flattened as the model flattens its logits (B·T rows),
+        # so every loss and metric of a classifier applies per position unchanged.
+        return y.reshape(-1) if self.input_kind == "tokens" else y
+
     def train_batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         indices = indices.to(self.x_train.device)
         x = self._prepare(self.x_train[indices])
         if self.augment and self.input_kind == "image":
             x = _crop_and_flip(x, generator)
-        return x, self.y_train[indices]
+        return x, self._labels(self.y_train[indices])
 
     def test_batches(self, batch_size: int):
         for start in range(0, len(self.y_test), batch_size):
-            yield self._prepare(self.x_test[start:start + batch_size]), self.y_test[start:start + batch_size]
+            yield self._prepare(self.x_test[start:start + batch_size]), self._labels(self.y_test[start:start + batch_size])
+
+    def rows(self, batch: torch.Tensor) -> int:
+        """How many predictions (rows of logits) a batch of inputs makes: one per example, or
+        one per position of a token window."""
+        return batch.shape[0] * batch.shape[1] if self.input_kind == "tokens" else batch.shape[0]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -88,14 +101,18 @@ class DatasetEntry:
     """None: known only from the data (an image folder's class folders)."""
     train_examples: int | None = None
     """Size of the training split, when known without loading it (checked against the batch size)."""
+    takes_settings: bool = False
+    """The loader is also given the `data:` section (a text corpus: path, tokenizer, context)."""
 
 
 DATASETS: Registry[DatasetEntry] = Registry("data set")
 
 
-def register_dataset(name: str, input_kind: str, num_classes: int | None, train_examples: int | None = None):
+def register_dataset(name: str, input_kind: str, num_classes: int | None, train_examples: int | None = None,
+                     takes_settings: bool = False):
     def decorator(fn):
-        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes, train_examples), getattr(fn, "__module__", ""))
+        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes, train_examples, takes_settings),
+                     getattr(fn, "__module__", ""))
         return fn
     return decorator
 
@@ -105,9 +122,21 @@ VALIDATION_SEED = 20_201_125
 every method of a comparison, is tuned on the same validation examples."""
 
 
+def load_data(settings) -> ArrayDataset:
+    """The data set a run's `data:` section names, as every runner loads it."""
+    return load_dataset(settings.name, settings.root, settings.augment, settings.download, settings.train_subset,
+                        settings.validation, settings)
+
+
 def load_dataset(name: str, root: str = "~/.cache/codistill", augment: bool = True,
-                 download: bool = False, train_subset: int = 0, validation: float = 0.0) -> ArrayDataset:
-    data = DATASETS.get(name, "data.name").load(root=Path(os.path.expanduser(root)), augment=augment, download=download)
+                 download: bool = False, train_subset: int = 0, validation: float = 0.0, settings=None) -> ArrayDataset:
+    entry = DATASETS.get(name, "data.name")
+    if entry.takes_settings and settings is None:
+        from codistill.config import DataConfig
+
+        settings = DataConfig(name=name)
+    data = entry.load(root=Path(os.path.expanduser(root)), augment=augment, download=download,
+                      **({"settings": settings} if entry.takes_settings else {}))
     if train_subset:
         data.x_train, data.y_train = data.x_train[:train_subset], data.y_train[:train_subset]
     if validation:

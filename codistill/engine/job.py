@@ -114,11 +114,11 @@ def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device
     example = next(data.test_batches(2))[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + index)
-        base = create_model(spec.model, data.num_classes)
+        base = create_model(spec.model, data.num_classes, **spec.model_args)
         shapes = {"own": tap_shapes(base, paths, example),
                   "teacher": teacher.tap_shapes(example) if teacher is not None else {}}
         network = method.build_network(base, spec.model, shapes).to(device)
-    check_output(network, method, spec.model, index, example.to(device), data.num_classes)
+    check_output(network, method, spec.model, index, example.to(device), data.num_classes, data.rows(example))
     # Only what trains: a method's frozen parts (a temporal mean) are in the network and its
     # checkpoints, never in the optimizer.
     trainable = [p for p in network.parameters() if p.requires_grad]
@@ -127,9 +127,9 @@ def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device
 
 @torch.no_grad()
 def check_output(network: nn.Module, method: Method, model: str, index: int, example: torch.Tensor,
-                 num_classes: int) -> None:
-    """A classifier must give [batch, num_classes] logits: said at start-up, naming the peer's model,
-    instead of a shape error deep inside a loss."""
+                 num_classes: int, rows: int) -> None:
+    """A classifier must give [rows, num_classes] logits (rows: the batch, or batch × positions
+    for tokens): said at start-up, naming the peer's model, instead of a shape error deep inside a loss."""
     was_training = network.training
     network.eval()
     try:
@@ -139,11 +139,11 @@ def check_output(network: nn.Module, method: Method, model: str, index: int, exa
                           f"{list(example.shape)}: {first_line(err, 200)}") from None
     finally:
         network.train(was_training)
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (example.shape[0], num_classes):
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (rows, num_classes):
         got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ConfigError(f"peers.{index}.model", f"model {model!r} returns {got} for a batch of "
-                          f"{example.shape[0]}; a peer must return logits [batch, num_classes] = "
-                          f"[{example.shape[0]}, {num_classes}]")
+                          f"{example.shape[0]}; a peer must return logits [rows, num_classes] = "
+                          f"[{rows}, {num_classes}]")
 
 
 def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedules: list[BatchSchedule],
@@ -152,6 +152,8 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     """The job of peer `peer_index` (worker `replica` of its `replicas`). `periodic` serves a
     method that exchanges in rounds; `data_parallel` wraps the network for DDP."""
     method = create_method(cfg.method)
+    if cfg.exchange.top_k:
+        method.top_k = (cfg.exchange.top_k, COMPUTE_DTYPES[cfg.exchange.top_k_dtype] or torch.float32)
     needs = method.needs
     teacher = None
     if needs.teacher:

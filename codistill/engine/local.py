@@ -10,7 +10,7 @@ import threading
 import torch
 
 from codistill.config import ExperimentConfig, to_dict
-from codistill.data import load_dataset
+from codistill.data import load_data
 from codistill.engine.checkpoint import (LOCAL_CHECKPOINT_DIR, LocalCheckpoints, checkpoint_folders, meta_state,
                                          newest_loadable)
 from codistill.engine.job import make_job, peer_schedules
@@ -68,8 +68,7 @@ class LocalRunContext(RunContext):
 
 def run_local(cfg: ExperimentConfig, storage: RunStorage, on_progress=None) -> list[dict]:
     """Train all peers of `cfg` in this process. Returns the metrics reported by peer 0."""
-    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset,
-                        cfg.data.validation)
+    data = load_data(cfg.data)
     device = torch.device("cpu")
     shared = _SharedRun(cfg, storage, on_progress)
     hub = LocalGatherHub(cfg.num_peers)

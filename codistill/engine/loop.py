@@ -159,9 +159,14 @@ def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict
     this peer's test record (with each head's accuracy when its network has several)."""
     heads, labels = predict_test(job, batch_size)
     primary = next(iter(heads))
-    members = torch.stack([heads[name] for name in job.method.evaluation_members(heads)])
-    gathered = job.exchange.all_gather({"logits": heads[primary], "members": members})
-    metrics = {"step": step, **evaluation_metrics([p["logits"] for p in gathered], labels)}
+    names = job.method.evaluation_members(heads)
+    # The members are sent only when they are not just the peer's own head (a language model's
+    # test logits are tens of MB: sent once).
+    sent = {"logits": heads[primary]} if names == [primary] else {
+        "logits": heads[primary], "members": torch.stack([heads[name] for name in names])}
+    gathered = [{"members": p["logits"][None], **p} for p in job.exchange.all_gather(sent)]
+    lm = job.data.input_kind == "tokens"
+    metrics = {"step": step, **evaluation_metrics([p["logits"] for p in gathered], labels, with_bits=lm)}
     # The group's members: the peers, or the branches of a network that holds several. What a
     # comparison of methods reports, whichever form a method takes.
     group = evaluation_metrics([z for p in gathered for z in p["members"]], labels)
@@ -170,7 +175,8 @@ def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict
     record = {"step": step, "peer": job.peer.index, "split": "test",
               "accuracy": metrics[f"peer{job.peer.index}_accuracy"],
               "ensemble_accuracy": metrics["ensemble_accuracy"], "churn": metrics["churn"],
-              **{k: v for k, v in metrics.items() if k.startswith("member_")}}
+              **{k: v for k, v in metrics.items() if k.startswith("member_")},
+              **({"bits": metrics[f"peer{job.peer.index}_bits"], "ensemble_bits": metrics["ensemble_bits"]} if lm else {})}
     if len(heads) > 1:  # e.g. branches beside their ensemble
         record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
     return metrics, record
@@ -181,10 +187,15 @@ def peer_state(job: PeerJob, step: int) -> dict:
     return {"peer": job.peer.index, "model_name": job.peer.spec.model, "step": step,
             "model": job.peer.network.state_dict(), "optimizer": job.peer.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            **({"data": job.data.fingerprint} if job.data.fingerprint else {}),
             **({"grad_scaler": job.scaler.state_dict()} if job.scaler is not None else {})}
 
 
 class NonFiniteLoss(RunError):
+    pass
+
+
+class DataChanged(RunError):
     pass
 
 
@@ -216,6 +227,12 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
     state = run.restore(peer.index)
     start = 0
     if state is not None:
+        saw, sees = state.get("data"), job.data.fingerprint
+        if saw and sees and saw.get("corpus_sha256") != sees.get("corpus_sha256"):
+            raise DataChanged(f"peer {peer.index}'s checkpoint was trained on corpus {saw['corpus_sha256'][:12]} "
+                              f"({saw['files']} files), but the data is now corpus {sees['corpus_sha256'][:12]} "
+                              f"({sees['files']} files): the files changed since. Resume refused; start a new run "
+                              "(another name) to train on them.")
         peer.network.load_state_dict(state["model"])
         peer.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])

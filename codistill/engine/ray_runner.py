@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from codistill.config import ConfigError, ExperimentConfig, load_config, to_dict
-from codistill.data import load_dataset
+from codistill.data import load_data
 from codistill.engine.checkpoint import (CHECKPOINT_DIR, META_FILE, checkpoint_folders, checkpoint_name, meta_state,
                                          newest_loadable, peer_file, to_bytes)
 from codistill.errors import RunError
@@ -122,8 +122,7 @@ def ray_train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(loop_config["threads_per_worker"])
 
-    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.augment, cfg.data.download, cfg.data.train_subset,
-                        cfg.data.validation)
+    data = load_data(cfg.data)
     exchange_group, data_parallel = None, None
     if replicas > 1:  # DDP over the peer's workers; its column of replicas exchanges
         peer_group, exchange_group = _data_parallel_groups(cfg.num_peers, replicas, peer_index, replica)

@@ -69,6 +69,7 @@ def check_resumable(cfg: ExperimentConfig, stored: dict, trained: int, uri: str)
     teacher. `train.steps` may change only where no learning rate depends on it (a constant
     schedule), and never below the steps already trained."""
     current = to_dict(cfg)
+    stored = _as_of_today(stored)
     changed = [k for k in current if k not in RESUMABLE_SECTIONS and stored.get(k) != current[k]]
     if changed:
         raise ConfigError(changed[0], f"differs from the stored config of run {cfg.name!r} in {uri}; a run "
@@ -86,6 +87,17 @@ def check_resumable(cfg: ExperimentConfig, stored: dict, trained: int, uri: str)
             f"{cfg.peers[scheduled[0]].optimizer.schedule} learning-rate schedule of peers.{scheduled[0]} is a "
             "function of train.steps, so the rate would jump at the resume step. Resume with "
             f"train.steps={before}, or choose another `name`; only constant schedules can be extended."))
+
+
+def _as_of_today(stored: dict) -> dict:
+    """The stored config read by today's schema: a setting added since the run was stored takes
+    its default, which is what the run trained with (so a new setting never blocks a resume)."""
+    from codistill.config import load_config
+
+    try:
+        return to_dict(load_config(stored))
+    except Exception:  # noqa: BLE001 — compared as stored; the comparison names what differs
+        return stored
 
 
 def _refused_for_token(err: BaseException | None) -> bool:

@@ -95,7 +95,8 @@ class StalePeers(SignalSource):
         """A copy of peer `peer`'s network, built as its method builds it, to load its weights into."""
         if peer not in self.stale_networks:
             spec = self.peer_specs[peer]
-            network = job.method.build_network(create_model(spec.model, job.data.num_classes), spec.model)
+            network = job.method.build_network(create_model(spec.model, job.data.num_classes, **spec.model_args),
+                                               spec.model)
             self.stale_networks[peer] = network.to(job.device).eval()
         return self.stale_networks[peer]
 

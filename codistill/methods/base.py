@@ -23,7 +23,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from codistill.errors import ConfigError, check
-from codistill.losses import linear_rampup
+from codistill.losses import linear_rampup, top_k_targets
 from codistill.registry import Registry
 
 
@@ -95,6 +95,9 @@ class MethodConfig:
     also: tuple[MethodConfig, ...] = ()
     """Other methods whose distillation terms are added to this one's loss, e.g. `[{name: at}]`."""
     min_peers: ClassVar[int] = 1
+    takes_top_k: ClassVar[bool] = False
+    """True for methods whose peers' logits are only ever soft targets (DML, codistillation):
+    they can be sent as top-k targets (`exchange.top_k`)."""
     composable: ClassVar[bool] = True
     """False for methods that shape the network or the exchange themselves (and so cannot be an `also` term)."""
 
@@ -168,6 +171,8 @@ class Method:
     every step)."""
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    top_k: tuple[int, torch.dtype] | None = None
+    """(k, value dtype): send the logits as top-k soft targets (`exchange.top_k`, set by the engine)."""
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -230,7 +235,16 @@ class Method:
         sent = self.own_payload(logits, outputs, taps)
         for extra in self.also:
             sent.update(extra.own_payload(logits, outputs, taps))
-        return {name: t.detach() for name, t in sent.items()}
+        return self.sendable(sent)
+
+    def sendable(self, sent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The payload as it travels: detached, and its logits cut to top-k soft targets (at this
+        method's temperature) when `exchange.top_k` asks for it."""
+        sent = {name: t.detach() for name, t in sent.items()}
+        if self.top_k is not None and "logits" in sent:
+            k, dtype = self.top_k
+            sent.update(top_k_targets(sent.pop("logits"), k, self.config.temperature, dtype))
+        return sent
 
     def loss(self, s: Signals) -> tuple[torch.Tensor, dict]:
         total, terms = self.own_loss(s)

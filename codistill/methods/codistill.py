@@ -15,13 +15,14 @@ from typing import ClassVar, Literal
 import torch
 
 from codistill.errors import check
-from codistill.losses import soft_kl, soft_targets
+from codistill.losses import payload_kl, soft_kl, soft_targets
 from codistill.methods.base import DistillConfig, Method, Needs, RoundSpec, register_method
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CodistillConfig(DistillConfig):
     min_peers: ClassVar[int] = 2
+    takes_top_k: ClassVar[bool] = True
     composable: ClassVar[bool] = False  # it shapes the exchange (rounds)
     burn_in: int = 0
     """Steps trained with cross-entropy only, before any exchange (the paper's burn-in)."""
@@ -62,6 +63,11 @@ class Codistill(Method):
             kl = torch.zeros((), device=s.logits.device)
         else:
             T = self.config.temperature
-            target = torch.stack([soft_targets(p["logits"], T) for p in s.peers]).mean(0)
-            kl = soft_kl(s.logits, target, T)
+            if "topk_ids" in s.peers[0]:
+                # Top-k targets of several peers hold different tokens: the mean of the KLs to
+                # each (with one other peer, the same thing).
+                kl = torch.stack([payload_kl(s.logits, p, T) for p in s.peers]).mean()
+            else:
+                target = torch.stack([soft_targets(p["logits"], T) for p in s.peers]).mean(0)
+                kl = soft_kl(s.logits, target, T)
         return weight * kl, {"kl": kl.detach(), "kl_weight": weight}

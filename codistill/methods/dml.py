@@ -9,7 +9,9 @@ would serialise the peers). With `branches: m` the peers are branches of one net
 from dataclasses import dataclass
 from typing import ClassVar
 
-from codistill.losses import mean_peer_kl
+import torch
+
+from codistill.losses import payload_kl
 from codistill.methods.base import register_method
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 
@@ -17,6 +19,7 @@ from codistill.methods.peers import PeerMethod, PeerMethodConfig
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DMLConfig(PeerMethodConfig):
     min_peers: ClassVar[int] = 2
+    takes_top_k: ClassVar[bool] = True
 
 
 @register_method("dml")
@@ -24,7 +27,8 @@ class DML(PeerMethod):
     config_class = DMLConfig
 
     def distill_terms(self, s):
-        # Peer logits arrive detached: each peer's own CE, not its peers' KL, trains it.
-        kl = mean_peer_kl(s.logits, [p["logits"] for p in s.peers], self.config.temperature)
+        # Peer logits arrive detached: each peer's own CE, not its peers' KL, trains it. A peer's
+        # payload holds its logits, or its top-k soft target (`exchange.top_k`).
+        kl = torch.stack([payload_kl(s.logits, p, self.config.temperature) for p in s.peers]).mean()
         weight = self.config.weight_at(s.step)
         return weight * kl, {"kl": kl.detach(), "kl_weight": weight}

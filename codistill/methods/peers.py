@@ -119,7 +119,7 @@ class PeerMethod(Method):
         sent = self.own_payload(self.peer_logits(member), member, taps)
         for extra in self.also:
             sent.update(extra.own_payload(self.peer_logits(member), member, taps))
-        return {name: t.detach() for name, t in sent.items()}
+        return self.sendable(sent)
 
     def local_loss(self, s: Signals):
         return None if self.branched else super().local_loss(s)

@@ -30,7 +30,7 @@ class PeerModel(nn.Module):
 class ModelEntry:
     build: Callable[[int], nn.Module]
     input_kind: str
-    """'sequence' (MNIST-1D shaped) or 'image' (3-channel images)."""
+    """'sequence' (MNIST-1D shaped), 'image' (3-channel images) or 'tokens' (windows of token ids)."""
     branch_point: int | None = None
     """Index into `features` where high-level layers begin: ONE shares `features[:branch_point]`
     as its trunk and copies the rest into each branch. None: the model cannot branch."""
@@ -49,5 +49,18 @@ def register_model(name: str, input_kind: str, branch_point: int | None = None, 
     return decorator
 
 
-def create_model(name: str, num_classes: int) -> nn.Module:
-    return MODELS.get(name, "model").build(num_classes)
+def create_model(name: str, num_classes: int, **model_args) -> nn.Module:
+    return MODELS.get(name, "model").build(num_classes, **model_args)
+
+
+def check_model_args(name: str, model_args: dict) -> str | None:
+    """What is wrong with `model_args` for model `name` (None: nothing): each must be a keyword
+    argument of its builder."""
+    import inspect
+
+    params = list(inspect.signature(MODELS[name].build).parameters.values())[1:]  # after num_classes
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in model_args if k not in accepted]
+    if unknown:
+        return (f"model {name!r} has no setting {unknown[0]!r}; its settings: {', '.join(accepted) or 'none'}")
+    return None
