@@ -60,6 +60,9 @@ LOCK_STEP_CODISTILL = ("method.burn_in=0", "method.period=20", "method.max_stale
 # different shapes beside the logits (the collective transport packs them).
 AT_BETWEEN_PEERS = ("peers.1.model=mnist1d_cnn_narrow",
                     "method.also=[{name: at, source: peers, taps: [conv2, conv3]}]")
+# Two tiny GPT peers on the stdlib corpus (the config's model, cut down to test speed).
+SMALL_LM = ("peers.*.model_args={width: 32, depth: 1, heads: 2, context: 32}", "data.context=32", "data.batch_size=8",
+            "train.steps=60", "train.eval_every=20", "train.checkpoint_every=20")
 # A method defined in a test file, registered in every worker through `imports`.
 TEST_FILE_METHOD = ("imports=[tests.seam_method]", "method={name: test_tap_agreement, tap: conv3}")
 
@@ -88,8 +91,10 @@ def teacher_uri(ray_local, tmp_path_factory):
                                                   "peers=[{model: mnist1d_cnn}, {model: mnist1d_mlp}, {model: mnist1d_cnn_narrow}]",
                                                   "ray.resources_per_peer={CPU: 0.5}")),
     ("configs/dml_mnist1d.yaml", "collective", ("method={name: pcl, mean_decay: 0.9}", "peers.1.model=mnist1d_mlp")),
+    # Language-model peers: codistillation in lock-step with top-k targets through the object store.
+    ("configs/codistill_lm_stdlib.yaml", "object_store", (*LOCK_STEP_CODISTILL, *SMALL_LM, "exchange.top_k=8")),
 ], ids=["dml-collective", "dml-object_store", "one-peers", "codistill-lockstep", "dml+at-between-peers",
-        "test-file-method", "kd-noisy-teacher", "kdcl", "okddip-3-peers", "pcl"])
+        "test-file-method", "kd-noisy-teacher", "kdcl", "okddip-3-peers", "pcl", "lm-codistill-top-k"])
 def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, teacher_uri, base, transport,
                                                 overrides):
     if "kd_" in base:

@@ -107,7 +107,7 @@ class DataConfig:
             from codistill.data.text import text_files
 
             check(self.path is not None, "path", "is required for data set 'text': a text file or a folder of text files")
-            text_files(self.path)  # a ConfigError naming data.path when it does not exist or holds no text
+            text_files(self.path, key="path")  # a ConfigError naming data.path when it does not exist or holds no text
         root = os.path.expanduser(self.root)
         check(not os.path.isfile(root), "root", f"{self.root!r} is a file; it must be the folder where data sets "
               "are cached or found")

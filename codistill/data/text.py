@@ -47,19 +47,19 @@ def _is_text(path: Path) -> bool:
     return bool(head.strip()) and b"\0" not in head
 
 
-def text_files(path: str) -> tuple[Path, list[Path]]:
+def text_files(path: str, key: str = "data.path") -> tuple[Path, list[Path]]:
     """The text files at `path` (one file, or every file under a folder), sorted; a ConfigError
-    naming `data.path` when there is nothing to read."""
+    naming `key` when there is nothing to read."""
     where = Path(os.path.expanduser(path))
     if not where.exists():
-        raise ConfigError("data.path", f"{path!r} does not exist; name a text file or a folder of text files")
+        raise ConfigError(key, f"{path!r} does not exist; name a text file or a folder of text files")
     if where.is_file():
         root, files = where.parent, [where]
     else:
         root, files = where, sorted(f for f in where.rglob("*") if f.is_file())
     files = [f for f in files if _is_text(f)]
     if not files:
-        raise ConfigError("data.path", f"{path!r} holds no text (no non-empty UTF-8 file); name a text file or a "
+        raise ConfigError(key, f"{path!r} holds no text (no non-empty UTF-8 file); name a text file or a "
                                        "folder of text files")
     return root, files
 
