@@ -70,7 +70,7 @@ def parse_method(text: str) -> MethodSpec:
 
 
 def method_section(spec: MethodSpec, tuned: dict) -> dict:
-    section = {"name": spec.name, **spec.settings}
+    section = {"name": spec.name, **{k: v for k, v in spec.settings.items() if "." not in k}}
     for key, value in tuned.items():
         if key.startswith("method."):
             section[key[len("method."):]] = value
@@ -85,9 +85,9 @@ def cell_data(base: dict, spec: MethodSpec, tuned: dict) -> dict:
     data.pop("tune", None)
     if _one_network(data):
         data["peers"] = data["peers"][:1]
-    for key, value in tuned.items():
+    for key, value in [*tuned.items(), *((k, v) for k, v in spec.settings.items() if "." in k)]:
         if not key.startswith("method."):
-            set_path(data, key, value)
+            set_path(data, key, value)  # a tuned value, or a dotted setting of the recipe: codistill:exchange.top_k=8
     return data
 
 
@@ -125,7 +125,8 @@ def run_figures(storage: RunStorage, steps: int) -> dict | None:
         table = read_records(storage)
     except FileNotFoundError:
         return None
-    rows = [r for r in table.to_pylist() if r["split"] == "test" and r["peer"] == 0]
+    records = table.to_pylist()
+    rows = [r for r in records if r["split"] == "test" and r["peer"] == 0]
     if not rows or max(r["step"] for r in rows) < steps:
         return None
     by_step = {r["step"]: r for r in rows}
@@ -135,9 +136,17 @@ def run_figures(storage: RunStorage, steps: int) -> dict | None:
 
     last = by_step[max(by_step)]
     best = max(by_step.values(), key=lambda r: (r["member_mean_accuracy"], -r["step"]))
+    extra = {}
+    if last.get("bits") is not None:  # language models: bits per token, each peer's and the ensemble's
+        bits = [r["bits"] for r in records if r["split"] == "test" and r["step"] == last["step"]]
+        extra.update(bits_first=last["bits"], bits_best=min(bits), bits_mean=statistics.mean(bits),
+                     bits_ensemble=last["ensemble_bits"])
+    sent = [r["bytes_sent"] for r in records if r["split"] == "train" and r.get("bytes_sent")]
+    if sent:
+        extra["bytes_per_round"] = statistics.mean(sent)
     return {**{f"last_{k}": v for k, v in figures(last).items()},
             **{f"bestevaluation_{k}": v for k, v in figures(best).items()},
-            "best_step": best["step"], "last_step": last["step"]}
+            "best_step": best["step"], "last_step": last["step"], **extra}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +275,21 @@ def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int) ->
             tuned = f"{_tuned_text(mine[0]['tuned'])} | " if tune_trials else ""
             cells = " | ".join(mean_std([r[f"{prefix}_{k}"] for r in mine]) for k in FIGURES)
             lines.append(f"| {method} | {mine[0]['members']} | {tuned}{cells} |")
+    if any("bits_mean" in r for r in rows):
+        lines += ["", "**bits per token at the last step** (test; lower is better) and bytes a peer sent per round", "",
+                  "| method | first | best | mean | ensemble | bytes / round |", "|---|---|---|---|---|---|"]
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method]
+            cells = " | ".join(_mean_std_plain([r[f"bits_{k}"] for r in mine]) for k in ("first", "best", "mean", "ensemble"))
+            sent = [r["bytes_per_round"] for r in mine if r.get("bytes_per_round")]
+            lines.append(f"| {method} | {cells} | {f'{statistics.mean(sent):,.0f}' if sent else '—'} |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_std_plain(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def plot_comparison(rows: list[dict], storage: RunStorage) -> None:
