@@ -69,7 +69,7 @@ class StalePeers(SignalSource):
         predicted = time.perf_counter()
         others = [peer for peer in range(len(self.peer_specs)) if peer != me]
         sent, entries = self.periodic.round_trip(round_id, me, payload, others, round_id - self.spec.max_staleness,
-                                                 self.spec.wait_timeout_s)
+                                                 self.spec.wait_timeout_s, keep=2 * self.spec.max_staleness + 2)
         missing = []
         for peer in others:
             entry = entries[peer]

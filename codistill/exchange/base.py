@@ -53,8 +53,9 @@ class Pending:
 class PeriodicExchange:
     """One peer's handle on the round publications of its group."""
 
-    def publish(self, round_id: int, peer: int, payload) -> int:
-        """Publish this peer's payload of round `round_id`; returns the number of bytes sent."""
+    def publish(self, round_id: int, peer: int, payload, keep: int = 0) -> int:
+        """Publish this peer's payload of round `round_id`; returns the number of bytes sent.
+        `keep`: how many of the peer's newest rounds stay readable (0: `KEEP_ROUNDS`)."""
         raise NotImplementedError
 
     def newest(self, peer: int, min_round: int, max_round: int, timeout: float) -> tuple[int, object] | None:
@@ -64,17 +65,18 @@ class PeriodicExchange:
         raise NotImplementedError
 
     def round_trip(self, round_id: int, peer: int, payload, others: list[int], min_round: int,
-                   timeout: float) -> tuple[int, dict[int, tuple[int, object] | None]]:
+                   timeout: float, keep: int = 0) -> tuple[int, dict[int, tuple[int, object] | None]]:
         """A round's whole exchange: publish `payload`, then each of `others`' newest publication
         in [min_round, round_id] (None for a peer that sent none within `timeout`). Returns
         (bytes sent, {peer: (round, payload) or None}). A transport over the network does it in
         one request."""
-        sent = self.publish(round_id, peer, payload)
+        sent = self.publish(round_id, peer, payload, keep)
         return sent, {other: self.newest(other, min_round, round_id, timeout) for other in others}
 
 
-# Rounds kept per peer: enough for the slowest reader any staleness bound we use allows;
-# older rounds can never satisfy `min_round` again.
+# Rounds kept per peer unless the publisher says how many its readers can still use: a peer is
+# at most max_staleness rounds ahead of another, so 2·max_staleness + 2 rounds always suffice
+# (a language model's round of predictions can be hundreds of MB).
 KEEP_ROUNDS = 8
 
 

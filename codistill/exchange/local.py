@@ -64,12 +64,12 @@ class LocalPeriodicExchange(PeriodicExchange):
     def __init__(self, publications: LocalPublications):
         self.publications = publications
 
-    def publish(self, round_id: int, peer: int, payload) -> int:
+    def publish(self, round_id: int, peer: int, payload, keep: int = 0) -> int:
         store = self.publications
         with store.changed:
             rounds = store.published.setdefault(peer, {})
             rounds[round_id] = payload
-            for old in [r for r in rounds if r <= round_id - KEEP_ROUNDS]:
+            for old in [r for r in rounds if r <= round_id - (keep or KEEP_ROUNDS)]:
                 del rounds[old]
             store.changed.notify_all()
         return payload_bytes(payload)

@@ -117,13 +117,13 @@ class PublicationCoordinator(PeerGroupGenerations):
     def forget(self) -> None:
         self.published.clear()
 
-    async def publish(self, generation: int, round_id: int, peer: int, boxed_ref: list) -> None:
+    async def publish(self, generation: int, round_id: int, peer: int, boxed_ref: list, keep: int = 0) -> None:
         if generation != self.generation:
             raise RuntimeError(f"peer {peer} publishes in generation {generation}, the coordinator is in {self.generation}")
         async with self.changed:
             rounds = self.published.setdefault(peer, {})
             rounds[round_id] = boxed_ref[0]
-            for old in [r for r in rounds if r <= round_id - KEEP_ROUNDS]:
+            for old in [r for r in rounds if r <= round_id - (keep or KEEP_ROUNDS)]:
                 del rounds[old]
             self.changed.notify_all()
 
@@ -140,9 +140,9 @@ class PublicationCoordinator(PeerGroupGenerations):
             return found, [self.published[peer][found]]
 
     async def round_trip(self, generation: int, round_id: int, peer: int, boxed_ref: list, others: list[int],
-                         min_round: int, timeout: float) -> dict:
+                         min_round: int, timeout: float, keep: int = 0) -> dict:
         """`publish`, then `newest` of each other peer (waiting for them together): one call a round."""
-        await self.publish(generation, round_id, peer, boxed_ref)
+        await self.publish(generation, round_id, peer, boxed_ref, keep)
         found = await asyncio.gather(*[self.newest(generation, other, min_round, round_id, timeout) for other in others])
         return dict(zip(others, found))
 
@@ -158,9 +158,9 @@ class ObjectStorePeriodicExchange(PeriodicExchange):
         self.actor = actor
         self.generation = ray.get(actor.join.remote(peer))
 
-    def publish(self, round_id: int, peer: int, payload) -> int:
+    def publish(self, round_id: int, peer: int, payload, keep: int = 0) -> int:
         ref = ray.put(payload)
-        ray.get(self.actor.publish.remote(self.generation, round_id, peer, [ref]))
+        ray.get(self.actor.publish.remote(self.generation, round_id, peer, [ref], keep))
         return payload_bytes(payload)
 
     def newest(self, peer: int, min_round: int, max_round: int, timeout: float):
@@ -170,10 +170,10 @@ class ObjectStorePeriodicExchange(PeriodicExchange):
         round_id, boxed = answer
         return round_id, ray.get(boxed[0])
 
-    def round_trip(self, round_id, peer, payload, others, min_round, timeout):
+    def round_trip(self, round_id, peer, payload, others, min_round, timeout, keep=0):
         ref = ray.put(payload)
         answers = ray.get(self.actor.round_trip.remote(self.generation, round_id, peer, [ref], others, min_round,
-                                                      timeout))
+                                                      timeout, keep))
         found = {p: a for p, a in answers.items() if a is not None}
         fetched = ray.get([boxed[0] for _, boxed in found.values()])  # every peer's block at once
         payloads = {p: (found[p][0], value) for p, value in zip(found, fetched)}
