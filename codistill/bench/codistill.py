@@ -89,6 +89,10 @@ def _round_latency(calls: int) -> dict:
         "predictions 50×100×10 (period 50)": {"logits": torch.randn(1, 50, 100, 10)},
         "predictions 50×128×100 (CIFAR-100, period 50)": {"logits": torch.randn(1, 50, 128, 100)},
         "predictions 50×128×100 bf16": {"logits": torch.randn(1, 50, 128, 100).bfloat16()},
+        # A language model's round: 10 steps × (16 windows × 128 positions) × a 1024-token vocabulary.
+        "LM predictions 10×2048×1024, full (fp32)": {"logits": torch.randn(1, 10, 2048, 1024)},
+        "LM predictions, top-64 (fp16 + ids)": _top_k_block(64),
+        "LM predictions, top-8 (fp16 + ids)": _top_k_block(8),
         "weights mnist1d_cnn": create_model("mnist1d_cnn", 10).state_dict(),
         "weights resnet32": create_model("resnet32", 100).state_dict(),
     }
@@ -104,6 +108,13 @@ def _round_latency(calls: int) -> dict:
             round_id += 1
         out[name] = latency_row(latencies)
     return out
+
+
+def _top_k_block(k: int) -> dict:
+    from codistill.losses import top_k_targets
+
+    target = top_k_targets(torch.randn(10 * 2048, 1024), k, 1.0)
+    return {name: t.view(1, 10, 2048, -1) for name, t in target.items()}
 
 
 def _bytes_per_round() -> list[dict]:
@@ -132,7 +143,10 @@ def main(args: argparse.Namespace) -> int:
     for period, row in figures["overhead"].items():
         print(f"  period {period:<8}{row['independent_ms']:>8.2f} ms{row['codistill_ms']:>8.2f} ms   "
               f"{ratio_text(row['ratio']):<24}{100 * row['teacher_pass_share']:>12.1f}%{100 * row['exchange_share']:>9.1f}%")
-    print_latencies("round trip through the object-store coordinator", figures["round_latency"], 44)
+    print_latencies("round trip through the object-store coordinator", figures["round_latency"], 46)
+    from codistill.exchange.base import payload_bytes
+    print("\nLM round (10 steps × 16 × 128 positions, vocabulary 1024): full "
+          f"{10 * 2048 * 1024 * 4:,} bytes, top-64 {payload_bytes(_top_k_block(64)):,}, top-8 {payload_bytes(_top_k_block(8)):,}")
     print("\nbytes per round per peer     period   predictions  (bf16)         weights")
     for row in figures["bytes_per_round"]:
         print(f"  {row['model']:<26}{row['period']:>6}{row['predictions_bytes']:>14,}{row['predictions_bf16_bytes']:>12,}"
