@@ -160,3 +160,17 @@ def test_a_run_does_not_resume_on_a_changed_corpus(tmp_path):
 
     with pytest.raises(DataChanged, match="corpus"):
         train(small_config(tmp_path, "name=lm", *overrides, "train.steps=90", base=LM), "local")
+
+
+def test_kd_from_a_language_model_teacher_run_builds_it_as_the_run_did(tmp_path):
+    teacher = train(small_config(tmp_path, "name=lm_teacher", *TINY, "method=independent",
+                                 "peers=[{model: gpt, model_args: {width: 32, depth: 1, heads: 2, context: 32}}]",
+                                 base=LM), "local")
+    assert teacher.final["peer_bits"][0] < math.log2(1024) - 1
+    student = train(small_config(tmp_path, "name=lm_student", *TINY, "method={name: kd, temperature: 1.0}",
+                                 "teacher.run=lm_teacher",  # width 32: from the teacher run's own config
+                                 "peers=[{model: gpt, model_args: {width: 16, depth: 1, heads: 2, context: 32}}]",
+                                 base=LM), "local")
+    assert student.config.teacher.model_args == {"width": 32, "depth": 1, "heads": 2, "context": 32}
+    kd = [r["kd"] for r in student.records.to_pylist() if r["split"] == "train"]
+    assert all(v > 0 for v in kd) and student.final["peer_bits"][0] < math.log2(1024) - 1

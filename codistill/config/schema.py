@@ -235,6 +235,8 @@ class TeacherConfig:
 
     model: str | None = None
     """Registered model of the teacher. Default: the model of `peer` in the teacher run's config."""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the teacher model's builder. Default: those of `peer` in the teacher run."""
     run: str | None = None
     """A codistill run whose newest checkpoint teaches: a run name under this run's
     `ray.storage_path`, or the run folder's path or URI (s3://…)."""
@@ -252,7 +254,11 @@ class TeacherConfig:
               "is required with `checkpoint` (which registered model the weights belong to)")
         check(self.peer >= 0, "peer", f"must be >= 0, got {self.peer}")
         if self.model is not None:
-                MODELS.get(self.model, "model")
+            MODELS.get(self.model, "model")
+            from codistill.models.registry import check_model_args
+
+            problem = check_model_args(self.model, self.model_args)
+            check(problem is None, "model_args", problem or "")
 
 
 def _born_again_default_method() -> MethodConfig:

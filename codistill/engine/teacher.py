@@ -44,7 +44,9 @@ def resolve_teacher_config(teacher: TeacherConfig, storage_path: str) -> Teacher
     folder = newest_complete(storage, teacher.peer)
     if folder is None:
         raise ConfigError("teacher.run", f"run {storage.uri} has no complete checkpoint yet")
+    from_run = teacher.model is None  # the run's model, built as the run built it
     return replace(teacher, model=teacher.model or peers[teacher.peer]["model"],
+                   model_args=peers[teacher.peer].get("model_args") or {} if from_run else teacher.model_args,
                    checkpoint=f"{storage.uri}/{folder}/{peer_file(teacher.peer)}")
 
 
@@ -70,7 +72,7 @@ def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device)
         raise ConfigError("teacher.checkpoint", f"cannot load {teacher.checkpoint}: "
                           f"{first_line(err, 200)}") from None
     weights = state["model"] if isinstance(state.get("model"), dict) and "step" in state else state
-    network = create_model(teacher.model, num_classes)
+    network = create_model(teacher.model, num_classes, **teacher.model_args)
     expected = network.state_dict()
     if not expected.keys() <= weights.keys():
         inner = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
