@@ -132,9 +132,7 @@ def load_dataset(name: str, root: str = "~/.cache/codistill", augment: bool = Tr
                  download: bool = False, train_subset: int = 0, validation: float = 0.0, settings=None) -> ArrayDataset:
     entry = DATASETS.get(name, "data.name")
     if entry.takes_settings and settings is None:
-        from codistill.config import DataConfig
-
-        settings = DataConfig(name=name)
+        raise ValueError(f"data set {name!r} is built from its `data:` settings: load it with load_data(cfg.data)")
     data = entry.load(root=Path(os.path.expanduser(root)), augment=augment, download=download,
                       **({"settings": settings} if entry.takes_settings else {}))
     if train_subset:
