@@ -124,6 +124,21 @@ def test_train_steps_may_change_on_resume_only_where_no_rate_depends_on_them(tmp
     assert info.value.path == "train.steps" and "trained 4 steps" in info.value.message
 
 
+def test_a_run_stored_before_a_setting_existed_resumes_at_that_settings_default(tmp_path):
+    import yaml
+
+    result, quick = trained_run(tmp_path)
+    stored = yaml.safe_load(result.storage.read_bytes("config.yaml").decode())
+    for key in ("path", "tokenizer", "vocab_size", "context", "test_windows"):  # what the data section gained since
+        del stored["data"][key]
+    del stored["peers"][0]["model_args"]
+    result.storage.write_bytes("config.yaml", yaml.safe_dump(stored).encode())
+    assert prepare_run(load_config(BASE, quick))[0].data.context == 128  # resumes: it trained at the defaults
+    with pytest.raises(ConfigError) as info:  # but not at another value of the new setting
+        prepare_run(load_config(BASE, [*quick, "data.context=64"]))
+    assert info.value.path == "data"
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_lock_its_name(tmp_path):
     prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}", "method.temperature=5"]))  # then it failed
     cfg, storage = prepare_run(load_config(BASE, [f"ray.storage_path={tmp_path}"]))  # the corrected re-run starts
