@@ -137,7 +137,8 @@ class TrainConfig:
     in fp32 whatever the precision."""
     overlap: bool = False
     """Start the every-step exchange right after the forward pass and back-propagate the
-    cross-entropy while it is in flight, then the distillation terms (same gradients)."""
+    cross-entropy while it is in flight, then the distillation terms (same gradients). The
+    second term's backward is a second pass through the network: slower, measured (README)."""
     compile: bool = False
     """Wrap each peer's network in `torch.compile` for training (not with feature taps)."""
     data_on_device: bool = False
