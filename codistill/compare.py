@@ -243,11 +243,12 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
     return Comparison(table, markdown, storage)
 
 
-def mean_std(values: list[float]) -> str:
-    values = [100 * v for v in values]
+def mean_std(values: list[float], scale: float = 100, digits: int = 2) -> str:
+    """Mean ± sample std over seeds (accuracies as %; bits per token unscaled, 3 digits)."""
+    values = [scale * v for v in values]
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _tuned_text(tuned: str) -> str:
@@ -280,16 +281,10 @@ def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int) ->
                   "| method | first | best | mean | ensemble | bytes / round |", "|---|---|---|---|---|---|"]
         for method in methods:
             mine = [r for r in rows if r["method"] == method]
-            cells = " | ".join(_mean_std_plain([r[f"bits_{k}"] for r in mine]) for k in ("first", "best", "mean", "ensemble"))
+            cells = " | ".join(mean_std([r[f"bits_{k}"] for r in mine], scale=1, digits=3) for k in ("first", "best", "mean", "ensemble"))
             sent = [r["bytes_per_round"] for r in mine if r.get("bytes_per_round")]
             lines.append(f"| {method} | {cells} | {f'{statistics.mean(sent):,.0f}' if sent else '—'} |")
     return "\n".join(lines) + "\n"
-
-
-def _mean_std_plain(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def plot_comparison(rows: list[dict], storage: RunStorage) -> None:

@@ -24,8 +24,12 @@ def soft_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
 
 def mean_peer_kl(student_logits: torch.Tensor, peer_logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """(1/(K-1)) Σ_j T²·KL(p_j^T ‖ p_i^T): the DML term, one KL per peer, averaged."""
-    terms = [soft_kl(student_logits, soft_targets(z.detach(), temperature), temperature) for z in peer_logits]
-    return torch.stack(terms).mean()
+    return mean_payload_kl(student_logits, [{"logits": z.detach()} for z in peer_logits], temperature)
+
+
+def mean_payload_kl(student_logits: torch.Tensor, payloads: list[dict], temperature: float) -> torch.Tensor:
+    """`mean_peer_kl` from the peers' payloads: each holds its logits, or its top-k soft target."""
+    return torch.stack([payload_kl(student_logits, p, temperature) for p in payloads]).mean()
 
 
 def gated_ensemble(logits: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:

@@ -215,9 +215,14 @@ class Method:
         """Called after each optimizer step of the peer (a temporal mean's update)."""
 
     def own_loss(self, s: Signals) -> tuple[torch.Tensor, dict]:
-        ce = F.cross_entropy(s.logits, s.labels)
+        ce, ce_terms = self._cross_entropy(s)
         extra, terms = self.distill_terms(s)
-        return ce + extra, {"ce": ce.detach(), **terms}
+        return ce + extra, {**ce_terms, **terms}
+
+    @staticmethod
+    def _cross_entropy(s: Signals) -> tuple[torch.Tensor, dict]:
+        ce = F.cross_entropy(s.logits, s.labels)
+        return ce, {"ce": ce.detach()}
 
     # -- what the engine calls ---------------------------------------------------------------
 
@@ -267,10 +272,7 @@ class Method:
     def local_loss(self, s: Signals) -> tuple[torch.Tensor, dict] | None:
         """The cross-entropy of a loss that is CE + distillation terms; None for a method that
         writes its whole loss itself (`own_loss`): its step waits for the exchange first."""
-        if not self.splits:
-            return None
-        ce = F.cross_entropy(s.logits, s.labels)
-        return ce, {"ce": ce.detach()}
+        return self._cross_entropy(s) if self.splits else None
 
     @property
     def splits(self) -> bool:

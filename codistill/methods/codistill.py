@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 import torch
 
 from codistill.errors import check
-from codistill.losses import payload_kl, soft_kl, soft_targets
+from codistill.losses import mean_payload_kl, soft_kl, soft_targets
 from codistill.methods.base import DistillConfig, Method, Needs, RoundSpec, register_method
 
 
@@ -66,7 +66,7 @@ class Codistill(Method):
             if "topk_ids" in s.peers[0]:
                 # Top-k targets of several peers hold different tokens: the mean of the KLs to
                 # each (with one other peer, the same thing).
-                kl = torch.stack([payload_kl(s.logits, p, T) for p in s.peers]).mean()
+                kl = mean_payload_kl(s.logits, s.peers, T)
             else:
                 target = torch.stack([soft_targets(p["logits"], T) for p in s.peers]).mean(0)
                 kl = soft_kl(s.logits, target, T)

@@ -9,9 +9,7 @@ would serialise the peers). With `branches: m` the peers are branches of one net
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from codistill.losses import payload_kl
+from codistill.losses import mean_payload_kl
 from codistill.methods.base import register_method
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 
@@ -29,6 +27,6 @@ class DML(PeerMethod):
     def distill_terms(self, s):
         # Peer logits arrive detached: each peer's own CE, not its peers' KL, trains it. A peer's
         # payload holds its logits, or its top-k soft target (`exchange.top_k`).
-        kl = torch.stack([payload_kl(s.logits, p, self.config.temperature) for p in s.peers]).mean()
+        kl = mean_payload_kl(s.logits, s.peers, self.config.temperature)
         weight = self.config.weight_at(s.step)
         return weight * kl, {"kl": kl.detach(), "kl_weight": weight}

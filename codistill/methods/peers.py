@@ -121,8 +121,9 @@ class PeerMethod(Method):
             sent.update(extra.own_payload(self.peer_logits(member), member, taps))
         return self.sendable(sent)
 
-    def local_loss(self, s: Signals):
-        return None if self.branched else super().local_loss(s)
+    @property
+    def splits(self) -> bool:
+        return not self.branched and super().splits  # branched: one network's summed loss, no exchange
 
     def loss(self, s: Signals):
         if not self.branched:
