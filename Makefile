@@ -23,10 +23,10 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest
 
-# Everyday work: the contracts and every test that starts no Ray instance (under a minute).
+# Everyday work: the contracts and every test that starts no Ray instance and is not slow (< 90 s).
 test-fast: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/python -m pytest -m "not ray and not cluster"
+	$(VENV)/bin/python -m pytest -m "not ray and not cluster and not slow"
 
 bench: $(STAMP)
 	$(VENV)/bin/codistill bench dml

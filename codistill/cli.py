@@ -1,9 +1,10 @@
-"""`codistill train | tune | compare | born-again | report | bench` — parse → build → run → close."""
+"""`codistill train | tune | compare | born-again | report | list | bench` — parse → build → run → close."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from codistill.config import ConfigError, dump_config, load_config
@@ -87,7 +88,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     import yaml
 
     from codistill.engine.run import CONFIG_FILE
-    from codistill.metrics import plot_accuracy, read_records, summary_text
+    from codistill.records import plot_accuracy, read_records, summary_text
     from codistill.storage import RunStorage
 
     storage = RunStorage.at(args.run_dir)
@@ -102,7 +103,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from codistill.engine.run import connect_ray
-    from codistill.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
+    from codistill.experiments.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
 
     overrides = _overrides(args)
     for flag, key in ((args.samples, "num_samples"), (args.max_concurrent, "max_concurrent"),
@@ -128,7 +129,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from codistill.compare import MARKDOWN_FILE, PLOT_FILE, TABLE_FILE, compare
+    from codistill.experiments.compare import MARKDOWN_FILE, PLOT_FILE, TABLE_FILE, compare
     from codistill.engine.run import connect_ray
 
     overrides = _overrides(args)
@@ -152,7 +153,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_born_again(args: argparse.Namespace) -> int:
-    from codistill.born_again import GENERATIONS_FILE, run_generations
+    from codistill.experiments.born_again import GENERATIONS_FILE, run_generations
     from codistill.engine.run import connect_ray
 
     overrides = _overrides(args)
@@ -169,6 +170,55 @@ def cmd_born_again(args: argparse.Namespace) -> int:
     result = run_generations(cfg, args.backend)
     print(result.summary)
     print(f"table: {result.storage.uri}/{GENERATIONS_FILE}")
+    return 0
+
+
+def _first_line(obj) -> str:
+    import inspect
+
+    doc = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ").strip()
+    first = re.split(r"(?<=[.!?])\s", doc, maxsplit=1)[0]  # the first sentence
+    return first if len(first) <= 100 else first[:99] + "…"
+
+
+def registry_lines(kind: str) -> list[str]:
+    """One line per registered entry of `kind` (methods, models, datasets), as `timm.list_models`:
+    the name and what it is (a method: its file's first sentence; a model or data set: its
+    builder's, with the input kind and what else the registry knows)."""
+    from codistill.data import DATASETS
+    from codistill.methods import METHODS
+    from codistill.models import MODELS
+
+    lines = []
+    if kind == "methods":
+        for name in METHODS.names():
+            cls = METHODS[name]
+            module = sys.modules.get(cls.__module__)
+            text = _first_line(module) if module is not None and cls.__module__.startswith("codistill.") else ""
+            lines.append(f"{name:<14}{text or _first_line(cls)}")
+    elif kind == "models":
+        for name in MODELS.names():
+            entry = MODELS[name]
+            traits = [entry.input_kind] + (["branches"] if entry.branch_point is not None else []) + (
+                [f"taps: {', '.join(entry.taps)}"] if entry.taps else [])
+            lines.append(f"{name:<22}{_first_line(entry.build)}  [{'; '.join(traits)}]")
+    else:
+        for name in DATASETS.names():
+            entry = DATASETS[name]
+            size = f", {entry.train_examples} train" if entry.train_examples else ""
+            classes = f"{entry.num_classes} classes" if entry.num_classes else "classes from the data"
+            lines.append(f"{name:<18}{_first_line(entry.load)}  [{entry.input_kind}; {classes}{size}]")
+    return lines
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from codistill.config.builder import import_modules
+
+    import_modules(args.imports or [])  # what the user's own modules register is listed too
+    for kind in [args.kind] if args.kind else ["methods", "models", "datasets"]:
+        if not args.kind:
+            print(f"# {kind}")
+        print("\n".join(registry_lines(kind)))
     return 0
 
 
@@ -234,7 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run's folder: <storage_path>/<name>")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("bench", help="measure overheads side by side (see README)")
+    p = sub.add_parser("list", help="what is registered: methods, models, data sets (each with its one line)",
+                       parents=[imports])
+    p.add_argument("kind", nargs="?", choices=["methods", "models", "datasets"], help="one registry (default: all three)")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("bench", help="measure overheads side by side (docs/benchmarks.md)")
     from codistill.bench import add_arguments
 
     add_arguments(p)

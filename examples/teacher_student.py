@@ -18,7 +18,7 @@ import os
 import statistics
 
 from codistill import ConfigError, load_config, train
-from codistill.born_again import run_generations
+from codistill.experiments.born_again import run_generations
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")

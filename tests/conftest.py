@@ -11,6 +11,15 @@ from codistill.config import load_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_collection_modifyitems(items):
+    """A test is a Ray test when it uses the shared Ray instance, wherever it lives: marked per
+    test, so the Ray-free tests of a file about Ray still run in `make test-fast`. Tests that
+    start Ray some other way (the CLI in a subprocess) carry `@pytest.mark.ray` themselves."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

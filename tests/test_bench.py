@@ -50,7 +50,7 @@ def test_a_steps_parts_partition_its_time(tmp_path):
     from tests.test_gpu_step import one_step
     from tests.conftest import small_config
 
-    for peer in one_step(small_config(tmp_path, "train.overlap=true")):
+    for peer in one_step(small_config(tmp_path)):
         record = peer["record"]
         parts = sum(record[p] for p in ("data_ms", "forward_ms", "exchange_ms", "backward_ms", "optimizer_ms"))
         assert parts <= record["step_ms"] and parts >= 0.9 * record["step_ms"]

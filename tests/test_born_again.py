@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from codistill.born_again import GENERATIONS_FILE, run_generations
+from codistill.experiments.born_again import GENERATIONS_FILE, run_generations
 from codistill.config import ConfigError
 from codistill.engine.checkpoint import LocalCheckpoints
 from codistill.metrics import ensemble_accuracy

@@ -1,5 +1,7 @@
 """The CLI in-process (no Ray): exit codes and one-line errors, born-again end to end."""
 
+import pytest
+
 from codistill.cli import main
 from tests.conftest import REPO
 
@@ -31,3 +33,19 @@ def test_born_again_runs_its_generations_and_prints_the_table(tmp_path, capsys):
 def test_born_again_needs_its_section(capsys):
     assert main(["born-again", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local"]) == 2
     assert "born_again" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["methods", "models", "datasets"])
+def test_list_names_every_registered_entry_with_its_one_line(kind, capsys):
+    from codistill.data import DATASETS
+    from codistill.methods import METHODS
+    from codistill.models import MODELS
+
+    assert main(["list", kind]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    registry = {"methods": METHODS, "models": MODELS, "datasets": DATASETS}[kind]
+    assert [line.split()[0] for line in lines] == registry.names()
+    for line in lines:
+        name, _, text = line.partition(" ")
+        if name not in registry.user_entries():  # (other tests register entries of their own)
+            assert len(text.split("[")[0].strip()) > 15, f"{kind} entry {name!r} has no one-line description"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from codistill.cli import main
-from codistill.compare import compare, parse_method, search_space
+from codistill.experiments.compare import compare, parse_method, search_space
 from codistill.config import ConfigError
 from codistill.data import load_dataset
-from codistill.metrics import final_metrics, read_records
+from codistill.records import final_metrics, read_records
 from codistill.storage import RunStorage
 from tests.conftest import REPO, small_config
 

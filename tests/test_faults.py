@@ -10,7 +10,7 @@ from codistill.cli import main
 from codistill.engine.checkpoint import LocalCheckpoints
 from codistill.engine.loop import NonFiniteLoss
 from codistill.engine.run import train
-from codistill.metrics import RecordsError
+from codistill.records import RecordsError
 from tests.conftest import REPO, small_config
 
 DIVERGES = ["train.steps=400", "train.eval_every=20", "train.checkpoint_every=5", "train.keep_checkpoints=2",
@@ -83,6 +83,7 @@ def test_stray_files_are_ignored_and_missing_or_overlapping_parts_are_named(tmp_
     assert main(["report", str(run)]) == 0
 
 
+@pytest.mark.slow  # two real processes, long enough to overlap
 def test_two_starts_of_one_run_name_at_once_one_runs_and_the_other_is_refused(tmp_path):
     import os
     import subprocess
@@ -100,7 +101,7 @@ def test_two_starts_of_one_run_name_at_once_one_runs_and_the_other_is_refused(tm
     assert codes == [0, 1], outcomes
     refused = next(err for code, err in outcomes if code == 1).strip().splitlines()[-1]
     assert "is being written by another process" in refused and "pid" in refused and "host" in refused
-    from codistill.metrics import read_records
+    from codistill.records import read_records
     from codistill.storage import RunStorage
 
     rows = read_records(RunStorage(str(tmp_path), "twice")).to_pylist()

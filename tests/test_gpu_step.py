@@ -1,5 +1,4 @@
-"""The step a GPU user pays for, tested on the CPU: the overlapped step gives the gradients of
-the plain one, the device data path gives the same batches, bf16 trains as well as fp32 (its
+"""The step a GPU user pays for, tested on the CPU: the device data path gives the same batches, bf16 trains as well as fp32 (its
 payloads half the bytes, its soft targets still fp32), fp16's grad scaler is checkpointed,
 and `train.compile` trains."""
 
@@ -14,7 +13,7 @@ from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import train_step
 from codistill.engine.run import train
 from codistill.exchange import LocalGatherHub
-from codistill.losses import soft_kl, soft_targets
+from codistill.methods.losses import soft_kl, soft_targets
 from tests.conftest import small_config
 
 
@@ -40,37 +39,11 @@ def one_step(cfg, step: int = 5) -> list[dict]:
     return [out[k] for k in range(cfg.num_peers)]
 
 
-@pytest.mark.parametrize("method", [
-    "method.name=dml",
-    "method={name: kdcl, variant: linear}",
-    "method={name: dml, also: [{name: at, source: peers, taps: [conv2]}]}",
-    "method={name: one, branches: 1}",
-    "method=pcl",
-    "method={name: okddip}",
-])
-def test_the_overlapped_step_gives_the_plain_steps_gradients(tmp_path, method):
-    plain = one_step(small_config(tmp_path, method))
-    overlapped = one_step(small_config(tmp_path, method, "train.overlap=true"))
-    for a, b in zip(plain, overlapped):
-        assert b["job"].overlap and not a["job"].overlap
-        assert a["grads"].keys() == b["grads"].keys() and a["grads"]
-        for name, g in a["grads"].items():
-            # Two backward passes sum the same terms in another order: equal to float rounding.
-            assert torch.allclose(g, b["grads"][name], rtol=1e-5, atol=1e-6 * g.abs().max().item()), name
-        assert float(b["record"]["loss"]) == pytest.approx(float(a["record"]["loss"]), rel=1e-6)
-
-
-def test_the_loss_splits_only_where_it_is_cross_entropy_plus_terms(tmp_path):
-    from codistill.methods import create_method
-
-    cfg = small_config(tmp_path, "method={name: one, branches: 1}")
-    assert create_method(cfg.method).splits
-    one_network = small_config(tmp_path, "method={name: one, branches: 3}", "peers=[{model: mnist1d_cnn}]")
-    assert not create_method(one_network.method).splits
-    # A method that writes its whole loss still runs overlapped: it waits for the exchange first.
-    (peer,) = one_step(small_config(tmp_path, "method={name: one, branches: 3}", "peers=[{model: mnist1d_cnn}]",
-                                    "train.overlap=true"))
-    assert not peer["job"].overlap  # no exchange to overlap: the branches are in one network
+def test_the_removed_overlap_setting_is_refused_naming_the_key(tmp_path):
+    # `train.overlap` was always slower (a second backward pass, docs/gpu.md): a config that
+    # still sets it is told so instead of silently training without it.
+    with pytest.raises(ConfigError, match=r"train: unknown key 'overlap'|train\.overlap"):
+        small_config(tmp_path, "train.overlap=true")
 
 
 def test_the_device_data_path_gives_the_cpu_paths_batches():
@@ -105,6 +78,7 @@ def test_bf16_payloads_are_bf16_and_soft_targets_fp32(tmp_path):
         assert soft_kl(outputs, soft_targets(payload["logits"], 3.0), 3.0).dtype == torch.float32
 
 
+@pytest.mark.slow  # a CPU without bf16 kernels emulates it: over a minute there
 def test_bf16_trains_mnist1d_dml_within_a_point_of_fp32(tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -132,6 +106,7 @@ def test_fp16_keeps_its_grad_scaler_in_the_checkpoint_and_resumes_it(tmp_path):
     assert steps == list(range(1, 81))  # resumed at 41, nothing repeated or lost
 
 
+@pytest.mark.slow  # inductor compiles C++ on a CPU: ~20 s
 def test_compile_trains_a_small_model_as_the_plain_network_does(tmp_path):
     overrides = ("peers.*.model=mnist1d_mlp", "method=independent", "train.steps=40", "train.eval_every=40")
     plain = train(small_config(tmp_path, "name=plain", *overrides), "local")

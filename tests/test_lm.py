@@ -13,7 +13,7 @@ from codistill.config import ConfigError, load_config
 from codistill.data import load_dataset
 from codistill.data.text import build_corpus, corpus_hash, stdlib_files, text_files
 from codistill.engine.run import train
-from codistill.losses import soft_kl, soft_targets, top_k_kl, top_k_targets
+from codistill.methods.losses import soft_kl, soft_targets, top_k_kl, top_k_targets
 from codistill.models import create_model
 from tests.conftest import small_config
 

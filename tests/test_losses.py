@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from codistill.losses import linear_rampup, mean_peer_kl, soft_kl
+from codistill.methods.losses import linear_rampup, mean_peer_kl, soft_kl
 from codistill.methods import METHODS, create_method
 from codistill.methods.dml import DMLConfig
 from tests.conftest import signals

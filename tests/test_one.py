@@ -5,7 +5,7 @@ import torch
 
 from codistill.config import ConfigError, load_config
 from codistill.engine.run import train
-from codistill.losses import gated_ensemble
+from codistill.methods.losses import gated_ensemble
 from codistill.methods import create_method
 from codistill.methods.one import ONEConfig
 from codistill.models import create_model
@@ -54,7 +54,7 @@ def test_the_ensemble_teacher_is_detached_from_the_distillation_term():
     out = BranchOutputs(logits, gates)
     _, terms = method.loss(signals(method.logits(out), labels, outputs=out))
     # Recompute only the KL term: if the target were live, the gate would get a gradient from it.
-    from codistill.losses import soft_kl, soft_targets
+    from codistill.methods.losses import soft_kl, soft_targets
 
     target = soft_targets(gated_ensemble(logits, gates).detach(), 3.0)
     kl = sum(soft_kl(z, target, 3.0) for z in logits)

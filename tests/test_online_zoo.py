@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from codistill.config import load_config
 from codistill.engine.run import train
-from codistill.losses import attention_weights, min_logit, min_loss_logits, simplex_combination
+from codistill.methods.losses import attention_weights, min_logit, min_loss_logits, simplex_combination
 from codistill.methods import Signals, create_method
 from tests.conftest import small_config
 
@@ -200,7 +200,7 @@ def test_in_one_network_each_branch_gets_the_loss_it_would_get_across_peers(meth
     outputs = network(x)
     total, _ = method.loss(Signals(network=network, outputs=outputs, logits=method.logits(outputs), labels=y,
                                    step=5, peers=[]))
-    members = method.split(outputs)
+    members = method.members(outputs)
     # what each branch would send across workers
     payloads = [{n: t.detach() for n, t in method.own_payload(method.peer_logits(m), m, {}).items()} for m in members]
     by_hand = 0.0

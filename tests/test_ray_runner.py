@@ -11,7 +11,6 @@ import pytest
 from codistill.engine.run import train
 from tests.conftest import REPO, small_config
 
-pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +158,7 @@ def run_cli(*args, cwd=REPO):
                           timeout=300)
 
 
+@pytest.mark.ray  # the CLI starts its own Ray instance
 def test_cli_trains_on_a_local_ray_instance_and_reports(tmp_path):
     out = run_cli("train", "configs/dml_mnist1d.yaml", "--set", "name=cli", "--set", f"ray.storage_path={tmp_path}",
                   "--set", "train.steps=200", "--set", "train.eval_every=100")

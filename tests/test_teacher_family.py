@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from codistill.config import ConfigError, load_config
 from codistill.engine.checkpoint import LocalCheckpoints
 from codistill.engine.run import train
-from codistill.losses import attention_distance, attention_map, fsp_matrix
+from codistill.methods.losses import attention_distance, attention_map, fsp_matrix
 from codistill.methods import create_method
 from codistill.methods.at import ATConfig
 from codistill.methods.fitnets import FitNetsConfig, Regressor

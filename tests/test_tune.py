@@ -6,9 +6,8 @@ import yaml
 from codistill.config import load_config
 from codistill.engine.run import train
 from tests.conftest import REPO
-from codistill.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
+from codistill.experiments.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
 
-pytestmark = pytest.mark.ray
 
 SHORT = ["train.steps=100", "train.eval_every=50", "train.checkpoint_every=100", "tune.max_concurrent=1"]
 

@@ -111,7 +111,7 @@ def _round_latency(calls: int) -> dict:
 
 
 def _top_k_block(k: int) -> dict:
-    from codistill.losses import top_k_targets
+    from codistill.methods.losses import top_k_targets
 
     target = top_k_targets(torch.randn(10 * 2048, 1024), k, 1.0)
     return {name: t.view(1, 10, 2048, -1) for name, t in target.items()}

@@ -3,7 +3,7 @@
 Every figure is a ratio or a distribution measured in one run, with the two things compared
 interleaved in alternating blocks, because the machine is shared and noisy:
 
-1. step time of DML (plain and overlapped) ÷ step time of independent training, same peers,
+1. step time of DML ÷ step time of independent training, same peers,
    same runner (local threads, and Ray Train workers with the collective transport): the
    median of paired block ratios with a bootstrap interval;
 2. wall time of K peers on Ray ÷ the same K peers in one process (a short demo run);
@@ -32,17 +32,15 @@ from codistill.exchange import Exchange, LocalGatherHub
 from codistill.models import MODELS
 
 
-ARMS = {"independent": ({"name": "independent"}, False), "dml": ({"name": "dml", "temperature": 3.0}, False),
-        "dml_overlap": ({"name": "dml", "temperature": 3.0}, True)}
+ARMS = {"independent": {"name": "independent"}, "dml": {"name": "dml", "temperature": 3.0}}
 
 
 def bench_jobs(spec: dict, peer_index: int, device: torch.device, exchange: Exchange) -> dict[str, PeerJob]:
-    """The same peer (same initial weights) as an independent job, a DML job and an overlapped
-    DML job (`train.overlap`)."""
+    """The same peer (same initial weights) as an independent job and a DML job."""
     data = load_dataset(spec["config"]["data"]["name"], augment=True)
     jobs = {}
-    for name, (method, overlap) in ARMS.items():
-        cfg = load_config({**spec["config"], "method": method, "train": {"overlap": overlap}})
+    for name, method in ARMS.items():
+        cfg = load_config({**spec["config"], "method": method})
         jobs[name] = make_job(cfg, peer_index, data, peer_schedules(cfg, len(data.y_train)), device, exchange)
     return jobs
 
@@ -122,7 +120,7 @@ def _local_bench(spec: dict) -> tuple[dict, list[float]]:
 
 
 def _ray_bench(spec: dict) -> dict:
-    from codistill.engine.ray_runner import run_on_workers
+    from codistill.engine.ray_workers import run_on_workers
     from codistill.exchange.object_store import GatherCoordinator
 
     spec = {**spec, "coordinator": GatherCoordinator.remote(spec["peers"])}
@@ -148,7 +146,7 @@ def _wall_times(steps: int, storage: str) -> dict:
 
 def _summarise_steps(steps: dict[str, list[float]]) -> dict:
     row = {"independent_ms": 1000 * statistics.median(steps["independent"]), "blocks": len(steps["independent"])}
-    for arm in ("dml", "dml_overlap"):
+    for arm in ("dml",):
         row[f"{arm}_ms"] = 1000 * statistics.median(steps[arm])
         row[f"{arm}_over_independent"] = paired_ratio(steps["independent"], steps[arm])
         row[f"{arm}_exchange_ms"] = 1000 * statistics.median(steps[f"{arm}_exchange"])
@@ -166,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
         spec = {"config": config, "peers": args.peers, "rounds": args.rounds, "block": args.block,
                 "payload": (128, 100), "latency_calls": args.latency_calls}
         print(f"# codistill bench dml — {args.peers} × {args.model}, batch {args.batch_size}, "
-              f"{args.rounds} rounds of one block of {args.block} steps per arm (independent, dml, dml overlapped), "
+              f"{args.rounds} rounds of one block of {args.block} steps per arm (independent, dml), "
               "order rotating", flush=True)
         local_steps, local_latency = _local_bench(spec)
         connect_ray(None)
@@ -180,12 +178,10 @@ def main(args: argparse.Namespace) -> int:
         }
         if not args.skip_wall:
             figures["wall_time"] = _wall_times(args.wall_steps, folder)
-    print("\nstep time, median block    independent      dml   overlapped   dml ÷ independent [95% CI]"
-          "   overlapped ÷ independent   exchange incl. wait (dml / overlapped)")
+    print("\nstep time, median block    independent      dml   dml ÷ independent [95% CI]   exchange incl. wait")
     for runner, row in figures["step_time"].items():
-        print(f"  {runner:<24}{row['independent_ms']:>9.1f} ms{row['dml_ms']:>7.1f} ms{row['dml_overlap_ms']:>9.1f} ms"
-              f"   {ratio_text(row['dml_over_independent']):>22}   {ratio_text(row['dml_overlap_over_independent']):>22}"
-              f"   {row['dml_exchange_ms']:>7.1f} / {row['dml_overlap_exchange_ms']:.1f} ms")
+        print(f"  {runner:<24}{row['independent_ms']:>9.1f} ms{row['dml_ms']:>7.1f} ms"
+              f"   {ratio_text(row['dml_over_independent']):>22}   {row['dml_exchange_ms']:>10.1f} ms")
     print_latencies("exchange latency, 128×100 float32", figures["exchange_latency_128x100"], 34)
     if "wall_time" in figures:
         w = figures["wall_time"]

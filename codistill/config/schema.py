@@ -16,7 +16,7 @@ from typing import Any, Literal
 from codistill.config.search_space import parse_distribution
 from codistill.data import DATASETS
 from codistill.errors import ConfigError, check
-from codistill.methods.base import MethodConfig
+from codistill.config.method import MethodConfig, methods_that
 from codistill.models import MODELS
 
 # ---------------------------------------------------------------------------------------------
@@ -135,10 +135,6 @@ class TrainConfig:
     """The compute dtype of the forward pass and the payloads (autocast): `bf16` halves the
     bytes a peer sends; `fp16` adds a gradient scaler. Soft targets and KL terms are computed
     in fp32 whatever the precision."""
-    overlap: bool = False
-    """Start the every-step exchange right after the forward pass and back-propagate the
-    cross-entropy while it is in flight, then the distillation terms (same gradients). The
-    second term's backward is a second pass through the network: slower, measured (README)."""
     compile: bool = False
     """Wrap each peer's network in `torch.compile` for training (not with feature taps)."""
     data_on_device: bool = False
@@ -262,12 +258,6 @@ class TeacherConfig:
             check(problem is None, "model_args", problem or "")
 
 
-def _born_again_default_method() -> MethodConfig:
-    from codistill.methods.kd import KDConfig
-
-    return KDConfig(name="kd", temperature=1.0, alpha=0.5)
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BornAgainSettings:
     """The generations of `codistill born-again` (Furlanello et al. 2018)."""
@@ -275,13 +265,15 @@ class BornAgainSettings:
     generations: int = 3
     """Generations in all: the first trains with the run's own `method` and no teacher, each
     later one learns from the one before (same peers, same recipe, a new initialisation)."""
-    method: MethodConfig = field(default_factory=_born_again_default_method)
-    """How generation k learns from generation k − 1 (default: KD at T = 1, α = 0.5)."""
+    method: MethodConfig | None = None
+    """How generation k learns from generation k − 1 (None: `codistill born-again`'s default,
+    KD at T = 1, α = 0.5)."""
 
     def __post_init__(self):
         check(self.generations >= 2, "generations", f"must be >= 2 (a teacher and a student), got {self.generations}")
-        check(self.method.learns_from_teacher(), "method.name",
-              f"method {self.method.name!r} learns from no teacher; use kd, fitnets, at or fsp")
+        check(self.method is None or self.method.learns_from_teacher(), "method.name",
+              f"method {self.method.name if self.method else ''!r} learns from no teacher; use one that does: "
+              + ", ".join(methods_that("can_use_teacher")))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -327,22 +319,16 @@ class ExperimentConfig:
         check(self.train.on_nonfinite == "stop" or self.ray.workers_per_peer == 1, "train.on_nonfinite",
               "skip_step needs ray.workers_per_peer: 1 (data-parallel replicas must all take or all skip a step)")
         if self.exchange.top_k:
-            from codistill.methods import METHODS
-
-            able = sorted(n for n, m in METHODS.items() if m.config_class.takes_top_k)
             check(self.method.takes_top_k and not self.method.also, "exchange.top_k",
                   f"method {self.method.name!r}{' with also-terms' if self.method.also else ''} uses its peers' logits "
-                  f"as more than soft targets; top-k targets work with: {', '.join(able)}")
+                  f"as more than soft targets; top-k targets work with: {', '.join(methods_that('takes_top_k'))}")
         if self.train.compile:
-            from codistill.methods import create_method
-
-            needs = create_method(self.method).needs
-            check(not (needs.taps or needs.teacher_taps), "train.compile",
+            check(not self.method.reads_taps, "train.compile",
                   f"method {self.method.name!r} reads feature taps (forward hooks), which a compiled network "
                   "does not run; set train.compile: false, or use a method without taps")
         check(self.teacher is None or self.method.learns_from_teacher(), "teacher",
               f"is set, but method {self.method.name!r} learns from no teacher; remove `teacher:` or use a "
-              "method that does (kd, fitnets, at, fsp), alone or in `method.also`")
+              f"method that does ({', '.join(methods_that('can_use_teacher'))}), alone or in `method.also`")
 
     def _check_batches(self) -> None:
         """Every peer needs one whole batch of its examples (the last incomplete batch of an

@@ -1,5 +1,5 @@
 """The search-space grammar of `tune.space`: `loguniform(1, 10)`, `choice([a, b])`, … as text
-in the config, parsed and checked here without Ray (`codistill.tune` turns them into Ray Tune
+in the config, parsed and checked here without Ray (`codistill.experiments.tune` turns them into Ray Tune
 domains)."""
 
 from __future__ import annotations

@@ -274,11 +274,13 @@ def _save_json_atomically(path: str, data: dict) -> None:
 
 @register_dataset("cifar10", input_kind="image", num_classes=10, train_examples=50000)
 def cifar10(root: Path, augment: bool, download: bool) -> ArrayDataset:
+    """CIFAR-10 (Krizhevsky 2009) through torchvision's files: 50000 train / 10000 test 32×32 images."""
     return _cifar(10, root, augment, download)
 
 
 @register_dataset("cifar100", input_kind="image", num_classes=100, train_examples=50000)
 def cifar100(root: Path, augment: bool, download: bool) -> ArrayDataset:
+    """CIFAR-100 (Krizhevsky 2009) through torchvision's files: 50000 train / 10000 test, 100 classes."""
     return _cifar(100, root, augment, download)
 
 

@@ -144,6 +144,7 @@ def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str
 
 @register_dataset("stdlib", input_kind="tokens", num_classes=None, takes_settings=True)
 def stdlib(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
+    """The Python standard library's source as a language-model corpus: next-token windows."""
     corpus_root, files = stdlib_files()
     return build_corpus(corpus_root, files, root, settings.tokenizer, settings.vocab_size, settings.context,
                         settings.test_windows)
@@ -151,6 +152,7 @@ def stdlib(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
 
 @register_dataset("text", input_kind="tokens", num_classes=None, takes_settings=True)
 def text(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
+    """Your text file or folder of text files (`data.path`) as a language-model corpus."""
     corpus_root, files = text_files(settings.path or "")
     return build_corpus(corpus_root, files, root, settings.tokenizer, settings.vocab_size, settings.context,
                         settings.test_windows)

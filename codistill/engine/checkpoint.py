@@ -1,7 +1,16 @@
-"""Self-describing checkpoints: a folder per checkpoint with one file per peer
-(`peer{k}.pt`: model, optimizer, step, RNG state, model name) and `meta.pt` (step and the
-resolved config, enough to rebuild every peer). Loaded with `weights_only=True`: plain
-tensors and containers only, never pickled code."""
+"""Self-describing checkpoints: a folder per checkpoint with one file per peer and `meta.pt`
+(step and the resolved config, enough to rebuild every peer). Loaded with `weights_only=True`:
+plain tensors and containers only, never pickled code.
+
+A peer file (`peer{k}.pt`, written by `peer_state`) holds:
+  peer, step, model_name, model_args   which registered model, built how (nanoGPT's habit:
+                                       the file alone rebuilds the model)
+  model                                the state dict of the network the method trained (the
+                                       registered model, possibly wrapped: a gate, a regressor)
+  base_prefix                          where the registered model's own tensors sit in `model`
+                                       ("" when unwrapped; None when the network is not one
+                                       model, e.g. a trunk with branches)
+  optimizer, torch_rng, [grad_scaler], [data]"""
 
 from __future__ import annotations
 
@@ -36,6 +45,26 @@ def to_bytes(state: dict) -> bytes:
 
 def from_bytes(data: bytes) -> dict:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def base_prefix(network: torch.nn.Module, base: torch.nn.Module) -> str | None:
+    """The state-dict prefix of the registered model `base` inside the trained `network`."""
+    for name, module in network.named_modules():
+        if module is base:
+            return f"{name}." if name else ""
+    return None
+
+
+def peer_state(job, step: int) -> dict:
+    """What a checkpoint holds of a peer (`job`: its `PeerJob`): its network (never a teacher),
+    optimizer and RNG, and what rebuilds its model."""
+    peer = job.peer
+    return {"peer": peer.index, "model_name": peer.spec.model, "model_args": dict(peer.spec.model_args),
+            "base_prefix": base_prefix(peer.network, peer.base), "step": step,
+            "model": peer.network.state_dict(), "optimizer": peer.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            **({"data": job.data.fingerprint} if job.data.fingerprint else {}),
+            **({"grad_scaler": job.scaler.state_dict()} if job.scaler is not None else {})}
 
 
 def meta_state(step: int, config: dict) -> dict:

@@ -16,7 +16,7 @@ from codistill.config import ExperimentConfig, OptimizerConfig, PeerSpec, TrainC
 from codistill.data import ArrayDataset, BatchSchedule
 from codistill.errors import ConfigError, first_line
 from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
-from codistill.engine.stale_peers import StalePeers
+from codistill.engine.stale_peers import stale_peers_source
 from codistill.engine.teacher import load_teacher
 from codistill.exchange import Exchange, PeriodicExchange
 from codistill.methods import Method, create_method
@@ -56,8 +56,6 @@ class PeerJob:
     replicas: int = 1
     scaler: torch.amp.GradScaler | None = None
     """fp16 only: the gradient scaler (checkpointed with the peer)."""
-    overlap: bool = False
-    """Start the every-step exchange before the backward pass (`train.overlap`, when it applies)."""
     channels_last: bool = False
     sync_timing: bool = False
     """Wait for the device at each part of a step, so a step's parts are their own (benchmarks)."""
@@ -172,16 +170,13 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     if needs.peers:
         sources.append(PeerPayloads())
     if needs.rounds is not None:
-        sources.append(StalePeers(periodic, needs.rounds, cfg.peers, schedules))
+        sources.append(stale_peers_source(periodic, needs.rounds, cfg.peers, schedules))
     train_model = data_parallel(peer.network) if data_parallel else peer.network
     if cfg.train.compile:
         train_model = torch.compile(train_model)  # evaluation runs the plain network
-    # Overlap needs a source that can work in the background, and one backward pass per
-    # forward under DDP (its gradient hooks fire once per pass).
-    overlap = cfg.train.overlap and needs.peers and replicas == 1
     return PeerJob(peer=peer, method=method, data=data, schedule=schedules[peer_index if cfg.data.shard else 0],
                    train=cfg.train, device=device, exchange=exchange, sources=tuple(sources),
                    tap_paths={tap: MODELS[peer.spec.model].taps[tap] for tap in needs.taps}, seed=cfg.seed,
                    train_model=train_model, replica=replica, replicas=replicas,
                    scaler=torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None,
-                   overlap=overlap, channels_last=channels_last)
+                   channels_last=channels_last)

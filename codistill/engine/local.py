@@ -16,7 +16,7 @@ from codistill.engine.checkpoint import (LOCAL_CHECKPOINT_DIR, LocalCheckpoints,
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
 from codistill.exchange import LocalGatherHub, LocalPublications
-from codistill.metrics import drop_records_after, write_record_part
+from codistill.records import drop_records_after, write_record_part
 from codistill.storage import RunStorage
 
 

@@ -11,10 +11,11 @@ import time
 
 import torch
 
+from codistill.engine.checkpoint import peer_state
+from codistill.engine.evaluate import evaluate_peers
 from codistill.engine.job import PeerJob, learning_rate
 from codistill.errors import RunError
 from codistill.methods import Signals
-from codistill.metrics import accuracy, evaluation_metrics
 from codistill.models.taps import capture_taps
 
 
@@ -59,8 +60,8 @@ class _Clock:
         self.last = now
 
 
-def _backward(job: PeerJob, loss: torch.Tensor, retain_graph: bool = False) -> None:
-    (job.scaler.scale(loss) if job.scaler is not None else loss).backward(retain_graph=retain_graph)
+def _backward(job: PeerJob, loss: torch.Tensor) -> None:
+    (job.scaler.scale(loss) if job.scaler is not None else loss).backward()
 
 
 def _optimizer_step(job: PeerJob) -> None:
@@ -72,12 +73,7 @@ def _optimizer_step(job: PeerJob) -> None:
 
 
 def train_step(job: PeerJob, step: int) -> dict:
-    """One optimizer step of one peer; returns the record of the step.
-
-    Overlapped (`job.overlap`): the exchange starts right after the forward pass, and the part
-    of the loss that needs no peer (the cross-entropy) is back-propagated while it is in
-    flight; then the distillation terms. Two backward passes accumulate the same gradient as
-    one of their sum."""
+    """One optimizer step of one peer; returns the record of the step."""
     peer = job.peer
     started = time.perf_counter()
     record: dict = {"exchange_ms": 0.0}
@@ -98,33 +94,18 @@ def train_step(job: PeerJob, step: int) -> dict:
         signals = Signals(network=peer.network, outputs=outputs, logits=job.method.logits(outputs), labels=y,
                           step=step, peer=peer.index, seed=job.seed, taps=taps)
         clock.lap("forward_ms")
-        finishes = []
         for source in job.sources:
-            finishes.append((source, source.start(job, step, x, signals)))
+            record.update(source.serve(job, step, x, signals))
             clock.lap(source.timing)
-        local = job.method.local_loss(signals) if job.overlap else None
+        loss, terms = job.method.loss(signals)
     peer.optimizer.zero_grad(set_to_none=True)
-    if local is not None:
-        _backward(job, local[0], retain_graph=True)
-        clock.lap("backward_ms")
-    for source, finish in finishes:
-        record.update(finish())
-        clock.lap(source.timing)
-    with job.autocast():
-        if local is None:
-            loss, terms = job.method.loss(signals)
-            rest = loss
-        else:
-            rest, terms = job.method.remote_loss(signals)
-            loss = local[0] + rest
-            terms = {"loss": loss.detach(), **local[1], **terms}
     clock.lap("forward_ms")
     if job.train.on_nonfinite == "skip_step" and not torch.isfinite(loss).item():
         peer.optimizer.zero_grad(set_to_none=True)
         record["skipped"] = True  # this step's update is dropped; the run goes on
     else:
-        if isinstance(rest, torch.Tensor) and rest.requires_grad:
-            _backward(job, rest)
+        if loss.requires_grad:
+            _backward(job, loss)
         clock.lap("backward_ms")
         _optimizer_step(job)
         job.method.after_update(peer.network, step)
@@ -133,62 +114,6 @@ def train_step(job: PeerJob, step: int) -> dict:
     return {"step": step + 1, "peer": peer.index, "split": "train", "node": None, **terms,
             "lr": peer.optimizer.param_groups[0]["lr"], "step_ms": 1000 * (time.perf_counter() - started),
             "peers_used": len(signals.peers), **record}
-
-
-@torch.no_grad()
-def predict_test(job: PeerJob, batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Test logits of every head the method declares for the peer's network (one for a plain
-    model; a multi-branch network's ensemble and each branch; the first stands for the peer),
-    and the labels."""
-    network = job.peer.network
-    network.eval()
-    heads: dict[str, list[torch.Tensor]] = {}
-    labels = []
-    for x, y in job.data.test_batches(batch_size):
-        with job.autocast():
-            outputs = network(x.to(job.device))
-        for name, logits in job.method.evaluation_heads(outputs).items():
-            heads.setdefault(name, []).append(logits.float().cpu())
-        labels.append(y.cpu())
-    network.train()
-    return {name: torch.cat(chunks) for name, chunks in heads.items()}, torch.cat(labels)
-
-
-def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict]:
-    """Every peer's test accuracy, the ensemble's and churn (peers swap test logits), plus
-    this peer's test record (with each head's accuracy when its network has several)."""
-    heads, labels = predict_test(job, batch_size)
-    primary = next(iter(heads))
-    names = job.method.evaluation_members(heads)
-    # The members are sent only when they are not just the peer's own head (a language model's
-    # test logits are tens of MB: sent once).
-    sent = {"logits": heads[primary]} if names == [primary] else {
-        "logits": heads[primary], "members": torch.stack([heads[name] for name in names])}
-    gathered = [{"members": p["logits"][None], **p} for p in job.exchange.all_gather(sent)]
-    lm = job.data.input_kind == "tokens"
-    metrics = {"step": step, **evaluation_metrics([p["logits"] for p in gathered], labels, with_bits=lm)}
-    # The group's members: the peers, or the branches of a network that holds several. What a
-    # comparison of methods reports, whichever form a method takes.
-    group = evaluation_metrics([z for p in gathered for z in p["members"]], labels)
-    metrics.update({"member_first_accuracy": group["peer0_accuracy"],
-                    **{f"member_{k}": group[k] for k in ("mean_accuracy", "best_accuracy", "ensemble_accuracy", "churn")}})
-    record = {"step": step, "peer": job.peer.index, "split": "test",
-              "accuracy": metrics[f"peer{job.peer.index}_accuracy"],
-              "ensemble_accuracy": metrics["ensemble_accuracy"], "churn": metrics["churn"],
-              **{k: v for k, v in metrics.items() if k.startswith("member_")},
-              **({"bits": metrics[f"peer{job.peer.index}_bits"], "ensemble_bits": metrics["ensemble_bits"]} if lm else {})}
-    if len(heads) > 1:  # e.g. branches beside their ensemble
-        record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
-    return metrics, record
-
-
-def peer_state(job: PeerJob, step: int) -> dict:
-    """What a checkpoint holds of a peer: its network (never a teacher), optimizer and RNG."""
-    return {"peer": job.peer.index, "model_name": job.peer.spec.model, "step": step,
-            "model": job.peer.network.state_dict(), "optimizer": job.peer.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            **({"data": job.data.fingerprint} if job.data.fingerprint else {}),
-            **({"grad_scaler": job.scaler.state_dict()} if job.scaler is not None else {})}
 
 
 class NonFiniteLoss(RunError):

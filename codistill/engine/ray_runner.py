@@ -34,7 +34,7 @@ from codistill.exchange.collective import CollectiveExchange
 from codistill.exchange.object_store import (GatherCoordinator, ObjectStoreExchange, ObjectStorePeriodicExchange,
                                              PublicationCoordinator)
 from codistill.methods import create_method
-from codistill.metrics import drop_records_after, write_record_part
+from codistill.records import drop_records_after, write_record_part
 from codistill.storage import RunStorage
 
 logger = logging.getLogger(__name__)
@@ -312,24 +312,3 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
             except ray.exceptions.RayError as error:  # best-effort: must not hide fit()'s own error
                 logger.warning("Final progress not available: %s", error)
         ray.kill(progress_mailbox)
-
-
-def _worker_of(fn, spec: dict, mailbox) -> None:
-    rank = ray.train.get_context().get_world_rank()
-    result = fn(rank, ray.train.torch.get_device(), spec)
-    if rank == 0:  # Train V2 keeps only metrics reported with a checkpoint: hand the result over directly
-        ray.get(mailbox.post.remote(1, result))
-
-
-def run_on_workers(fn, spec: dict, num_workers: int) -> dict:
-    """Run `fn(rank, device, spec)` in `num_workers` Ray Train workers (one CPU each, a process
-    group among them) and return rank 0's result: the benchmarks' way to measure inside the
-    same workers the Ray runner uses."""
-    mailbox = ProgressMailbox.remote()
-    with tempfile.TemporaryDirectory() as storage:
-        TorchTrainer(functools.partial(_worker_of, fn, spec, mailbox),
-                     scaling_config=ray.train.ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 1}),
-                     run_config=ray.train.RunConfig(name="bench", storage_path=storage)).fit()
-    result = ray.get(mailbox.get.remote())[1]
-    ray.kill(mailbox)
-    return result

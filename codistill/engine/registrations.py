@@ -6,11 +6,12 @@ them with cloudpickle, so a builder defined in __main__ travels by value."""
 
 from __future__ import annotations
 
+from codistill.config.method import METHOD_CONFIGS
 from codistill.data import DATASETS
 from codistill.methods import METHODS
 from codistill.models import MODELS
 
-REGISTRIES = {"models": MODELS, "methods": METHODS, "datasets": DATASETS}
+REGISTRIES = {"models": MODELS, "methods": METHODS, "method_configs": METHOD_CONFIGS, "datasets": DATASETS}
 
 
 def user_registrations() -> dict:

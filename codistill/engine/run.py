@@ -16,7 +16,7 @@ from codistill.config import ConfigError, ExperimentConfig, dump_config, to_dict
 from codistill.engine.checkpoint import checkpoint_folders
 from codistill.engine.lease import RunLease
 from codistill.engine.teacher import resolve_teacher
-from codistill.metrics import consolidate_records, final_metrics, plot_accuracy, summary_text
+from codistill.records import consolidate_records, final_metrics, plot_accuracy, summary_text
 from codistill.storage import RunStorage, open_run_storage, resolve_storage_path, storage_errors
 
 CONFIG_FILE = "config.yaml"
@@ -122,7 +122,7 @@ def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
     # and Ray (2.60) unpacks that copy again when the driver connects: for a moment the folder
     # is gone and a lazy `import codistill.…` fails. The Ray runner imports everything a driver
     # needs later at its top level (exchange, coordinators, checkpoints), so importing it first
-    # is enough; `codistill tune` has imported `codistill.tune` before it connects.
+    # is enough; `codistill tune` has imported `codistill.experiments.tune` before it connects.
     import codistill.engine.ray_runner  # noqa: F401
 
     address = address or os.environ.get("RAY_ADDRESS")

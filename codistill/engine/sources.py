@@ -20,33 +20,14 @@ class SignalSource:
         """Fill `signals` for this step; return record fields (e.g. a round's figures)."""
         raise NotImplementedError
 
-    def start(self, job, step: int, x: torch.Tensor, signals: Signals):
-        """Begin serving; returns `finish()`, which completes `signals` and returns the record
-        fields. A source that can work in the background (an exchange) returns at once, and an
-        overlapped step computes until it calls `finish`; the others serve here."""
-        fields = self.serve(job, step, x, signals)
-        return lambda: fields
-
 
 class PeerPayloads(SignalSource):
     """Every step: send the method's payload, receive every other peer's (an all-gather)."""
 
     def serve(self, job, step, x, signals):
-        return self.start(job, step, x, signals)()
-
-    def start(self, job, step, x, signals):
-        payload = job.method.payload(signals.outputs, signals.taps)
-        if job.overlap:
-            pending = job.exchange.start_all_gather(payload)
-            wait = pending.wait
-        else:
-            gathered = job.exchange.all_gather(payload)
-            wait = lambda: gathered  # noqa: E731
-
-        def finish() -> dict:
-            signals.peers = [p for k, p in enumerate(wait()) if k != job.peer.index]
-            return {}
-        return finish
+        gathered = job.exchange.all_gather(job.method.payload(signals.outputs, signals.taps))
+        signals.peers = [p for k, p in enumerate(gathered) if k != job.peer.index]
+        return {}
 
 
 class FrozenTeacher(SignalSource):

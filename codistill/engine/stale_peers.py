@@ -9,7 +9,9 @@ publication of every other peer, waiting only when one is more than `max_stalene
   network and predict on their own batch each step (the paper's scheme).
 
 What is published is the method's own payload (named tensors), so any method that declares
-`Needs.rounds` is served, not one method by name.
+`Needs.rounds` is served, not one method by name. `StalePeers` holds the round mechanics; the
+two subclasses say what a round publishes and how a received publication becomes this step's
+payload; `stale_peers_source` picks one by `RoundSpec.publish`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from codistill.models import create_model
 
 
 class StalePeers(SignalSource):
+    """Rounds: when one starts, publish and take every other peer's newest publication."""
+
     def __init__(self, periodic: PeriodicExchange, spec: RoundSpec, peer_specs: tuple[PeerSpec, ...],
                  schedules: list[BatchSchedule]):
         self.periodic = periodic
@@ -38,12 +42,69 @@ class StalePeers(SignalSource):
         self.stale_networks: dict[int, torch.nn.Module] = {}
         self.round_info: dict = {}
 
+    def publication(self, job, round_id: int):
+        """What this peer publishes at the start of round `round_id`."""
+        raise NotImplementedError
+
+    def received_publication(self, job, peer: int, publication) -> None:
+        """Called with each peer's publication as it arrives."""
+
+    def payload_now(self, job, step: int, x: torch.Tensor, peer: int, published_round: int, publication) -> dict:
+        """Peer `peer`'s payload on this step's batch `x`, from its publication of `published_round`."""
+        raise NotImplementedError
+
+    def _start_round(self, job, round_id: int) -> None:
+        started = time.perf_counter()
+        me = job.peer.index
+        payload = self.publication(job, round_id)
+        predicted = time.perf_counter()
+        others = [peer for peer in range(len(self.peer_specs)) if peer != me]
+        sent, entries = self.periodic.round_trip(round_id, me, payload, others, round_id - self.spec.max_staleness,
+                                                 self.spec.wait_timeout_s, keep=2 * self.spec.max_staleness + 2)
+        missing = []
+        for peer in others:
+            entry = entries[peer]
+            if entry is None:
+                missing.append(peer)
+                self.received.pop(peer, None)
+                continue
+            self.received[peer] = entry
+            self.received_publication(job, peer, entry[1])
+        self.round = round_id
+        self.round_info = {
+            "round": round_id,
+            "staleness_rounds": max((round_id - r for r, _ in self.received.values()), default=None),
+            "bytes_sent": sent,
+            "predict_ms": 1000 * (predicted - started),  # the teacher pass (predictions) or the state copy
+            "wait_ms": 1000 * (time.perf_counter() - predicted),  # publishing, waiting for late peers, fetching
+            "round_ms": 1000 * (time.perf_counter() - started),
+            "missing_peers": ",".join(map(str, missing)) or None,
+        }
+
+    def serve(self, job, step, x, signals):
+        """The other peers' stale payloads on this step's batch; the round's record fields on the
+        step that starts a round. Rounds that end before `burn_in` exchange nothing."""
+        round_id = step // self.spec.period
+        if (round_id + 1) * self.spec.period <= self.spec.burn_in:
+            return {}
+        info = {}
+        if self.round != round_id:
+            self._start_round(job, round_id)
+            info = self.round_info
+        signals.peers = [self.payload_now(job, step, x, peer, published_round, publication)
+                         for peer, (published_round, publication) in self.received.items()]
+        return info
+
+
+class StalePredictions(StalePeers):
+    """A round publishes this peer's payload on every peer's batches of the coming rounds."""
+
     def _window_steps(self, round_id: int) -> range:
         period = self.spec.period
         return range(round_id * period, (round_id + self.spec.max_staleness + 1) * period)
 
     @torch.no_grad()
-    def _predict_window(self, job, round_id: int) -> dict[str, torch.Tensor]:
+    def publication(self, job, round_id: int) -> dict[str, torch.Tensor]:
         """This peer's payload on every peer's coming batches: each tensor (schedules, window steps, B, …)."""
         network = job.peer.network
         steps = self._window_steps(round_id)
@@ -58,38 +119,26 @@ class StalePeers(SignalSource):
         network.train()
         return {name: torch.stack(parts) for name, parts in blocks.items()}
 
-    def _start_round(self, job, round_id: int) -> None:
-        started = time.perf_counter()
-        me = job.peer.index
-        if self.spec.publish == "predictions":
-            payload = self._predict_window(job, round_id)
-        else:
-            # A copy: the live tensors keep training while the others read this snapshot.
-            payload = {k: v.detach().cpu().clone() for k, v in job.peer.network.state_dict().items()}
-        predicted = time.perf_counter()
-        others = [peer for peer in range(len(self.peer_specs)) if peer != me]
-        sent, entries = self.periodic.round_trip(round_id, me, payload, others, round_id - self.spec.max_staleness,
-                                                 self.spec.wait_timeout_s, keep=2 * self.spec.max_staleness + 2)
-        missing = []
-        for peer in others:
-            entry = entries[peer]
-            if entry is None:
-                missing.append(peer)
-                self.received.pop(peer, None)
-                continue
-            self.received[peer] = entry
-            if self.spec.publish == "weights":
-                self._stale_network(job, peer).load_state_dict(entry[1])
-        self.round = round_id
-        self.round_info = {
-            "round": round_id,
-            "staleness_rounds": max((round_id - r for r, _ in self.received.values()), default=None),
-            "bytes_sent": sent,
-            "predict_ms": 1000 * (predicted - started),  # the teacher pass (predictions) or the state copy
-            "wait_ms": 1000 * (time.perf_counter() - predicted),  # publishing, waiting for late peers, fetching
-            "round_ms": 1000 * (time.perf_counter() - started),
-            "missing_peers": ",".join(map(str, missing)) or None,
-        }
+    def payload_now(self, job, step, x, peer, published_round, publication):
+        shard = job.peer.index if len(self.schedules) > 1 else 0
+        here = {}
+        for name, t in publication.items():
+            z = t[shard, step - published_round * self.spec.period]
+            if job.replicas > 1:  # this worker trains on one slice of the batch
+                z = z.chunk(job.replicas)[job.replica]
+            here[name] = z.to(x.device)
+        return here
+
+
+class StaleWeights(StalePeers):
+    """A round publishes this peer's weights; the others predict with a stale copy each step."""
+
+    def publication(self, job, round_id):
+        # A copy: the live tensors keep training while the others read this snapshot.
+        return {k: v.detach().cpu().clone() for k, v in job.peer.network.state_dict().items()}
+
+    def received_publication(self, job, peer, publication):
+        self._stale_network(job, peer).load_state_dict(publication)
 
     def _stale_network(self, job, peer: int) -> torch.nn.Module:
         """A copy of peer `peer`'s network, built as its method builds it, to load its weights into."""
@@ -100,29 +149,12 @@ class StalePeers(SignalSource):
             self.stale_networks[peer] = network.to(job.device).eval()
         return self.stale_networks[peer]
 
-    def serve(self, job, step, x, signals):
-        """The other peers' stale payloads on this step's batch; the round's record fields on the
-        step that starts a round. Rounds that end before `burn_in` exchange nothing."""
-        round_id = step // self.spec.period
-        if (round_id + 1) * self.spec.period <= self.spec.burn_in:
-            return {}
-        info = {}
-        if self.round != round_id:
-            self._start_round(job, round_id)
-            info = self.round_info
-        payloads = []
-        for peer, (published_round, payload) in self.received.items():
-            if self.spec.publish == "predictions":
-                shard = job.peer.index if len(self.schedules) > 1 else 0
-                here = {}
-                for name, t in payload.items():
-                    z = t[shard, step - published_round * self.spec.period]
-                    if job.replicas > 1:  # this worker trains on one slice of the batch
-                        z = z.chunk(job.replicas)[job.replica]
-                    here[name] = z.to(x.device)
-                payloads.append(here)
-            else:
-                with torch.no_grad():
-                    payloads.append(job.method.payload(self.stale_networks[peer](x), {}))
-        signals.peers = payloads
-        return info
+    @torch.no_grad()
+    def payload_now(self, job, step, x, peer, published_round, publication):
+        return job.method.payload(self.stale_networks[peer](x), {})
+
+
+def stale_peers_source(periodic: PeriodicExchange, spec: RoundSpec, peer_specs: tuple[PeerSpec, ...],
+                       schedules: list[BatchSchedule]) -> StalePeers:
+    source = {"predictions": StalePredictions, "weights": StaleWeights}[spec.publish]
+    return source(periodic, spec, peer_specs, schedules)

@@ -71,12 +71,18 @@ def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device)
     except Exception as err:  # noqa: BLE001 — unreadable, truncated, not a weights-only file: all one answer
         raise ConfigError("teacher.checkpoint", f"cannot load {teacher.checkpoint}: "
                           f"{first_line(err, 200)}") from None
-    weights = state["model"] if isinstance(state.get("model"), dict) and "step" in state else state
+    weights = state
+    if isinstance(state.get("model"), dict) and "step" in state:  # a codistill peer file
+        weights = state["model"]
+        # Files written before `base_prefix` existed: a wrapped model sat under "model.".
+        prefix = state.get("base_prefix", "model." if all(k.startswith("model.") for k in weights) else "")
+        if prefix is None:
+            raise ConfigError("teacher.checkpoint", f"{teacher.checkpoint} holds a network of branches, not one "
+                              f"model's weights; a teacher is one model (a peer trained across workers)")
+        if prefix:
+            weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     network = create_model(teacher.model, num_classes, **teacher.model_args)
     expected = network.state_dict()
-    if not expected.keys() <= weights.keys():
-        inner = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
-        weights = inner if expected.keys() <= inner.keys() else weights
     missing = sorted(expected.keys() - weights.keys())
     if missing:
         raise ConfigError("teacher.model", f"the weights in {teacher.checkpoint} are not model {teacher.model!r}'s: "

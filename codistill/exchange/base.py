@@ -13,8 +13,6 @@ a state dict); how it is packed to travel is the transport's business.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
-
 import torch
 
 Payload = dict[str, torch.Tensor]
@@ -30,24 +28,6 @@ class Exchange:
 
     def all_gather(self, payload: Payload) -> list[Payload]:
         raise NotImplementedError
-
-    def start_all_gather(self, payload: Payload) -> "Pending":
-        """`all_gather` started without waiting for it (an overlapped step computes meanwhile):
-        on a thread of the exchange's own, so the wait for a slower peer is spent there. Calls
-        stay in order: one gather at a time per exchange."""
-        if getattr(self, "_gatherer", None) is None:
-            self._gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"exchange-{self.peer}")
-        return Pending(self._gatherer.submit(self.all_gather, payload))
-
-
-class Pending:
-    """An exchange in flight; `wait()` gives what `all_gather` would have returned (or raises what it raised)."""
-
-    def __init__(self, future: Future):
-        self.future = future
-
-    def wait(self) -> list[Payload]:
-        return self.future.result()
 
 
 class PeriodicExchange:

@@ -11,17 +11,19 @@ the receiving peer's (and normalised again) before they are compared.
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from codistill.errors import check
-from codistill.losses import attention_distance, attention_map
+from codistill.methods.losses import attention_distance, attention_map
 from codistill.methods.base import Method, MethodConfig, Needs, register_method
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ATConfig(MethodConfig):
+    can_use_teacher: ClassVar[bool] = True
+    reads_feature_taps: ClassVar[bool] = True
     taps: tuple[str, ...]
     """The feature taps whose attention maps are matched (e.g. `[conv2, conv3]`)."""
     teacher_taps: tuple[str, ...] = ()

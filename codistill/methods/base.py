@@ -22,8 +22,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from codistill.errors import ConfigError, check
-from codistill.losses import linear_rampup, top_k_targets
+from codistill.config.method import METHOD_CONFIGS, MethodConfig
+from codistill.errors import check
+from codistill.methods.losses import linear_rampup, top_k_targets
 from codistill.registry import Registry
 
 
@@ -86,62 +87,6 @@ class Signals:
     def generator(self) -> torch.Generator:
         """Random numbers for this step and peer, the same in every runner and after a resume."""
         return torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) * 1_009 + self.peer + 7)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class MethodConfig:
-    name: str
-    """Registered method name."""
-    also: tuple[MethodConfig, ...] = ()
-    """Other methods whose distillation terms are added to this one's loss, e.g. `[{name: at}]`."""
-    min_peers: ClassVar[int] = 1
-    takes_top_k: ClassVar[bool] = False
-    """True for methods whose peers' logits are only ever soft targets (DML, codistillation):
-    they can be sent as top-k targets (`exchange.top_k`)."""
-    composable: ClassVar[bool] = True
-    """False for methods that shape the network or the exchange themselves (and so cannot be an `also` term)."""
-
-    @classmethod
-    def choose_class(cls, data: dict, path: str) -> tuple[type, str]:
-        """The config class of the method `data["name"]` names (the builder's registry hook)."""
-        key = f"{path}.name" if path else "name"
-        check("name" in data, key, f"is required; registered methods: {', '.join(METHODS.names())}")
-        return METHODS.get(data["name"], key).config_class, f"method {data['name']!r}"
-
-    @property
-    def uses_teacher(self) -> bool:
-        return False
-
-    def learns_from_teacher(self) -> bool:
-        """Whether this method or any of its `also` terms uses a frozen teacher."""
-        return self.uses_teacher or any(extra.learns_from_teacher() for extra in self.also)
-
-    def check(self, peers, teacher) -> None:
-        """Raise ConfigError (key path from the top of the config) if the peers or teacher do not suit."""
-        if len(peers) < self.min_peers:
-            raise ConfigError("peers", f"method {self.name!r} needs at least {self.min_peers} peers, got {len(peers)}")
-        if self.uses_teacher and teacher is None:
-            raise ConfigError("teacher", f"method {self.name!r} learns from a frozen teacher: add a `teacher:` "
-                                         "section (`run: <a codistill run>` or `checkpoint: <file>` and `model:`)")
-        for i, extra in enumerate(self.also):
-            composable = [n for n, m in METHODS.items() if m.config_class.composable]
-            check(extra.composable, f"method.also.{i}.name",
-                  f"method {extra.name!r} cannot be added to another; methods that can: {', '.join(sorted(composable))}")
-            extra.check(peers, teacher)
-
-    def check_taps(self, taps, key: str, models: list[tuple[str, str | None]]) -> None:
-        """Every tap in `taps` must be declared by every model in `models` ((where, model name);
-        a teacher whose model is not known yet is checked when it is)."""
-        from codistill.models import MODELS
-
-        check(len(taps) > 0, key, "name at least one feature tap")
-        for where, model in models:
-            if model is None:
-                continue
-            declared = MODELS[model].taps
-            for tap in taps:
-                check(tap in declared, key, f"model {model!r} ({where}) has no feature tap {tap!r}; "
-                      f"its taps: {', '.join(declared) or 'none'}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -265,25 +210,6 @@ class Method:
             terms.update(extra_terms)
         return total, terms
 
-    # An overlapped step (`train.overlap`) splits `loss` in two: the part that needs no peer's
-    # payload, back-propagated while the exchange is in flight, then the rest. The two parts
-    # add up to `loss` exactly, so the gradients are the same.
-
-    def local_loss(self, s: Signals) -> tuple[torch.Tensor, dict] | None:
-        """The cross-entropy of a loss that is CE + distillation terms; None for a method that
-        writes its whole loss itself (`own_loss`): its step waits for the exchange first."""
-        return self._cross_entropy(s) if self.splits else None
-
-    @property
-    def splits(self) -> bool:
-        return type(self).own_loss is Method.own_loss
-
-    def remote_loss(self, s: Signals) -> tuple[torch.Tensor | float, dict]:
-        """`loss` minus `local_loss`: the distillation terms, once the peers' payloads are in."""
-        own, terms = self.distill_terms(s)
-        added, extra_terms = self._also_terms(s)
-        return own + added, {**terms, **extra_terms}
-
 
 class StagedTerm(Method):
     """A distillation term that a paper first trains alone (FitNets' hints, FSP's flow): for the
@@ -313,8 +239,11 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(name: str):
+    """Register a method class under `name`, and its `config_class` under the same name for
+    the config (which reads a method's traits from its config class and imports no method)."""
     def decorator(cls: type[Method]):
         METHODS.add(name, cls, cls.__module__)
+        METHOD_CONFIGS.add(name, cls.config_class, cls.__module__)
         return cls
     return decorator
 

@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 import torch
 
 from codistill.errors import check
-from codistill.losses import mean_payload_kl, soft_kl, soft_targets
+from codistill.methods.losses import mean_payload_kl, soft_kl, soft_targets
 from codistill.methods.base import DistillConfig, Method, Needs, RoundSpec, register_method
 
 

@@ -9,7 +9,7 @@ would serialise the peers). With `branches: m` the peers are branches of one net
 from dataclasses import dataclass
 from typing import ClassVar
 
-from codistill.losses import mean_payload_kl
+from codistill.methods.losses import mean_payload_kl
 from codistill.methods.base import register_method
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 

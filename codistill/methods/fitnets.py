@@ -13,6 +13,7 @@ a linear map when one side is a vector). Two schedules:
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 import math
 
 import torch
@@ -27,6 +28,8 @@ REGRESSORS = "fitnets_regressor"
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FitNetsConfig(MethodConfig):
+    can_use_teacher: ClassVar[bool] = True
+    reads_feature_taps: ClassVar[bool] = True
     student_tap: str
     """The student's guided layer (a feature tap of its model, e.g. `conv2`)."""
     teacher_tap: str

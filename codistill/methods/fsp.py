@@ -11,15 +11,18 @@ stages: `fsp_steps` > 0 gives that many steps of FSP loss alone first, then CE (
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 from codistill.errors import ConfigError, check
-from codistill.losses import fsp_matrix
+from codistill.methods.losses import fsp_matrix
 from codistill.methods.base import MethodConfig, Needs, StagedTerm, register_method
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FSPConfig(MethodConfig):
+    can_use_teacher: ClassVar[bool] = True
+    reads_feature_taps: ClassVar[bool] = True
     pairs: tuple[tuple[str, ...], ...]
     """Pairs of feature taps, each a [first, second] whose flow matrix is matched."""
     weight: float = 1.0

@@ -11,17 +11,19 @@ from a generator of (seed, step, peer), so a run is the same in every runner and
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from codistill.errors import check
-from codistill.losses import soft_kl, soft_targets
+from codistill.methods.losses import soft_kl, soft_targets
 from codistill.methods.base import Method, MethodConfig, Needs, register_method
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class KDConfig(MethodConfig):
+    can_use_teacher: ClassVar[bool] = True
     temperature: float = 4.0
     """Softmax temperature T of the teacher's soft targets (> 0); 4 is the common CIFAR choice."""
     alpha: float = 0.9

@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from codistill.losses import min_logit, min_loss_logits, simplex_combination, soft_kl, soft_targets
+from codistill.methods.losses import min_logit, min_loss_logits, simplex_combination, soft_kl, soft_targets
 from codistill.methods.base import register_method
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from codistill.errors import check
-from codistill.losses import attention_weights, soft_kl, soft_kl_to_logits, soft_targets
+from codistill.methods.losses import attention_weights, soft_kl, soft_kl_to_logits, soft_targets
 from codistill.methods.base import register_method
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 

@@ -20,78 +20,54 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from codistill.errors import ConfigError
-from codistill.losses import gated_ensemble, soft_kl, soft_targets
-from codistill.methods.base import DistillConfig, Method, Needs, register_method
-from codistill.models import MODELS
+from codistill.methods.losses import gated_ensemble, soft_kl, soft_targets
+from codistill.methods.base import register_method
+from codistill.methods.peers import PeerMethod, PeerMethodConfig
 from codistill.models.multi_branch import GatedPeer, make_multi_branch
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ONEConfig(DistillConfig):
+class ONEConfig(PeerMethodConfig):
+    min_peers: ClassVar[int] = 2
     composable: ClassVar[bool] = False  # it shapes the network (branches, gates)
     temperature: float = 3.0
     """The ONE paper's code uses T = 3."""
     branches: int = 3
     """m ≥ 2: ONE inside one network with m branches (one peer). 1: ONE across the K peers."""
 
-    def check(self, peers, teacher) -> None:
-        if self.branches < 1:
-            raise ConfigError("method.branches", f"must be >= 1, got {self.branches}")
-        if self.branches >= 2:
-            if len(peers) != 1:
-                raise ConfigError("peers", f"ONE in one network (method.branches={self.branches}) trains exactly one "
-                                  f"peer, got {len(peers)}; for ONE across peers set method.branches: 1")
-            if MODELS[peers[0].model].branch_point is None:
-                able = sorted(n for n, e in MODELS.items() if e.branch_point is not None)
-                raise ConfigError("peers.0.model", f"{peers[0].model!r} has no trunk/branch split; "
-                                  f"models that can branch: {', '.join(able)}")
-        elif len(peers) < 2:
-            raise ConfigError("peers", f"ONE across peers (method.branches: 1) needs at least 2 peers, got {len(peers)}")
-        DistillConfig.check(self, peers, teacher)
-
 
 @register_method("one")
-class ONE(Method):
+class ONE(PeerMethod):
+    """The gate is ONE's own part, and the hooks it overrides: in one network the paper's gate
+    on the pooled trunk features (`branch_network`, `branch_ensemble`), across peers a gate
+    head on each peer (`peer_network`)."""
+
     config_class = ONEConfig
 
-    def __init__(self, config: ONEConfig):
-        self.in_one_network = config.branches >= 2
-        super().__init__(config)
-
-    def own_needs(self) -> Needs:
-        return Needs(peers=not self.in_one_network)
-
-    def own_network(self, model, model_name, tap_shapes):
-        if self.in_one_network:
-            return make_multi_branch(model, model_name, self.config.branches)
+    def peer_network(self, model):
         return GatedPeer(model)
 
+    def branch_network(self, model, model_name):
+        return make_multi_branch(model, model_name, self.config.branches)
+
+    def branch_ensemble(self, outputs, firsts):
+        return gated_ensemble(outputs.logits, outputs.gate_logits)
+
+    def members(self, outputs):
+        return list(outputs.logits) if self.branched else [outputs]
+
+    def peer_logits(self, outputs):
+        return outputs if self.branched else outputs[0]
+
     def logits(self, outputs):
-        if self.in_one_network:
-            return gated_ensemble(outputs.logits, outputs.gate_logits)
-        return outputs[0]
-
-    def evaluation_heads(self, outputs):
-        if not self.in_one_network:
-            return {"model": outputs[0]}
-        heads = {"ensemble": gated_ensemble(outputs.logits, outputs.gate_logits)}
-        heads.update({f"branch{k}": z for k, z in enumerate(outputs.logits)})
-        return heads
-
-    def evaluation_members(self, heads):
-        return [name for name in heads if name.startswith("branch")] if self.in_one_network else [next(iter(heads))]
+        return gated_ensemble(outputs.logits, outputs.gate_logits) if self.branched else outputs[0]
 
     def own_payload(self, logits, outputs, taps):
         return {"logits": logits, "gate": outputs[1]}
 
-    @property
-    def splits(self):
-        return not self.in_one_network
-
-    def own_loss(self, s):
-        if not self.in_one_network:
-            return super().own_loss(s)  # CE(z_i) + distill_terms, which an overlapped step splits
+    def loss(self, s):
+        if not self.branched:
+            return super().loss(s)  # CE(z_i) + distill_terms
         T, weight, labels = self.config.temperature, self.config.weight_at(s.step), s.labels
         logits, gate_logits = s.outputs  # (m, B, C), (B, m)
         ce_members = torch.stack([F.cross_entropy(z, labels) for z in logits]).sum()
@@ -100,7 +76,7 @@ class ONE(Method):
         kl = torch.stack([soft_kl(z, target, T) for z in logits]).sum()
         ce_ensemble = F.cross_entropy(ensemble, labels)
         total = ce_members + ce_ensemble + weight * kl
-        return total, {"ce": ce_members.detach(), "ce_ensemble": ce_ensemble.detach(),
+        return total, {"loss": total.detach(), "ce": ce_members.detach(), "ce_ensemble": ce_ensemble.detach(),
                        "kl": kl.detach(), "kl_weight": weight}
 
     def distill_terms(self, s):

@@ -26,7 +26,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from codistill.errors import check
-from codistill.losses import mean_peer_kl, soft_kl, soft_targets
+from codistill.methods.losses import mean_peer_kl, soft_kl, soft_targets
 from codistill.methods.base import register_method
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 from codistill.models.temporal_mean import TemporalMean
@@ -69,7 +69,7 @@ class PCL(PeerMethod):
     def whole_network(self, network):
         return TemporalMean(network, self.config.mean_decay)  # around the trunk too, in one network
 
-    def split(self, outputs):
+    def members(self, outputs):
         live, mean = outputs
         lives, means = (list(live), list(mean)) if self.branched else ([live], [mean])
         return [(l, m) for l, m in zip(lives, means)]  # each member: ((z, c), (z̄, c̄))

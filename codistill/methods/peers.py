@@ -32,7 +32,7 @@ class PeerMethodConfig(DistillConfig):
     shared trunk and m branches that are the peers (the papers' CIFAR form)."""
 
     @property
-    def one_network(self) -> bool:
+    def trains_one_network(self) -> bool:
         return self.branches >= 2
 
     def check(self, peers, teacher) -> None:
@@ -58,12 +58,14 @@ class PeerMethodConfig(DistillConfig):
 
 class PeerMethod(Method):
     """Subclasses write one peer: `peer_network` (the model as the method wraps it),
-    `peer_logits`, `peer_heads`, `own_payload` and `own_loss`/`distill_terms`."""
+    `peer_logits`, `peer_heads`, `own_payload` and `own_loss`/`distill_terms`. A method whose
+    one-network form is more than its peers side by side (ONE's gate on the trunk) overrides
+    `branch_network`, `branch_ensemble` and `loss`."""
 
     config_class = PeerMethodConfig
 
     def __init__(self, config: PeerMethodConfig):
-        self.branched = config.branches >= 2
+        self.branched = config.trains_one_network
         super().__init__(config)
 
     def own_needs(self) -> Needs:
@@ -84,30 +86,37 @@ class PeerMethod(Method):
     def peer_heads(self, outputs) -> dict[str, torch.Tensor]:
         return {"model": self.peer_logits(outputs)}
 
-    def split(self, outputs) -> list:
+    def members(self, outputs) -> list:
         """The whole network's outputs → each member's (one across peers; the branches)."""
         return list(outputs) if self.branched else [outputs]
+
+    def branch_network(self, model: nn.Module, model_name: str) -> nn.Module:
+        """The one-network form: a shared trunk and the branches, each a peer network."""
+        return make_peer_branches(model, model_name, self.config.branches, self.peer_network)
+
+    def branch_ensemble(self, outputs, firsts: list[torch.Tensor]) -> torch.Tensor:
+        """The branches' ensemble head: the mean of their probabilities, as logits (log-probabilities)."""
+        return torch.stack([z.float().softmax(-1) for z in firsts]).mean(0).log()
 
     # -- the Method interface -----------------------------------------------------------------
 
     def own_network(self, model, model_name, tap_shapes):
         if self.branched:
-            network = make_peer_branches(model, model_name, self.config.branches, self.peer_network)
+            network = self.branch_network(model, model_name)
         else:
             network = self.peer_network(model)
         return self.whole_network(network)
 
     def logits(self, outputs):
-        members = [self.peer_logits(o) for o in self.split(outputs)]
+        members = [self.peer_logits(o) for o in self.members(outputs)]
         return members[0] if len(members) == 1 else torch.stack(members).mean(0)
 
     def evaluation_heads(self, outputs):
-        members = self.split(outputs)
+        members = self.members(outputs)
         if not self.branched:
             return self.peer_heads(members[0])
         firsts = [next(iter(self.peer_heads(o).values())) for o in members]
-        # The branches' ensemble: the mean of their probabilities, as logits (log-probabilities).
-        heads = {"ensemble": torch.stack([z.float().softmax(-1) for z in firsts]).mean(0).log()}
+        heads = {"ensemble": self.branch_ensemble(outputs, firsts)}
         heads.update({f"branch{k}": z for k, z in enumerate(firsts)})
         return heads
 
@@ -115,20 +124,16 @@ class PeerMethod(Method):
         return [name for name in heads if name.startswith("branch")] if self.branched else [next(iter(heads))]
 
     def payload(self, outputs, taps):
-        member = self.split(outputs)[0]
+        member = self.members(outputs)[0]
         sent = self.own_payload(self.peer_logits(member), member, taps)
         for extra in self.also:
             sent.update(extra.own_payload(self.peer_logits(member), member, taps))
         return self.sendable(sent)
 
-    @property
-    def splits(self) -> bool:
-        return not self.branched and super().splits  # branched: one network's summed loss, no exchange
-
     def loss(self, s: Signals):
         if not self.branched:
             return super().loss(s)
-        members = self.split(s.outputs)
+        members = self.members(s.outputs)
         sent = [{n: t.detach() for n, t in self.own_payload(self.peer_logits(o), o, {}).items()} for o in members]
         total, terms = 0.0, {}
         for k, member in enumerate(members):

@@ -62,4 +62,5 @@ class GPT(nn.Module):
 
 @register_model("gpt", input_kind="tokens")
 def gpt(num_classes: int, width: int = 128, depth: int = 2, heads: int = 4, context: int = 128) -> nn.Module:
+    """A GPT-style causal transformer with a tied output layer (model_args: width, depth, heads, context)."""
     return GPT(num_classes, width, depth, heads, context)

@@ -63,5 +63,6 @@ def resnet_taps(depth: int) -> dict[str, str]:
 
 # ONE's trunk: stem + stages 1 and 2 (features[:3]); each branch gets stage 3 and the classifier.
 for _depth in (20, 32, 56, 110):
-    register_model(f"resnet{_depth}", input_kind="image", branch_point=3, taps=resnet_taps(_depth))(
-        lambda num_classes, d=_depth: cifar_resnet(d, num_classes))
+    _build = lambda num_classes, d=_depth: cifar_resnet(d, num_classes)  # noqa: E731
+    _build.__doc__ = f"The CIFAR ResNet-{_depth} (He et al., 2016): three stages of {(_depth - 2) // 6} basic blocks."
+    register_model(f"resnet{_depth}", input_kind="image", branch_point=3, taps=resnet_taps(_depth))(_build)

@@ -24,4 +24,6 @@ def torchvision_peer(arch: str, num_classes: int) -> PeerModel:
 
 
 for _arch in TORCHVISION_MODELS:
-    register_model(f"tv_{_arch}", input_kind="image")(lambda num_classes, a=_arch: torchvision_peer(a, num_classes))
+    _build = lambda num_classes, a=_arch: torchvision_peer(a, num_classes)  # noqa: E731
+    _build.__doc__ = f"torchvision's {_arch}, untrained, its last linear layer replaced by the peer's classifier."
+    register_model(f"tv_{_arch}", input_kind="image")(_build)

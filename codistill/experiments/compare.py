@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from codistill.config import ExperimentConfig, load_config, set_path, to_dict
+from codistill.config import ExperimentConfig, build_dataclass, load_config, set_path, to_dict
+from codistill.config.method import METHOD_CONFIGS, MethodConfig
 from codistill.errors import ConfigError, RunError
-from codistill.metrics import read_records
-from codistill.methods import METHODS
+from codistill.records import read_records
 from codistill.storage import RunStorage, resolve_storage_path
 
 FIGURES = ("first", "best", "mean", "ensemble", "churn")
@@ -57,8 +57,8 @@ class MethodSpec:
 def parse_method(text: str) -> MethodSpec:
     """`name` or `name:key=value,key=value` (values are YAML: `branches=3`, `variant=mean`)."""
     name, _, rest = text.partition(":")
-    registered = ", ".join(METHODS.names())
-    if name not in METHODS:
+    registered = ", ".join(METHOD_CONFIGS.names())
+    if name not in METHOD_CONFIGS:
         raise ConfigError("--methods", f"{text!r}: no method {name!r}; registered methods: {registered}")
     settings = {}
     for item in filter(None, rest.split(",")):
@@ -92,11 +92,8 @@ def cell_data(base: dict, spec: MethodSpec, tuned: dict) -> dict:
 
 
 def _one_network(data: dict) -> bool:
-    """Whether the method section trains one network of branches (`branches` ≥ 2, given or default)."""
-    config_class = METHODS.get(data["method"]["name"], "--methods").config_class
-    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
-    branches = data["method"].get("branches", defaults.get("branches", 1))
-    return isinstance(branches, int) and branches >= 2
+    """Whether the method section trains one network of branches: the method's config says."""
+    return build_dataclass(MethodConfig, data["method"], "method").trains_one_network
 
 
 def search_space(spec: MethodSpec, base: dict) -> dict[str, str]:
@@ -106,7 +103,7 @@ def search_space(spec: MethodSpec, base: dict) -> dict[str, str]:
     lr = base["peers"][0]["optimizer"]["lr"]
     space = {"peers.*.optimizer.lr": f"loguniform({lr / 4:.6g}, {lr * 4:.6g})",
              "peers.*.optimizer.schedule": "choice(['constant', 'cosine'])"}
-    fields = {f.name for f in dataclasses.fields(METHODS.get(spec.name, "--methods").config_class)}
+    fields = {f.name for f in dataclasses.fields(METHOD_CONFIGS.get(spec.name, "--methods"))}
     if "temperature" in fields and "temperature" not in spec.settings:
         space["method.temperature"] = "loguniform(1, 8)"
     if "weight" in fields and "weight" not in spec.settings:
@@ -159,7 +156,7 @@ def tune_method(spec: MethodSpec, base: dict, name: str, trials: int, storage: R
     saved = f"tuned/{spec.slug}.json"
     if storage.exists(saved):
         return json.loads(storage.read_bytes(saved))["params"]
-    from codistill.tune import run_sweep
+    from codistill.experiments.tune import run_sweep
 
     data = cell_data(base, spec, {})
     data["name"] = f"{name}.{spec.slug}.tune"

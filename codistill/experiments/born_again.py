@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from codistill.config import ExperimentConfig, TeacherConfig
+from codistill.config import ExperimentConfig, TeacherConfig, build_dataclass
+from codistill.config.method import MethodConfig
 from codistill.data import load_data
 from codistill.engine.run import RunResult, train
 from codistill.engine.teacher import load_teacher, resolve_teacher_config
@@ -26,6 +27,12 @@ from codistill.metrics import accuracy, ensemble_accuracy
 from codistill.storage import RunStorage, resolve_storage_path
 
 GENERATIONS_FILE = "generations.parquet"
+
+
+def default_method() -> MethodConfig:
+    """How a generation learns from the one before unless `born_again.method` says otherwise:
+    KD at T = 1, α = 0.5 (the paper's born-again networks match the teacher's output)."""
+    return build_dataclass(MethodConfig, {"name": "kd", "temperature": 1.0, "alpha": 0.5}, "born_again.method")
 
 
 @dataclass
@@ -47,7 +54,7 @@ def generation_config(cfg: ExperimentConfig, k: int, teacher_run: str | None) ->
     name = f"{cfg.name}-gen{k}"
     if k == 0:
         return replace(cfg, name=name, born_again=None)
-    return replace(cfg, name=name, born_again=None, method=cfg.born_again.method,
+    return replace(cfg, name=name, born_again=None, method=cfg.born_again.method or default_method(),
                    teacher=TeacherConfig(run=teacher_run, peer=0))
 
 

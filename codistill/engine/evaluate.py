@@ -1,0 +1,57 @@
+"""Evaluation of one peer inside the loop: every head the method declares on the test split,
+then the peers swap test logits so each reports every peer's accuracy, the ensemble's and
+churn, and the group's members (peers, or one network's branches) for comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+from codistill.engine.job import PeerJob
+from codistill.metrics import accuracy, evaluation_metrics
+
+
+@torch.no_grad()
+def predict_test(job: PeerJob, batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Test logits of every head the method declares for the peer's network (one for a plain
+    model; a multi-branch network's ensemble and each branch; the first stands for the peer),
+    and the labels."""
+    network = job.peer.network
+    network.eval()
+    heads: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    for x, y in job.data.test_batches(batch_size):
+        with job.autocast():
+            outputs = network(x.to(job.device))
+        for name, logits in job.method.evaluation_heads(outputs).items():
+            heads.setdefault(name, []).append(logits.float().cpu())
+        labels.append(y.cpu())
+    network.train()
+    return {name: torch.cat(chunks) for name, chunks in heads.items()}, torch.cat(labels)
+
+
+def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict]:
+    """Every peer's test accuracy, the ensemble's and churn (peers swap test logits), plus
+    this peer's test record (with each head's accuracy when its network has several)."""
+    heads, labels = predict_test(job, batch_size)
+    primary = next(iter(heads))
+    names = job.method.evaluation_members(heads)
+    # The members are sent only when they are not just the peer's own head (a language model's
+    # test logits are tens of MB: sent once).
+    sent = {"logits": heads[primary]} if names == [primary] else {
+        "logits": heads[primary], "members": torch.stack([heads[name] for name in names])}
+    gathered = [{"members": p["logits"][None], **p} for p in job.exchange.all_gather(sent)]
+    lm = job.data.input_kind == "tokens"
+    metrics = {"step": step, **evaluation_metrics([p["logits"] for p in gathered], labels, with_bits=lm)}
+    # The group's members: the peers, or the branches of a network that holds several. What a
+    # comparison of methods reports, whichever form a method takes.
+    group = evaluation_metrics([z for p in gathered for z in p["members"]], labels)
+    metrics.update({"member_first_accuracy": group["peer0_accuracy"],
+                    **{f"member_{k}": group[k] for k in ("mean_accuracy", "best_accuracy", "ensemble_accuracy", "churn")}})
+    record = {"step": step, "peer": job.peer.index, "split": "test",
+              "accuracy": metrics[f"peer{job.peer.index}_accuracy"],
+              "ensemble_accuracy": metrics["ensemble_accuracy"], "churn": metrics["churn"],
+              **{k: v for k, v in metrics.items() if k.startswith("member_")},
+              **({"bits": metrics[f"peer{job.peer.index}_bits"], "ensemble_bits": metrics["ensemble_bits"]} if lm else {})}
+    if len(heads) > 1:  # e.g. branches beside their ensemble
+        record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
+    return metrics, record

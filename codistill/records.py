@@ -1,0 +1,180 @@
+"""Records of a run → one Parquet table; the summary table and the accuracy plot.
+
+Each peer writes its own part files (`records/peer{k}/{first:08d}-{last:08d}.parquet`) at
+every checkpoint, so what is on disk always matches a checkpoint: a resumed run deletes
+the parts written after the checkpoint it resumes from and no step appears twice."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from codistill.errors import RunError
+from codistill.storage import RunStorage
+
+RECORDS_FILE = "records.parquet"
+PART = re.compile(r"(\d{8})-(\d{8})\.parquet")
+PEER_DIR = re.compile(r"peer(\d+)")
+logger = logging.getLogger(__name__)
+
+
+class RecordsError(RunError):
+    """A run's record parts do not add up (a part missing, or two covering the same steps)."""
+
+
+def _part_name(first: int, last: int) -> str:
+    return f"{first:08d}-{last:08d}.parquet"
+
+
+def write_record_part(storage: RunStorage, peer: int, rows: list[dict]) -> None:
+    if not rows:
+        return
+    # Train and test rows carry different columns; from_pylist would keep only the first row's.
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+    storage.write_bytes(f"records/peer{peer}/{_part_name(first, last)}", buffer.getvalue())
+
+
+def record_parts(storage: RunStorage, folder: str) -> list[tuple[int, int, str]]:
+    """(first step, last step, name) of the record parts in `folder`, in step order. Files that
+    are not parts (another tool's, an editor's copy) are left alone, with a warning."""
+    parts = []
+    for name in storage.list(folder):
+        match = PART.fullmatch(name)
+        if match is None:
+            if not name.endswith(".tmp"):  # a write interrupted by a crash leaves only a .tmp
+                logger.warning("ignoring %s/%s/%s: not a record part (NNNNNNNN-NNNNNNNN.parquet)", storage.uri, folder, name)
+            continue
+        parts.append((int(match.group(1)), int(match.group(2)), name))
+    return sorted(parts)
+
+
+def drop_records_after(storage: RunStorage, peer: int, step: int) -> None:
+    """Delete the parts of `peer` holding steps after `step` (written after the checkpoint we resume from)."""
+    for first, _, name in record_parts(storage, f"records/peer{peer}"):
+        if first > step:
+            storage.delete(f"records/peer{peer}/{name}")
+
+
+def check_parts(peer_dir: str, parts: list[tuple[int, int, str]]) -> None:
+    """A peer's parts must cover steps 1.. without a gap or an overlap: each part starts one
+    step after the previous one ends."""
+    expected = 1
+    for first, last, name in parts:
+        if first < expected:
+            raise RecordsError(f"records/{peer_dir}/{name} covers steps {first}..{last}, which an earlier part "
+                               "covers too (a copied or stray part?): remove one of them")
+        if first > expected:
+            raise RecordsError(f"records/{peer_dir}: steps {expected}..{first - 1} are missing (no part "
+                               f"before {name}); the records of this run are incomplete")
+        expected = last + 1
+
+
+def read_records(storage: RunStorage) -> pa.Table:
+    """All peers' parts as one table sorted by (step, peer, split), or the consolidated file."""
+    tables = []
+    for peer_dir in storage.list("records"):
+        if PEER_DIR.fullmatch(peer_dir) is None:
+            logger.warning("ignoring %s/records/%s: not a peer's folder (peerN)", storage.uri, peer_dir)
+            continue
+        parts = record_parts(storage, f"records/{peer_dir}")
+        check_parts(peer_dir, parts)
+        for _, _, name in parts:
+            tables.append(pq.read_table(io.BytesIO(storage.read_bytes(f"records/{peer_dir}/{name}"))))
+    if not tables:
+        if storage.exists(RECORDS_FILE):
+            return pq.read_table(io.BytesIO(storage.read_bytes(RECORDS_FILE)))
+        raise FileNotFoundError(f"no records under {storage.uri}")
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.sort_by([("step", "ascending"), ("peer", "ascending"), ("split", "ascending")])
+
+
+def consolidate_records(storage: RunStorage) -> pa.Table:
+    table = read_records(storage)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(RECORDS_FILE, buffer.getvalue())
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and plot
+
+
+def final_metrics(table: pa.Table) -> dict:
+    """The last evaluation: per-peer accuracy, ensemble accuracy, churn."""
+    rows = [r for r in table.to_pylist() if r["split"] == "test"]
+    if not rows:
+        return {}
+    last = max(r["step"] for r in rows)
+    final = sorted((r for r in rows if r["step"] == last), key=lambda r: r["peer"])
+    head_columns = sorted(k for k in final[0] if k.endswith("_accuracy") and k != "ensemble_accuracy"
+                          and not k.startswith("member_") and any(r.get(k) is not None for r in final))
+    return {
+        "step": last,
+        "peer_accuracy": [r["accuracy"] for r in final],
+        "ensemble_accuracy": final[0]["ensemble_accuracy"],
+        "churn": final[0]["churn"],
+        # Extra heads of a peer's network (ONE's branches), per peer.
+        "head_accuracy": {k[:-len("_accuracy")]: [r[k] for r in final] for k in head_columns},
+        # The group's members (the peers, or one network's branches): first, mean, best, ensemble, churn.
+        "members": {k[len("member_"):]: v for k, v in final[0].items() if k.startswith("member_") and v is not None},
+        **({"peer_bits": [r["bits"] for r in final], "ensemble_bits": final[0]["ensemble_bits"]}
+           if final[0].get("bits") is not None else {}),
+    }
+
+
+def summary_text(table: pa.Table, peer_models: list[str] | None = None) -> str:
+    final = final_metrics(table)
+    if not final:
+        return "no evaluation recorded"
+    lm = "peer_bits" in final  # a language model: top-1 next-token accuracy and bits per token
+    lines = [f"final evaluation at step {final['step']}",
+             f"{'peer':<6}{'model':<22}{'test acc':>10}" + ("   bits/token" if lm else "")]
+    for k, acc in enumerate(final["peer_accuracy"]):
+        model = peer_models[k] if peer_models else ""
+        lines.append(f"{k:<6}{model:<22}{100 * acc:>9.2f}%" + (f"{final['peer_bits'][k]:>13.3f}" if lm else ""))
+    for head, values in final["head_accuracy"].items():
+        for k, acc in enumerate(values):
+            lines.append(f"{k:<6}{'  ' + head:<22}{100 * acc:>9.2f}%")
+    accs = final["peer_accuracy"]
+    lines.append(f"{'mean':<28}{100 * sum(accs) / len(accs):>9.2f}%")
+    lines.append(f"{'ensemble':<28}{100 * final['ensemble_accuracy']:>9.2f}%" + (f"{final['ensemble_bits']:>13.3f}" if lm else ""))
+    lines.append(f"{'churn':<28}{100 * final['churn']:>9.2f}%")
+    if "skipped" in table.column_names:
+        skipped = sum(1 for v in table.column("skipped").to_pylist() if v)
+        if skipped:
+            lines.append(f"{skipped} step(s) skipped for a non-finite loss (train.on_nonfinite: skip_step)")
+    return "\n".join(lines)
+
+
+def plot_accuracy(table: pa.Table, storage: RunStorage, filename: str = "accuracy.png") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table.to_pylist() if r["split"] == "test"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for peer in sorted({r["peer"] for r in rows}):
+        mine = [r for r in rows if r["peer"] == peer]
+        ax.plot([r["step"] for r in mine], [100 * r["accuracy"] for r in mine], label=f"peer {peer}")
+    ensemble = [r for r in rows if r["peer"] == 0]
+    ax.plot([r["step"] for r in ensemble], [100 * r["ensemble_accuracy"] for r in ensemble], "k--", label="ensemble")
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(filename, buffer.getvalue())
+    return storage.path(filename)
