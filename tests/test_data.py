@@ -177,3 +177,24 @@ def test_every_registered_data_set_takes_only_models_of_its_input_kind(name, tmp
     with pytest.raises(ConfigError) as info:
         load_config({**config, "peers": [{"model": misfit}]})
     assert info.value.path == "peers.0.model" and kind in info.value.message
+
+
+def test_a_larger_mnist1d_test_set_comes_from_the_same_generator_and_leaves_training_alone(tmp_path):
+    default = load_dataset("mnist1d", root=str(tmp_path))
+    larger = load_dataset("mnist1d", root=str(tmp_path), test_examples=2000)
+    assert torch.equal(default.x_train, larger.x_train) and torch.equal(default.y_train, larger.y_train)
+    assert larger.x_test.shape == (2000, 1, 40) and larger.y_test.bincount().tolist() == [200] * 10
+    assert abs(float(larger.x_test.mean())) < 0.05 and abs(float(larger.x_test.std()) - 1) < 0.05  # standardised alike
+    train_rows = {tuple(x.flatten().tolist()) for x in default.x_train}
+    assert not any(tuple(x.flatten().tolist()) in train_rows for x in larger.x_test)  # another noise seed
+    again = load_dataset("mnist1d", root=str(tmp_path), test_examples=2000)
+    assert torch.equal(again.x_test, larger.x_test)
+
+
+def test_a_test_set_size_for_a_data_set_with_a_fixed_split_is_one_line_naming_the_key():
+    from codistill.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config({"method": "dml", "peers": [{"model": "resnet20"}] * 2,
+                     "data": {"name": "cifar10", "test_examples": 10000}})
+    assert info.value.path == "data.test_examples" and "mnist1d" in info.value.message

@@ -97,12 +97,21 @@ class DataConfig:
     """Text: tokens per window (an example is a window; its labels are the next tokens)."""
     test_windows: int = 64
     """Text: at most this many windows of the test split (evenly spaced) are evaluated."""
+    test_examples: int = 0
+    """Data sets that generate their examples (mnist1d): a test set of this many examples from
+    the same distribution, for figures with less evaluation noise (10,000 on MNIST-1D: a
+    standard error of 0.24 points at 94%, against 0.75 with the default 1000). 0: the data
+    set's own test split."""
 
     def __post_init__(self):
         DATASETS.get(self.name, "name")
         check(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
         check(self.context >= 1, "context", f"must be >= 1, got {self.context}")
         check(self.test_windows >= 1, "test_windows", f"must be >= 1, got {self.test_windows}")
+        check(self.test_examples >= 0, "test_examples", f"must be >= 0 (0: the data set's own test split), got {self.test_examples}")
+        check(not self.test_examples or DATASETS[self.name].generates_test, "test_examples",
+              f"data set {self.name!r} has a fixed test split; data sets that generate theirs: "
+              + ", ".join(n for n, e in DATASETS.items() if e.generates_test))
         if self.name == "text":
             from codistill.data.text import text_files
 
