@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 
 from codistill.config import ConfigError, dump_config, load_config
-from codistill.errors import RunError
+from codistill.errors import RunError, first_line
 
 
 def _progress_bar(total: int, initial_text: str):
@@ -47,16 +49,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar, update = _progress_bar(cfg.train.steps, cfg.name)
     try:
         result = train(cfg, args.backend, on_progress=update)
-    except (KeyboardInterrupt, SystemExit):  # Ray's own Ctrl-C handler ends its run with SystemExit
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ray's own Ctrl-C handler ends its run with SystemExit
         bar.close()
-        print(f"interrupted at step {bar.n}: {_saved_up_to(cfg)}; re-run the same command to resume.",
+        print(f"{_how_stopped(stop)} at step {bar.n}: {_saved_up_to(cfg)}; re-run the same command to resume.",
               file=sys.stderr, flush=True)
-        _leave_after_interrupt(130)
+        _leave_after_interrupt(_stop_code(stop))
     finally:
         bar.close()
     print(result.summary)
     print(f"records: {result.storage.uri}/records.parquet\nplot:    {result.plot_path}")
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM — what Kubernetes and batch schedulers send to stop a job — taken as Ctrl-C is: the
+    run stops at its next step, says what is saved and releases its lease (a retry on another
+    host then starts at once instead of waiting for the lease to go stale)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _terminated(stop: BaseException) -> bool:
+    # Ray's driver replaces this handler with its own, which exits with the signal's number.
+    return isinstance(stop, Terminated) or (isinstance(stop, SystemExit) and stop.code == signal.SIGTERM)
+
+
+def _how_stopped(stop: BaseException) -> str:
+    return "terminated (SIGTERM)" if _terminated(stop) else "interrupted"
+
+
+def _stop_code(stop: BaseException) -> int:
+    return 128 + signal.SIGTERM if _terminated(stop) else 130  # the shell's codes: 143, 130
 
 
 def _leave_after_interrupt(code: int) -> None:
@@ -74,14 +99,14 @@ def _leave_after_interrupt(code: int) -> None:
 
 
 def _saved_up_to(cfg) -> str:
-    from codistill.engine.checkpoint import checkpoint_folders
-    from codistill.storage import RunStorage
+    from codistill.engine.run import saved_up_to
+    from codistill.storage import RunStorage, resolve_storage_path
 
     try:
-        steps = [step for step, _ in checkpoint_folders(RunStorage(cfg.ray.storage_path, cfg.name))]
+        storage = RunStorage(resolve_storage_path(cfg.ray.storage_path), cfg.name)
     except Exception:  # noqa: BLE001 — the message must come out whatever the storage says
-        steps = []
-    return f"the run is saved up to step {steps[-1]} (its newest checkpoint)" if steps else "no checkpoint was written yet"
+        return "no checkpoint that loads was written yet"
+    return saved_up_to(storage, cfg.num_peers)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -94,9 +119,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     storage = RunStorage.at(args.run_dir)
     if not storage.exists(CONFIG_FILE):
         raise SystemExit(f"error: {storage.uri} is not a codistill run (no {CONFIG_FILE})")
-    config = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())
+    try:
+        config = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError("", f"{storage.uri}/{CONFIG_FILE}, the run's stored config, cannot be read: "
+                              f"{type(err).__name__}{at}: {first_line(getattr(err, 'problem', None) or err)}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("peers", []), list):
+        raise ConfigError("", f"{storage.uri}/{CONFIG_FILE}, the run's stored config, is not a codistill config "
+                              f"(a mapping with `peers`: a list); got {type(config).__name__}")
     table = read_records(storage)
-    print(summary_text(table, [p["model"] for p in config.get("peers", [])]))
+    models = [str(p.get("model", "")) if isinstance(p, dict) else "" for p in config.get("peers", [])]
+    print(summary_text(table, models))
     print(f"plot: {plot_accuracy(table, storage)}")
     return 0
 
@@ -142,10 +177,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         connect_ray(cfg.ray.address, log_to_driver=args.ray_logs)
     try:
         result = compare(cfg, args.methods, args.seeds, args.backend, args.tune or 0,
-                         log=lambda text: print(text, flush=True))
-    except (KeyboardInterrupt, SystemExit):
-        print("interrupted: finished cells are kept; re-run the same command to go on.", file=sys.stderr, flush=True)
-        _leave_after_interrupt(130)
+                         log=lambda text: print(text, flush=True), baseline=args.baseline, fresh=args.fresh)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        print(f"{_how_stopped(stop)}: finished cells are kept; re-run the same command to go on.", file=sys.stderr,
+              flush=True)
+        _leave_after_interrupt(_stop_code(stop))
     print(result.markdown)
     uri = result.storage.uri
     print(f"table:    {uri}/{TABLE_FILE}\nmarkdown: {uri}/{MARKDOWN_FILE}\nplot:     {uri}/{PLOT_FILE}")
@@ -167,7 +203,13 @@ def cmd_born_again(args: argparse.Namespace) -> int:
     print(f"# resolved config ({args.backend} backend)\n{dump_config(cfg)}", flush=True)
     if args.backend == "ray":
         connect_ray(cfg.ray.address, log_to_driver=args.ray_logs)
-    result = run_generations(cfg, args.backend)
+    try:
+        result = run_generations(cfg, args.backend)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Each generation is a run of its own that released its lease on the way out.
+        print(f"{_how_stopped(stop)}: finished generations are kept and the current one is saved up to its newest "
+              "checkpoint; re-run the same command to go on.", file=sys.stderr, flush=True)
+        _leave_after_interrupt(_stop_code(stop))
     print(result.summary)
     print(f"table: {result.storage.uri}/{GENERATIONS_FILE}")
     return 0
@@ -195,7 +237,7 @@ def registry_lines(kind: str) -> list[str]:
             cls = METHODS[name]
             module = sys.modules.get(cls.__module__)
             text = _first_line(module) if module is not None and cls.__module__.startswith("codistill.") else ""
-            lines.append(f"{name:<14}{text or _first_line(cls)}")
+            lines.append(f"{name:<18}{text or _first_line(cls)}")
     elif kind == "models":
         for name in MODELS.names():
             entry = MODELS[name]
@@ -257,13 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("compare", help="several methods x seeds under one recipe: a table of mean ± std", parents=[imports])
+    p = sub.add_parser("compare", help="several methods x seeds under one recipe: paired differences to a baseline",
+                       parents=[imports])
     p.add_argument("config", help="the shared recipe: peers, data, steps, optimizer (its method is replaced)")
     p.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
                    help="registered names, with settings after a colon: dml kdcl:variant=min_logit one:branches=3")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--tune", type=int, metavar="N",
                    help="first give every method N Ray Tune trials on a validation split, then run the seeds at its best")
+    p.add_argument("--baseline", metavar="METHOD",
+                   help="the method every other is paired with by seed (default: the first of --methods)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard stored cells and tunings that were made with another config, and run them again "
+                        "(without it such a command stops before running anything)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the recipe")
     p.add_argument("--backend", choices=["ray", "local"], default="local",
                    help="how the seeds' runs train their peers (tuning trials run their peers as threads in a trial)")
@@ -299,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return args.func(args)
     except ConfigError as err:
@@ -307,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,19 @@ class Registry(Generic[Entry]):
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._origins: dict[str, str] = {}
         self._from_user: set[str] = set()
 
     def add(self, name: str, entry: Entry, origin: str = "") -> Entry:
         """Register `entry`; `origin` is the module of the code behind it (codistill's own
         entries come from `codistill.…`; everything else is the user's, shipped with a run)."""
         if name in self._entries:
-            raise ValueError(f"{self.kind} {name!r} is registered twice")
+            before = self._origins.get(name) or "an earlier registration"
+            raise ConfigError("", f"{self.kind} {name!r} is registered twice: by {before} and by "
+                                  f"{origin or 'another registration'} (a module imported under two names, or a name "
+                                  "taken already); choose another name")
         self._entries[name] = entry
+        self._origins[name] = origin
         if origin and not (origin == "codistill" or origin.startswith("codistill.")):
             self._from_user.add(name)
         return entry

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from codistill.errors import ConfigError, first_line
+from codistill.errors import ConfigError, RunError, first_line
 
 # How long the first call to a run's storage may take before the run gives up with a one-line
 # error: an unreachable bucket otherwise hangs in the filesystem's own retries for minutes.
@@ -35,12 +35,23 @@ def read_uri(uri: str) -> bytes:
         return stream.read()
 
 
+class StorageError(RunError):
+    """A write to a run's storage failed (a full disk, no permission, a file where a folder
+    should be): one line naming the path and the cause."""
+
+    def __init__(self, message: str, cause: str = ""):
+        super().__init__(message)
+        self.cause = cause or message
+
+
 @contextmanager
 def storage_errors(key: str, uri: str):
     """Filesystem failures (no permission, a file where a folder should be, …) as one-line
-    ConfigErrors naming the setting."""
+    ConfigErrors naming the setting: for what is done before a run starts."""
     try:
         yield
+    except StorageError as err:
+        raise ConfigError(key, f"cannot use {uri}: {err.cause}") from None
     except (OSError, pa.ArrowException) as err:
         raise ConfigError(key, f"cannot use {uri}: {first_line(err)}") from None
 
@@ -106,10 +117,18 @@ class RunStorage:
         # starts racing for a run's lease) must each move their own file, not one the other moved.
         target = self.path(relative)
         aside = f"{target}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-        self.fs.create_dir(posixpath.dirname(target), recursive=True)
-        with self.fs.open_output_stream(aside) as out:
-            out.write(data)
-        self.fs.move(aside, target)
+        try:
+            self.fs.create_dir(posixpath.dirname(target), recursive=True)
+            with self.fs.open_output_stream(aside) as out:
+                out.write(data)
+            self.fs.move(aside, target)
+        except (OSError, pa.ArrowException) as err:
+            # A full disk or a lost permission: the half-written aside file is not left behind.
+            try:
+                self.fs.delete_file(aside)
+            except (OSError, pa.ArrowException):
+                pass  # it was never created
+            raise StorageError(f"cannot write {self.uri}/{relative}: {first_line(err)}", first_line(err)) from None
 
     def read_bytes(self, relative: str) -> bytes:
         with self.fs.open_input_stream(self.path(relative)) as stream:
@@ -124,8 +143,11 @@ class RunStorage:
         return sorted(posixpath.basename(info.path) for info in self.fs.get_file_info(selector))
 
     def delete(self, relative: str) -> None:
-        info = self.fs.get_file_info(self.path(relative))
-        if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(self.path(relative))
-        elif info.type == pafs.FileType.File:
-            self.fs.delete_file(self.path(relative))
+        try:
+            info = self.fs.get_file_info(self.path(relative))
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(self.path(relative))
+            elif info.type == pafs.FileType.File:
+                self.fs.delete_file(self.path(relative))
+        except (OSError, pa.ArrowException) as err:
+            raise StorageError(f"cannot delete {self.uri}/{relative}: {first_line(err)}", first_line(err)) from None

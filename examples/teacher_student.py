@@ -1,4 +1,4 @@
-"""The README's teacher→student table on MNIST-1D, from the Python API: a wide CNN teacher
+"""The teacher→student table of docs/comparing.md on MNIST-1D, from the Python API: a wide CNN teacher
 trained by codistill itself, then two students (the MNIST-1D MLP and a narrow CNN) trained
 alone, with KD, FitNets, AT, FSP, KD + AT, and as born-again networks (3 generations), over
 several seeds with one recipe and one step budget; then DML against DML + attention transfer

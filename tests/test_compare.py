@@ -116,7 +116,107 @@ def test_tuning_gives_each_method_its_trials_and_the_seeds_run_at_its_best(ray_l
         trial_run = next((tmp_path / f"compare_mnist1d.{method}.tune/runs").iterdir())
         assert __import__("yaml").safe_load((trial_run / "config.yaml").read_text())["data"]["validation"] == 0.2
     assert "method.temperature" in json.loads(rows["dml"]["tuned"])
+    # The search starts at the recipe's (the paper's) setting: the first trial is the config's own
+    # values, and a trial is the mean of two seeds' runs.
+    dml = json.loads((tmp_path / "compare_mnist1d/tuned/dml.json").read_text())
+    assert dml["default_params"] == {"peers.*.optimizer.lr": 0.01, "peers.*.optimizer.schedule": "constant",
+                                     "method.temperature": 1.0, "method.weight": 1.0}
+    assert dml["default_objective"] is not None and dml["seeds_per_trial"] == 2
+    trials = pq.read_table(tmp_path / "compare_mnist1d.dml.tune/trials.parquet").to_pylist()
+    assert any(t["param:method.temperature"] == 1.0 and t["param:peers.*.optimizer.lr"] == 0.01 for t in trials)
+    assert len(list((tmp_path / "compare_mnist1d.dml.tune/runs").iterdir())) == 4  # 2 trials × 2 seeds
+    assert "what tuning bought" in result.markdown
     # a re-run reuses the tuning: no new trials
     again = compare(cfg, ["independent", "dml"], [0], tune_trials=2, log=lambda text: None)
     assert len(pq.read_table(tmp_path / "compare_mnist1d.dml.tune/trials.parquet")) == 2
     assert again.table.to_pylist() == result.table.to_pylist()
+
+
+def test_a_changed_recipe_stops_before_running_anything_naming_the_key_and_fresh_runs_it_again(tmp_path, capsys):
+    cfg = tiny(tmp_path)
+    compare(cfg, ["independent", "dml"], [0], log=lambda text: None)
+    before = (tmp_path / "compare_mnist1d/compare.md").read_text()
+    # Another learning rate and another model for peer 1 under the same name: not the cells on disk.
+    argv = ["compare", f"{REPO}/{RECIPE}", "--methods", "independent", "dml", "--seeds", "0",
+            "--set", f"ray.storage_path={tmp_path}", "--set", "train.steps=60", "--set", "train.eval_every=30",
+            "--set", "train.checkpoint_every=30", "--set", "peers.1.model=mnist1d_mlp"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "peers.1.model='mnist1d_mlp'" in err[0] and "--fresh" in err[0], err
+    assert (tmp_path / "compare_mnist1d/compare.md").read_text() == before  # nothing ran, nothing rewritten
+    assert main(argv + ["--set", "peers.*.optimizer.lr=0.02"]) == 2
+    assert "peers.0.optimizer.lr" in capsys.readouterr().err
+    # --fresh discards those cells and runs what was asked.
+    assert main(argv + ["--fresh"]) == 0
+    out = capsys.readouterr().out
+    assert "discarded (--fresh)" in out and "mnist1d_cnn + mnist1d_mlp" in out
+    stored = __import__("yaml").safe_load((tmp_path / "compare_mnist1d.dml.seed0/config.yaml").read_text())
+    assert stored["peers"][1]["model"] == "mnist1d_mlp"
+
+
+def test_a_saved_tuning_of_another_recipe_is_not_reused(tmp_path):
+    from codistill.config import to_dict
+    from codistill.experiments.compare import saved_tuning, tuning_data
+
+    cfg = tiny(tmp_path)
+    base = to_dict(cfg)
+    spec = parse_method("dml")
+    asked = tuning_data(spec, base, cfg.name, 4)
+    storage = RunStorage(str(tmp_path), cfg.name)
+    storage.write_bytes("tuned/dml.json", json.dumps({"params": {}, "config": asked}).encode())
+    assert saved_tuning(spec, asked, storage, fresh=False, log=print)["config"] == asked
+    other = tuning_data(spec, base, cfg.name, 6)  # another budget is another tuning
+    with pytest.raises(ConfigError, match=r"tune\.num_samples=6.*--fresh"):
+        saved_tuning(spec, other, storage, fresh=False, log=print)
+    assert saved_tuning(spec, other, storage, fresh=True, log=lambda text: None) is None
+    assert not storage.exists("tuned/dml.json")
+
+
+def test_paired_differences_their_interval_and_wins():
+    from codistill.experiments.compare import paired_differences, resolving_seeds, t_interval
+
+    rows = []
+    for seed, (base, dml) in enumerate([(0.90, 0.92), (0.91, 0.92), (0.93, 0.93), (0.92, 0.95)]):
+        rows.append({"method": "independent", "seed": seed, "last_mean": base, "last_ensemble": base, "last_best": base})
+        rows.append({"method": "dml", "seed": seed, "last_mean": dml, "last_ensemble": base, "last_best": dml})
+    (entry,) = paired_differences(rows, "independent")
+    # differences 2, 1, 0, 3 points: mean 1.5, sd 1.291, t(3) = 3.182 → half-width 2.054
+    assert entry["diff_mean"] == pytest.approx(1.5)
+    assert entry["diff_mean_low"] == pytest.approx(1.5 - 3.182 * 1.2909944 / 2, abs=1e-4)
+    assert entry["wins_mean"] == 3 and entry["seeds"] == 4
+    assert entry["diff_ensemble"] == 0 and entry["wins_ensemble"] == 0
+    assert [r["diff_mean"] for r in rows if r["method"] == "dml"] == pytest.approx([2, 1, 0, 3])
+    assert t_interval([1.0])[1] == float("-inf")
+    assert resolving_seeds([2, 1, 0, 3]) > 4  # ±0.5 needs more seeds than ±2.05
+
+
+def test_the_same_seed_gives_the_same_initial_weights_and_batches_under_any_two_methods(tmp_path):
+    from codistill.engine.job import make_job, peer_schedules
+    from codistill.exchange import LocalGatherHub
+
+    data = load_dataset("mnist1d")
+    built = {}
+    for method in ("independent", "dml", "kdcl", "codistill", "okddip"):
+        cfg = small_config(tmp_path, f"method={method}", "seed=3", base=RECIPE)
+        schedules = peer_schedules(cfg, len(data.y_train))
+        hub = LocalGatherHub(cfg.num_peers)
+        jobs = [make_job(cfg, k, data, schedules, torch.device("cpu"), hub.exchange_for(k)) for k in range(cfg.num_peers)]
+        built[method] = [({n: t.clone() for n, t in job.peer.base.state_dict().items()},
+                          [job.schedule.indices(step).tolist() for step in (0, 1, 77)]) for job in jobs]
+    reference = built.pop("independent")
+    for method, peers in built.items():
+        for k, (weights, batches) in enumerate(peers):
+            assert batches == reference[k][1], (method, k)
+            assert weights.keys() == reference[k][0].keys()
+            assert all(torch.equal(weights[n], reference[k][0][n]) for n in weights), (method, k)
+    other_seed = small_config(tmp_path, "method=dml", "seed=4", base=RECIPE)
+    job = make_job(other_seed, 0, data, peer_schedules(other_seed, len(data.y_train)), torch.device("cpu"),
+                   LocalGatherHub(2).exchange_for(0))
+    assert not torch.equal(next(iter(job.peer.base.state_dict().values())), next(iter(reference[0][0].values())))
+
+
+def test_a_methods_value_that_is_not_yaml_is_one_line_and_lists_are_values():
+    spec = parse_method("at:taps=[conv2,conv3],weight=2")
+    assert spec.settings == {"taps": ["conv2", "conv3"], "weight": 2}
+    with pytest.raises(ConfigError, match=r"the value of 'variant' is not valid YAML"):
+        parse_method("kdcl:variant=[mean")

@@ -112,6 +112,10 @@ METHOD_SETTINGS = {
     "fitnets": ({"name": "fitnets", "student_tap": "conv2", "teacher_tap": "conv3", "hint_steps": 2}, [CNN, NARROW], True),
     "at": ({"name": "at", "taps": ["conv2", "conv3"]}, [CNN, NARROW], True),
     "fsp": ({"name": "fsp", "pairs": [["conv1", "conv2"]]}, [CNN, CNN], True),
+    "logit_regression": ({"name": "logit_regression", "alpha": 0.5}, [CNN, MLP], True),
+    "overhaul": ({"name": "overhaul", "taps": ["conv2.pre", "conv3.pre"]}, [CNN, NARROW], True),
+    "crd": ({"name": "crd", "negatives": 64}, [CNN, MLP], True),
+    "ft": ({"name": "ft", "student_tap": "conv3", "teacher_tap": "conv3", "paraphraser_steps": 3}, [CNN, NARROW], True),
 }
 
 

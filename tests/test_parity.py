@@ -17,12 +17,16 @@ import torch.nn.functional as F
 
 from codistill.methods import Signals, create_method
 from codistill.methods.at import ATConfig
+from codistill.methods.crd import CRD_MODULE, CRDConfig
 from codistill.methods.dml import DMLConfig
 from codistill.methods.fitnets import REGRESSORS, FitNetsConfig, Regressor
 from codistill.methods.fsp import FSPConfig
 from codistill.methods.kd import KDConfig
 from codistill.methods.kdcl import KDCLConfig
+from codistill.methods.logit_regression import LogitRegressionConfig
+from codistill.methods.losses import factor_distance
 from codistill.methods.okddip import OKDDipConfig
+from codistill.methods.overhaul import CONNECTORS, Overhaul, OverhaulConfig
 from codistill.methods.one import ONEConfig
 from codistill.methods.pcl import PCLConfig
 
@@ -206,3 +210,95 @@ def test_parity_kdcl():
     loss, terms = method.loss(_signals(y, z[0], peers=[{"logits": z[1]}, {"logits": z[2]}]))
     assert float(terms["kl"]) == pytest.approx(2.854681968688965, rel=RTOL)
     assert 0.5 * float(loss) == pytest.approx(4.40363883972168, rel=RTOL)
+
+
+def test_parity_logit_regression():
+    """Ba & Caruana 2014, "Do deep nets really need to be deep?" (no public code): the equation
+    L = 1/(2T) Σ_t ‖g(x_t) − z_t‖²₂ over the T examples (here the batch), evaluated in float64
+    outside the repository. Inputs: student 3·randn(8, 10), teacher 3·randn(8, 10)."""
+    g = _gen()
+    s = 3 * torch.randn(8, 10, generator=g)
+    t = 3 * torch.randn(8, 10, generator=g)
+    method = create_method(LogitRegressionConfig(name="logit_regression"))
+    loss, terms = method.loss(_signals(torch.zeros(8, dtype=torch.long), s, teacher={"logits": t}))
+    assert float(terms["logit_l2"]) == pytest.approx(91.47515575067858, rel=RTOL)
+    assert float(loss) == pytest.approx(91.47515575067858, rel=RTOL)  # α = 1: the paper's loss alone
+
+
+def test_parity_overhaul():
+    """clovaai/overhaul-distillation @ 76344a84a7ce23c894f41a2e05b866c9b73fd85a, CIFAR-100/distiller.py:
+    `get_margin_from_BN` (the margin per channel from the BN before the teacher's ReLU, s = |γ|, m = β)
+    and `distillation_loss(source, target, margin)` (the partial L2, summed over every element).
+    Inputs: source randn(8, 16, 4, 4), target randn(8, 16, 4, 4), BN γ randn(16), BN β 2·randn(16)
+    (four channels take the −3s branch). Ours with the connector replaced by the identity (their
+    loss takes the connector's output) and one tap: the term is their sum / B; their CIFAR total is
+    CE + sum / B / 1000, our `weight: 1e-3`."""
+    g = _gen()
+    source = torch.randn(8, 16, 4, 4, generator=g)
+    target = torch.randn(8, 16, 4, 4, generator=g)
+    gamma = torch.randn(16, generator=g)
+    beta = 2 * torch.randn(16, generator=g)
+    method = create_method(OverhaulConfig(name="overhaul", taps=("stage3.pre",)))
+    shapes = {"own": {"stage3.pre": (16, 4, 4)}, "teacher": {"stage3.pre": (16, 4, 4)}}
+    network = method.build_network(nn.Module(), "resnet", shapes)
+    network.get_submodule(CONNECTORS)["stage3_pre"] = nn.Identity()
+    teacher = {"logits": torch.zeros(8, 10), "stage3.pre": target,
+               "norm.stage3.pre.weight": gamma, "norm.stage3.pre.bias": beta}
+    margin = Overhaul._teacher_margin(teacher, "stage3.pre")
+    assert float(margin.sum()) == pytest.approx(-22.103553771972656, rel=RTOL)
+    assert margin[:3].tolist() == pytest.approx([-1.5175701379776, -0.3820655345916748, -0.3021545112133026],
+                                                rel=RTOL)
+    _, terms = method.loss(_signals(torch.zeros(8, dtype=torch.long), network=network,
+                                    taps={"stage3.pre": source}, teacher=teacher))
+    assert 8 * float(terms["overhaul"]) == pytest.approx(3269.11279296875, rel=RTOL)
+
+
+def test_parity_crd():
+    """HobbitLong/RepDistiller @ b84f547c5db6a35318d4671d7d5c4de74c822403, crd/criterion.py `CRDLoss`
+    (`Embed`, `ContrastLoss`) and crd/memory.py `ContrastMemory`: B 8, student features 16-d, teacher
+    24-d, feat_dim 8, n_data 32, K 5 negatives, τ 0.07, μ 0.5. Inputs, in order: f_s randn(8, 16);
+    f_t randn(8, 24); W_s randn(8, 16)/4; b_s randn(8)/10; W_t randn(8, 24)/4; b_t randn(8)/10;
+    memory_v1 (student side) rand(32, 8)·2·stdv − stdv, memory_v2 likewise, stdv = 1/√(8/3);
+    contrast_idx randint(0, 32, (8, 6)); idx = arange(8)·3; contrast_idx[:, 0] = idx. Their loss
+    on a first call, their normalisers Z (fixed then), the updated banks, and a second call on the
+    same inputs (with the updated banks and the frozen Z). No deviation in the loss."""
+    import math
+
+    g = _gen()
+    f_s, f_t = torch.randn(8, 16, generator=g), torch.randn(8, 24, generator=g)
+    w_s, b_s = torch.randn(8, 16, generator=g) / 4, torch.randn(8, generator=g) / 10
+    w_t, b_t = torch.randn(8, 24, generator=g) / 4, torch.randn(8, generator=g) / 10
+    stdv = 1 / math.sqrt(8 / 3)
+    bank_s = torch.rand(32, 8, generator=g) * 2 * stdv - stdv
+    bank_t = torch.rand(32, 8, generator=g) * 2 * stdv - stdv
+    contrast = torch.randint(0, 32, (8, 6), generator=g)
+    idx = torch.arange(8) * 3
+    contrast[:, 0] = idx
+    method = create_method(CRDConfig(name="crd", feat_dim=8, negatives=5))
+    shapes = {"own": {"penultimate": (16,)}, "teacher": {"penultimate": (24,)}, "train_labels": torch.arange(32)}
+    memory = method.build_network(nn.Module(), "x", shapes).get_submodule(CRD_MODULE)
+    with torch.no_grad():
+        for tensor, value in ((memory.embed_student.weight, w_s), (memory.embed_student.bias, b_s),
+                              (memory.embed_teacher.weight, w_t), (memory.embed_teacher.bias, b_t),
+                              (memory.memory_student, bank_s), (memory.memory_teacher, bank_t)):
+            tensor.copy_(value)
+    assert sum(memory(f_s, f_t, idx, contrast)).item() == pytest.approx(17.074689865112305, rel=RTOL)
+    assert float(memory.z_student) == pytest.approx(18029.546875, rel=RTOL)
+    assert float(memory.z_teacher) == pytest.approx(50177.78125, rel=RTOL)
+    assert float(memory.memory_student[0].sum()) == pytest.approx(0.18348564207553864, rel=RTOL)
+    assert float(memory.memory_teacher[3].sum()) == pytest.approx(-1.1613116264343262, rel=RTOL)
+    assert sum(memory(f_s, f_t, idx, contrast)).item() == pytest.approx(22.87514305114746, rel=RTOL)
+
+
+def test_parity_factor_transfer():
+    """The FT authors' code, Jangho-Kim/Factor-Transfer-pytorch @ 19cce265ebe51c751481041e223a13be2e684322:
+    utils.py `FT(x) = F.normalize(x.view(B, −1))` and train_student.py `L1Loss(FT(factor_s), FT(factor_t))`
+    (their total: CE + 500·this). Inputs: factors f_s randn(8, 16, 4, 4), f_t randn(8, 16, 4, 4).
+    RepDistiller's `FactorTransfer` (@ b84f547c…, distiller_zoo/FT.py) computes a different function
+    — an attention-style factor (channel mean of squares, normalised over positions) — and gives
+    0.09295913577079773 here; ours follows the authors. Only the loss piece exists so far: the method
+    (the paraphraser stage, the translator) is not built yet."""
+    g = _gen()
+    f_s = torch.randn(8, 16, 4, 4, generator=g)
+    f_t = torch.randn(8, 16, 4, 4, generator=g)
+    assert factor_distance(f_s, f_t).item() == pytest.approx(0.06974896043539047, rel=RTOL)

@@ -62,6 +62,7 @@ AT_BETWEEN_PEERS = ("peers.1.model=mnist1d_cnn_narrow",
 # Two tiny GPT peers on the stdlib corpus (the config's model, cut down to test speed).
 SMALL_LM = ("peers.*.model_args={width: 32, depth: 1, heads: 2, context: 32}", "data.context=32", "data.batch_size=8",
             "train.steps=60", "train.eval_every=20", "train.checkpoint_every=20")
+OVERHAUL_TERM = "{name: overhaul, taps: [conv1.pre, conv2.pre, conv3.pre]}"
 # A method defined in a test file, registered in every worker through `imports`.
 TEST_FILE_METHOD = ("imports=[tests.seam_method]", "method={name: test_tap_agreement, tap: conv3}")
 
@@ -92,8 +93,25 @@ def teacher_uri(ray_local, tmp_path_factory):
     ("configs/dml_mnist1d.yaml", "collective", ("method={name: pcl, mean_decay: 0.9}", "peers.1.model=mnist1d_mlp")),
     # Language-model peers: codistillation in lock-step with top-k targets through the object store.
     ("configs/codistill_lm_stdlib.yaml", "object_store", (*LOCK_STEP_CODISTILL, *SMALL_LM, "exchange.top_k=8")),
+    # From a teacher: CRD (its memory banks live in the peer's network) + the overhaul (pre-ReLU
+    # maps, connectors) + logit regression; between peers: logit regression + the overhaul's maps
+    # and margins through the exchange. (Two students, so that each runner gives a peer one thread:
+    # the overhaul's sums and Adam make these runs sensitive to a reduction order's last bit.)
+    ("configs/kd_mnist1d.yaml", "collective", ("peers=[{model: mnist1d_cnn_narrow}, {model: mnist1d_cnn}]",
+                                               f"method={{name: crd, negatives: 256, also: [{OVERHAUL_TERM}, "
+                                               "{name: logit_regression, alpha: 0.5}]}")),
+    ("configs/dml_mnist1d.yaml", "object_store", ("method={name: logit_regression, source: peers, alpha: 0.5, "
+                                                  f"also: [{OVERHAUL_TERM[:-1]}, source: peers}}]}}",)),
+    # Factor transfer: the paraphraser trained once on the driver before the peers, then served
+    # frozen beside the teacher in each Ray worker as in each local thread (two students: one
+    # thread per peer in both runners).
+    ("configs/kd_mnist1d.yaml", "collective", ("peers=[{model: mnist1d_cnn_narrow}, {model: mnist1d_cnn}]",
+                                               "method={name: ft, student_tap: conv3, teacher_tap: conv3, "
+                                               "paraphraser_steps: 20}")),
 ], ids=["dml-collective", "dml-object_store", "one-peers", "codistill-lockstep", "dml+at-between-peers",
-        "test-file-method", "kd-noisy-teacher", "kdcl", "okddip-3-peers", "pcl", "lm-codistill-top-k"])
+        "test-file-method", "kd-noisy-teacher", "kdcl", "okddip-3-peers", "pcl", "lm-codistill-top-k",
+        "crd+overhaul+logit-regression", "logit-regression+overhaul-between-peers",
+        "ft"])
 def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, teacher_uri, base, transport,
                                                 overrides):
     if "kd_" in base:

@@ -83,3 +83,22 @@ def test_a_trial_trains_a_model_the_users_code_registered(ray_local, tmp_path):
                        "tune.space={method.temperature: 'grid([2.0])'}")
     rows = run_sweep(cfg).table.to_pylist()
     assert rows[0]["status"] == "TERMINATED" and rows[0]["objective"] > 0.2, rows
+
+
+def test_a_search_starts_at_the_configs_own_values_of_the_searched_keys(tmp_path):
+    from codistill.config import to_dict
+    from codistill.experiments.tune import config_point
+
+    cfg = sweep_config(tmp_path, "peers.*.optimizer.lr=0.02", "method.temperature=2.5")
+    point = config_point(to_dict(cfg), cfg.tune.space)
+    assert set(point) == set(cfg.tune.space)
+    assert point["method.temperature"] == 2.5 and point["peers.*.optimizer.lr"] == 0.02  # `*`: peer 0's
+
+
+def test_several_seeds_per_trial_need_the_fifo_scheduler(tmp_path):
+    from codistill.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        sweep_config(tmp_path, "tune.seeds_per_trial=2", "tune.scheduler=asha")
+    assert info.value.path == "tune.scheduler" and "fifo" in info.value.message
+    assert sweep_config(tmp_path, "tune.seeds_per_trial=2", "tune.scheduler=fifo").tune.seeds_per_trial == 2

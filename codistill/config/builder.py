@@ -19,7 +19,7 @@ import yaml
 
 from codistill.config.schema import ExperimentConfig, TuneSettings
 from codistill.config.search_space import distribution_values, parse_distribution
-from codistill.errors import ConfigError
+from codistill.errors import ConfigError, first_line
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -221,7 +221,11 @@ def import_modules(modules) -> None:
                 sys.path.append(os.getcwd())
                 importlib.import_module(str(module))
         except ImportError as err:
-            raise ConfigError(f"imports.{i}", f"cannot import {module!r}: {err}") from None
+            raise ConfigError(f"imports.{i}", f"cannot import {module!r}: {first_line(err)}") from None
+        except Exception as err:  # noqa: BLE001 — the module's own code failed (a syntax error, a raise, a name
+            # registered twice): one line naming it, not a traceback through codistill
+            cause = err.message if isinstance(err, ConfigError) else f"{type(err).__name__}: {first_line(err)}"
+            raise ConfigError(f"imports.{i}", f"cannot import {module!r}: {cause}") from None
 
 
 def check_search_space(data: dict, tune: TuneSettings) -> None:

@@ -72,7 +72,7 @@ class MethodConfig:
                                          "section (`run: <a codistill run>` or `checkpoint: <file>` and `model:`)")
         for i, extra in enumerate(self.also):
             check(extra.composable, f"method.also.{i}.name",
-                  f"method {extra.name!r} cannot be added to another; methods that can: {', '.join(methods_that('composable'))}")
+                  f"method {extra.name!r} cannot be added to another; methods that can: {', '.join(registered_with('composable'))}")
             extra.check(peers, teacher)
 
     def check_taps(self, taps, key: str, models: list[tuple[str, str | None]]) -> None:
@@ -94,6 +94,6 @@ METHOD_CONFIGS: Registry[type[MethodConfig]] = Registry("method")
 """Method name → its config class; filled by `codistill.methods.register_method`."""
 
 
-def methods_that(trait: str) -> list[str]:
+def registered_with(trait: str) -> list[str]:
     """The registered methods whose config class has `trait` set, sorted (for error messages)."""
     return sorted(name for name, config_class in METHOD_CONFIGS.items() if getattr(config_class, trait))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from codistill.config.search_space import parse_distribution
 from codistill.data import DATASETS
 from codistill.errors import ConfigError, check
-from codistill.config.method import MethodConfig, methods_that
+from codistill.config.method import MethodConfig, registered_with
 from codistill.models import MODELS
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +221,13 @@ class TuneSettings:
     """How a trial runs its peers: ray = one Ray Train run per trial (a worker per peer, any
     node); local = the peers as threads inside the trial's own process (no Train start-up;
     the trial reserves a CPU per peer on one node)."""
+    start_at_config: bool = False
+    """The first trial runs the config's own values of the searched keys (the paper's setting,
+    when the config is the paper's recipe), then `num_samples` − 1 sampled ones."""
+    seeds_per_trial: int = 1
+    """Each trial trains this many seeds (the config's seed, seed + 1, …) one after another and
+    is judged by their mean: less selection noise, at that many times the cost. Above 1 the
+    trial reports once, at its end (scheduler: fifo)."""
 
     def __post_init__(self):
         for key, text in self.space.items():
@@ -229,6 +236,9 @@ class TuneSettings:
         check(self.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {self.max_concurrent}")
         check(self.grace_period >= 1, "grace_period", f"must be >= 1, got {self.grace_period}")
         check(self.reduction_factor >= 2, "reduction_factor", f"must be >= 2, got {self.reduction_factor}")
+        check(self.seeds_per_trial >= 1, "seeds_per_trial", f"must be >= 1, got {self.seeds_per_trial}")
+        check(self.seeds_per_trial == 1 or self.scheduler == "fifo", "scheduler",
+              "must be fifo with seeds_per_trial > 1 (a trial of several seeds reports once, at its end)")
         if self.search == "optuna":
             grids = [k for k, t in self.space.items() if t.strip().startswith("grid(")]
             check(not grids, f"space.{grids[0] if grids else ''}", "grid(...) cannot be used with search: optuna")
@@ -282,7 +292,7 @@ class BornAgainSettings:
         check(self.generations >= 2, "generations", f"must be >= 2 (a teacher and a student), got {self.generations}")
         check(self.method is None or self.method.learns_from_teacher(), "method.name",
               f"method {self.method.name if self.method else ''!r} learns from no teacher; use one that does: "
-              + ", ".join(methods_that("can_use_teacher")))
+              + ", ".join(registered_with("can_use_teacher")))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -330,14 +340,14 @@ class ExperimentConfig:
         if self.exchange.top_k:
             check(self.method.takes_top_k and not self.method.also, "exchange.top_k",
                   f"method {self.method.name!r}{' with also-terms' if self.method.also else ''} uses its peers' logits "
-                  f"as more than soft targets; top-k targets work with: {', '.join(methods_that('takes_top_k'))}")
+                  f"as more than soft targets; top-k targets work with: {', '.join(registered_with('takes_top_k'))}")
         if self.train.compile:
             check(not self.method.reads_taps, "train.compile",
                   f"method {self.method.name!r} reads feature taps (forward hooks), which a compiled network "
                   "does not run; set train.compile: false, or use a method without taps")
         check(self.teacher is None or self.method.learns_from_teacher(), "teacher",
               f"is set, but method {self.method.name!r} learns from no teacher; remove `teacher:` or use a "
-              f"method that does ({', '.join(methods_that('can_use_teacher'))}), alone or in `method.also`")
+              f"method that does ({', '.join(registered_with('can_use_teacher'))}), alone or in `method.also`")
 
     def _check_batches(self) -> None:
         """Every peer needs one whole batch of its examples (the last incomplete batch of an

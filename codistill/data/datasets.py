@@ -156,7 +156,26 @@ def load_dataset(name: str, root: str = "~/.cache/codistill", augment: bool = Tr
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= data.num_classes):
             raise ConfigError("data.name", f"data set {name!r} has {split} labels from {int(labels.min())} to "
                               f"{int(labels.max())}, but {data.num_classes} classes (labels 0..{data.num_classes - 1})")
+    check_finite_inputs(name, data)
     return data
+
+
+def check_finite_inputs(name: str, data: ArrayDataset) -> None:
+    """A NaN or infinite input trains nothing and evaluates to an accuracy that means nothing (a
+    run on NaN test inputs once "finished" at 24% with churn 0): refused at load, as is a
+    normalisation that would make such inputs (a channel whose std is 0 or not finite)."""
+    for split, x in (("training", data.x_train), ("test", data.x_test)):
+        if not x.is_floating_point():
+            continue
+        finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten()
+            raise ConfigError("data.name", f"data set {name!r} has {split} inputs that are not finite (NaN or "
+                              f"infinity) in {len(bad)} of {len(x)} examples, the first at example {int(bad[0])}; "
+                              "every input must be a finite number")
+    if data.std is not None and not all(np.isfinite(s) and s > 0 for s in data.std):
+        raise ConfigError("data.name", f"data set {name!r} is normalised with std {tuple(data.std)} per channel; "
+                          "each must be a finite number above 0")
 
 
 def _save_atomically(path: Path, **arrays) -> None:
@@ -253,7 +272,11 @@ def _cifar(num_classes: int, root: Path, augment: bool, download: bool) -> Array
                         std=_CIFAR_STD[num_classes], augment=augment)
 
 
-VERIFIED_FILE = ".codistill-verified.json"
+def verified_cache_path() -> str:
+    """Where this user remembers the files it verified: its own cache folder, never the data
+    folder — whoever can plant a pickle there could plant its "verified" entry beside it."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "codistill", "verified-files.json")
 
 
 def _md5(path: str) -> str:
@@ -264,11 +287,19 @@ def _md5(path: str) -> str:
     return digest.hexdigest()
 
 
+def _identity(path: str, expected: str) -> list:
+    """What a file must still be to skip hashing it again. The change time is in it because no
+    one but root can set it: a file rewritten with its size and modification time put back
+    (os.utime) has a new change time, so it is hashed again."""
+    stat = os.stat(path)
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, expected]
+
+
 def verify_checksums(folder: str, files: list[tuple[str, str]]) -> None:
-    """Each (name, md5) in `folder` must have that checksum; a file verified before and unchanged
-    since (same size and modification time) is not hashed again. A mismatch is a ConfigError
+    """Each (name, md5) in `folder` must have that checksum; a file this user verified before and
+    that is unchanged since (see `_identity`) is not hashed again. A mismatch is a ConfigError
     naming `data.root`, raised before the file is read."""
-    cache_path = os.path.join(folder, VERIFIED_FILE)
+    cache_path = verified_cache_path()
     try:
         with open(cache_path) as f:
             cache = json.load(f)
@@ -276,19 +307,20 @@ def verify_checksums(folder: str, files: list[tuple[str, str]]) -> None:
         cache = {}
     changed = False
     for name, expected in files:
-        path = os.path.join(folder, name)
-        stat = os.stat(path)
-        key = [stat.st_size, stat.st_mtime_ns, expected]
-        if cache.get(name) == key:
+        path = os.path.realpath(os.path.join(folder, name))
+        key = _identity(path, expected)
+        if cache.get(path) == key:
             continue
         if _md5(path) != expected:
             raise ConfigError("data.root", f"{path} does not match torchvision's checksum, so it is not read (the "
                               "files are pickles, and a planted one would run code): remove it and set "
                               "data.download: true, or put the original file there")
-        cache[name] = key
+        cache[path] = key
         changed = True
     if changed:
-        try:  # best effort: a read-only data folder is verified again next time
+        cache = {p: k for p, k in cache.items() if os.path.exists(p)}  # forget files gone since (a test's)
+        try:  # best effort: without a writable cache folder the files are hashed again next time
+            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
             _save_json_atomically(cache_path, cache)
         except OSError:
             pass

@@ -16,6 +16,7 @@ is B windows, chosen by the same (seed, step) schedule as every other data set's
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -37,11 +38,19 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files)
 
 
+SNIFF_BYTES = 4096
+
+
 def _is_text(path: Path) -> bool:
+    """Whether the file is UTF-8 text, judged by its first SNIFF_BYTES. An incremental decoder
+    keeps a multi-byte character cut at that boundary for the bytes that would follow, so a cut
+    character (Chinese, emoji: 3 and 4 bytes) never rejects a file; only bytes that are not
+    UTF-8 do."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4096)
-        head.decode("utf-8")
+            head = f.read(SNIFF_BYTES)
+            whole = not f.read(1)
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=whole)
     except (OSError, UnicodeDecodeError):
         return False
     return bool(head.strip()) and b"\0" not in head

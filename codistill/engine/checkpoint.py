@@ -96,6 +96,17 @@ class LocalCheckpoints:
         for old in self.complete_steps()[:-self.keep] if self.keep > 0 else []:
             self.storage.delete(self._dir(old))
 
+    def discard_after(self, step: int, why: str) -> None:
+        """Delete the checkpoint folders after `step` (0: all), saying `why`. They hold a training
+        that is thrown away — they did not load, or were never committed — and left in place they
+        would count as the newest: pruning would delete every good checkpoint as soon as it is
+        written, and a retrained step would land in their folder."""
+        for name in self.storage.list(LOCAL_CHECKPOINT_DIR):
+            match = CHECKPOINT_DIR.fullmatch(name)
+            if match is not None and int(match.group(1)) > step:
+                logger.warning("deleting %s/%s/%s: %s", self.storage.uri, LOCAL_CHECKPOINT_DIR, name, why)
+                self.storage.delete(f"{LOCAL_CHECKPOINT_DIR}/{name}")
+
 
 def checkpoint_folders(storage: RunStorage, parents=(LOCAL_CHECKPOINT_DIR, "")) -> list[tuple[int, str]]:
     """(step, folder relative to the run) of every complete checkpoint (its `meta.pt` written

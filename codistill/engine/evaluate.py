@@ -7,7 +7,26 @@ from __future__ import annotations
 import torch
 
 from codistill.engine.job import PeerJob
+from codistill.errors import RunError
 from codistill.metrics import accuracy, evaluation_metrics
+
+
+class NonFiniteLogits(RunError):
+    pass
+
+
+def check_finite(payloads: list[tuple[int, dict]], step: int) -> None:
+    """An accuracy computed from NaN logits is a number that means nothing (argmax of NaN is
+    class 0), so no evaluation is reported from them. Every peer checks every peer's logits,
+    so all stop together (none waits for the others in the next exchange)."""
+    for peer, payload in payloads:
+        for name, logits in payload.items():
+            if not bool(torch.isfinite(logits).all()):
+                rows = int((~torch.isfinite(logits.reshape(-1, logits.shape[-1]))).any(dim=-1).sum())
+                raise NonFiniteLogits(f"peer {peer}'s test logits ({name}) are not finite at step {step} (NaN or "
+                                      f"infinity in {rows} predictions), so no accuracy is reported and this step "
+                                      "is not checkpointed: its weights or its evaluation-mode layers (e.g. a "
+                                      "normalisation's running statistics) went bad")
 
 
 @torch.no_grad()
@@ -40,6 +59,8 @@ def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict
     sent = {"logits": heads[primary]} if names == [primary] else {
         "logits": heads[primary], "members": torch.stack([heads[name] for name in names])}
     gathered = [{"members": p["logits"][None], **p} for p in job.exchange.all_gather(sent)]
+    check_finite(list(enumerate(gathered)), step)
+    check_finite([(job.peer.index, heads)], step)  # this peer's other heads (branches beside their ensemble)
     lm = job.data.input_kind == "tokens"
     metrics = {"step": step, **evaluation_metrics([p["logits"] for p in gathered], labels, with_bits=lm)}
     # The group's members: the peers, or the branches of a network that holds several. What a

@@ -16,6 +16,7 @@ from codistill.config import ExperimentConfig, OptimizerConfig, PeerSpec, TrainC
 from codistill.data import ArrayDataset, BatchSchedule
 from codistill.errors import ConfigError, first_line
 from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
+from codistill.engine.stages import load_stages
 from codistill.engine.stale_peers import stale_peers_source
 from codistill.engine.teacher import load_teacher
 from codistill.exchange import Exchange, PeriodicExchange
@@ -104,7 +105,7 @@ def peer_schedules(cfg: ExperimentConfig, num_examples: int) -> list[BatchSchedu
 
 
 def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device: torch.device, method: Method,
-               teacher: FrozenTeacher | None = None) -> Peer:
+               teacher: FrozenTeacher | None = None, batch_size: int = 0) -> Peer:
     """Peer `index`'s network (the registered model, shaped by the method) and optimizer. The
     init seed depends on (seed, index) only, so a peer starts from the same weights in every
     runner; different peers start differently, which is what makes mutual learning worth anything."""
@@ -114,9 +115,12 @@ def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device
         torch.manual_seed(seed * 1000 + index)
         base = create_model(spec.model, data.num_classes, **spec.model_args)
         shapes = {"own": tap_shapes(base, paths, example),
-                  "teacher": teacher.tap_shapes(example) if teacher is not None else {}}
+                  "teacher": teacher.tap_shapes(example) if teacher is not None else {},
+                  "train_labels": data.y_train}
         network = method.build_network(base, spec.model, shapes).to(device)
     check_output(network, method, spec.model, index, example.to(device), data.num_classes, data.rows(example))
+    if batch_size:
+        check_training_output(network, method, spec.model, index, data, batch_size, device)
     # Only what trains: a method's frozen parts (a temporal mean) are in the network and its
     # checkpoints, never in the optimizer.
     trainable = [p for p in network.parameters() if p.requires_grad]
@@ -144,6 +148,31 @@ def check_output(network: nn.Module, method: Method, model: str, index: int, exa
                           f"[{rows}, {num_classes}]")
 
 
+@torch.no_grad()
+def check_training_output(network: nn.Module, method: Method, model: str, index: int, data: ArrayDataset,
+                          batch_size: int, device: torch.device) -> None:
+    """`check_output` once more as training calls the model: in training mode, on a batch of the
+    real size (a model may return an auxiliary output only when training, or hard-wire a batch
+    size). Nothing of the probe stays: the weights and buffers (a normalisation's running
+    statistics) are put back and the random numbers (dropout) are not consumed."""
+    x, _ = data.train_batch(torch.arange(batch_size) % len(data.y_train), torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    rows = data.rows(x)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            try:
+                logits = method.logits(network(x.to(device)))
+            except Exception as err:  # noqa: BLE001 — said at start-up, not deep inside a loss
+                raise ConfigError(f"peers.{index}.model", f"model {model!r} fails in training mode on a batch of "
+                                  f"{batch_size} {list(x.shape)}: {first_line(err, 200)}") from None
+    finally:
+        network.load_state_dict(before)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (rows, data.num_classes):
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(f"peers.{index}.model", f"model {model!r} returns {got} in training mode for a batch of "
+                          f"{batch_size}; a peer must return logits [rows, num_classes] = [{rows}, {data.num_classes}]")
+
+
 def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedules: list[BatchSchedule],
              device: torch.device, exchange: Exchange, periodic: PeriodicExchange | None = None,
              replica: int = 0, replicas: int = 1, data_parallel=None) -> PeerJob:
@@ -156,10 +185,14 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     teacher = None
     if needs.teacher:
         network = load_teacher(cfg.teacher, data.num_classes, device)
-        teacher = FrozenTeacher(network, {tap: MODELS[cfg.teacher.model].taps[tap] for tap in needs.teacher_taps})
+        entry = MODELS[cfg.teacher.model]
+        teacher = FrozenTeacher(network, {tap: entry.taps[tap] for tap in needs.teacher_taps},
+                                {tap: entry.norms[tap] for tap in needs.teacher_norms if tap in entry.norms},
+                                load_stages(cfg, needs.teacher_stages, device))
     if cfg.train.data_on_device:
         data = data.to(device)  # once; every batch is then cut and augmented where it trains
-    peer = build_peer(peer_index, cfg.peers[peer_index], data, cfg.seed, device, method, teacher)
+    peer = build_peer(peer_index, cfg.peers[peer_index], data, cfg.seed, device, method, teacher,
+                      batch_size=cfg.data.batch_size // replicas)
     # channels_last: the layout tensor cores want for convolutions; on a CPU it only costs.
     channels_last = device.type == "cuda" and data.input_kind == "image"
     if channels_last:

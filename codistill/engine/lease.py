@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 
-from codistill.errors import RunError
+from codistill.errors import RunError, first_line
 from codistill.storage import RunStorage
 
 LEASE_FILE = "lease.json"
@@ -95,9 +95,13 @@ class RunLease:
         self.stop.set()
         if self.renewer is not None:
             self.renewer.join()
-        held = self._read()
-        if held is not None and held.get("token") == self.holder["token"]:
-            self.storage.delete(LEASE_FILE)
+        try:
+            held = self._read()
+            if held is not None and held.get("token") == self.holder["token"]:
+                self.storage.delete(LEASE_FILE)
+        except Exception as err:  # noqa: BLE001 — must not hide the run's own error; the lease goes stale
+            logger.warning("could not release the lease of %s (%s); it goes stale in %.0f s", self.storage.uri,
+                           first_line(err), TTL_S)
 
     def __enter__(self) -> "RunLease":
         return self.acquire()

@@ -4,6 +4,7 @@ The reference the Ray runner must reproduce, and the quickest way to try a metho
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -17,7 +18,9 @@ from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
 from codistill.exchange import LocalGatherHub, LocalPublications
 from codistill.records import drop_records_after, write_record_part
-from codistill.storage import RunStorage
+from codistill.storage import RunStorage, StorageError
+
+logger = logging.getLogger(__name__)
 
 
 class _SharedRun:
@@ -27,6 +30,9 @@ class _SharedRun:
         self.checkpoints = LocalCheckpoints(storage, cfg.train.keep_checkpoints)
         found = newest_loadable(storage, checkpoint_folders(storage, [LOCAL_CHECKPOINT_DIR]), cfg.num_peers)
         self.resume_step, self.resume_states = found if found else (None, None)
+        self.checkpoints.discard_after(self.resume_step or 0, (
+            f"the run resumes from step {self.resume_step}" if self.resume_step else "no checkpoint loads, the run "
+            "starts over") + ", so it belongs to a training that is thrown away")
         self.barrier = threading.Barrier(cfg.num_peers)
         self.stop = threading.Event()
         self.on_progress = on_progress
@@ -42,16 +48,16 @@ class LocalRunContext(RunContext):
 
     def restore(self, peer: int) -> dict | None:
         step = self.shared.resume_step
-        if step is None:
-            return None
-        drop_records_after(self.shared.storage, peer, step)
-        return self.shared.resume_states[peer]
+        # Records of a training that was thrown away (after the checkpoint resumed from, or all of
+        # them when none loads) would be stitched to this one's.
+        drop_records_after(self.shared.storage, peer, step or 0)
+        return None if step is None else self.shared.resume_states[peer]
 
     def report(self, step: int, metrics: dict, checkpoint: dict | None, records: list[dict]) -> None:
         shared = self.shared
         if checkpoint is not None:
-            write_record_part(shared.storage, self.peer, records)
             shared.checkpoints.write_peer(step, self.peer, checkpoint)
+            write_record_part(shared.storage, self.peer, records)
         shared.barrier.wait()  # every peer's file is written before the checkpoint is committed
         if self.peer == 0:
             if checkpoint is not None:
@@ -108,9 +114,26 @@ def run_local(cfg: ExperimentConfig, storage: RunStorage, on_progress=None) -> l
             shared.barrier.abort()
             for t in threads:
                 t.join()
+            _back_to_newest_checkpoint(shared)
             raise
     finally:
         torch.set_num_threads(threads_before)
     if errors:
+        _back_to_newest_checkpoint(shared)
         raise errors[0]
     return shared.reports
+
+
+def _back_to_newest_checkpoint(shared: _SharedRun) -> None:
+    """After a failure (a full disk between a peer's records and the commit, a crash, Ctrl-C):
+    the run's folder as of its newest complete checkpoint, so what `report` shows is what a
+    resume keeps — never records ahead of the checkpoint."""
+    complete = shared.checkpoints.complete_steps()
+    step = complete[-1] if complete else 0
+    try:
+        shared.checkpoints.discard_after(step, "not committed when the run stopped (" + (
+            f"its newest checkpoint is step {step})" if step else "it has no checkpoint)"))
+        for peer in range(shared.cfg.num_peers):
+            drop_records_after(shared.storage, peer, step)
+    except StorageError as err:  # a resume drops them too; the run's own error is the one to report
+        logger.warning("could not tidy %s after the failure: %s", shared.storage.uri, err)

@@ -78,9 +78,11 @@ def train_step(job: PeerJob, step: int) -> dict:
     started = time.perf_counter()
     record: dict = {"exchange_ms": 0.0}
     clock = _Clock(record, job.device if job.sync_timing else None)
-    x, y = job.data.train_batch(job.schedule.indices(step), job.schedule.generator(step))
+    indices = job.schedule.indices(step)
+    x, y = job.data.train_batch(indices, job.schedule.generator(step))
     if job.replicas > 1:
         x, y = x.chunk(job.replicas)[job.replica], y.chunk(job.replicas)[job.replica]
+        indices = indices.chunk(job.replicas)[job.replica]
     x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
     if job.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -92,7 +94,7 @@ def train_step(job: PeerJob, step: int) -> dict:
         with capture_taps(peer.base, job.tap_paths) as taps:
             outputs = job.train_model(x)
         signals = Signals(network=peer.network, outputs=outputs, logits=job.method.logits(outputs), labels=y,
-                          step=step, peer=peer.index, seed=job.seed, taps=taps)
+                          step=step, peer=peer.index, seed=job.seed, taps=taps, indices=indices)
         clock.lap("forward_ms")
         for source in job.sources:
             record.update(source.serve(job, step, x, signals))

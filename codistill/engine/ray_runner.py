@@ -69,6 +69,8 @@ class RayRunContext(RunContext):
     def restore(self, peer: int) -> dict | None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
+            if self.leader:  # parts of a training whose checkpoints are gone would be stitched to this one's
+                drop_records_after(self.storage, peer, 0)
             return None
         # Ray's newest committed checkpoint, or the newest before it whose every peer file loads.
         newest = int(CHECKPOINT_DIR.fullmatch(os.path.basename(checkpoint.path.rstrip("/"))).group(1))

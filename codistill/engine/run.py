@@ -6,6 +6,7 @@ gathers the records into one Parquet table, draws the accuracy plot and prints t
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -13,11 +14,13 @@ import pyarrow as pa
 import yaml
 
 from codistill.config import ConfigError, ExperimentConfig, dump_config, to_dict
-from codistill.engine.checkpoint import checkpoint_folders
+from codistill.engine.checkpoint import checkpoint_folders, newest_loadable
 from codistill.engine.lease import RunLease
+from codistill.engine.stages import prepare_stages
 from codistill.engine.teacher import resolve_teacher
+from codistill.errors import first_line
 from codistill.records import consolidate_records, final_metrics, plot_accuracy, summary_text
-from codistill.storage import RunStorage, open_run_storage, resolve_storage_path, storage_errors
+from codistill.storage import RunStorage, StorageError, open_run_storage, resolve_storage_path, storage_errors
 
 CONFIG_FILE = "config.yaml"
 # What may change when a run is resumed: how long and where it runs, not what it trains.
@@ -42,7 +45,21 @@ def resolve_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
     file that loads and fits): everything checked before anything is written, nothing written."""
     cfg = replace(cfg, ray=replace(cfg.ray, storage_path=resolve_storage_path(cfg.ray.storage_path)))
     storage = open_run_storage(cfg.ray.storage_path, cfg.name)
-    return resolve_teacher(cfg), storage
+    return resolve_teacher(cfg, _stored_teacher(cfg, storage)), storage
+
+
+def _stored_teacher(cfg: ExperimentConfig, storage: RunStorage):
+    """The resolved teacher a run that has trained stored with its config, else None."""
+    if cfg.teacher is None:
+        return None
+    from codistill.config import load_config
+
+    try:
+        if not checkpoint_folders(storage):
+            return None
+        return load_config(yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())).teacher
+    except Exception:  # noqa: BLE001 — no stored teacher to keep; store_config names what differs
+        return None
 
 
 def store_config(cfg: ExperimentConfig, storage: RunStorage) -> None:
@@ -52,7 +69,15 @@ def store_config(cfg: ExperimentConfig, storage: RunStorage) -> None:
     the name."""
     trained = [step for step, _ in checkpoint_folders(storage)]
     if trained and storage.exists(CONFIG_FILE):
-        check_resumable(cfg, yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode()), trained[-1], storage.uri)
+        try:
+            stored = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())
+        except (UnicodeDecodeError, yaml.YAMLError) as err:
+            stored = f"{type(err).__name__}: {first_line(err)}"
+        if not isinstance(stored, dict):
+            raise ConfigError("name", f"run {cfg.name!r} has checkpoints, but its stored config {storage.uri}/"
+                              f"{CONFIG_FILE} cannot be read ({str(stored)[:200]}), so a resume cannot be checked "
+                              "against it: restore the file, or choose another `name`")
+        check_resumable(cfg, stored, trained[-1], storage.uri)
     with storage_errors("ray.storage_path", storage.uri):
         storage.write_bytes(CONFIG_FILE, dump_config(cfg).encode())
 
@@ -69,7 +94,7 @@ def check_resumable(cfg: ExperimentConfig, stored: dict, trained: int, uri: str)
     teacher. `train.steps` may change only where no learning rate depends on it (a constant
     schedule), and never below the steps already trained."""
     current = to_dict(cfg)
-    stored = _as_of_today(stored)
+    stored = stored_as_of_today(stored)
     changed = [k for k in current if k not in RESUMABLE_SECTIONS and stored.get(k) != current[k]]
     if changed:
         raise ConfigError(changed[0], f"differs from the stored config of run {cfg.name!r} in {uri}; a run "
@@ -89,11 +114,21 @@ def check_resumable(cfg: ExperimentConfig, stored: dict, trained: int, uri: str)
             f"train.steps={before}, or choose another `name`; only constant schedules can be extended."))
 
 
-def _as_of_today(stored: dict) -> dict:
+# Settings removed since a run may have been stored, and why dropping them changes nothing the
+# run trained: `train.overlap` gave the plain step's gradients (removed as always slower).
+REMOVED_SETTINGS = (("train", "overlap"),)
+
+
+def stored_as_of_today(stored: dict) -> dict:
     """The stored config read by today's schema: a setting added since the run was stored takes
-    its default, which is what the run trained with (so a new setting never blocks a resume)."""
+    its default, which is what the run trained with (so a new setting never blocks a resume),
+    and a removed setting that did not change the training is dropped."""
     from codistill.config import load_config
 
+    stored = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
+    for section, key in REMOVED_SETTINGS:
+        if isinstance(stored.get(section), dict):
+            stored[section].pop(key, None)
     try:
         return to_dict(load_config(stored))
     except Exception:  # noqa: BLE001 — compared as stored; the comparison names what differs
@@ -111,9 +146,9 @@ def _refused_for_token(err: BaseException | None) -> bool:
 
 def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
     """Join `address` (or RAY_ADDRESS), else start a private local instance — never a cluster
-    that happens to run on this machine. The local instance runs the dashboard: it hosts the
-    state API that Ray Train's placement-group cleanup needs (without it, a trial stopped by
-    ASHA keeps its peers' resources)."""
+    that happens to run on this machine — listening on the loopback address only. The local
+    instance runs the dashboard: it hosts the state API that Ray Train's placement-group cleanup
+    needs (without it, a trial stopped by ASHA keeps its peers' resources)."""
     import ray
 
     if ray.is_initialized():
@@ -139,7 +174,33 @@ def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
                     "the head prints it)") from err
             raise
     else:
-        ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver)
+        with _loopback_only():
+            ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver,
+                     _node_ip_address="127.0.0.1")
+
+
+@contextmanager
+def _loopback_only():
+    """While a private Ray instance starts: its node address is the loopback one, so its servers
+    (GCS, raylet, workers, object manager) listen on 127.0.0.1 only, not on every interface —
+    token authentication is then not the only thing between them and the network. Ray (2.60)
+    keeps a loopback node address only where it thinks clusters are off (macOS, Windows); on
+    Linux it swaps 127.0.0.1 for the node's outward address. Its switch for that is read by this
+    process (the constant) and by the processes it starts (the environment); both are put back
+    after, so joining a cluster later in this process still works."""
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    env_before, constant_before = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = constant_before
+        if env_before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = env_before
 
 
 def disconnect_ray() -> None:
@@ -173,8 +234,14 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
     """`train` once Ray is connected and its storage checked (a Tune trial: run_sweep did both).
     The run's lease is held from before its first write to after its last."""
     cfg, storage = resolve_run(cfg)  # a teacher or storage that does not work stops here, before the lease
-    with RunLease(storage):
-        store_config(cfg, storage)
+    # Storage that cannot be written (a file where the folder should be, no permission, a full
+    # disk) fails here as a config error: nothing has run yet.
+    with storage_errors("ray.storage_path", storage.uri):
+        lease = RunLease(storage).acquire()
+    try:
+        with storage_errors("ray.storage_path", storage.uri):
+            store_config(cfg, storage)
+        prepare_stages(cfg, storage)  # what a method trains on the teacher first: once, here, before any peer
         if backend == "local":
             from codistill.engine.local import run_local
 
@@ -184,6 +251,22 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
 
             run_ray(cfg, storage, on_progress, callbacks)
         return finish_run(cfg, storage)
+    except StorageError as err:
+        raise StorageError(f"{err}; {saved_up_to(storage, cfg.num_peers)}: re-run the same command to resume once "
+                           "the storage can be written") from None
+    finally:
+        lease.release()
+
+
+def saved_up_to(storage: RunStorage, num_peers: int) -> str:
+    """Where a stopped run stands: the step a re-run resumes from (a damaged newer checkpoint is
+    not "saved")."""
+    try:
+        found = newest_loadable(storage, checkpoint_folders(storage), num_peers)
+    except Exception:  # noqa: BLE001 — the message must come out whatever the storage says
+        found = None
+    return (f"the run is saved up to step {found[0]} (its newest checkpoint)" if found
+            else "no checkpoint that loads was written yet")
 
 
 def finish_run(cfg: ExperimentConfig, storage: RunStorage) -> RunResult:

@@ -36,15 +36,26 @@ class FrozenTeacher(SignalSource):
 
     timing = "teacher_ms"
 
-    def __init__(self, network: nn.Module, tap_paths: dict[str, str]):
+    def __init__(self, network: nn.Module, tap_paths: dict[str, str], norm_paths: dict[str, str] | None = None,
+                 stages: list | None = None):
         self.network = network.eval().requires_grad_(False)
         self.tap_paths = tap_paths
+        # (stage, its trained network): frozen like the teacher, served beside its outputs.
+        self.stages = [(stage, module.eval().requires_grad_(False)) for stage, module in stages or []]
+        # A frozen network's batch-norm parameters are constants: looked up once.
+        self.norms = {}
+        for tap, path in (norm_paths or {}).items():
+            norm = network.get_submodule(path)
+            self.norms.update({f"norm.{tap}.weight": norm.weight.detach(), f"norm.{tap}.bias": norm.bias.detach()})
 
     @torch.no_grad()
     def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with capture_taps(self.network, self.tap_paths) as taps:
             logits = self.network(x)
-        return {"logits": logits, **taps}
+        out = {"logits": logits, **taps, **self.norms}
+        for stage, module in self.stages:
+            out.update(stage.serve(module, out))
+        return out
 
     def tap_shapes(self, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
         return tap_shapes(self.network, self.tap_paths, example.to(next(self.network.parameters()).device))

@@ -50,15 +50,34 @@ def resolve_teacher_config(teacher: TeacherConfig, storage_path: str) -> Teacher
                    checkpoint=f"{storage.uri}/{folder}/{peer_file(teacher.peer)}")
 
 
-def resolve_teacher(cfg: ExperimentConfig) -> ExperimentConfig:
+def _same_teacher_asked(asked: TeacherConfig, stored: TeacherConfig) -> bool:
+    """Whether `asked` (as the user wrote it) names the teacher `stored` was resolved from."""
+    return (asked.checkpoint is None and asked.run == stored.run and asked.peer == stored.peer
+            and (asked.model is None or (asked.model, asked.model_args) == (stored.model, stored.model_args)))
+
+
+def resolve_teacher(cfg: ExperimentConfig, stored: TeacherConfig | None = None) -> ExperimentConfig:
     """`cfg` with its teacher resolved (see `resolve_teacher_config`), after checking the weights
-    load into the model and fit the data's classes: before the run writes anything."""
+    load into the model and fit the data's classes: before the run writes anything. `stored`:
+    the resolved teacher of a run that has trained. A resumed run keeps the teacher it trained
+    with, even when the teacher run has a newer checkpoint by now."""
     if cfg.teacher is None:
         return cfg
-    cfg = replace(cfg, teacher=resolve_teacher_config(cfg.teacher, cfg.ray.storage_path))  # validated again
+    resumed = stored is not None and stored.checkpoint is not None and _same_teacher_asked(cfg.teacher, stored)
+    teacher = stored if resumed else resolve_teacher_config(cfg.teacher, cfg.ray.storage_path)
+    cfg = replace(cfg, teacher=teacher)  # validated again
     classes = DATASETS[cfg.data.name].num_classes
     if classes is not None:  # else known only from the data: checked where the workers load it
-        load_teacher(cfg.teacher, classes, torch.device("cpu"))
+        try:
+            load_teacher(cfg.teacher, classes, torch.device("cpu"))
+        except ConfigError as err:
+            if not resumed:
+                raise
+            cause = err.message.removeprefix(f"cannot load {teacher.checkpoint}: ")
+            raise ConfigError("teacher.checkpoint", (
+                f"run {cfg.name!r} was trained with the teacher {teacher.checkpoint} (teacher.run {teacher.run!r} "
+                f"when it started) and resumes only with it, but it cannot be loaded now ({cause}). Restore that "
+                "file, or choose another `name` to start over with the teacher run's newest checkpoint")) from None
     return cfg
 
 

@@ -58,8 +58,33 @@ def trial_config(base: dict, params: dict, name: str, storage_path: str) -> Expe
     return load_config(data)
 
 
+def config_point(base: dict, keys) -> dict:
+    """The config's own values of the searched keys (`peers.*.…` reads peer 0's): a search's
+    starting point."""
+    point = {}
+    for key in keys:
+        node = base
+        for part in key.split("."):
+            node = node[0 if part == "*" else int(part)] if isinstance(node, list) else node[part]
+        point[key] = node
+    return point
+
+
+def _mean_of_runs(finals: list[dict]) -> dict:
+    """The objectives a trial may be judged by (as the loop reports them), averaged over runs."""
+    def objectives(final: dict) -> dict:
+        peers = final["peer_accuracy"]
+        return {"step": final["step"], "mean_accuracy": sum(peers) / len(peers), "best_accuracy": max(peers),
+                "ensemble_accuracy": final["ensemble_accuracy"], "churn": final["churn"],
+                **{f"member_{k}": v for k, v in final["members"].items()}}
+
+    each = [objectives(f) for f in finals]
+    return {k: sum(e[k] for e in each) / len(each) for k in each[0] if all(k in e for e in each)}
+
+
 def run_trial(trial: dict) -> None:
-    """The Tune trainable: one trial = one Ray Train run of all peers."""
+    """The Tune trainable: one trial = one run of all peers (Ray Train or threads), or with
+    `seeds_per_trial` > 1 one run per seed, judged by the mean of their final evaluations."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -69,6 +94,14 @@ def run_trial(trial: dict) -> None:
     adopt_registrations(trial["registrations"])  # a trial's process imports codistill afresh
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(trial["base"], trial["params"], trial_id, trial["runs_path"])
+    seeds = trial.get("seeds_per_trial", 1)
+    if seeds > 1:
+        finals = []
+        for k in range(seeds):
+            run_cfg = replace(cfg, seed=cfg.seed + k, name=f"{trial_id}-seed{cfg.seed + k}")
+            finals.append(train_connected(run_cfg, trial["backend"]).final)
+        ray.tune.report({**_mean_of_runs(finals), "seeds": seeds})
+        return
     if trial["backend"] == "local":
         def report(step: int, metrics: dict) -> None:
             if "mean_accuracy" in metrics:  # an evaluation, not a progress tick
@@ -79,17 +112,17 @@ def run_trial(trial: dict) -> None:
         train_connected(cfg, "ray", callbacks=[TuneReportCallback()])  # run_sweep checked the storage, once
 
 
-def _search_algorithm(search: str, objective: str, seed: int):
+def _search_algorithm(search: str, objective: str, seed: int, points: list[dict] | None = None):
     if search == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=seed)  # the same trials on a re-run
+        return BasicVariantGenerator(random_state=seed, points_to_evaluate=points)  # the same trials on a re-run
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
     except ImportError:
         raise SystemExit("search: optuna needs Optuna: pip install 'codistill[tune]'") from None
-    return OptunaSearch(metric=objective, mode="max")
+    return OptunaSearch(metric=objective, mode="max", points_to_evaluate=points)
 
 
 @dataclass
@@ -135,6 +168,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     base["ray"]["storage_path"] = storage_path
     objective = settings.objective
     evaluations = cfg.train.steps // cfg.train.eval_every + 1
+    points = [{"params": config_point(base, settings.space)}] if settings.start_at_config else None
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max(evaluations, settings.grace_period),
                                grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
                  if settings.scheduler == "asha" else FIFOScheduler())
@@ -145,11 +179,11 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
         ray.tune.with_resources(run_trial, {"CPU": cfg.num_peers if settings.backend == "local" else 0,
                                             "memory": DRIVER_MEMORY}),
         param_space={"base": base, "runs_path": storage.uri + "/runs", "registrations": user_registrations(),
-                     "backend": settings.backend,
+                     "backend": settings.backend, "seeds_per_trial": settings.seeds_per_trial,
                      "params": {key: to_tune_domain(text, key) for key, text in settings.space.items()}},
         tune_config=ray.tune.TuneConfig(metric=objective, mode="max", num_samples=settings.num_samples,
                                         max_concurrent_trials=settings.max_concurrent, scheduler=scheduler,
-                                        search_alg=_search_algorithm(settings.search, objective, cfg.seed),
+                                        search_alg=_search_algorithm(settings.search, objective, cfg.seed, points),
                                         # A trial's folder is its id, so results name their trial
                                         # even when the trial failed before reporting anything.
                                         trial_dirname_creator=lambda trial: trial.trial_id),

@@ -4,8 +4,8 @@ peers' and teachers' outputs arrive."""
 
 from codistill.methods.base import (METHODS, DistillConfig, Method, MethodConfig, Needs, RoundSpec, Signals,
                                     create_method, register_method)
-from codistill.methods import (at, codistill, dml, fitnets, fsp, independent, kd, kdcl, okddip, one,  # noqa: F401
-                               pcl)  # (registers)
+from codistill.methods import (at, codistill, crd, dml, fitnets, fsp, ft, independent, kd, kdcl,  # noqa: F401
+                               logit_regression, okddip, one, overhaul, pcl)  # (registers)
 
 __all__ = ["METHODS", "DistillConfig", "Method", "MethodConfig", "Needs", "RoundSpec", "Signals",
            "create_method", "register_method"]

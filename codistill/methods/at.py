@@ -1,7 +1,8 @@
 """Attention transfer (Zagoruyko & Komodakis, ICLR 2017), from a teacher or between peers.
 
     Q(A) = vec(mean_c |A_c|²) / ‖vec(mean_c |A_c|²)‖₂              (activation-based attention)
-    L = CE + (β/2) · Σ_j mean((Q(A_s^j) − Q(A_t^j))²)               (β = `weight`, 1000 in the paper's code)
+    L = CE + (β/2) · Σ_j mean((Q(A_s^j) − Q(A_t^j))²)               (β = `weight`: the paper's β/2; its code
+    and RepDistiller's apply β · Σ without the ½, so their β = 1000 is `weight: 2000` here — tests/test_parity.py)
 
 over the feature taps j (e.g. each stage's output). With `source: peers` the target maps are
 the other peers' (online, every step, through the exchange: each peer sends its maps as
@@ -11,48 +12,19 @@ the receiving peer's (and normalised again) before they are compared.
 """
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
-from codistill.errors import check
 from codistill.methods.losses import attention_distance, attention_map
-from codistill.methods.base import Method, MethodConfig, Needs, register_method
+from codistill.methods.base import Method, Needs, TapTargetsConfig, register_method
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ATConfig(MethodConfig):
-    can_use_teacher: ClassVar[bool] = True
-    reads_feature_taps: ClassVar[bool] = True
-    taps: tuple[str, ...]
-    """The feature taps whose attention maps are matched (e.g. `[conv2, conv3]`)."""
-    teacher_taps: tuple[str, ...] = ()
-    """The teacher's taps paired with `taps` in order (default: the same names)."""
-    source: Literal["teacher", "peers"] = "teacher"
-    """Whose maps are the targets: a frozen teacher's, or the other peers' every step."""
+class ATConfig(TapTargetsConfig):
+    term: ClassVar[str] = "attention transfer"
     weight: float = 1000.0
     """β of the paper (the loss is β/2 · Σ over taps)."""
-
-    def __post_init__(self):
-        check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
-        check(not self.teacher_taps or len(self.teacher_taps) == len(self.taps), "teacher_taps",
-              f"pairs with `taps` in order: give {len(self.taps)} names, got {len(self.teacher_taps)}")
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.source == "teacher"
-
-    @property
-    def target_taps(self) -> tuple[str, ...]:
-        return self.teacher_taps or self.taps
-
-    def check(self, peers, teacher) -> None:
-        MethodConfig.check(self, peers, teacher)
-        check(self.source == "teacher" or len(peers) >= 2, "peers",
-              f"attention transfer between peers needs at least 2 peers, got {len(peers)}")
-        self.check_taps(self.taps, "method.taps", [(f"peers.{i}", p.model) for i, p in enumerate(peers)])
-        if self.uses_teacher:
-            self.check_taps(self.target_taps, "method.teacher_taps", [("teacher", teacher.model)])
 
 
 @register_method("at")

@@ -16,7 +16,7 @@ KD + AT or DML + AT needs no file of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -56,12 +56,56 @@ class Needs:
     """A frozen teacher's logits."""
     teacher_taps: frozenset[str] = frozenset()
     """Named feature taps of the teacher's network."""
+    teacher_norms: frozenset[str] = frozenset()
+    """Teacher taps whose batch norm's affine parameters (γ, β) the method reads: served as
+    `norm.<tap>.weight` / `norm.<tap>.bias` beside the teacher's outputs, for the taps whose model
+    declares that batch norm (`ModelEntry.norms`); absent for the others."""
+    teacher_stages: tuple["TeacherStage", ...] = ()
+    """Networks trained on the frozen teacher before any peer trains (see `TeacherStage`); what
+    each serves arrives beside the teacher's outputs."""
 
     def __or__(self, other: "Needs") -> "Needs":
         if self.rounds and other.rounds and self.rounds != other.rounds:
             raise ValueError("two methods that each exchange in rounds cannot be combined")
         return Needs(self.taps | other.taps, self.peers or other.peers, self.rounds or other.rounds,
-                     self.teacher or other.teacher, self.teacher_taps | other.teacher_taps)
+                     self.teacher or other.teacher, self.teacher_taps | other.teacher_taps,
+                     self.teacher_norms | other.teacher_norms, self.teacher_stages + other.teacher_stages)
+
+
+class TeacherStage:
+    """A network a method trains on its frozen teacher's taps BEFORE any peer trains, then only
+    reads (factor transfer's paraphraser). The engine trains it once per run, stores it under the
+    run keyed by the teacher file's content and `settings()`, and each step serves
+    `serve(module, teacher outputs)` beside the teacher's outputs. Like the teacher, it is in no
+    peer's optimizer and no peer's checkpoint: it is frozen while the peers train.
+
+    Its `taps` must be among the method's `Needs.teacher_taps` too (served every step)."""
+
+    name: str = "stage"
+    """Names its file and its records (`<run>/stages/<name>-….pt`, `.parquet`)."""
+    taps: frozenset[str] = frozenset()
+    """The teacher taps it reads."""
+    steps: int = 0
+    """How many batches of the training set (the run's batch size, its own order from the seed)."""
+
+    def settings(self) -> dict:
+        """Everything the trained network depends on besides the teacher, the data and the seed."""
+        raise NotImplementedError
+
+    def build(self, teacher_shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+        """The untrained network, from the shapes (one example, batch excluded) of the teacher's taps."""
+        raise NotImplementedError
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def loss(self, module: nn.Module, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stage's objective on one batch of the teacher's outputs (its taps, detached)."""
+        raise NotImplementedError
+
+    def serve(self, module: nn.Module, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the frozen network adds to the teacher's outputs each step (named tensors)."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -82,7 +126,10 @@ class Signals:
     peers: list[dict[str, torch.Tensor]] = field(default_factory=list)
     """The other peers' payloads (every step, or stale per round), in peer order."""
     teacher: dict[str, torch.Tensor] | None = None
-    """The frozen teacher's `logits` and the taps the method asked for."""
+    """The frozen teacher's `logits`, the taps the method asked for (and `norm.<tap>.*`, see `Needs`)."""
+    indices: torch.Tensor | None = None
+    """The training-set indices of this step's examples (rows of `labels`, in order): the batch
+    schedule's, so the same in every runner and after a resume (CRD's memory bank reads them)."""
 
     def generator(self) -> torch.Generator:
         """Random numbers for this step and peer, the same in every runner and after a resume."""
@@ -105,6 +152,62 @@ class DistillConfig(MethodConfig):
 
     def weight_at(self, step: int) -> float:
         return self.weight * linear_rampup(step, self.rampup_steps)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TeacherTapConfig(MethodConfig):
+    """A term between one feature tap of the student and one of a frozen teacher (FitNets' hint,
+    CRD's embeddings): subclasses declare the fields `student_tap` and `teacher_tap`."""
+
+    can_use_teacher: ClassVar[bool] = True
+    reads_feature_taps: ClassVar[bool] = True
+
+    @property
+    def uses_teacher(self) -> bool:
+        return True
+
+    def check(self, peers, teacher) -> None:
+        MethodConfig.check(self, peers, teacher)
+        self.check_taps([self.student_tap], "method.student_tap", [(f"peers.{i}", p.model) for i, p in enumerate(peers)])
+        self.check_taps([self.teacher_tap], "method.teacher_tap", [("teacher", teacher.model)])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TapTargetsConfig(MethodConfig):
+    """A term between feature taps whose targets are a frozen teacher's taps or, online, the
+    other peers' (attention transfer, the overhaul): the settings and checks they share."""
+
+    can_use_teacher: ClassVar[bool] = True
+    reads_feature_taps: ClassVar[bool] = True
+    term: ClassVar[str] = "this term"
+    """What the method is called in messages ("attention transfer")."""
+    taps: tuple[str, ...]
+    """The peer's feature taps the term compares (e.g. `[conv2, conv3]`)."""
+    teacher_taps: tuple[str, ...] = ()
+    """The teacher's taps paired with `taps` in order (default: the same names)."""
+    source: Literal["teacher", "peers"] = "teacher"
+    """Whose maps are the targets: a frozen teacher's, or the other peers' every step."""
+
+    def __post_init__(self):
+        check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        check(not self.teacher_taps or len(self.teacher_taps) == len(self.taps), "teacher_taps",
+              f"pairs with `taps` in order: give {len(self.taps)} names, got {len(self.teacher_taps)}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.source == "teacher"
+
+    @property
+    def target_taps(self) -> tuple[str, ...]:
+        return self.teacher_taps or self.taps
+
+    def check(self, peers, teacher) -> None:
+        MethodConfig.check(self, peers, teacher)
+        check(self.source == "teacher" or len(peers) >= 2, "peers",
+              f"{self.term} between peers needs at least 2 peers, got {len(peers)}")
+        self.check_taps(self.taps, "method.taps", [(f"peers.{i}", p.model) for i, p in enumerate(peers)])
+        if self.uses_teacher:
+            self.check_taps(self.target_taps, "method.teacher_taps", [("teacher", teacher.model)])
 
 
 class Method:
@@ -173,7 +276,9 @@ class Method:
 
     def build_network(self, model: nn.Module, model_name: str, tap_shapes: dict | None = None) -> nn.Module:
         """`tap_shapes`: {"own": {tap: shape}, "teacher": {tap: shape}} of one example, for
-        methods whose trainable modules depend on them (FitNets' regressors)."""
+        methods whose trainable modules depend on them (FitNets' regressors), and
+        "train_labels": the training set's labels (a method keeping state per example, CRD's
+        memory bank, sizes it from them; absent where no training set is at hand)."""
         network = self.own_network(model, model_name, tap_shapes or {})
         for extra in self.also:
             network = extra.build_network(network, model_name, tap_shapes)

@@ -13,7 +13,6 @@ a linear map when one side is a vector). Two schedules:
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
 import math
 
 import torch
@@ -21,15 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from codistill.errors import check
-from codistill.methods.base import MethodConfig, Needs, StagedTerm, register_method
+from codistill.methods.base import Needs, StagedTerm, TeacherTapConfig, register_method
 
 REGRESSORS = "fitnets_regressor"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class FitNetsConfig(MethodConfig):
-    can_use_teacher: ClassVar[bool] = True
-    reads_feature_taps: ClassVar[bool] = True
+class FitNetsConfig(TeacherTapConfig):
     student_tap: str
     """The student's guided layer (a feature tap of its model, e.g. `conv2`)."""
     teacher_tap: str
@@ -42,15 +39,6 @@ class FitNetsConfig(MethodConfig):
     def __post_init__(self):
         check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
         check(self.hint_steps >= 0, "hint_steps", f"must be >= 0, got {self.hint_steps}")
-
-    @property
-    def uses_teacher(self) -> bool:
-        return True
-
-    def check(self, peers, teacher) -> None:
-        MethodConfig.check(self, peers, teacher)
-        self.check_taps([self.student_tap], "method.student_tap", [(f"peers.{i}", p.model) for i, p in enumerate(peers)])
-        self.check_taps([self.teacher_tap], "method.teacher_tap", [("teacher", teacher.model)])
 
 
 class Regressor(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +47,12 @@ def linear_rampup(step: int, rampup_steps: int) -> float:
     return min(1.0, (step + 1) / rampup_steps)
 
 
+def logit_l2(student_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Ba & Caruana 2014: ½·‖z_s − z_t‖²₂ summed over the classes, averaged over the rows (their
+    1/(2T) Σ_t over the T examples, here the batch). In fp32 whatever the compute dtype."""
+    return 0.5 * (student_logits.float() - target_logits.float()).pow(2).sum(-1).mean()
+
+
 # ---------------------------------------------------------------------------------------------
 # Feature-based terms (FitNets, attention transfer, FSP)
 
@@ -82,6 +90,60 @@ def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         first, second = (pool(t, size) if t.shape[2:] != torch.Size(size) else t for t in (first, second))
     a, b = first.float().flatten(2), second.float().flatten(2)
     return a @ b.transpose(1, 2) / a.shape[2]
+
+
+def factor_distance(student_factor: torch.Tensor, target_factor: torch.Tensor) -> torch.Tensor:
+    """Factor transfer (Kim et al. 2018), as its authors' code computes it: each factor (the
+    translator's / the paraphraser's encoder output) flattened WHOLE and L2-normalised per sample,
+    then the mean absolute difference over the batch and the factor's elements (their
+    `L1Loss(FT(f_s), FT(f_t))`). RepDistiller's `FactorTransfer` differs: it first reduces a factor
+    to an attention-style map (channel mean of squares) and normalises that."""
+    own = F.normalize(student_factor.float().flatten(1), dim=1)
+    target = F.normalize(target_factor.float().flatten(1), dim=1)
+    return (own - target).abs().mean()
+
+
+def negative_gaussian_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Heo et al. 2019, eq. 3: the expectation of x given x < 0 for x ~ N(mean, std²), per channel:
+        m − s·φ(m/s)/Φ(−m/s)
+    — the value a ReLU maps every negative response to 0 from, averaged: the teacher's "margin".
+    Where Φ(−m/s) ≤ 0.001 (almost no negative mass, the formula numerically unstable) the authors'
+    code takes −3s instead; so does this. Computed in float64."""
+    m, s = mean.double(), std.double().abs().clamp(min=1e-12)
+    below = torch.special.ndtr(-m / s)
+    margin = m - s * torch.exp(-0.5 * (m / s) ** 2) / math.sqrt(2 * math.pi) / below.clamp(min=1e-300)
+    return torch.where(below > 0.001, margin, -3 * s).to(mean.dtype)
+
+
+def batch_margin(features: torch.Tensor) -> torch.Tensor:
+    """The margin from a pre-activation's own statistics per channel over the batch and positions
+    (mean, population std: what a batch norm in training mode would make of it) — for maps with
+    no batch norm before them. features: (B, C, *spatial) → (C,)."""
+    flat = features.detach().float().transpose(0, 1).flatten(1)
+    return negative_gaussian_mean(flat.mean(1), flat.std(1, unbiased=False))
+
+
+def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Heo et al. 2019, eq. 4: the teacher's negative responses are raised to its margin, then
+        Σ (s − t)² over the positions where s > t or t > 0
+    (a student below a negative target is as good as the target after the ReLU: no loss there).
+    Summed over every element, as the authors' `distillation_loss`. margin: (C,)."""
+    target = torch.max(target.float(), margin.float().view(1, -1, *[1] * (target.dim() - 2)))
+    source = source.float()
+    counted = ((source > target) | (target > 0)).float()
+    return ((source - target).pow(2) * counted).sum()
+
+
+def contrastive_nce(scores: torch.Tensor, num_examples: int, eps: float = 1e-7) -> torch.Tensor:
+    """Tian et al. 2020, eq. 18 (the authors' `ContrastLoss`): noise-contrastive estimation with
+    N = scores.shape[1] − 1 negatives from the uniform noise P_n = 1/n. scores: (B, 1 + N),
+    column 0 the positive's normalised score h⁺, the rest the negatives':
+        −Σ_b [ log h⁺/(h⁺ + N·P_n + ε) + Σ_k log N·P_n/(h_k + N·P_n + ε) ] / B"""
+    batch, negatives = scores.shape[0], scores.shape[1] - 1
+    noise = negatives / num_examples
+    positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + eps))
+    negative = torch.log(noise / (scores[:, 1:] + noise + eps))
+    return -(positive.sum() + negative.sum()) / batch
 
 
 # ---------------------------------------------------------------------------------------------

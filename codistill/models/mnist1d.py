@@ -5,10 +5,13 @@ from torch import nn
 
 from codistill.models.registry import PeerModel, register_model
 
-# Each conv block's output after its ReLU, and before it (`.pre`, what FSP/AT variants may use).
+# Each conv block's output after its ReLU, and before it (`.pre`, what FSP/AT variants and the
+# overhaul use); `penultimate`: the flattened feature vector the classifier reads (CRD's embedding).
 CNN_TAPS = {"conv1": "features.1", "conv2": "features.3", "conv3": "features.5",
-            "conv1.pre": "features.0", "conv2.pre": "features.2", "conv3.pre": "features.4"}
-MLP_TAPS = {"hidden1": "features.2", "hidden2": "features.4"}
+            "conv1.pre": "features.0", "conv2.pre": "features.2", "conv3.pre": "features.4",
+            "penultimate": "features"}
+MLP_TAPS = {"hidden1": "features.2", "hidden2": "features.4", "hidden1.pre": "features.1",
+            "hidden2.pre": "features.3", "penultimate": "features"}
 
 
 def _cnn(num_classes: int, channels: int) -> PeerModel:

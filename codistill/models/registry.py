@@ -37,14 +37,20 @@ class ModelEntry:
     taps: dict[str, str] = field(default_factory=dict)
     """Tap name → the submodule (dotted path) whose output it is, e.g. {"stage2": "features.2"}:
     what feature-based methods (FitNets, attention transfer, FSP) may ask for."""
+    norms: dict[str, str] = field(default_factory=dict)
+    """Tap name → the batch norm (dotted path) whose affine output the tap's pre-activation is
+    made of, e.g. {"stage3.pre": "features.3.8.body.4"}: its β and |γ| are the mean and spread of
+    that pre-activation (the overhaul's margin). Taps with no batch norm before them are absent."""
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
 
 
-def register_model(name: str, input_kind: str, branch_point: int | None = None, taps: dict[str, str] | None = None):
+def register_model(name: str, input_kind: str, branch_point: int | None = None, taps: dict[str, str] | None = None,
+                   norms: dict[str, str] | None = None):
     def decorator(fn: Callable[[int], nn.Module]):
-        MODELS.add(name, ModelEntry(fn, input_kind, branch_point, dict(taps or {})), getattr(fn, "__module__", ""))
+        MODELS.add(name, ModelEntry(fn, input_kind, branch_point, dict(taps or {}), dict(norms or {})),
+                   getattr(fn, "__module__", ""))
         return fn
     return decorator
 

@@ -52,17 +52,26 @@ def cifar_resnet(depth: int, num_classes: int) -> PeerModel:
 
 
 def resnet_taps(depth: int) -> dict[str, str]:
-    """The stem's output, each stage's output (after its last block's ReLU) and each stage's
-    pre-activation sum (`.pre`)."""
+    """The stem's output, each stage's output (after its last block's ReLU), each stage's
+    pre-activation sum (`.pre`) and the pooled feature vector the classifier reads (`penultimate`)."""
     last = (depth - 2) // 6 - 1
     taps = {"stem": "features.0"}
     taps.update({f"stage{s}": f"features.{s}" for s in (1, 2, 3)})
     taps.update({f"stage{s}.pre": f"features.{s}.{last}.preact" for s in (1, 2, 3)})
+    taps["penultimate"] = "features"
     return taps
+
+
+def resnet_norms(depth: int) -> dict[str, str]:
+    """Each `.pre` tap's batch norm: the last BN of its block's residual branch (the overhaul's
+    margin reads it, as the authors' `get_bn_before_relu` reads `bn2` of each stage's last block)."""
+    last = (depth - 2) // 6 - 1
+    return {f"stage{s}.pre": f"features.{s}.{last}.body.4" for s in (1, 2, 3)}
 
 
 # ONE's trunk: stem + stages 1 and 2 (features[:3]); each branch gets stage 3 and the classifier.
 for _depth in (20, 32, 56, 110):
     _build = lambda num_classes, d=_depth: cifar_resnet(d, num_classes)  # noqa: E731
     _build.__doc__ = f"The CIFAR ResNet-{_depth} (He et al., 2016): three stages of {(_depth - 2) // 6} basic blocks."
-    register_model(f"resnet{_depth}", input_kind="image", branch_point=3, taps=resnet_taps(_depth))(_build)
+    register_model(f"resnet{_depth}", input_kind="image", branch_point=3, taps=resnet_taps(_depth),
+                   norms=resnet_norms(_depth))(_build)
