@@ -219,7 +219,8 @@ def _first_line(obj) -> str:
     import inspect
 
     doc = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ").strip()
-    first = re.split(r"(?<=[.!?])\s", doc, maxsplit=1)[0]  # the first sentence
+    # The first sentence: a full stop before a capital, not the one of "et al." or "e.g.".
+    first = re.split(r"(?<!\bal\.)(?<!e\.g\.)(?<!i\.e\.)(?<=[.!?])\s+(?=[A-Z`(])", doc, maxsplit=1)[0]
     return first if len(first) <= 100 else first[:99] + "…"
 
 
@@ -304,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the shared recipe: peers, data, steps, optimizer (its method is replaced)")
     p.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
                    help="registered names, with settings after a colon: dml kdcl:variant=min_logit one:branches=3")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="seeds of every method: a seed fixes every peer's initial weights and batches (default 0 1 2)")
     p.add_argument("--tune", type=int, metavar="N",
                    help="first give every method N Ray Tune trials on a validation split, then run the seeds at its best")
     p.add_argument("--baseline", metavar="METHOD",
@@ -314,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(without it such a command stops before running anything)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the recipe")
     p.add_argument("--backend", choices=["ray", "local"], default="local",
-                   help="how the seeds' runs train their peers (tuning trials run their peers as threads in a trial)")
+                   help="how the seeds' runs train their peers (default local; tuning trials run their peers as "
+                        "threads in a trial)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
     p.set_defaults(func=cmd_compare)

@@ -129,6 +129,7 @@ def test_the_teacher_serves_the_bn_before_a_pre_relu_tap():
 OVERHAUL = "method={name: overhaul, taps: [conv1.pre, conv2.pre, conv3.pre]}"
 
 
+@pytest.mark.slow  # > 4 s: the full tier
 def test_overhaul_trains_from_a_teacher_and_between_peers(tmp_path, teacher_run):
     result = train(student(tmp_path, teacher_run, "name=oh", OVERHAUL), "local")
     rows = train_rows(result)
@@ -196,6 +197,7 @@ def test_crd_draws_negatives_of_other_classes_and_moves_the_banks():
 CRD = "method={name: crd, negatives: 256}"
 
 
+@pytest.mark.slow  # > 4 s: the full tier
 def test_a_resumed_crd_run_equals_an_uninterrupted_one(tmp_path, teacher_run):
     from codistill.engine.checkpoint import LocalCheckpoints
 
@@ -285,6 +287,7 @@ def test_a_crash_in_the_paraphraser_stage_leaves_nothing_behind(tmp_path, teache
     assert storage.list("stages") == []  # written only when done: the next start trains it from the start
 
 
+@pytest.mark.slow  # > 4 s: the full tier
 def test_factor_transfer_trains_its_paraphraser_once_and_a_resume_equals_an_uninterrupted_run(tmp_path, teacher_run,
                                                                                               caplog):
     import io

@@ -255,6 +255,7 @@ def test_a_student_resumes_with_its_stored_teacher_when_the_teacher_run_has_a_ne
 
 # -- 8: SIGTERM (a scheduler stopping the job) is Ctrl-C: say what is saved, release the lease ----
 
+@pytest.mark.slow  # > 4 s: the full tier
 def test_sigterm_says_what_is_saved_releases_the_lease_and_exits_143(tmp_path):
     import os
     import signal

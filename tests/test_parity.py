@@ -296,8 +296,7 @@ def test_parity_factor_transfer():
     (their total: CE + 500·this). Inputs: factors f_s randn(8, 16, 4, 4), f_t randn(8, 16, 4, 4).
     RepDistiller's `FactorTransfer` (@ b84f547c…, distiller_zoo/FT.py) computes a different function
     — an attention-style factor (channel mean of squares, normalised over positions) — and gives
-    0.09295913577079773 here; ours follows the authors. Only the loss piece exists so far: the method
-    (the paraphraser stage, the translator) is not built yet."""
+    0.09295913577079773 here; ours follows the authors (the `ft` method's loss term is this piece)."""
     g = _gen()
     f_s = torch.randn(8, 16, 4, 4, generator=g)
     f_t = torch.randn(8, 16, 4, 4, generator=g)

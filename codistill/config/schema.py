@@ -307,7 +307,7 @@ class ExperimentConfig:
     """The training objective, chosen by `method.name` from the method registry."""
     peers: tuple[PeerSpec, ...] = ()
     teacher: TeacherConfig | None = None
-    """A frozen teacher for the methods that learn from one (kd, fitnets, at, fsp)."""
+    """A frozen teacher for the methods that learn from one (`codistill list methods`)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
