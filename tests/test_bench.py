@@ -33,6 +33,7 @@ def test_its_interval_narrows_with_more_pairs_and_is_reproducible():
     assert paired_ratio(*blocks(1.0, 8, 0.05, seed=2)) == few
 
 
+@pytest.mark.slow  # > 1.5 s: the full tier
 def test_bench_step_reports_every_variant_and_parts_that_add_up(tmp_path, capsys):
     out = tmp_path / "step.json"
     assert main(["bench", "step", "--rounds", "2", "--block", "3", "--set", "train.steps=100",

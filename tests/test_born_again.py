@@ -10,6 +10,7 @@ from codistill.metrics import ensemble_accuracy
 from tests.conftest import small_config
 
 
+@pytest.mark.slow  # > 1.5 s: the full tier
 def test_each_generation_learns_from_the_one_before_and_the_ensemble_is_of_all(tmp_path):
     cfg = small_config(tmp_path, "train.steps=80", base="configs/born_again_mnist1d.yaml")
     result = run_generations(cfg, "local")

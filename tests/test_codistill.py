@@ -57,6 +57,7 @@ def test_predictions_and_weights_give_the_same_teacher_when_period_is_one(make_c
     assert by_weights.records.to_pylist()[0]["bytes_sent"] != by_predictions.records.to_pylist()[0]["bytes_sent"]
 
 
+@pytest.mark.slow  # > 1.5 s: the full tier
 def test_a_slowed_peer_never_makes_the_others_use_predictions_beyond_the_staleness_bound(make_config, monkeypatch):
     original = loop.train_step
 

@@ -66,6 +66,7 @@ def _gather_in_process(rank: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # > 1.5 s: the full tier
 def test_two_processes_with_payloads_of_different_shapes_gather_each_others_exactly(tmp_path):
     init_file, out_file = str(tmp_path / "init"), str(tmp_path / "out")
     mp.start_processes(_gather_in_process, args=(init_file, out_file), nprocs=2, join=True, start_method="spawn")

@@ -135,7 +135,7 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch
     assert train(cfg, "local").final["step"] == 20
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+@pytest.mark.parametrize("damage", ["truncated", *(pytest.param(d, marks=pytest.mark.slow) for d in ("garbage", "missing"))])
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(tmp_path, caplog, damage):
     reference = train(small_config(tmp_path, "name=whole"), "local")
 

@@ -90,6 +90,7 @@ def test_bf16_trains_mnist1d_dml_within_a_point_of_fp32(tmp_path):
     assert abs(bf16 - fp32) <= 0.01, (fp32, bf16)
 
 
+@pytest.mark.slow  # > 1.5 s: the full tier
 def test_fp16_keeps_its_grad_scaler_in_the_checkpoint_and_resumes_it(tmp_path):
     from codistill.engine.checkpoint import checkpoint_folders, from_bytes, peer_file
     from codistill.storage import open_run_storage

@@ -115,8 +115,10 @@ def _cli_train(tmp_path, capsys, *overrides):
     return code, err[-1] if err else ""
 
 
-@pytest.mark.parametrize("full_at", ["step_00000080/peer1.pt", "step_00000080/meta.pt", "records/peer1/00000041",
-                                     "records.parquet", "accuracy.png"])
+@pytest.mark.parametrize("full_at", ["step_00000080/peer1.pt", "records.parquet",
+                                     # the same class at the other writes: the full tier
+                                     *(pytest.param(w, marks=pytest.mark.slow) for w in
+                                       ("step_00000080/meta.pt", "records/peer1/00000041", "accuracy.png"))])
 def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_run_resumes_once_freed(tmp_path, capsys, full_disk, full_at):
     from codistill.engine.checkpoint import checkpoint_folders, newest_loadable
 
@@ -229,6 +231,7 @@ def test_an_evaluation_whose_logits_are_not_finite_reports_no_accuracy(tmp_path)
 
 # -- 4: a KD student resumes with the teacher it was trained with --------------------------------
 
+@pytest.mark.slow  # > 1.5 s: the full tier
 def test_a_student_resumes_with_its_stored_teacher_when_the_teacher_run_has_a_newer_checkpoint(tmp_path):
     import shutil
 

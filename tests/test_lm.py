@@ -134,6 +134,7 @@ def test_top_k_with_a_method_that_uses_logits_otherwise_is_refused():
     assert info.value.path == "exchange.top_k" and "codistill" in info.value.message and "dml" in info.value.message
 
 
+@pytest.mark.slow  # two short LM trainings: the full tier
 @pytest.mark.parametrize("method", ["dml", "codistill"])
 def test_lm_peers_learn_with_top_k_targets_and_report_bits(tmp_path, method):
     overrides = [*TINY, f"method={{name: {method}, burn_in: 0, period: 10}}" if method == "codistill" else "method=dml"]
@@ -162,6 +163,7 @@ def test_a_run_does_not_resume_on_a_changed_corpus(tmp_path):
         train(small_config(tmp_path, "name=lm", *overrides, "train.steps=90", base=LM), "local")
 
 
+@pytest.mark.slow  # > 1.5 s: the full tier
 def test_kd_from_a_language_model_teacher_run_builds_it_as_the_run_did(tmp_path):
     teacher = train(small_config(tmp_path, "name=lm_teacher", *TINY, "method=independent",
                                  "peers=[{model: gpt, model_args: {width: 32, depth: 1, heads: 2, context: 32}}]",

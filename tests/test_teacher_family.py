@@ -198,6 +198,7 @@ def test_the_teacher_gets_no_gradient_and_is_not_in_the_optimizer(tmp_path, teac
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 
+@pytest.mark.slow  # > 1.5 s: the full tier
 def test_a_resumed_kd_run_equals_an_uninterrupted_one(tmp_path, teacher_run):
     teacher = f"teacher.run={teacher_run.storage.uri}"
     whole = train(short(tmp_path, "name=whole", teacher, "method.noise_std=0.2"), "local")
