@@ -6,6 +6,11 @@ between two peers of different widths. Prints Markdown tables of the last-step t
 mean ± std over seeds.
 
     python examples/teacher_student.py --seeds 0 1 2 [--steps 6000] [--storage runs/teacher_student]
+    python examples/teacher_student.py --seeds 0 1 2 --students mnist1d_cnn_narrow --only \
+        "logit regression" overhaul CRD FT --no-born-again --no-online     # the later family, paired
+
+With `--only`, the student trained alone runs too, and each row is also reported as the paired
+difference to it on the same seeds (mean [95% t-interval], wins k of n), as `compare` does.
 
 No setting is tuned here: every method runs with its paper's defaults (KD T = 4, α = 0.9; AT
 β = 1000 on the conv2 and conv3 maps; FitNets β = 1 with the paper's hint stage over the first
@@ -30,6 +35,10 @@ STUDENT_METHODS = {
     "AT": "method={name: at, taps: [conv2, conv3], weight: 1000}",
     "FSP": "method={name: fsp, pairs: [[conv1, conv2], [conv2, conv3]]}",
     "KD + AT": "method={name: kd, temperature: 4.0, alpha: 0.9, also: [{name: at, taps: [conv2, conv3], weight: 1000}]}",
+    "logit regression": "method={name: logit_regression}",
+    "overhaul": "method={name: overhaul, taps: [conv2.pre, conv3.pre]}",
+    "CRD": "method={name: crd}",
+    "FT": "method={name: ft, student_tap: conv3, teacher_tap: conv3}",
 }
 STUDENTS = {"mnist1d_mlp": "hidden1", "mnist1d_cnn_narrow": "conv2"}
 
@@ -46,7 +55,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--storage", default=os.path.join(REPO, "runs", "teacher_student"))
+    parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    parser.add_argument("--only", nargs="+", choices=list(STUDENT_METHODS), help="these rows (and `alone`)")
+    parser.add_argument("--no-born-again", action="store_true")
+    parser.add_argument("--no-online", action="store_true")
     args = parser.parse_args()
+    methods = {k: v for k, v in STUDENT_METHODS.items() if not args.only or k in args.only or k == "alone"}
+    students = {s: STUDENTS[s] for s in args.students}
     common = [f"train.steps={args.steps}", f"ray.storage_path={args.storage}", "train.checkpoint_every=0"]
 
     teacher = train(load_config(os.path.join(CONFIGS, "teacher_mnist1d_wide.yaml"), common), "local")
@@ -55,9 +70,9 @@ def main() -> None:
 
     results: dict[tuple[str, str], list[float]] = {}
     reasons: dict[tuple[str, str], str] = {}
-    for student, tap in STUDENTS.items():
+    for student, tap in students.items():
         for seed in args.seeds:
-            for label, method in STUDENT_METHODS.items():
+            for label, method in methods.items():
                 overrides = [*common, f"name={student}-{label.replace(' ', '')}-{seed}", f"seed={seed}",
                              f"peers=[{{model: {student}, optimizer: {{name: adam, lr: 0.01, schedule: cosine}}}}]",
                              method.replace("TAP", tap)]
@@ -69,6 +84,8 @@ def main() -> None:
                     continue
                 results.setdefault((student, label), []).append(run.final["peer_accuracy"][0])
                 print(f"{student} {label} seed {seed}: {100 * run.final['peer_accuracy'][0]:.2f}%", flush=True)
+            if args.no_born_again:
+                continue
             ban = run_generations(load_config(os.path.join(CONFIGS, "born_again_mnist1d.yaml"), [
                 *common, f"name={student}-ban-{seed}", f"seed={seed}", f"peers.0.model={student}"]), "local")
             rows = ban.table.to_pylist()
@@ -76,14 +93,34 @@ def main() -> None:
             results.setdefault((student, "born-again, ensemble of 3 generations"), []).append(rows[-1]["ensemble_accuracy"])
             print(f"{student} born-again seed {seed}: {[round(100 * r['accuracy'], 2) for r in rows]}", flush=True)
 
-    labels = [*STUDENT_METHODS, "born-again, generation 2", "born-again, ensemble of 3 generations"]
+    labels = [*methods] + ([] if args.no_born_again else ["born-again, generation 2",
+                                                           "born-again, ensemble of 3 generations"])
     print(f"\nteacher {teacher.config.peers[0].model} (seed 0): {100 * teacher.final['peer_accuracy'][0]:.2f}%\n")
-    print("| student's training | " + " | ".join(STUDENTS) + " |")
-    print("|---|" + "---|" * len(STUDENTS))
+    print("| student's training | " + " | ".join(students) + " |")
+    print("|---|" + "---|" * len(students))
     for label in labels:
-        print(f"| {label} | " + " | ".join(cell(results.get((s, label), [])) for s in STUDENTS) + " |")
+        print(f"| {label} | " + " | ".join(cell(results.get((s, label), [])) for s in students) + " |")
+    if args.only:  # paired by seed with the student alone, as `codistill compare` reports it
+        from codistill.experiments.compare import t_interval
+
+        print("\n| student's training | " + " | ".join(f"{s}: difference to alone (points)" for s in students) + " |")
+        print("|---|" + "---|" * len(students))
+        for label in labels[1:]:
+            cells = []
+            for s in students:
+                alone, mine = results.get((s, "alone"), []), results.get((s, label), [])
+                if len(mine) != len(alone) or not mine:
+                    cells.append("n/a")
+                    continue
+                diffs = [100 * (m - a) for m, a in zip(mine, alone)]
+                mean, low, high = t_interval(diffs)
+                verdict = "" if low > 0 or high < 0 else ": no resolvable effect"
+                cells.append(f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] {sum(d > 0 for d in diffs)}/{len(diffs)}{verdict}")
+            print(f"| {label} | " + " | ".join(cells) + " |")
     for (student, label), reason in reasons.items():
         print(f"\nn/a — {label} for {student}: {reason}")
+    if args.no_online:
+        return
 
     # DML against DML + attention transfer between peers (a CNN and a narrow CNN).
     peers = "peers=[{model: mnist1d_cnn, optimizer: {name: adam, lr: 0.01, schedule: cosine}}, " \
