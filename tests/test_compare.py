@@ -49,6 +49,9 @@ def test_compare_resumes_without_rerunning_finished_cells_and_its_table_is_the_r
     assert (tmp_path / "compare_mnist1d/compare.png").stat().st_size > 0
     markdown = (tmp_path / "compare_mnist1d/compare.md").read_text()
     assert "| kdcl:variant=mean | 2 |" in markdown and "best evaluation" in markdown
+    # a column only later rows have (a codistillation cell's bytes per round) is kept
+    codistilled = compare(cfg, ["independent", "codistill:period=10"], [0], log=logs.append).table.to_pylist()
+    assert codistilled[0]["bytes_per_round"] is None and codistilled[1]["bytes_per_round"] > 0
 
 
 def test_an_unfinished_cell_resumes_from_its_checkpoint(tmp_path):

@@ -427,7 +427,10 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
             log(f"{spec.label} seed {seed}: mean member {100 * figures['last_mean']:.2f}%, "
                 f"ensemble {100 * figures['last_ensemble']:.2f}%")
     differences = paired_differences(rows, baseline)
-    table = pa.Table.from_pylist(rows)
+    # Every column any row has (from_pylist reads the first row's keys only: a codistillation
+    # row's bytes per round would vanish behind an independent first row).
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows])
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(TABLE_FILE, buffer.getvalue())
