@@ -58,9 +58,12 @@ def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict
     # test logits are tens of MB: sent once).
     sent = {"logits": heads[primary]} if names == [primary] else {
         "logits": heads[primary], "members": torch.stack([heads[name] for name in names])}
-    gathered = [{"members": p["logits"][None], **p} for p in job.exchange.all_gather(sent)]
-    check_finite(list(enumerate(gathered)), step)
-    check_finite([(job.peer.index, heads)], step)  # this peer's other heads (branches beside their ensemble)
+    received = job.exchange.all_gather(sent)
+    # Each tensor once: every peer's sent logits (and members), then this peer's other heads
+    # (branches beside their ensemble) — a language model's test logits are tens of MB.
+    check_finite(list(enumerate(received)), step)
+    check_finite([(job.peer.index, {name: z for name, z in heads.items() if name != primary})], step)
+    gathered = [{"members": p["logits"][None], **p} for p in received]
     lm = job.data.input_kind == "tokens"
     metrics = {"step": step, **evaluation_metrics([p["logits"] for p in gathered], labels, with_bits=lm)}
     # The group's members: the peers, or the branches of a network that holds several. What a

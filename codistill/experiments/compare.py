@@ -259,7 +259,7 @@ def tune_method(spec: MethodSpec, asked: dict, storage: RunStorage) -> dict:
     """The method's tuning (kept in `tuned/<method>.json`; a re-run of the same tuning does not
     tune again): its best values after the trials on the validation split, the first trial
     being the recipe's own setting, and both figures — what tuning bought."""
-    from codistill.experiments.tune import run_sweep
+    from codistill.experiments.tune import config_point, run_sweep, trial_params
 
     result = run_sweep(load_config(asked))
     if result.best_config is None:
@@ -268,13 +268,9 @@ def tune_method(spec: MethodSpec, asked: dict, storage: RunStorage) -> dict:
     rows = result.table.to_pylist()
     finished = [r for r in rows if r["status"] == "TERMINATED" and r["objective"] is not None]
     best = max(finished, key=lambda r: r["objective"])
-    params = {k[len("param:"):]: v for k, v in best.items() if k.startswith("param:")}
-    from codistill.experiments.tune import config_point
-
     default_params = config_point(asked, asked["tune"]["space"])
-    default = next((r for r in finished if {k[len("param:"):]: v for k, v in r.items() if k.startswith("param:")}
-                    == default_params), None)
-    record = {"params": params, "validation_objective": best["objective"], "default_params": default_params,
+    default = next((r for r in finished if trial_params(r) == default_params), None)
+    record = {"params": trial_params(best), "validation_objective": best["objective"], "default_params": default_params,
               "default_objective": default["objective"] if default else None, "trials": len(rows),
               "seeds_per_trial": asked["tune"]["seeds_per_trial"], "config": asked}
     storage.write_bytes(f"tuned/{spec.slug}.json", json.dumps(record, indent=1).encode())
@@ -354,7 +350,7 @@ class Comparison:
 
 def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend: str = "local",
             tune_trials: int = 0, log=print, baseline: str | None = None, fresh: bool = False) -> Comparison:
-    from codistill.engine.run import train_connected
+    from codistill.engine.run import CONFIG_FILE, train_connected
 
     specs = [parse_method(m) for m in methods]
     if len({s.slug for s in specs}) != len(specs):
@@ -384,16 +380,13 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
         tuning = saved_tuning(spec, asked, storage, fresh, log) if asked else None
         plan.append((spec, one_network, asked, tuning))
         for seed in seeds:
-            cell_name = f"{cfg.name}.{spec.slug}.seed{seed}"
-            run_storage = RunStorage(storage_path, cell_name)
+            run_storage = RunStorage(storage_path, _cell_name(cfg.name, spec, seed))
             if asked and tuning is None:  # to be tuned: a stored cell cannot be from this tuning
-                from codistill.engine.run import CONFIG_FILE
-
                 if run_storage.exists(CONFIG_FILE):
                     _refuse_or_forget(f"cell {spec.label} seed {seed}", run_storage, "", (
                         "tuned values", "(tuned by this command)", "(from a tuning that is not saved)"), fresh, log)
                 continue
-            cell = _cell(base, spec, tuning, seed, cell_name)
+            cell = _cell(base, spec, tuning, seed, cfg.name)
             difference = stored_cell_difference(cell, run_storage)
             if difference and difference[0] == "train.steps" and run_figures(run_storage, cell.train.steps) is None:
                 continue  # an unfinished cell goes on to the steps asked, where its schedule allows (train checks)
@@ -409,7 +402,7 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
                 + (f"; its recipe's setting {100 * tuning['default_objective']:.2f}%)" if tuning["default_objective"]
                    is not None else ")"))
         for seed in seeds:
-            cell = _cell(base, spec, tuning, seed, f"{cfg.name}.{spec.slug}.seed{seed}")
+            cell = _cell(base, spec, tuning, seed, cfg.name)
             run_storage = RunStorage(storage_path, cell.name)
             figures = run_figures(run_storage, cell.train.steps)
             if figures is None:
@@ -440,9 +433,14 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
     return Comparison(table, markdown, storage, differences)
 
 
+def _cell_name(name: str, spec: MethodSpec, seed: int) -> str:
+    return f"{name}.{spec.slug}.seed{seed}"
+
+
 def _cell(base: dict, spec: MethodSpec, tuning: dict | None, seed: int, name: str) -> ExperimentConfig:
+    """The cell (method `spec`, `seed`) of the comparison `name`, at the method's tuned values."""
     data = cell_data(base, spec, tuning["params"] if tuning else {})
-    data.update(seed=seed, name=name)
+    data.update(seed=seed, name=_cell_name(name, spec, seed))
     return load_config(data)
 
 

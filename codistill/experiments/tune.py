@@ -223,7 +223,7 @@ def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepRe
     best_config, best_objective = None, None
     if finished:
         best = max(finished, key=lambda r: r["objective"])
-        params = {k[len("param:"):]: v for k, v in best.items() if k.startswith("param:")}
+        params = trial_params(best)
         base = to_dict(replace(cfg, tune=None))
         best_config = trial_config(base, params, f"{cfg.name}-best", cfg.ray.storage_path)
         best_objective = best["objective"]
@@ -232,6 +232,11 @@ def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepRe
         storage.write_bytes(BEST_FILE, (header + yaml.safe_dump(to_dict(best_config), sort_keys=False)).encode())
     plot_sweep(table, objective, storage)
     return SweepResult(table, best_config, best_objective, storage)
+
+
+def trial_params(row: dict) -> dict:
+    """A trials-table row's sampled values, by config key (the `param:` columns)."""
+    return {k[len("param:"):]: v for k, v in row.items() if k.startswith("param:")}
 
 
 def _error_text(error) -> str | None:
