@@ -64,7 +64,8 @@ def main() -> None:
     students = {s: STUDENTS[s] for s in args.students}
     common = [f"train.steps={args.steps}", f"ray.storage_path={args.storage}", "train.checkpoint_every=0"]
 
-    teacher = train(load_config(os.path.join(CONFIGS, "teacher_mnist1d_wide.yaml"), common), "local")
+    # The teacher keeps its own recipe's length: --steps is the students' budget.
+    teacher = train(load_config(os.path.join(CONFIGS, "teacher_mnist1d_wide.yaml"), common[1:]), "local")
     print(f"teacher {teacher.config.peers[0].model}: {100 * teacher.final['peer_accuracy'][0]:.2f}%", flush=True)
     teach = f"teacher={{run: {teacher.storage.uri}}}"
 

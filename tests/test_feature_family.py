@@ -225,6 +225,49 @@ def test_a_resumed_crd_run_equals_an_uninterrupted_one(tmp_path, teacher_run):
     assert float(state["model"]["crd.z_student"]) > 0
 
 
+def test_crd_between_peers_holds_a_memory_per_other_peer_and_averages_their_terms():
+    from codistill.methods.crd import CRD_MODULE, CRDConfig
+
+    labels = torch.arange(40) % 4
+    method = create_method(CRDConfig(name="crd", source="peers", feat_dim=4, negatives=5))
+    assert method.needs.peers and not method.needs.teacher and method.needs.taps == {"penultimate"}
+    shapes = {"own": {"penultimate": (6,)}, "peers": [{"penultimate": (5,)}, {"penultimate": (3,)}],
+              "train_labels": labels}
+    network = method.build_network(torch.nn.Module(), "x", shapes)
+    memories = network.get_submodule(CRD_MODULE)
+    # One head per other peer, sized from that peer's own features (peers of different widths).
+    assert [m.embed_teacher.in_features for m in memories] == [5, 3]
+    f = torch.randn(3, 6)
+    assert torch.equal(method.payload(torch.randn(3, 10), {"penultimate": f})["crd.features"], f)
+    indices = torch.tensor([1, 9, 30])
+    peers = [{"logits": torch.randn(3, 10), "crd.features": torch.randn(3, 5)},
+             {"logits": torch.randn(3, 10), "crd.features": torch.randn(3, 3)}]
+    s = signals(torch.randn(3, 10), labels[indices], taps={"penultimate": f}, network=network)
+    s.peers, s.indices = peers, indices
+    banks = {k: v.clone() for k, v in network.state_dict().items()}
+    _, terms = method.loss(s)
+    # By hand: each memory on its own (from the banks as they were), then the mean of the two.
+    network.load_state_dict(banks)
+    contrast = memories[0].negatives(indices, 5, s.generator())
+    by_hand = sum(sum(m(f, p["crd.features"], indices, contrast)) for m, p in zip(memories, peers)) / 2
+    assert float(terms["crd"]) == pytest.approx(float(by_hand.detach()), rel=1e-6)
+
+
+@pytest.mark.slow  # > 3 s: the full tier
+def test_crd_between_peers_of_different_widths_trains(tmp_path):
+    result = train(small_config(tmp_path, "name=crd_peers", "peers.1.model=mnist1d_cnn_narrow",
+                                "method={name: crd, source: peers, negatives: 64}"), "local")
+    rows = train_rows(result)
+    assert {r["peer"] for r in rows} == {0, 1} and all(r["crd"] > 0 for r in rows)
+    assert sum(r["crd"] for r in rows[-20:]) < sum(r["crd"] for r in rows[:20])
+    state = result.storage  # the heads of each peer read the other's width
+    from codistill.engine.checkpoint import LocalCheckpoints
+
+    widths = [LocalCheckpoints(state, keep=2).load_peer(120, k)["model"]["crd.0.embed_teacher.weight"].shape[1]
+              for k in (0, 1)]
+    assert widths[0] != widths[1]
+
+
 def test_factor_distance_by_hand():
     from codistill.methods.losses import factor_distance
 

@@ -94,14 +94,16 @@ def teacher_uri(ray_local, tmp_path_factory):
     # Language-model peers: codistillation in lock-step with top-k targets through the object store.
     ("configs/codistill_lm_stdlib.yaml", "object_store", (*LOCK_STEP_CODISTILL, *SMALL_LM, "exchange.top_k=8")),
     # From a teacher: CRD (its memory banks live in the peer's network) + the overhaul (pre-ReLU
-    # maps, connectors) + logit regression; between peers: logit regression + the overhaul's maps
-    # and margins through the exchange. (Two students, so that each runner gives a peer one thread:
-    # the overhaul's sums and Adam make these runs sensitive to a reduction order's last bit.)
+    # maps, connectors) + logit regression; between peers: CRD (features beside logits) + logit
+    # regression + the overhaul's maps and margins through the exchange. (Two students, so that
+    # each runner gives a peer one thread: the overhaul's sums and Adam make these runs sensitive
+    # to a reduction order's last bit.)
     ("configs/kd_mnist1d.yaml", "collective", ("peers=[{model: mnist1d_cnn_narrow}, {model: mnist1d_cnn}]",
                                                f"method={{name: crd, negatives: 256, also: [{OVERHAUL_TERM}, "
                                                "{name: logit_regression, alpha: 0.5}]}")),
-    ("configs/dml_mnist1d.yaml", "object_store", ("method={name: logit_regression, source: peers, alpha: 0.5, "
-                                                  f"also: [{OVERHAUL_TERM[:-1]}, source: peers}}]}}",)),
+    ("configs/dml_mnist1d.yaml", "object_store", ("method={name: crd, source: peers, negatives: 64, also: ["
+                                                  "{name: logit_regression, source: peers, alpha: 0.5}, "
+                                                  f"{OVERHAUL_TERM[:-1]}, source: peers}}]}}",)),
     # Factor transfer: the paraphraser trained once on the driver before the peers, then served
     # frozen beside the teacher in each Ray worker as in each local thread (two students: one
     # thread per peer in both runners).
@@ -110,7 +112,7 @@ def teacher_uri(ray_local, tmp_path_factory):
                                                "paraphraser_steps: 20}")),
 ], ids=["dml-collective", "dml-object_store", "one-peers", "codistill-lockstep", "dml+at-between-peers",
         "test-file-method", "kd-noisy-teacher", "kdcl", "okddip-3-peers", "pcl", "lm-codistill-top-k",
-        "crd+overhaul+logit-regression", "logit-regression+overhaul-between-peers",
+        "crd+overhaul+logit-regression", "crd+logit-regression+overhaul-between-peers",
         "ft"])
 def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, teacher_uri, base, transport,
                                                 overrides):

@@ -104,18 +104,32 @@ def peer_schedules(cfg: ExperimentConfig, num_examples: int) -> list[BatchSchedu
             for k in range(cfg.num_peers)]
 
 
+def _tap_shapes_of(spec: PeerSpec, taps, num_classes: int, example: torch.Tensor) -> dict:
+    """The shapes of one example's `taps` in a model built as `spec` says (random weights, and
+    random numbers that are put back: building it changes nothing of the run)."""
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(spec.model, num_classes, **spec.model_args)
+    return tap_shapes(model, {tap: MODELS[spec.model].taps[tap] for tap in taps}, example)
+
+
 def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device: torch.device, method: Method,
-               teacher: FrozenTeacher | None = None, batch_size: int = 0) -> Peer:
+               teacher: FrozenTeacher | None = None, batch_size: int = 0,
+               other_peers: tuple[PeerSpec, ...] = ()) -> Peer:
     """Peer `index`'s network (the registered model, shaped by the method) and optimizer. The
     init seed depends on (seed, index) only, so a peer starts from the same weights in every
-    runner; different peers start differently, which is what makes mutual learning worth anything."""
+    runner; different peers start differently, which is what makes mutual learning worth anything.
+    `other_peers`: the other peers' specs, in peer order (a method that reads their taps every
+    step sizes its modules from them: CRD between peers)."""
     paths = {tap: MODELS[spec.model].taps[tap] for tap in method.needs.taps}
     example = next(data.test_batches(2))[0]
+    needs = method.needs
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + index)
         base = create_model(spec.model, data.num_classes, **spec.model_args)
         shapes = {"own": tap_shapes(base, paths, example),
                   "teacher": teacher.tap_shapes(example) if teacher is not None else {},
+                  "peers": [_tap_shapes_of(other, needs.taps, data.num_classes, example) for other in other_peers]
+                  if needs.peers and needs.taps else [],
                   "train_labels": data.y_train}
         network = method.build_network(base, spec.model, shapes).to(device)
     check_output(network, method, spec.model, index, example.to(device), data.num_classes, data.rows(example))
@@ -192,7 +206,8 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     if cfg.train.data_on_device:
         data = data.to(device)  # once; every batch is then cut and augmented where it trains
     peer = build_peer(peer_index, cfg.peers[peer_index], data, cfg.seed, device, method, teacher,
-                      batch_size=cfg.data.batch_size // replicas)
+                      batch_size=cfg.data.batch_size // replicas,
+                      other_peers=tuple(p for k, p in enumerate(cfg.peers) if k != peer_index))
     # channels_last: the layout tensor cores want for convolutions; on a CPU it only costs.
     channels_last = device.type == "cuda" and data.input_kind == "image"
     if channels_last:

@@ -275,8 +275,9 @@ class Method:
     # -- what the engine calls ---------------------------------------------------------------
 
     def build_network(self, model: nn.Module, model_name: str, tap_shapes: dict | None = None) -> nn.Module:
-        """`tap_shapes`: {"own": {tap: shape}, "teacher": {tap: shape}} of one example, for
-        methods whose trainable modules depend on them (FitNets' regressors), and
+        """`tap_shapes`: {"own": {tap: shape}, "teacher": {tap: shape}, "peers": [{tap: shape} of each
+        other peer, in peer order]} of one example, for methods whose trainable modules depend
+        on them (FitNets' regressors, CRD's heads), and
         "train_labels": the training set's labels (a method keeping state per example, CRD's
         memory bank, sizes it from them; absent where no training set is at hand)."""
         network = self.own_network(model, model_name, tap_shapes or {})

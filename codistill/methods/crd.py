@@ -1,4 +1,5 @@
-"""Contrastive representation distillation (Tian, Krishnan & Isola, ICLR 2020), from a teacher.
+"""Contrastive representation distillation (Tian, Krishnan & Isola, ICLR 2020), from a teacher
+or between peers.
 
     v_s = g_s(f_s) / ‖·‖,  v_t = g_t(f_t) / ‖·‖        (linear embedding heads, `feat_dim`-d, unit norm)
     h(v, w) = exp(v·w / τ) / Z                          (Z: fixed on the first step, see below)
@@ -19,6 +20,11 @@ with the peer that owns them. The batch's example indices come from the engine (
 the (seed, step) schedule's), the negatives from the step's generator: a resumed run draws what
 an uninterrupted one does.
 
+Between peers (`source: peers`): each peer sends its features every step (`crd.features`,
+detached) and holds one contrast memory per other peer j — its own head and bank, and a head and
+bank for j's features — so peer j plays the teacher's part above; the term is the mean over the
+other peers. Peers of different architectures work: each head reads its side's own width.
+
 Deviations: negatives are drawn with replacement (the authors draw without, when there are
 enough); N defaults to 1024, not 16384 — MNIST-1D has 4000 training examples, ~3600 of them of
 another class, so the paper's N would exceed the pool (1024 keeps a fraction of the set close to
@@ -26,6 +32,7 @@ the paper's 16384 of CIFAR's 50000).
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import math
 
@@ -34,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codistill.errors import ConfigError, check
-from codistill.methods.base import Method, Needs, TeacherTapConfig, register_method
+from codistill.methods.base import Method, MethodConfig, Needs, TeacherTapConfig, register_method
 from codistill.methods.losses import contrastive_nce
 
 CRD_MODULE = "crd"
@@ -56,6 +63,19 @@ class CRDConfig(TeacherTapConfig):
     """μ of the memory banks' update."""
     weight: float = 0.8
     """β: weight of the contrastive term against the cross-entropy (0.8 in RepDistiller's scripts)."""
+    source: Literal["teacher", "peers"] = "teacher"
+    """Whose features are contrasted: a frozen teacher's, or the other peers' every step."""
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.source == "teacher"
+
+    def check(self, peers, teacher) -> None:
+        if self.source == "teacher":
+            return TeacherTapConfig.check(self, peers, teacher)
+        MethodConfig.check(self, peers, teacher)
+        check(len(peers) >= 2, "peers", f"CRD between peers needs at least 2 peers, got {len(peers)}")
+        self.check_taps([self.student_tap], "method.student_tap", [(f"peers.{i}", p.model) for i, p in enumerate(peers)])
 
     def __post_init__(self):
         check(self.feat_dim >= 1, "feat_dim", f"must be >= 1, got {self.feat_dim}")
@@ -120,6 +140,8 @@ class CRD(Method):
 
     def own_needs(self) -> Needs:
         c = self.config
+        if c.source == "peers":
+            return Needs(taps=frozenset([c.student_tap]), peers=True)
         return Needs(taps=frozenset([c.student_tap]), teacher=True, teacher_taps=frozenset([c.teacher_tap]))
 
     def own_network(self, model, model_name, tap_shapes):
@@ -127,15 +149,36 @@ class CRD(Method):
         if "train_labels" not in tap_shapes:
             raise ConfigError("method.name", "CRD keeps a memory bank of every training example; this run "
                               "builds the network without its training set")
-        own, teacher = tap_shapes["own"][c.student_tap], tap_shapes["teacher"][c.teacher_tap]
-        model.add_module(CRD_MODULE, ContrastMemory(math.prod(own), math.prod(teacher), tap_shapes["train_labels"], c))
+        own = math.prod(tap_shapes["own"][c.student_tap])
+        if c.source == "teacher":
+            others = [math.prod(tap_shapes["teacher"][c.teacher_tap])]
+        else:  # one memory per other peer, in peer order (as the exchange hands their payloads)
+            others = [math.prod(shapes[c.student_tap]) for shapes in tap_shapes["peers"]]
+        memories = [ContrastMemory(own, other, tap_shapes["train_labels"], c) for other in others]
+        model.add_module(CRD_MODULE, memories[0] if c.source == "teacher" else nn.ModuleList(memories))
         return model
 
+    def own_payload(self, logits, outputs, taps):
+        if self.config.source != "peers":
+            return {}
+        return {"crd.features": taps[self.config.student_tap].flatten(1)}
+
     def distill_terms(self, s):
+        c = self.config
         if s.indices is None:
             raise ValueError("CRD needs each batch's example indices (Signals.indices)")
         memory = s.network.get_submodule(CRD_MODULE)
-        contrast = memory.negatives(s.indices, self.config.negatives, s.generator())
-        loss_s, loss_t = memory(s.taps[self.config.student_tap], s.teacher[self.config.teacher_tap], s.indices, contrast)
-        value = loss_s + loss_t
-        return self.config.weight * value, {"crd": value.detach()}
+        if c.source == "teacher":
+            pairs = [(memory, s.teacher[c.teacher_tap])]
+        else:
+            pairs = list(zip(memory, [p["crd.features"] for p in s.peers]))
+        if not pairs:
+            return torch.zeros((), device=s.logits.device), {"crd": torch.zeros((), device=s.logits.device)}
+        value = 0.0
+        for side, features in pairs:
+            # The same negatives for every pair: one draw per step, as from a teacher.
+            contrast = side.negatives(s.indices, c.negatives, s.generator())
+            loss_s, loss_t = side(s.taps[c.student_tap], features, s.indices, contrast)
+            value = value + loss_s + loss_t
+        value = value / len(pairs)
+        return c.weight * value, {"crd": value.detach()}
