@@ -2,7 +2,11 @@
 
 Each peer writes its own part files (`records/peer{k}/{first:08d}-{last:08d}.parquet`) at
 every checkpoint, so what is on disk always matches a checkpoint: a resumed run deletes
-the parts written after the checkpoint it resumes from and no step appears twice."""
+the parts written after the checkpoint it resumes from and no step appears twice.
+
+Peers that run apart evaluate alone; the group's figures of an evaluation step (ensemble,
+churn, members) are put together once every peer has evaluated it and written as one row in
+`records/group/{step:08d}.parquet`; reading the records fills them into the peers' test rows."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from codistill.storage import RunStorage
 RECORDS_FILE = "records.parquet"
 PART = re.compile(r"(\d{8})-(\d{8})\.parquet")
 PEER_DIR = re.compile(r"peer(\d+)")
+GROUP_DIR = "group"
 logger = logging.getLogger(__name__)
 
 
@@ -40,6 +45,29 @@ def write_record_part(storage: RunStorage, peer: int, rows: list[dict]) -> None:
     pq.write_table(table, buffer)
     first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
     storage.write_bytes(f"records/peer{peer}/{_part_name(first, last)}", buffer.getvalue())
+
+
+def write_group_row(storage: RunStorage, row: dict) -> None:
+    """The group's figures at one evaluation step of peers that run apart (written again, the
+    same, when a restarted peer evaluates that step again)."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([row]), buffer)
+    storage.write_bytes(f"records/{GROUP_DIR}/{row['step']:08d}.parquet", buffer.getvalue())
+
+
+def _with_group_rows(storage: RunStorage, table: pa.Table) -> pa.Table:
+    """The peers' test rows with the group's figures of their step filled in."""
+    names = [n for n in storage.list(f"records/{GROUP_DIR}") if n.endswith(".parquet")]
+    if not names:
+        return table
+    group = {row["step"]: row for name in names
+             for row in pq.read_table(io.BytesIO(storage.read_bytes(f"records/{GROUP_DIR}/{name}"))).to_pylist()}
+    rows = table.to_pylist()
+    for row in rows:
+        if row["split"] == "test" and row["step"] in group:
+            row.update({k: v for k, v in group[row["step"]].items() if k != "step"})
+    columns = list(dict.fromkeys([*table.column_names, *(k for g in group.values() for k in g)]))
+    return pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
 
 
 def record_parts(storage: RunStorage, folder: str) -> list[tuple[int, int, str]]:
@@ -81,6 +109,8 @@ def read_records(storage: RunStorage) -> pa.Table:
     """All peers' parts as one table sorted by (step, peer, split), or the consolidated file."""
     tables = []
     for peer_dir in storage.list("records"):
+        if peer_dir == GROUP_DIR:
+            continue
         if PEER_DIR.fullmatch(peer_dir) is None:
             logger.warning("ignoring %s/records/%s: not a peer's folder (peerN)", storage.uri, peer_dir)
             continue
@@ -92,7 +122,7 @@ def read_records(storage: RunStorage) -> pa.Table:
         if storage.exists(RECORDS_FILE):
             return pq.read_table(io.BytesIO(storage.read_bytes(RECORDS_FILE)))
         raise FileNotFoundError(f"no records under {storage.uri}")
-    table = pa.concat_tables(tables, promote_options="default")
+    table = _with_group_rows(storage, pa.concat_tables(tables, promote_options="default"))
     return table.sort_by([("step", "ascending"), ("peer", "ascending"), ("split", "ascending")])
 
 
@@ -146,13 +176,39 @@ def summary_text(table: pa.Table, peer_models: list[str] | None = None) -> str:
             lines.append(f"{k:<6}{'  ' + head:<22}{100 * acc:>9.2f}%")
     accs = final["peer_accuracy"]
     lines.append(f"{'mean':<28}{100 * sum(accs) / len(accs):>9.2f}%")
-    lines.append(f"{'ensemble':<28}{100 * final['ensemble_accuracy']:>9.2f}%" + (f"{final['ensemble_bits']:>13.3f}" if lm else ""))
-    lines.append(f"{'churn':<28}{100 * final['churn']:>9.2f}%")
+    if final["ensemble_accuracy"] is None:  # peers apart, one of which did not evaluate this step
+        lines.append(f"{'ensemble, churn':<28}{'n/a':>10}  (not every peer evaluated step {final['step']})")
+    else:
+        lines.append(f"{'ensemble':<28}{100 * final['ensemble_accuracy']:>9.2f}%"
+                     + (f"{final['ensemble_bits']:>13.3f}" if lm else ""))
+        lines.append(f"{'churn':<28}{100 * final['churn']:>9.2f}%")
+    lines.extend(apart_lines(table))
     if "skipped" in table.column_names:
         skipped = sum(1 for v in table.column("skipped").to_pylist() if v)
         if skipped:
             lines.append(f"{skipped} step(s) skipped for a non-finite loss (train.on_nonfinite: skip_step)")
     return "\n".join(lines)
+
+
+def apart_lines(table: pa.Table) -> list[str]:
+    """What peers that ran apart went through: each peer's resumes from a checkpoint, and the
+    steps it distilled without a given peer (it was away, or too far behind or ahead)."""
+    lines = []
+    train = [r for r in table.to_pylist() if r["split"] == "train"]
+    for peer in sorted({r["peer"] for r in train}):
+        mine = [r for r in train if r["peer"] == peer]
+        resumed = sorted(r["step"] - 1 for r in mine if r.get("resumed"))
+        if resumed:
+            lines.append(f"peer {peer} resumed from its checkpoint {len(resumed)} time(s), at step(s) "
+                         + ", ".join(map(str, resumed)))
+        without: dict[str, int] = {}
+        for r in mine:
+            for other in (r.get("missing_peers") or "").split(","):
+                if other:
+                    without[other] = without.get(other, 0) + 1
+        for other, steps in sorted(without.items()):
+            lines.append(f"peer {peer} distilled {steps} step(s) without peer {other}")
+    return lines
 
 
 def plot_accuracy(table: pa.Table, storage: RunStorage, filename: str = "accuracy.png") -> str:
@@ -166,7 +222,7 @@ def plot_accuracy(table: pa.Table, storage: RunStorage, filename: str = "accurac
     for peer in sorted({r["peer"] for r in rows}):
         mine = [r for r in rows if r["peer"] == peer]
         ax.plot([r["step"] for r in mine], [100 * r["accuracy"] for r in mine], label=f"peer {peer}")
-    ensemble = [r for r in rows if r["peer"] == 0]
+    ensemble = [r for r in rows if r["peer"] == 0 and r.get("ensemble_accuracy") is not None]
     ax.plot([r["step"] for r in ensemble], [100 * r["ensemble_accuracy"] for r in ensemble], "k--", label="ensemble")
     ax.set_xlabel("step")
     ax.set_ylabel("test accuracy (%)")

@@ -102,7 +102,7 @@ def _round_latency(calls: int) -> dict:
         latencies = []
         for r in range(calls + 3):
             started = time.perf_counter()
-            periodic.round_trip(round_id, 0, payload, [0], round_id, 10.0)  # what a peer does each round
+            periodic.round_trip(round_id, 0, payload, [0], round_id, round_id, 10.0)  # what a peer does each round
             if r >= 3:
                 latencies.append(time.perf_counter() - started)
             round_id += 1

@@ -36,6 +36,9 @@ class MethodConfig:
     """True for methods that may learn from a frozen teacher (`teacher:`)."""
     reads_feature_taps: ClassVar[bool] = False
     """True for methods that read feature taps (forward hooks on named layers)."""
+    exchanges_in_rounds: ClassVar[bool] = False
+    """True for methods whose peers meet only every so many steps (`Needs.rounds`:
+    codistillation): on Ray each peer is then its own Ray Train run, of its own size."""
 
     @classmethod
     def choose_class(cls, data: dict, path: str) -> tuple[type, str]:

@@ -59,8 +59,17 @@ class PeerSpec:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     model_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the model's builder, e.g. `{width: 256, depth: 4}` for `gpt`."""
+    workers: int | None = None
+    """Ray runner, methods whose peers run apart (codistill): this peer's data-parallel (DDP)
+    workers, e.g. 4 for a large peer beside a small one on 1. None: `ray.workers_per_peer`."""
+    resources: dict[str, float] | None = None
+    """Ray runner, peers that run apart: what this peer reserves in all, split evenly over its
+    workers, e.g. {GPU: 4}. None: `ray.resources_per_peer`."""
 
     def __post_init__(self):
+        check(self.workers is None or self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        for name, amount in (self.resources or {}).items():
+            check(amount >= 0, f"resources.{name}", f"must be >= 0, got {amount}")
         MODELS.get(self.model, "model")
         from codistill.models.registry import check_model_args
 
@@ -187,6 +196,11 @@ class RaySettings:
     """Where checkpoints and records go: a local directory, NFS path or s3://bucket/prefix."""
     max_failures: int = 0
     """Worker failures Ray Train recovers from (restarting from the newest checkpoint)."""
+    layout: Literal["auto", "one_group"] = "auto"
+    """auto: the peers of a method that exchanges in rounds (codistill) each run as their own Ray
+    Train run — own workers, failures, checkpoints and restarts, meeting only through the round
+    board — and every other method's peers as one group; one_group: every method's peers as the
+    workers of one Ray Train run (one failure domain: a crash restarts them all)."""
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = "SPREAD"
     """How peers are placed on nodes. SPREAD (best effort) gives each peer a node of its own
     when there are enough, so a node failure takes one peer and peers do not share a node's
@@ -335,8 +349,11 @@ class ExperimentConfig:
                   + ", ".join(sorted(n for n, m in MODELS.items() if m.input_kind == data_kind)))
         self.method.check(self.peers, self.teacher)
         self._check_batches()
-        check(self.train.on_nonfinite == "stop" or self.ray.workers_per_peer == 1, "train.on_nonfinite",
-              "skip_step needs ray.workers_per_peer: 1 (data-parallel replicas must all take or all skip a step)")
+        self._check_peer_sizes()
+        check(self.train.on_nonfinite == "stop" or all(self.workers_of(i) == 1 for i in range(self.num_peers)),
+              "train.on_nonfinite",
+              "skip_step needs one worker per peer (ray.workers_per_peer and peers.<i>.workers: 1; data-parallel "
+              "replicas must all take or all skip a step)")
         if self.exchange.top_k:
             check(self.method.takes_top_k and not self.method.also, "exchange.top_k",
                   f"method {self.method.name!r}{' with also-terms' if self.method.also else ''} uses its peers' logits "
@@ -348,6 +365,28 @@ class ExperimentConfig:
         check(self.teacher is None or self.method.learns_from_teacher(), "teacher",
               f"is set, but method {self.method.name!r} learns from no teacher; remove `teacher:` or use a "
               f"method that does ({', '.join(registered_with('can_use_teacher'))}), alone or in `method.also`")
+
+    @property
+    def peers_apart(self) -> bool:
+        """Whether the Ray runner runs each peer as its own Ray Train run (see `ray.layout`)."""
+        return self.method.exchanges_in_rounds and self.ray.layout == "auto"
+
+    def workers_of(self, peer: int) -> int:
+        """Peer `peer`'s data-parallel workers on the Ray runner."""
+        return self.peers[peer].workers or self.ray.workers_per_peer
+
+    def _check_peer_sizes(self) -> None:
+        """Per-peer sizes need peers that run apart: one Ray Train group has one size for all."""
+        for i, peer in enumerate(self.peers):
+            for key, value in (("workers", peer.workers), ("resources", peer.resources)):
+                if value is None or self.peers_apart:
+                    continue
+                why = (f"ray.layout is one_group" if self.method.exchanges_in_rounds else
+                       f"method {self.method.name!r} exchanges every step, so its peers run as one group")
+                raise ConfigError(f"peers.{i}.{key}", (
+                    f"sizes one peer, which only peers that run apart can have (methods that exchange in rounds: "
+                    f"{', '.join(registered_with('exchanges_in_rounds'))}, with ray.layout: auto); {why}: set "
+                    f"ray.{'workers_per_peer' if key == 'workers' else 'resources_per_peer'} for every peer instead"))
 
     def _check_batches(self) -> None:
         """Every peer needs one whole batch of its examples (the last incomplete batch of an

@@ -108,10 +108,21 @@ class LocalCheckpoints:
                 self.storage.delete(f"{LOCAL_CHECKPOINT_DIR}/{name}")
 
 
-def checkpoint_folders(storage: RunStorage, parents=(LOCAL_CHECKPOINT_DIR, "")) -> list[tuple[int, str]]:
+PEER_RUN_DIR = re.compile(r"peer(\d+)")
+
+
+def peer_run_dir(peer: int) -> str:
+    """Where the Ray Train run of one peer keeps its checkpoints, when peers run apart."""
+    return f"peer{peer}"
+
+
+def checkpoint_folders(storage: RunStorage, parents=None) -> list[tuple[int, str]]:
     """(step, folder relative to the run) of every complete checkpoint (its `meta.pt` written
     last), oldest first: the local runner's under `checkpoints/`, Ray Train's at the run's top
-    level. Folders that are not ours (`step_latest`, a copy) are left alone, with a warning."""
+    level, and, when peers run apart, each peer's Ray Train run's under `peer<k>/` (default: all
+    of them). Folders that are not ours (`step_latest`, a copy) are left alone, with a warning."""
+    if parents is None:
+        parents = [LOCAL_CHECKPOINT_DIR, "", *sorted(n for n in storage.list(".") if PEER_RUN_DIR.fullmatch(n))]
     found = []
     for parent in parents:
         for name in storage.list(parent or "."):
@@ -132,14 +143,16 @@ def newest_complete(storage: RunStorage, peer: int) -> str | None:
     return found[-1] if found else None
 
 
-def newest_loadable(storage: RunStorage, folders: list[tuple[int, str]], num_peers: int) -> tuple[int, list[dict]] | None:
+def newest_loadable(storage: RunStorage, folders: list[tuple[int, str]], peers: int | list[int]) -> tuple[int, list[dict]] | None:
     """The newest of `folders` ((step, folder), oldest first) whose every peer file loads, with
-    the peers' states — each worker asks for all peers', so all agree on one step. A damaged
+    the peers' states — `peers`: a number K (peers 0..K-1: in one group each worker asks for all
+    peers', so all agree on one step) or a list (a peer running apart asks for its own). A damaged
     checkpoint (truncated, not a checkpoint, a peer's file missing) is skipped with a warning
     that says which and why; a run then resumes from the one before."""
+    peers = list(range(peers)) if isinstance(peers, int) else peers
     for step, folder in reversed(folders):
         try:
-            states = [from_bytes(storage.read_bytes(f"{folder}/{peer_file(k)}")) for k in range(num_peers)]
+            states = [from_bytes(storage.read_bytes(f"{folder}/{peer_file(k)}")) for k in peers]
         except Exception as err:  # noqa: BLE001 — any unreadable file disqualifies the checkpoint
             logger.warning("skipping the checkpoint at step %d (%s/%s): %s", step, storage.uri, folder,
                            first_line(err, 200))

@@ -58,24 +58,52 @@ def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict
     # test logits are tens of MB: sent once).
     sent = {"logits": heads[primary]} if names == [primary] else {
         "logits": heads[primary], "members": torch.stack([heads[name] for name in names])}
+    if not job.exchange.lock_step:
+        return _evaluate_apart(job, heads, sent, labels, step)
     received = job.exchange.all_gather(sent)
     # Each tensor once: every peer's sent logits (and members), then this peer's other heads
     # (branches beside their ensemble) — a language model's test logits are tens of MB.
     check_finite(list(enumerate(received)), step)
     check_finite([(job.peer.index, {name: z for name, z in heads.items() if name != primary})], step)
-    gathered = [{"members": p["logits"][None], **p} for p in received]
     lm = job.data.input_kind == "tokens"
-    metrics = {"step": step, **evaluation_metrics([p["logits"] for p in gathered], labels, with_bits=lm)}
-    # The group's members: the peers, or the branches of a network that holds several. What a
-    # comparison of methods reports, whichever form a method takes.
-    group = evaluation_metrics([z for p in gathered for z in p["members"]], labels)
-    metrics.update({"member_first_accuracy": group["peer0_accuracy"],
-                    **{f"member_{k}": group[k] for k in ("mean_accuracy", "best_accuracy", "ensemble_accuracy", "churn")}})
+    metrics = {"step": step, **group_figures(received, labels, with_bits=lm)}
     record = {"step": step, "peer": job.peer.index, "split": "test",
               "accuracy": metrics[f"peer{job.peer.index}_accuracy"],
-              "ensemble_accuracy": metrics["ensemble_accuracy"], "churn": metrics["churn"],
-              **{k: v for k, v in metrics.items() if k.startswith("member_")},
-              **({"bits": metrics[f"peer{job.peer.index}_bits"], "ensemble_bits": metrics["ensemble_bits"]} if lm else {})}
+              **{k: metrics[k] for k in GROUP_FIELDS if k in metrics},
+              **({"bits": metrics[f"peer{job.peer.index}_bits"]} if lm else {})}
     if len(heads) > 1:  # e.g. branches beside their ensemble
         record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
     return metrics, record
+
+
+def _evaluate_apart(job: PeerJob, heads: dict, sent: dict, labels: torch.Tensor, step: int) -> tuple[dict, dict]:
+    """A peer that runs apart evaluates alone: its own figures now; the group's (`GROUP_FIELDS`)
+    come from the board once every peer has posted this step (`engine/apart.py`)."""
+    check_finite([(job.peer.index, heads)], step)
+    if job.is_leader:
+        job.exchange.post(step, {**sent, "labels": labels})
+    lm = job.data.input_kind == "tokens"
+    own = evaluation_metrics([sent["logits"]], labels, with_bits=lm)
+    metrics = {"step": step, f"peer{job.peer.index}_accuracy": own["peer0_accuracy"]}
+    record = {"step": step, "peer": job.peer.index, "split": "test", "accuracy": own["peer0_accuracy"],
+              **({"bits": own["peer0_bits"]} if lm else {})}
+    if len(heads) > 1:
+        record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != next(iter(heads))})
+    return metrics, record
+
+
+# What a test record takes from the group's figures beside the peer's own accuracy.
+GROUP_FIELDS = ("ensemble_accuracy", "churn", "member_first_accuracy", "member_mean_accuracy", "member_best_accuracy",
+                "member_ensemble_accuracy", "member_churn", "ensemble_bits")
+
+
+def group_figures(payloads: list[dict], labels: torch.Tensor, with_bits: bool = False) -> dict:
+    """From every peer's test logits (and members), in peer order: each peer's accuracy, the
+    mean, best, ensemble and churn (bits for a language model), and the group's members' —
+    the peers, or the branches of a network that holds several: what a comparison of methods
+    reports, whichever form a method takes."""
+    metrics = evaluation_metrics([p["logits"] for p in payloads], labels, with_bits=with_bits)
+    group = evaluation_metrics([z for p in payloads for z in p.get("members", p["logits"][None])], labels)
+    metrics.update({"member_first_accuracy": group["peer0_accuracy"],
+                    **{f"member_{k}": group[k] for k in ("mean_accuracy", "best_accuracy", "ensemble_accuracy", "churn")}})
+    return metrics

@@ -175,6 +175,8 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
             raise KeyboardInterrupt(f"peer {peer.index} stopped at step {step}")
         record = train_step(job, step)
         record["node"] = run.node
+        if step == start and state is not None:
+            record["resumed"] = True  # the first step after a restart or a resume: what the summary counts
         records.append(record)
         unchecked += 1
         done = step + 1

@@ -1,9 +1,13 @@
-"""The Ray runner: the same `train_peer` loop inside a Ray Train `TorchTrainer` (Train V2).
+"""The Ray runner: the same `train_peer` loop inside Ray Train `TorchTrainer`s (Train V2).
 
-K peers × M data-parallel workers per peer = K·M Ray Train workers; world rank r belongs to
-peer r // M as its replica r % M. Ray Train gives placement (one GPU per peer on a
-workstation), the process group (gloo on CPU, NCCL on GPU), checkpoints in `storage_path`
-and restarts from the newest checkpoint after a failure (`FailureConfig`).
+One group (every-step methods): K peers × M data-parallel workers per peer = K·M workers of
+one Ray Train run; world rank r belongs to peer r // M as its replica r % M. Ray Train gives
+placement (one GPU per peer on a workstation), the process group (gloo on CPU, NCCL on GPU),
+checkpoints in `storage_path` and restarts from the newest checkpoint after a failure
+(`FailureConfig`) — of the whole group.
+
+Apart (methods that exchange in rounds, `engine/apart.py`): one Ray Train run per peer, each of
+its own size (`peers.<k>.workers`), failing, checkpointing and restarting on its own.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from codistill.config import ConfigError, ExperimentConfig, load_config, to_dict
-from codistill.data import load_data
+from codistill.data import DATASETS, load_data
+from codistill.engine.apart import BoardExchange, EvaluationBoard, runs_apart
 from codistill.engine.checkpoint import (CHECKPOINT_DIR, META_FILE, checkpoint_folders, checkpoint_name, meta_state,
-                                         newest_loadable, peer_file, to_bytes)
+                                         newest_loadable, peer_file, peer_run_dir, to_bytes)
 from codistill.errors import RunError
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
@@ -57,8 +62,9 @@ class ProgressMailbox:
 
 class RayRunContext(RunContext):
     def __init__(self, storage: RunStorage, peer: int, leader: bool, progress_mailbox, cfg_dict: dict,
-                 num_peers: int):
+                 num_peers: int, apart: bool = False):
         self.num_peers = num_peers
+        self.apart = apart  # this Ray Train run trains this peer alone
         self.storage = storage
         self.peer = peer
         self.leader = leader
@@ -74,14 +80,15 @@ class RayRunContext(RunContext):
             return None
         # Ray's newest committed checkpoint, or the newest before it whose every peer file loads.
         newest = int(CHECKPOINT_DIR.fullmatch(os.path.basename(checkpoint.path.rstrip("/"))).group(1))
-        folders = [(step, folder) for step, folder in checkpoint_folders(self.storage, [""]) if step <= newest]
-        found = newest_loadable(self.storage, folders, self.num_peers)
+        parent = peer_run_dir(peer) if self.apart else ""
+        folders = [(step, folder) for step, folder in checkpoint_folders(self.storage, [parent]) if step <= newest]
+        found = newest_loadable(self.storage, folders, [peer] if self.apart else self.num_peers)
         if found is None:
             raise RunError(f"no checkpoint of {self.storage.uri} up to step {newest} loads; see the warnings above")
         step, states = found
         if self.leader:
             drop_records_after(self.storage, peer, step)
-        return states[peer]
+        return states[0] if self.apart else states[peer]
 
     def report(self, step: int, metrics: dict, checkpoint: dict | None, records: list[dict]) -> None:
         if checkpoint is None and not records:
@@ -91,7 +98,7 @@ class RayRunContext(RunContext):
         with tempfile.TemporaryDirectory() as folder:
             with open(os.path.join(folder, peer_file(self.peer)), "wb") as f:
                 f.write(to_bytes(checkpoint))
-            if self.peer == 0:
+            if self.peer == 0 or self.apart:  # the file that completes a checkpoint folder
                 with open(os.path.join(folder, META_FILE), "wb") as f:
                     f.write(to_bytes(meta_state(step, self.cfg_dict)))
             # Every worker uploads into the same folder (Ray syncs the name across ranks).
@@ -119,50 +126,60 @@ def ray_train_loop(loop_config: dict) -> None:
     adopt_registrations(loop_config["registrations"])
     cfg: ExperimentConfig = load_config(loop_config["experiment"])
     context = ray.train.get_context()
-    replicas = cfg.ray.workers_per_peer
-    peer_index, replica = divmod(context.get_world_rank(), replicas)
+    apart = loop_config.get("peer") is not None  # this run trains one peer, of its own size
+    if apart:
+        peer_index, replica, replicas = loop_config["peer"], context.get_world_rank(), context.get_world_size()
+    else:
+        replicas = cfg.ray.workers_per_peer
+        peer_index, replica = divmod(context.get_world_rank(), replicas)
     device = ray.train.torch.get_device()
     torch.set_num_threads(loop_config["threads_per_worker"])
 
     data = load_data(cfg.data)
-    exchange_group, data_parallel = None, None
-    if replicas > 1:  # DDP over the peer's workers; its column of replicas exchanges
-        peer_group, exchange_group = _data_parallel_groups(cfg.num_peers, replicas, peer_index, replica)
+    peer_group, exchange_group, data_parallel = None, None, None
+    if replicas > 1:
+        if not apart:  # DDP over the peer's workers; its column of replicas exchanges
+            peer_group, exchange_group = _data_parallel_groups(cfg.num_peers, replicas, peer_index, replica)
         data_parallel = functools.partial(torch.nn.parallel.DistributedDataParallel, process_group=peer_group,
                                           device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.exchange.transport == "collective":
+    if apart:
+        exchange = BoardExchange(loop_config["evaluation_board"], peer_index, cfg.num_peers)
+    elif cfg.exchange.transport == "collective":
         exchange = CollectiveExchange(peer_index, cfg.num_peers, exchange_group, device)
     else:
         exchange = ObjectStoreExchange(loop_config["gather_coordinators"][replica], peer_index, cfg.num_peers)
     periodic = None
     if loop_config["publication_coordinator"] is not None:
-        periodic = ObjectStorePeriodicExchange(loop_config["publication_coordinator"], peer_index)
+        periodic = ObjectStorePeriodicExchange(loop_config["publication_coordinator"], peer_index, apart=apart)
     job = make_job(cfg, peer_index, data, peer_schedules(cfg, len(data.y_train)), device, exchange, periodic,
                    replica=replica, replicas=replicas, data_parallel=data_parallel)
     storage = RunStorage(cfg.ray.storage_path, cfg.name)
     run = RayRunContext(storage, peer_index, job.is_leader, loop_config["progress_mailbox"], loop_config["experiment"],
-                        cfg.num_peers)
+                        cfg.num_peers, apart)
     train_peer(job, run, cfg.data.eval_batch_size)
 
 
-def resources_per_worker(cfg: ExperimentConfig, cluster: dict[str, float]) -> dict[str, float]:
-    """What each Ray Train worker reserves, given the cluster's total resources.
+def resources_per_worker(cfg: ExperimentConfig, cluster: dict[str, float], peer: int | None = None) -> dict[str, float]:
+    """What each Ray Train worker reserves (of peer `peer`, when peers run apart), given the
+    cluster's total resources.
 
-    Configured `resources_per_peer` are split evenly over the peer's workers. Unset: one GPU
-    per worker when the cluster has a GPU for every worker (a workstation with G GPUs and
-    K ≤ G peers gets one peer per GPU), one CPU per worker when it has no GPU at all, and an
-    error when it has some GPUs but too few, rather than silently training on CPUs."""
-    replicas = cfg.ray.workers_per_peer
-    if cfg.ray.resources_per_peer is not None:
-        return {name: amount / replicas for name, amount in cfg.ray.resources_per_peer.items()}
-    workers = cfg.num_peers * replicas
+    Configured resources (`peers.<k>.resources`, else `ray.resources_per_peer`) are split evenly
+    over the peer's workers. Unset: one GPU per worker when the cluster has a GPU for every worker
+    (a workstation with G GPUs and K ≤ G peers gets one peer per GPU), one CPU per worker when it
+    has no GPU at all, and an error when it has some GPUs but too few, rather than silently
+    training on CPUs."""
+    replicas = cfg.ray.workers_per_peer if peer is None else cfg.workers_of(peer)
+    configured = cfg.ray.resources_per_peer if peer is None else (cfg.peers[peer].resources or cfg.ray.resources_per_peer)
+    if configured is not None:
+        return {name: amount / replicas for name, amount in configured.items()}
+    workers = sum(cfg.workers_of(k) for k in range(cfg.num_peers)) if peer is not None else cfg.num_peers * replicas
     gpus = cluster.get("GPU", 0)
     if gpus >= workers:
         return {"CPU": 1.0, "GPU": 1.0}
     if gpus > 0:
         raise ConfigError("ray.resources_per_peer", (
-            f"is not set and the cluster has {gpus:g} GPUs for {cfg.num_peers} peers × {replicas} "
-            f"worker(s); one GPU per worker needs {workers}. Set it: {{CPU: 1}} trains on CPUs; "
+            f"is not set and the cluster has {gpus:g} GPUs for {cfg.num_peers} peers with {workers} worker(s) in "
+            f"all; one GPU per worker needs {workers}. Set it: {{CPU: 1}} trains on CPUs; "
             "{GPU: 0.5} puts two peers on a GPU (with exchange.transport: object_store, since NCCL "
             "cannot run two ranks on one GPU); or use fewer peers."))
     return {"CPU": 1.0}
@@ -238,6 +255,31 @@ def check_placement(cfg: ExperimentConfig, per_worker: dict[str, float], nodes: 
                    "adds nodes (the workers are pending until then).", asked, have, fit)
 
 
+def check_apart_placement(cfg: ExperimentConfig, cluster: dict[str, float], nodes: list[dict[str, float]],
+                          fixed_size: bool) -> None:
+    """Peers apart are placed one Ray Train run at a time: each must fit by itself (on a
+    fixed-size instance, else an error before any starts); when all do not fit at once, the
+    later ones start as room frees or an autoscaler adds it (late joiners), said in a warning."""
+    wanted = [(k, resources_per_worker(cfg, cluster, k), cfg.workers_of(k)) for k in range(cfg.num_peers)]
+    for k, per_worker, workers in wanted:
+        if fixed_size and workers_that_fit(per_worker, nodes) < workers:
+            raise ConfigError(f"peers.{k}.workers", (
+                f"peer {k} has {workers} worker(s), each reserving {per_worker}, but this Ray instance holds "
+                f"{workers_that_fit(per_worker, nodes)} such workers and cannot grow. Choose fewer workers, less "
+                f"per peer (peers.{k}.resources), or a cluster (--address) with room or an autoscaler."))
+    free = [dict(node) for node in nodes]
+    for k, per_worker, workers in wanted:
+        for _ in range(workers):
+            node = next((n for n in free if all(n.get(r, 0.0) + 1e-9 >= a for r, a in per_worker.items() if a > 0)), None)
+            if node is None:
+                logger.warning("peer %d's %d worker(s) (each %s) do not fit beside the peers before it on the cluster "
+                               "now: it starts when there is room (the others train without it until then)",
+                               k, workers, per_worker)
+                return
+            for r, a in per_worker.items():
+                node[r] = node.get(r, 0.0) - a
+
+
 def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox, callbacks=()) -> TorchTrainer:
     replicas = cfg.ray.workers_per_peer
     cluster = ray.cluster_resources()
@@ -273,14 +315,94 @@ def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox, c
     )
 
 
+def make_apart_trainers(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox) -> list[TorchTrainer]:
+    """One Ray Train run per peer, `<run>/peer<k>`, meeting only through the boards (which live on
+    this node and outlive every peer's restarts)."""
+    cluster = ray.cluster_resources()
+    publications = on_this_node(PublicationCoordinator).remote(cfg.num_peers, apart=True)
+    board = on_this_node(EvaluationBoard).remote(cfg.num_peers, storage.uri, DATASETS[cfg.data.name].input_kind == "tokens")
+    trainers = []
+    for k in range(cfg.num_peers):
+        per_worker = resources_per_worker(cfg, cluster, k)
+        loop_config = {
+            "experiment": to_dict(cfg),
+            "registrations": user_registrations(),
+            "peer": k,
+            "publication_coordinator": publications,
+            "evaluation_board": board,
+            "threads_per_worker": max(1, int(per_worker.get("CPU", 1))),
+            "progress_mailbox": progress_mailbox,
+        }
+        trainers.append(TorchTrainer(
+            ray_train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers_of(k), use_gpu=per_worker.get("GPU", 0) > 0,
+                                                   resources_per_worker=per_worker,
+                                                   placement_strategy=cfg.ray.placement_strategy),
+            run_config=ray.train.RunConfig(
+                name=peer_run_dir(k),
+                storage_path=storage.uri,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+            ),
+        ))
+    return trainers
+
+
+def _own_error(err: Exception) -> Exception:
+    """A worker's own one-line error (the run diverged, a setting that fails in the worker) is
+    the answer, not Ray's wrapping of it."""
+    if isinstance(err, ray.train.WorkerGroupError):
+        for failure in err.worker_failures.values():
+            cause = getattr(failure, "cause", None) or failure
+            if isinstance(cause, (RunError, ConfigError)):
+                return cause
+    return err
+
+
+def fit_all(trainers: list[TorchTrainer]):
+    """Run the trainers side by side (each its own Ray Train run) until every one has ended;
+    then raise the first failure, if any. A peer whose run fails for good does not stop the others."""
+    if len(trainers) == 1:
+        return trainers[0].fit()
+    results: list = [None] * len(trainers)
+
+    def fit(k: int) -> None:
+        try:
+            results[k] = trainers[k].fit()
+        except BaseException as err:  # noqa: BLE001 — raised in the caller's thread, after the others end
+            results[k] = err
+
+    threads = [threading.Thread(target=fit, args=(k,), name=f"peer{k}-run", daemon=True) for k in range(len(trainers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise failures[0]
+    return results
+
+
 def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callbacks=()):
-    """Train all peers of `cfg` on the Ray cluster this process is connected to."""
+    """Train all peers of `cfg` on the Ray cluster this process is connected to: one Ray Train
+    run for the group, or one per peer when they run apart (`engine/apart.py`). Tune's callbacks
+    report one run's results, so a Tune trial keeps one group."""
     # A private local instance (no address given) has the size it was started with.
     fixed_size = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
-    check_placement(cfg, resources_per_worker(cfg, ray.cluster_resources()),
-                    [n["Resources"] for n in ray.nodes() if n["Alive"]], fixed_size)
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    apart = runs_apart(cfg) and not callbacks
+    sized = [i for i, p in enumerate(cfg.peers) if p.workers or p.resources]
+    if callbacks and runs_apart(cfg) and sized:
+        raise ConfigError(f"peers.{sized[0]}.workers", "a Tune trial trains its peers as one group (one Ray Train run "
+                          "reports to Tune), so peers cannot have sizes of their own there: use ray.workers_per_peer")
     progress_mailbox = on_this_node(ProgressMailbox).remote()
-    trainer = make_trainer(cfg, storage, progress_mailbox, callbacks)
+    if apart:
+        check_apart_placement(cfg, ray.cluster_resources(), nodes, fixed_size)
+        trainers = make_apart_trainers(cfg, storage, progress_mailbox)
+    else:
+        check_placement(cfg, resources_per_worker(cfg, ray.cluster_resources()), nodes, fixed_size)
+        trainers = [make_trainer(cfg, storage, progress_mailbox, callbacks)]
     stop = threading.Event()
 
     def poll_progress() -> None:
@@ -295,15 +417,12 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
     poller = threading.Thread(target=poll_progress, daemon=True)
     poller.start()
     try:
-        return trainer.fit()
+        return fit_all(trainers)
     except ray.train.WorkerGroupError as err:
-        # A worker's own one-line error (the run diverged, a setting that fails in the worker)
-        # is the answer, not Ray's wrapping of it.
-        for failure in err.worker_failures.values():
-            cause = getattr(failure, "cause", None) or failure
-            if isinstance(cause, (RunError, ConfigError)):
-                raise cause from None
-        raise
+        own = _own_error(err)
+        if own is err:
+            raise
+        raise own from None
     finally:
         stop.set()
         poller.join()

@@ -14,7 +14,7 @@ import pyarrow as pa
 import yaml
 
 from codistill.config import ConfigError, ExperimentConfig, dump_config, to_dict
-from codistill.engine.checkpoint import checkpoint_folders, newest_loadable
+from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, peer_run_dir
 from codistill.engine.lease import RunLease
 from codistill.engine.stages import prepare_stages
 from codistill.engine.teacher import resolve_teacher
@@ -260,9 +260,16 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
 
 def saved_up_to(storage: RunStorage, num_peers: int) -> str:
     """Where a stopped run stands: the step a re-run resumes from (a damaged newer checkpoint is
-    not "saved")."""
+    not "saved") — each peer's, when the peers ran apart."""
     try:
-        found = newest_loadable(storage, checkpoint_folders(storage), num_peers)
+        folders = checkpoint_folders(storage)
+        apart = [f"{peer_run_dir(k)}/" for k in range(num_peers)]
+        if any(folder.startswith(tuple(apart)) for _, folder in folders):
+            steps = [newest_loadable(storage, [(s, f) for s, f in folders if f.startswith(apart[k])], [k])
+                     for k in range(num_peers)]
+            return "the peers are saved up to steps " + ", ".join(
+                f"{found[0] if found else 0} (peer {k})" for k, found in enumerate(steps))
+        found = newest_loadable(storage, folders, num_peers)
     except Exception:  # noqa: BLE001 — the message must come out whatever the storage says
         found = None
     return (f"the run is saved up to step {found[0]} (its newest checkpoint)" if found

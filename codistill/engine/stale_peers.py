@@ -41,6 +41,7 @@ class StalePeers(SignalSource):
         self.received: dict[int, tuple[int, object]] = {}
         self.stale_networks: dict[int, torch.nn.Module] = {}
         self.round_info: dict = {}
+        self.missing: str | None = None
 
     def publication(self, job, round_id: int):
         """What this peer publishes at the start of round `round_id`."""
@@ -60,7 +61,8 @@ class StalePeers(SignalSource):
         predicted = time.perf_counter()
         others = [peer for peer in range(len(self.peer_specs)) if peer != me]
         sent, entries = self.periodic.round_trip(round_id, me, payload, others, round_id - self.spec.max_staleness,
-                                                 self.spec.wait_timeout_s, keep=2 * self.spec.max_staleness + 2)
+                                                 self.max_round(round_id), self.spec.wait_timeout_s,
+                                                 keep=2 * self.spec.max_staleness + 2)
         missing = []
         for peer in others:
             entry = entries[peer]
@@ -71,6 +73,7 @@ class StalePeers(SignalSource):
             self.received[peer] = entry
             self.received_publication(job, peer, entry[1])
         self.round = round_id
+        self.missing = ",".join(map(str, missing)) or None
         self.round_info = {
             "round": round_id,
             "staleness_rounds": max((round_id - r for r, _ in self.received.values()), default=None),
@@ -78,12 +81,17 @@ class StalePeers(SignalSource):
             "predict_ms": 1000 * (predicted - started),  # the teacher pass (predictions) or the state copy
             "wait_ms": 1000 * (time.perf_counter() - predicted),  # publishing, waiting for late peers, fetching
             "round_ms": 1000 * (time.perf_counter() - started),
-            "missing_peers": ",".join(map(str, missing)) or None,
         }
+
+    def max_round(self, round_id: int) -> int | None:
+        """The newest round of another peer this round may use: this one (its publication must
+        cover this peer's batches)."""
+        return round_id
 
     def serve(self, job, step, x, signals):
         """The other peers' stale payloads on this step's batch; the round's record fields on the
-        step that starts a round. Rounds that end before `burn_in` exchange nothing."""
+        step that starts a round, and on every step the peers it distils without (`missing_peers`).
+        Rounds that end before `burn_in` exchange nothing."""
         round_id = step // self.spec.period
         if (round_id + 1) * self.spec.period <= self.spec.burn_in:
             return {}
@@ -93,7 +101,7 @@ class StalePeers(SignalSource):
             info = self.round_info
         signals.peers = [self.payload_now(job, step, x, peer, published_round, publication)
                          for peer, (published_round, publication) in self.received.items()]
-        return info
+        return {**info, "missing_peers": self.missing}
 
 
 class StalePredictions(StalePeers):
@@ -132,6 +140,11 @@ class StalePredictions(StalePeers):
 
 class StaleWeights(StalePeers):
     """A round publishes this peer's weights; the others predict with a stale copy each step."""
+
+    def max_round(self, round_id):
+        # Weights serve any batch: a peer that runs apart and fell behind (it restarted, or joined
+        # late) distils from the others' newest weights, even rounds ahead of its own.
+        return None if self.periodic.apart else round_id
 
     def publication(self, job, round_id):
         # A copy: the live tensors keep training while the others read this snapshot.

@@ -25,33 +25,45 @@ class Exchange:
 
     num_peers: int
     peer: int
+    lock_step: bool = True
+    """False for peers that run apart: they never all-gather, and an evaluation is posted to a
+    board (`post`) that puts the group's figures together once every peer has evaluated that step."""
 
     def all_gather(self, payload: Payload) -> list[Payload]:
+        raise NotImplementedError
+
+    def post(self, step: int, payload: Payload) -> None:
+        """Peers apart: this peer's test logits (and labels) of evaluation step `step`."""
         raise NotImplementedError
 
 
 class PeriodicExchange:
     """One peer's handle on the round publications of its group."""
 
+    apart: bool = False
+    """True when the peers run apart (each its own Ray Train run): none waits for a peer that is
+    away, and a peer that comes back replaces the rounds it publishes again."""
+
     def publish(self, round_id: int, peer: int, payload, keep: int = 0) -> int:
         """Publish this peer's payload of round `round_id`; returns the number of bytes sent.
         `keep`: how many of the peer's newest rounds stay readable (0: `KEEP_ROUNDS`)."""
         raise NotImplementedError
 
-    def newest(self, peer: int, min_round: int, max_round: int, timeout: float) -> tuple[int, object] | None:
+    def newest(self, peer: int, min_round: int, max_round: int | None, timeout: float) -> tuple[int, object] | None:
         """(round, payload) of `peer`'s newest publication with min_round ≤ round ≤ max_round,
         or None when none arrived within `timeout` seconds. (A peer that is ahead may already
-        have published rounds after max_round: those cover batches this peer has not reached.)"""
+        have published rounds after max_round: those cover batches this peer has not reached.
+        max_round None: any newer round will do — a peer's newer weights are still its weights.)"""
         raise NotImplementedError
 
     def round_trip(self, round_id: int, peer: int, payload, others: list[int], min_round: int,
-                   timeout: float, keep: int = 0) -> tuple[int, dict[int, tuple[int, object] | None]]:
+                   max_round: int | None, timeout: float, keep: int = 0) -> tuple[int, dict[int, tuple[int, object] | None]]:
         """A round's whole exchange: publish `payload`, then each of `others`' newest publication
-        in [min_round, round_id] (None for a peer that sent none within `timeout`). Returns
+        in [min_round, max_round] (None for a peer that sent none within `timeout`). Returns
         (bytes sent, {peer: (round, payload) or None}). A transport over the network does it in
         one request."""
         sent = self.publish(round_id, peer, payload, keep)
-        return sent, {other: self.newest(other, min_round, round_id, timeout) for other in others}
+        return sent, {other: self.newest(other, min_round, max_round, timeout) for other in others}
 
 
 # Rounds kept per peer unless the publisher says how many its readers can still use: a peer is
@@ -60,8 +72,9 @@ class PeriodicExchange:
 KEEP_ROUNDS = 8
 
 
-def pick_round(published: dict[int, object], min_round: int, max_round: int) -> int | None:
-    usable = [r for r in published if min_round <= r <= max_round]
+def pick_round(published: dict[int, object], min_round: int, max_round: int | None) -> int | None:
+    """The newest round in [min_round, max_round] (max_round None: no upper bound)."""
+    usable = [r for r in published if min_round <= r and (max_round is None or r <= max_round)]
     return max(usable) if usable else None
 
 

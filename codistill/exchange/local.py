@@ -74,7 +74,7 @@ class LocalPeriodicExchange(PeriodicExchange):
             store.changed.notify_all()
         return payload_bytes(payload)
 
-    def newest(self, peer: int, min_round: int, max_round: int, timeout: float):
+    def newest(self, peer: int, min_round: int, max_round: int | None, timeout: float):
         store = self.publications
         deadline = time.monotonic() + timeout
         with store.changed:

@@ -24,6 +24,7 @@ class CodistillConfig(DistillConfig):
     min_peers: ClassVar[int] = 2
     takes_top_k: ClassVar[bool] = True
     composable: ClassVar[bool] = False  # it shapes the exchange (rounds)
+    exchanges_in_rounds: ClassVar[bool] = True
     burn_in: int = 0
     """Steps trained with cross-entropy only, before any exchange (the paper's burn-in)."""
     period: int = 50
