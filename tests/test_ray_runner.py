@@ -167,7 +167,7 @@ def test_the_publication_coordinator_forgets_every_round_when_a_restarted_group_
     assert ray.get(board.newest.remote(1, 0, 0, 5, 1.0))[0] == 2
     # The workers restart and join again: a new generation with nothing published.
     assert ray.get([board.join.remote(1), board.join.remote(0)]) == [2, 2]
-    assert ray.get(board.state.remote()) == {"generation": 2, "rounds": {}}
+    assert ray.get(board.state.remote()) == {"generation": 2, "rounds": {}, "away": []}
     assert ray.get(board.newest.remote(2, 0, 0, 5, 0.2)) is None
     with pytest.raises(ray.exceptions.RayTaskError, match="generation 1"):
         ray.get(board.publish.remote(1, 3, 0, [ray.put(3)]))

@@ -62,7 +62,7 @@ class StalePeers(SignalSource):
         others = [peer for peer in range(len(self.peer_specs)) if peer != me]
         sent, entries = self.periodic.round_trip(round_id, me, payload, others, round_id - self.spec.max_staleness,
                                                  self.max_round(round_id), self.spec.wait_timeout_s,
-                                                 keep=2 * self.spec.max_staleness + 2)
+                                                 keep=self._keep(job))
         missing = []
         for peer in others:
             entry = entries[peer]
@@ -82,6 +82,15 @@ class StalePeers(SignalSource):
             "wait_ms": 1000 * (time.perf_counter() - predicted),  # publishing, waiting for late peers, fetching
             "round_ms": 1000 * (time.perf_counter() - started),
         }
+
+    def _keep(self, job) -> int:
+        """The rounds of this peer the board keeps: a reader is at most max_staleness rounds
+        behind (it waits), so 2·max_staleness + 2 suffice; peers apart add the rounds since a
+        checkpoint, which a peer that restarts from it trains again and reads again."""
+        keep = 2 * self.spec.max_staleness + 2
+        if self.periodic.apart:
+            keep += -(-(job.train.checkpoint_every or job.train.steps) // self.spec.period)
+        return keep
 
     def max_round(self, round_id: int) -> int | None:
         """The newest round of another peer this round may use: this one (its publication must

@@ -137,12 +137,14 @@ class PublicationCoordinator(PeerGroupGenerations):
                       rejoin: bool = False) -> None:
         if generation != self.generation:
             raise RuntimeError(f"peer {peer} publishes in generation {generation}, the coordinator is in {self.generation}")
+        entry = boxed_ref[0]
+        ref = entry if isinstance(entry, ray.ObjectRef) else ray.put(entry)  # peers apart: the board owns it
         async with self.changed:
             rounds = self.published.setdefault(peer, {})
             if rejoin:
                 for later in [r for r in rounds if r >= round_id]:
                     del rounds[later]
-            rounds[round_id] = boxed_ref[0]
+            rounds[round_id] = ref
             for old in [r for r in rounds if r <= round_id - (keep or KEEP_ROUNDS)]:
                 del rounds[old]
             self.changed.notify_all()
@@ -195,9 +197,15 @@ class ObjectStorePeriodicExchange(PeriodicExchange):
         self.generation = ray.get(actor.join.remote(peer))
         self.rejoin = True  # this process's first publication replaces what a lost training published
 
+    def _put(self, payload) -> list:
+        """The payload as it goes to the board: a reference (this worker's object), or, for peers
+        apart, the payload itself, which the board stores as its own object — a round must
+        outlive the peer that published it, so the others keep distilling from it while that
+        peer is away (an object dies with the worker that put it)."""
+        return [payload] if self.apart else [ray.put(payload)]
+
     def publish(self, round_id: int, peer: int, payload, keep: int = 0) -> int:
-        ref = ray.put(payload)
-        ray.get(self.actor.publish.remote(self.generation, round_id, peer, [ref], keep, self.rejoin))
+        ray.get(self.actor.publish.remote(self.generation, round_id, peer, self._put(payload), keep, self.rejoin))
         self.rejoin = False
         return payload_bytes(payload)
 
@@ -209,8 +217,7 @@ class ObjectStorePeriodicExchange(PeriodicExchange):
         return round_id, ray.get(boxed[0])
 
     def round_trip(self, round_id, peer, payload, others, min_round, max_round, timeout, keep=0):
-        ref = ray.put(payload)
-        answers = ray.get(self.actor.round_trip.remote(self.generation, round_id, peer, [ref], others, min_round,
+        answers = ray.get(self.actor.round_trip.remote(self.generation, round_id, peer, self._put(payload), others, min_round,
                                                       max_round, timeout, keep, self.rejoin))
         self.rejoin = False
         found = {p: a for p, a in answers.items() if a is not None}
