@@ -173,6 +173,71 @@ def test_the_publication_coordinator_forgets_every_round_when_a_restarted_group_
         ray.get(board.publish.remote(1, 3, 0, [ray.put(3)]))
 
 
+def test_the_board_of_peers_apart_waits_once_for_an_absent_peer_and_replaces_a_returning_ones_rounds(ray_local):
+    import time
+
+    import ray
+
+    from codistill.exchange.object_store import PublicationCoordinator
+
+    board = PublicationCoordinator.remote(2, apart=True)
+    assert ray.get(board.join.remote(0)) == 0  # a join never waits for the other peers
+    ray.get(board.publish.remote(0, 0, 0, [{"w": 0}]))  # by value: the board owns the round
+    started = time.monotonic()
+    assert ray.get(board.round_trip.remote(0, 1, 0, [{"w": 1}], [1], 0, None, 1.0)) == {1: None}
+    assert time.monotonic() - started >= 1.0  # peer 1 never came: waited for once...
+    started = time.monotonic()
+    assert ray.get(board.round_trip.remote(0, 2, 0, [{"w": 2}], [1], 1, None, 30.0)) == {1: None}
+    assert time.monotonic() - started < 5  # ...and then it is away: not waited for again
+    assert ray.get(board.state.remote())["away"] == [(0, 1)]
+    # Peer 1 joins late (at round 0) and may read peer 0's newer weights (no upper bound).
+    answer = ray.get(board.round_trip.remote(0, 0, 1, [{"w": 10}], [0], 0, None, 1.0, 0, True))
+    assert answer[0][0] == 2 and ray.get(answer[0][1][0]) == {"w": 2}
+    # Once peer 1 has a usable round, peer 0 uses it again (and would wait for it again).
+    found = ray.get(board.newest.remote(0, 1, 0, None, 1.0, 0))
+    assert found[0] == 0 and ray.get(board.state.remote())["away"] == []
+    # Peer 1 publishes rounds 1..3, crashes, restarts from round 1: its rounds 1..3 are replaced.
+    for r in (1, 2, 3):
+        ray.get(board.publish.remote(0, r, 1, [{"w": 10 + r}]))
+    ray.get(board.publish.remote(0, 1, 1, [{"w": 21}], 0, True))
+    assert ray.get(board.state.remote())["rounds"][1] == [0, 1]
+    found = ray.get(board.newest.remote(0, 1, 0, None, 1.0, 0))
+    assert found[0] == 1 and ray.get(found[1][0]) == {"w": 21}
+
+
+def test_peers_apart_of_different_sizes_train_and_a_killed_peer_restarts_alone(ray_local, tmp_path):
+    """Codistillation with a 2-worker peer (DDP) beside a 1-worker peer, each its own Ray Train
+    run: a worker of peer 0 killed mid-run restarts peer 0 alone from its own checkpoint."""
+    overrides = ["name=sizes", "train.steps=300", "train.checkpoint_every=100", "train.eval_every=100",
+                 "ray.max_failures=1", "ray.resources_per_peer={CPU: 0.5}", "peers.0.workers=2",
+                 "method.burn_in=0", "method.period=20", "method.max_staleness=0", "method.publish=weights"]
+    killed = {}
+
+    def kill_peer0_midway(step, metrics):
+        if step >= 150 and not killed and "pid" in metrics:
+            killed["at"] = step
+            os.kill(metrics["pid"], signal.SIGKILL)
+
+    result = train(small_config(tmp_path, *overrides, base="configs/codistill_mnist1d.yaml"), "ray",
+                   on_progress=kill_peer0_midway)
+    assert killed, "the peer was not killed mid-run"
+    rows = [r for r in result.records.to_pylist() if r["split"] == "train"]
+    for peer, workers in ((0, 2), (1, 1)):
+        mine = [r for r in rows if r["peer"] == peer]
+        assert [r["step"] for r in mine] == list(range(1, 301))  # every step once, nothing lost
+        assert {r["workers"] for r in mine} == {workers}
+    # Peer 0 restarted from its own checkpoint; peer 1 never stopped.
+    assert [r["step"] - 1 for r in rows if r.get("resumed")] in ([100], [200])
+    assert not any(r.get("resumed") for r in rows if r["peer"] == 1)
+    assert {"step_00000200", "step_00000300"} <= set(os.listdir(result.storage.path("peer0")))  # its own run
+    # Max staleness 0 and a long wait: after the restart peer 1 waited for peer 0's rounds, so
+    # every round was distilled from the other peer, none from nobody.
+    assert all(r["peers_used"] == 1 for r in rows)
+    final = result.final
+    assert final["ensemble_accuracy"] is not None and len(final["peer_accuracy"]) == 2
+    assert "peer 0 resumed from its checkpoint 1 time(s)" in result.summary
+
+
 def run_cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "codistill.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)

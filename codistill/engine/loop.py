@@ -113,9 +113,10 @@ def train_step(job: PeerJob, step: int) -> dict:
         job.method.after_update(peer.network, step)
         clock.lap("optimizer_ms")
     # A record's step counts the updates done once it is written: this update is number step + 1.
-    return {"step": step + 1, "peer": peer.index, "split": "train", "node": None, **terms,
+    # `time`: when the step ended (seconds since the epoch), for step rates of peers running apart.
+    return {"step": step + 1, "peer": peer.index, "split": "train", "node": None, "time": time.time(), **terms,
             "lr": peer.optimizer.param_groups[0]["lr"], "step_ms": 1000 * (time.perf_counter() - started),
-            "peers_used": len(signals.peers), **record}
+            "peers_used": len(signals.peers), "workers": job.replicas, **record}
 
 
 class NonFiniteLoss(RunError):
