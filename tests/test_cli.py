@@ -12,6 +12,12 @@ def test_a_bad_key_is_one_line_naming_it_with_exit_2(capsys):
     assert err.count("\n") == 1 and "method.temprature" in err and "temperature" in err
 
 
+def test_per_peer_workers_for_an_every_step_method_is_one_line_with_exit_2(capsys):
+    assert main(["train", f"{REPO}/configs/dml_mnist1d.yaml", "--set", "peers.1.workers=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "peers.1.workers" in err and "exchanges every step" in err
+
+
 def test_a_broken_yaml_file_is_one_line_with_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmethod: [dml\n")

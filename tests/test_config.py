@@ -266,3 +266,34 @@ def test_an_error_becomes_one_line_even_without_a_message():
     assert first_line(ValueError("bad value\nsecond line")) == "bad value"
     assert first_line(ValueError()) == "ValueError"  # the copies this replaced raised IndexError here
     assert first_line(OSError("x" * 500), 200) == "x" * 200
+
+
+def test_a_method_that_exchanges_in_rounds_says_so_in_its_config_and_its_needs():
+    """The config layer knows which peers may run apart by a trait; the engine by the method's
+    declared needs. They must agree for every registered method."""
+    from codistill.config.method import METHOD_CONFIGS
+    from codistill.methods import create_method
+
+    checked = 0
+    for name in METHOD_CONFIGS.names():
+        try:
+            cfg = load_config(os.path.join(REPO, "configs/dml_mnist1d.yaml"), [f"method={{name: {name}}}"]).method
+        except ConfigError:
+            continue  # a method that needs more than its name (taps, a teacher): not a rounds method
+        assert cfg.exchanges_in_rounds == (create_method(cfg).needs.rounds is not None), name
+        checked += 1
+    assert checked >= 5 and load_config(os.path.join(REPO, "configs/codistill_mnist1d.yaml")).peers_apart
+
+
+@pytest.mark.parametrize("base,overrides,key", [
+    ("configs/dml_mnist1d.yaml", ["peers.1.workers=2"], "peers.1.workers"),
+    ("configs/dml_mnist1d.yaml", ["peers.0.resources={CPU: 2}"], "peers.0.resources"),
+    ("configs/codistill_mnist1d.yaml", ["peers.1.workers=2", "ray.layout=one_group"], "peers.1.workers"),
+])
+def test_per_peer_sizes_are_refused_where_the_peers_run_as_one_group(base, overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(os.path.join(REPO, base), overrides)
+    assert err.value.path == key and "one group" in str(err.value) and "codistill" in str(err.value)
+    assert f"ray.{'workers' if key.endswith('workers') else 'resources'}_per_peer" in str(err.value)
+    cfg = load_config(os.path.join(REPO, "configs/codistill_mnist1d.yaml"), ["peers.0.workers=2"])
+    assert [cfg.workers_of(k) for k in (0, 1)] == [2, 1]

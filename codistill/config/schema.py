@@ -381,7 +381,7 @@ class ExperimentConfig:
             for key, value in (("workers", peer.workers), ("resources", peer.resources)):
                 if value is None or self.peers_apart:
                     continue
-                why = (f"ray.layout is one_group" if self.method.exchanges_in_rounds else
+                why = ("ray.layout: one_group runs its peers as one group" if self.method.exchanges_in_rounds else
                        f"method {self.method.name!r} exchanges every step, so its peers run as one group")
                 raise ConfigError(f"peers.{i}.{key}", (
                     f"sizes one peer, which only peers that run apart can have (methods that exchange in rounds: "
