@@ -211,11 +211,12 @@ def test_killed_worker_node_resumes_from_newest_checkpoint_with_no_step_lost_or_
     assert sum(not head for _, head in cluster.raylets().values()) == 2
 
 
-# Codistillation as Anil et al. run it: weights every 20 steps, a staleness window (100 rounds)
-# wider than a restart, a short wait for a peer that is away; each peer reserving a whole worker
-# node, so each has a node of its own.
+# Codistillation as Anil et al. run it: weights every 20 steps, a staleness window (40 rounds,
+# 800 steps) wider than a restart but narrower than a late start — a peer far behind is no
+# teacher — and a short wait for a peer that is away; each peer reserving a whole worker node,
+# so each has a node of its own.
 APART = ["--set", "method={name: codistill, temperature: 3.0, weight: 1.0, burn_in: 0, period: 20, "
-         "max_staleness: 100, publish: weights, wait_timeout_s: 5}",
+         "max_staleness: 40, publish: weights, wait_timeout_s: 5}",
          "--set", "ray.resources_per_peer={CPU: 2}", "--set", "ray.max_failures=1",
          "--set", "train.eval_every=500", "--set", "train.checkpoint_every=500"]
 APART_STEPS = 2500
@@ -307,18 +308,29 @@ def test_a_killed_codistillation_peer_costs_only_itself_when_peers_run_apart(clu
           f"kill; peer 0 lost {lost0} steps; summary:\n" + output[output.index("final evaluation"):])
 
 
+HOLD_A_NODE = """
+import sys, time, ray
+from ray.util.placement_group import placement_group
+ray.init(address=sys.argv[1])
+group = placement_group([{"CPU": 2}])  # one worker node's every CPU
+ray.get(group.ready(), timeout=60)
+print("holding", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
 def test_a_late_peer_joins_a_running_codistillation(cluster):
-    """Peer 1 waits for room: another job holds the second worker node for 30 s. Peer 0 trains
-    alone meanwhile (its rounds recorded as distilled from nobody); both finish."""
-    env = {**cluster.client_env(), "RAY_API_SERVER_ADDRESS": cluster.dashboard}
-    holder = subprocess.Popen([os.path.join(BIN, "ray"), "job", "submit", "--entrypoint-num-cpus=2", "--",
-                               "sleep", "30"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    """Peer 1 waits for room: another client holds the second worker node for 40 s. Peer 0
+    trains alone meanwhile (its rounds recorded as distilled from nobody); both finish."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_NODE, cluster.address, "40"], cwd=REPO,
+                              env=cluster.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(8)  # the holder's entrypoint is placed first
+        lines = iter(holder.stdout.readline, "")
+        assert any(line.strip() == "holding" for line in lines), "the holder could not take a node"
         out = cluster.train("late", *APART, "--set", f"train.steps={APART_STEPS}",
                             config="configs/codistill_mnist1d.yaml")
     finally:
-        holder.wait(120)
+        holder.kill()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     records = train_records(cluster, "late")
     for peer, rows in records.groupby("peer"):
@@ -329,7 +341,14 @@ def test_a_late_peer_joins_a_running_codistillation(cluster):
     early = peer0[peer0.time < started1]
     assert len(early) and (early.missing_peers == "1").all() and (early.peers_used == 0).all()
     assert (peer1.peers_used == 1).any()  # the late peer distilled from peer 0's newer weights
+    # ...while peer 0 never took the late peer (too far behind for the window) as a teacher.
+    assert (peer0.peers_used == 0).all()
+    final = pq.read_table(os.path.join(cluster.runs, "late", "records.parquet")).to_pandas()
+    accuracy = final[(final.split == "test") & (final.step == APART_STEPS)].sort_values("peer").accuracy
+    assert accuracy.min() > 0.80, accuracy
     assert "peer 0 distilled" in out.stdout and "without peer 1" in out.stdout
+    print(f"\nlate: peer 1 started {started1 - float(peer0.time.min()):.1f} s after peer 0, at peer 0's step "
+          f"{len(early)}; " + out.stdout[out.stdout.index("final evaluation"):])
 
 
 def test_run_refuses_local_storage_that_a_node_cannot_see(cluster):
