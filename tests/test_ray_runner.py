@@ -210,6 +210,7 @@ def test_peers_apart_of_different_sizes_train_and_a_killed_peer_restarts_alone(r
     run: a worker of peer 0 killed mid-run restarts peer 0 alone from its own checkpoint."""
     overrides = ["name=sizes", "train.steps=300", "train.checkpoint_every=100", "train.eval_every=100",
                  "ray.max_failures=1", "ray.resources_per_peer={CPU: 0.5}", "peers.0.workers=2",
+                 "peers.*.optimizer.schedule=constant",
                  "method.burn_in=0", "method.period=20", "method.max_staleness=0", "method.publish=weights"]
     killed = {}
 
@@ -236,6 +237,13 @@ def test_peers_apart_of_different_sizes_train_and_a_killed_peer_restarts_alone(r
     final = result.final
     assert final["ensemble_accuracy"] is not None and len(final["peer_accuracy"]) == 2
     assert "peer 0 resumed from its checkpoint 1 time(s)" in result.summary
+    # Resume by name: each peer's own Ray Train run picks up its own newest checkpoint.
+    longer = train(small_config(tmp_path, *overrides, "train.steps=400", base="configs/codistill_mnist1d.yaml"), "ray")
+    rows = [r for r in longer.records.to_pylist() if r["split"] == "train"]
+    for peer in (0, 1):
+        mine = [r for r in rows if r["peer"] == peer]
+        assert [r["step"] for r in mine] == list(range(1, 401))
+        assert [r["step"] for r in mine if r.get("resumed")][-1] == 301
 
 
 def run_cli(*args, cwd=REPO):

@@ -119,7 +119,7 @@ def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device
     init seed depends on (seed, index) only, so a peer starts from the same weights in every
     runner; different peers start differently, which is what makes mutual learning worth anything.
     `other_peers`: the other peers' specs, in peer order (a method that reads their taps every
-    step sizes its modules from them: CRD between peers)."""
+    step sizes its modules from them: a contrastive head per other peer)."""
     paths = {tap: MODELS[spec.model].taps[tap] for tap in method.needs.taps}
     example = next(data.test_batches(2))[0]
     needs = method.needs
