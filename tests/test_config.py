@@ -297,3 +297,15 @@ def test_per_peer_sizes_are_refused_where_the_peers_run_as_one_group(base, overr
     assert f"ray.{'workers' if key.endswith('workers') else 'resources'}_per_peer" in str(err.value)
     cfg = load_config(os.path.join(REPO, "configs/codistill_mnist1d.yaml"), ["peers.0.workers=2"])
     assert [cfg.workers_of(k) for k in (0, 1)] == [2, 1]
+
+
+def test_switching_the_method_by_name_drops_the_files_settings_of_the_old_one(capsys):
+    """KD's temperature 4 must not become CRD's τ: a switched method starts from its own
+    defaults, keeping only what --set gives it."""
+    cfg = load_config(os.path.join(REPO, "configs/kd_mnist1d.yaml"), ["method.name=crd", "method.negatives=256"])
+    assert cfg.method.name == "crd" and cfg.method.temperature == 0.07 and cfg.method.negatives == 256
+    assert "kd settings (temperature, alpha) were dropped" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="method.temperatur"):  # a mistyped --set is still refused
+        load_config(os.path.join(REPO, "configs/kd_mnist1d.yaml"), ["method.name=crd", "method.temperatur=1"])
+    same = load_config(os.path.join(REPO, "configs/kd_mnist1d.yaml"), ["method.name=kd"])
+    assert same.method.temperature == 4.0  # the same method: nothing dropped
