@@ -342,3 +342,20 @@ def test_a_diverging_ray_run_stops_with_the_peer_step_and_term_and_keeps_its_che
     assert kept
     state = from_bytes(storage.read_bytes(f"{kept[-1][1]}/peer0.pt"))
     assert all(t.isfinite().all() for t in state["model"].values())
+
+
+@pytest.mark.parametrize("fixed_size", [True, False])
+def test_peers_apart_that_do_not_fit_at_once_are_an_error_on_a_fixed_instance_and_late_on_a_cluster(
+        make_config, caplog, fixed_size):
+    from codistill.config import ConfigError
+    from codistill.engine.ray_runner import check_apart_placement
+
+    cfg = make_config("peers.0.workers=2", base="configs/codistill_mnist1d.yaml")  # 3 workers, 1 CPU each
+    nodes = [{"CPU": 2.0}]
+    if fixed_size:
+        with pytest.raises(ConfigError, match=r"^peers\.1\.workers: peer 1's 1 worker\(s\).*cannot grow"):
+            check_apart_placement(cfg, {"CPU": 2.0}, nodes, fixed_size)
+    else:
+        check_apart_placement(cfg, {"CPU": 2.0}, nodes, fixed_size)
+        assert "starts when there is room" in caplog.text
+    check_apart_placement(cfg, {"CPU": 3.0}, [{"CPU": 2.0}, {"CPU": 1.0}], True)  # room on two nodes: fine

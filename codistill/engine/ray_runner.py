@@ -257,24 +257,24 @@ def check_placement(cfg: ExperimentConfig, per_worker: dict[str, float], nodes: 
 
 def check_apart_placement(cfg: ExperimentConfig, cluster: dict[str, float], nodes: list[dict[str, float]],
                           fixed_size: bool) -> None:
-    """Peers apart are placed one Ray Train run at a time: each must fit by itself (on a
-    fixed-size instance, else an error before any starts); when all do not fit at once, the
-    later ones start as room frees or an autoscaler adds it (late joiners), said in a warning."""
-    wanted = [(k, resources_per_worker(cfg, cluster, k), cfg.workers_of(k)) for k in range(cfg.num_peers)]
-    for k, per_worker, workers in wanted:
-        if fixed_size and workers_that_fit(per_worker, nodes) < workers:
-            raise ConfigError(f"peers.{k}.workers", (
-                f"peer {k} has {workers} worker(s), each reserving {per_worker}, but this Ray instance holds "
-                f"{workers_that_fit(per_worker, nodes)} such workers and cannot grow. Choose fewer workers, less "
-                f"per peer (peers.{k}.resources), or a cluster (--address) with room or an autoscaler."))
+    """Peers apart are placed one Ray Train run at a time. On a cluster (which an autoscaler may
+    grow), a peer that does not fit beside the ones before it starts when there is room (a late
+    joiner; the others train without it until then), said in a warning. On a fixed-size
+    instance nobody adds room, so the peers must fit at once: an error before any starts."""
     free = [dict(node) for node in nodes]
-    for k, per_worker, workers in wanted:
+    for k in range(cfg.num_peers):
+        per_worker, workers = resources_per_worker(cfg, cluster, k), cfg.workers_of(k)
         for _ in range(workers):
             node = next((n for n in free if all(n.get(r, 0.0) + 1e-9 >= a for r, a in per_worker.items() if a > 0)), None)
             if node is None:
-                logger.warning("peer %d's %d worker(s) (each %s) do not fit beside the peers before it on the cluster "
-                               "now: it starts when there is room (the others train without it until then)",
-                               k, workers, per_worker)
+                asked = f"peer {k}'s {workers} worker(s), each reserving {per_worker},"
+                if fixed_size:
+                    raise ConfigError(f"peers.{k}.workers", (
+                        f"{asked} do not fit beside the peers before it on this Ray instance, which cannot grow. "
+                        f"Choose fewer workers, less per peer (peers.{k}.resources or ray.resources_per_peer, "
+                        "e.g. {CPU: 0.5}), or a cluster (--address) with room or an autoscaler."))
+                logger.warning("%s do not fit beside the peers before it on the cluster now: it starts when there is "
+                               "room (the others train without it until then)", asked)
                 return
             for r, a in per_worker.items():
                 node[r] = node.get(r, 0.0) - a
