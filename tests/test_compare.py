@@ -24,6 +24,7 @@ def tiny(tmp_path, *overrides):
                         base=RECIPE)
 
 
+@pytest.mark.slow  # ~6 s: the full tier (the fast tier keeps the unfinished-cell resume)
 def test_compare_resumes_without_rerunning_finished_cells_and_its_table_is_the_records(tmp_path):
     cfg = tiny(tmp_path)
     logs = []

@@ -159,7 +159,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one
     assert steps == list(range(1, 121))
 
 
-@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.mark.parametrize("backend", [pytest.param("local", marks=pytest.mark.slow),  # a real subprocess, ~5 s
+                                     pytest.param("ray", marks=pytest.mark.ray)])
 def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path, backend):
     import os
     import signal
