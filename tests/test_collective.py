@@ -57,11 +57,23 @@ def test_a_tensor_of_too_many_dims_is_refused_by_name():
         pack({"deep": torch.zeros([1] * 7)}, torch.device("cpu"))
 
 
+# Rows of each rank's payload at each call: the same sizes (the steady state), rank 1's outgrowing
+# the capacity alone, both shrinking.
+CALLS = [(4, 5), (4, 5), (4, 9), (4, 9), (2, 3)]
+
+
 def _gather_in_process(rank: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        gathered = CollectiveExchange(rank, 2).all_gather(mixed_payload(rows=4 + rank))  # shapes differ by peer
-        torch.save(gathered, f"{out_file}.{rank}")
+        exchange = CollectiveExchange(rank, 2)
+        rounds = []
+        gather = exchange._gather
+        exchange._gather = lambda buffer: rounds.append(1) or gather(buffer)
+        results = []
+        for rows in CALLS:
+            before = len(rounds)
+            results.append((exchange.all_gather(mixed_payload(rows=rows[rank])), len(rounds) - before))
+        torch.save(results, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -71,8 +83,11 @@ def test_two_processes_with_payloads_of_different_shapes_gather_each_others_exac
     init_file, out_file = str(tmp_path / "init"), str(tmp_path / "out")
     mp.start_processes(_gather_in_process, args=(init_file, out_file), nprocs=2, join=True, start_method="spawn")
     for rank in range(2):
-        gathered = torch.load(f"{out_file}.{rank}", weights_only=True)
-        assert len(gathered) == 2
-        for peer in range(2):
-            assert_same(mixed_payload(rows=4 + peer), gathered[peer])
-    assert os.path.exists(f"{out_file}.1")
+        results = torch.load(f"{out_file}.{rank}", weights_only=True)
+        for rows, (gathered, collectives) in zip(CALLS, results):
+            assert len(gathered) == 2
+            for peer in range(2):  # shapes differ by peer
+                assert_same(mixed_payload(rows=rows[peer]), gathered[peer])
+        # One collective once the capacity is known; two when a payload outgrows it (the first
+        # call; rank 1's alone at the third, which both ranks must take part in).
+        assert [c for _, c in results] == [2, 1, 2, 1, 1]

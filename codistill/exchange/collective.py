@@ -5,9 +5,15 @@ of every peer forms one exchange group (they hold the same slice of the batch).
 
 `all_gather` needs one tensor of one shape on every rank, while a payload is named tensors
 whose shapes may differ between peers (e.g. attention maps of two architectures). So each
-call packs the payload into one byte buffer and first gathers a small header (each tensor's
-dtype and shape), then the buffers padded to the longest: two collectives, the second the
-size of the data.
+call packs the payload into one byte buffer behind a small header (each tensor's dtype and
+shape) and gathers the buffers padded to one agreed capacity.
+
+The capacity is what every peer learnt from the previous call with the same names (every peer
+makes the same calls in the same order, so all agree on it without asking): one collective
+per call once the payloads' sizes are known — the steady state of training. A call whose
+payload outgrows it (the first call, an evaluation's test logits the first time, a top-k
+payload that grew) says so in its buffer's first field, and the call gathers once more at the
+new capacity: two collectives, as every call needed before.
 """
 
 from __future__ import annotations
@@ -62,15 +68,34 @@ class CollectiveExchange(Exchange):
         self.num_peers = num_peers
         self.group = group
         self.device = device or torch.device("cpu")
+        self.capacity: dict[tuple[str, ...], int] = {}  # names → data bytes every peer's buffer holds
+
+    def _gather(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        gathered = [torch.empty_like(buffer) for _ in range(self.num_peers)]
+        dist.all_gather(gathered, buffer, group=self.group)
+        return gathered
 
     def all_gather(self, payload: Payload) -> list[Payload]:
         names = sorted(payload)
         header, data = pack(payload, self.device)
-        headers = [torch.empty_like(header) for _ in range(self.num_peers)]
-        dist.all_gather(headers, header, group=self.group)
-        sizes = [sum(size for _, _, size in described(h)) for h in headers]
-        padded = torch.zeros(max(sizes), dtype=torch.uint8, device=self.device)
-        padded[:data.numel()] = data
-        buffers = [torch.empty_like(padded) for _ in range(self.num_peers)]
-        dist.all_gather(buffers, padded, group=self.group)
-        return [unpack(names, h, b) for h, b in zip(headers, buffers)]
+        capacity = self.capacity.get(tuple(names), 0)
+        # [data bytes (int64) | header (int64s) | data padded to the capacity], as bytes. A payload
+        # larger than the capacity sends its size and header only; the data follow in a second round.
+        fits = data.numel() <= capacity
+        head = torch.cat([torch.tensor([data.numel()], dtype=torch.int64, device=self.device), header])
+        buffer = torch.zeros(head.numel() * 8 + capacity, dtype=torch.uint8, device=self.device)
+        buffer[:head.numel() * 8] = head.view(torch.uint8)
+        if fits:
+            buffer[head.numel() * 8:head.numel() * 8 + data.numel()] = data
+        gathered = self._gather(buffer)
+        heads = [b[:head.numel() * 8].clone().view(torch.int64) for b in gathered]
+        sizes = [int(h[0]) for h in heads]
+        if max(sizes) <= capacity:
+            datas = [b[head.numel() * 8:] for b in gathered]
+        else:  # someone outgrew the capacity: every peer sends its data again at the new one
+            capacity = max(sizes)
+            padded = torch.zeros(capacity, dtype=torch.uint8, device=self.device)
+            padded[:data.numel()] = data
+            datas = self._gather(padded)
+        self.capacity[tuple(names)] = capacity
+        return [unpack(names, h[1:], d) for h, d in zip(heads, datas)]
