@@ -320,11 +320,11 @@ time.sleep(float(sys.argv[2]))
 
 
 def test_a_late_peer_joins_a_running_codistillation(cluster):
-    """One peer waits for room: another client holds a worker node for 30 s, so only one of the
+    """One peer waits for room: another client holds a worker node for 45 s, so only one of the
     two peers (whichever Ray places first) can start. The early peer trains alone meanwhile (its
     rounds recorded as distilled from nobody); both finish."""
-    steps = 4000  # the early peer is still training when the late one starts
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_NODE, cluster.address, "30"], cwd=REPO,
+    steps = 6000  # the early peer is still training when the late one starts
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_NODE, cluster.address, "45"], cwd=REPO,
                               env=cluster.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = iter(holder.stdout.readline, "")
