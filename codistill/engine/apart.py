@@ -54,10 +54,6 @@ class EvaluationBoard:
         figures = group_figures(payloads, payloads[0]["labels"], with_bits=self.with_bits)
         write_group_row(self.storage, {"step": step, **{k: figures[k] for k in GROUP_FIELDS if k in figures}})
 
-    def waiting(self) -> dict[int, list[int]]:
-        """step → the peers that have posted it, for the steps not every peer has."""
-        return {step: sorted(posted) for step, posted in self.pending.items()}
-
 
 class BoardExchange(Exchange):
     """The evaluation exchange of a peer that runs apart: it posts, it never waits for the others."""

@@ -58,12 +58,22 @@ def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict
     # test logits are tens of MB: sent once).
     sent = {"logits": heads[primary]} if names == [primary] else {
         "logits": heads[primary], "members": torch.stack([heads[name] for name in names])}
-    if not job.exchange.lock_step:
-        return _evaluate_apart(job, heads, sent, labels, step)
+    if job.exchange.lock_step:
+        metrics, record = _evaluate_together(job, heads, sent, labels, step)
+    else:
+        metrics, record = _evaluate_apart(job, heads, sent, labels, step)
+    if len(heads) > 1:  # e.g. branches beside their ensemble
+        record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
+    return metrics, record
+
+
+def _evaluate_together(job: PeerJob, heads: dict, sent: dict, labels: torch.Tensor, step: int) -> tuple[dict, dict]:
+    """Peers in one group swap their test logits: every peer reports the group's figures."""
     received = job.exchange.all_gather(sent)
     # Each tensor once: every peer's sent logits (and members), then this peer's other heads
     # (branches beside their ensemble) — a language model's test logits are tens of MB.
     check_finite(list(enumerate(received)), step)
+    primary = next(iter(heads))
     check_finite([(job.peer.index, {name: z for name, z in heads.items() if name != primary})], step)
     lm = job.data.input_kind == "tokens"
     metrics = {"step": step, **group_figures(received, labels, with_bits=lm)}
@@ -71,8 +81,6 @@ def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict
               "accuracy": metrics[f"peer{job.peer.index}_accuracy"],
               **{k: metrics[k] for k in GROUP_FIELDS if k in metrics},
               **({"bits": metrics[f"peer{job.peer.index}_bits"]} if lm else {})}
-    if len(heads) > 1:  # e.g. branches beside their ensemble
-        record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
     return metrics, record
 
 
@@ -87,8 +95,6 @@ def _evaluate_apart(job: PeerJob, heads: dict, sent: dict, labels: torch.Tensor,
     metrics = {"step": step, f"peer{job.peer.index}_accuracy": own["peer0_accuracy"]}
     record = {"step": step, "peer": job.peer.index, "split": "test", "accuracy": own["peer0_accuracy"],
               **({"bits": own["peer0_bits"]} if lm else {})}
-    if len(heads) > 1:
-        record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != next(iter(heads))})
     return metrics, record
 
 

@@ -280,39 +280,39 @@ def check_apart_placement(cfg: ExperimentConfig, cluster: dict[str, float], node
                 node[r] = node.get(r, 0.0) - a
 
 
+def _trainer(cfg: ExperimentConfig, loop_config: dict, num_workers: int, per_worker: dict[str, float], name: str,
+             storage_path: str, callbacks=()) -> TorchTrainer:
+    """One Ray Train run of `ray_train_loop`: the group's, or one peer's when peers run apart."""
+    loop_config = {"experiment": to_dict(cfg), "registrations": user_registrations(),
+                   "threads_per_worker": max(1, int(per_worker.get("CPU", 1))), **loop_config}
+    return TorchTrainer(
+        ray_train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=per_worker.get("GPU", 0) > 0,
+                                               resources_per_worker=per_worker,
+                                               placement_strategy=cfg.ray.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
 def make_trainer(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox, callbacks=()) -> TorchTrainer:
     replicas = cfg.ray.workers_per_peer
-    cluster = ray.cluster_resources()
-    per_worker = resources_per_worker(cfg, cluster)
-    use_gpu = per_worker.get("GPU", 0) > 0
     coordinators = []
     if cfg.exchange.transport == "object_store":
         coordinators = [on_this_node(GatherCoordinator).remote(cfg.num_peers) for _ in range(replicas)]
     publications = None
     if create_method(cfg.method).needs.rounds is not None:
         publications = on_this_node(PublicationCoordinator).remote(cfg.num_peers)
-    loop_config = {
-        "experiment": to_dict(cfg),
-        "registrations": user_registrations(),
-        "publication_coordinator": publications,
-        "threads_per_worker": max(1, int(per_worker.get("CPU", 1))),
-        "gather_coordinators": coordinators,
-        "progress_mailbox": progress_mailbox,
-    }
-    return TorchTrainer(
-        ray_train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_peers * replicas, use_gpu=use_gpu,
-                                               resources_per_worker=per_worker,
-                                               placement_strategy=cfg.ray.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=storage.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
-            callbacks=list(callbacks),
-        ),
-    )
+    loop_config = {"publication_coordinator": publications, "gather_coordinators": coordinators,
+                   "progress_mailbox": progress_mailbox}
+    return _trainer(cfg, loop_config, cfg.num_peers * replicas, resources_per_worker(cfg, ray.cluster_resources()),
+                    cfg.name, storage.storage_path, callbacks)
 
 
 def make_apart_trainers(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox) -> list[TorchTrainer]:
@@ -321,32 +321,10 @@ def make_apart_trainers(cfg: ExperimentConfig, storage: RunStorage, progress_mai
     cluster = ray.cluster_resources()
     publications = on_this_node(PublicationCoordinator).remote(cfg.num_peers, apart=True)
     board = on_this_node(EvaluationBoard).remote(cfg.num_peers, storage.uri, DATASETS[cfg.data.name].input_kind == "tokens")
-    trainers = []
-    for k in range(cfg.num_peers):
-        per_worker = resources_per_worker(cfg, cluster, k)
-        loop_config = {
-            "experiment": to_dict(cfg),
-            "registrations": user_registrations(),
-            "peer": k,
-            "publication_coordinator": publications,
-            "evaluation_board": board,
-            "threads_per_worker": max(1, int(per_worker.get("CPU", 1))),
-            "progress_mailbox": progress_mailbox,
-        }
-        trainers.append(TorchTrainer(
-            ray_train_loop,
-            train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers_of(k), use_gpu=per_worker.get("GPU", 0) > 0,
-                                                   resources_per_worker=per_worker,
-                                                   placement_strategy=cfg.ray.placement_strategy),
-            run_config=ray.train.RunConfig(
-                name=peer_run_dir(k),
-                storage_path=storage.uri,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
-            ),
-        ))
-    return trainers
+    loop_config = {"publication_coordinator": publications, "evaluation_board": board,
+                   "progress_mailbox": progress_mailbox}
+    return [_trainer(cfg, {**loop_config, "peer": k}, cfg.workers_of(k), resources_per_worker(cfg, cluster, k),
+                     peer_run_dir(k), storage.uri) for k in range(cfg.num_peers)]
 
 
 def _own_error(err: Exception) -> Exception:
@@ -391,13 +369,13 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
     # A private local instance (no address given) has the size it was started with.
     fixed_size = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    apart = runs_apart(cfg) and not callbacks
+    apart = runs_apart(cfg)
     sized = [i for i, p in enumerate(cfg.peers) if p.workers or p.resources]
-    if callbacks and runs_apart(cfg) and sized:
+    if callbacks and apart and sized:
         raise ConfigError(f"peers.{sized[0]}.workers", "a Tune trial trains its peers as one group (one Ray Train run "
                           "reports to Tune), so peers cannot have sizes of their own there: use ray.workers_per_peer")
     progress_mailbox = on_this_node(ProgressMailbox).remote()
-    if apart:
+    if apart and not callbacks:
         check_apart_placement(cfg, ray.cluster_resources(), nodes, fixed_size)
         trainers = make_apart_trainers(cfg, storage, progress_mailbox)
     else:
