@@ -1,5 +1,7 @@
 """Ray Tune sweeps on a real local Ray instance: each trial is a Ray Train run of 2 peers."""
 
+import json
+
 import pytest
 import yaml
 
@@ -27,6 +29,14 @@ def test_a_sweep_completes_and_its_best_config_reproduces_the_best_trial(ray_loc
     for name in (TRIALS_FILE, BEST_FILE, PLOT_FILE):
         assert (run_dir / name).exists()
     assert result.best_objective == max(r["objective"] for r in rows)
+    # `tune.max_concurrent: 1` holds (Tune ignores its own bound when given a search generator):
+    # each trial's reports span [start, end], and no trial starts before the one before it ended.
+    spans = []
+    for row in rows:
+        reports = [json.loads(line) for line in (run_dir / row["trial_id"] / "result.json").read_text().splitlines()]
+        spans.append((reports[0]["timestamp"] - reports[0]["time_this_iter_s"], reports[-1]["timestamp"]))
+    spans.sort()
+    assert all(later[0] >= earlier[1] - 1 for earlier, later in zip(spans, spans[1:])), spans
 
     best = load_config(str(run_dir / BEST_FILE))
     assert best.tune is None and best.name == f"{cfg.name}-best"

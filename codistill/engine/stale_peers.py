@@ -85,11 +85,13 @@ class StalePeers(SignalSource):
 
     def _keep(self, job) -> int:
         """The rounds of this peer the board keeps: a reader is at most max_staleness rounds
-        behind (it waits), so 2·max_staleness + 2 suffice; peers apart add the rounds since a
-        checkpoint, which a peer that restarts from it trains again and reads again."""
+        behind (it waits), so 2·max_staleness + 2 suffice; peers apart add the rounds of two
+        checkpoint spans, which a peer that restarts reads again: it restarts from its newest
+        complete checkpoint, up to a span back, or from the one before when it died while
+        writing that one."""
         keep = 2 * self.spec.max_staleness + 2
         if self.periodic.apart:
-            keep += -(-(job.train.checkpoint_every or job.train.steps) // self.spec.period)
+            keep += 2 * -(-(job.train.checkpoint_every or job.train.steps) // self.spec.period)
         return keep
 
     def max_round(self, round_id: int) -> int | None:

@@ -112,11 +112,14 @@ def run_trial(trial: dict) -> None:
         train_connected(cfg, "ray", callbacks=[TuneReportCallback()])  # run_sweep checked the storage, once
 
 
-def _search_algorithm(search: str, objective: str, seed: int, points: list[dict] | None = None):
+def _search_algorithm(search: str, objective: str, seed: int, max_concurrent: int, points: list[dict] | None = None):
     if search == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=seed, points_to_evaluate=points)  # the same trials on a re-run
+        # The generator takes the concurrency bound itself: Tune ignores `max_concurrent_trials`
+        # (with a warning) when it is given a generator, and would start every trial at once.
+        return BasicVariantGenerator(random_state=seed, points_to_evaluate=points,  # the same trials on a re-run
+                                     max_concurrent=max_concurrent)
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
@@ -182,8 +185,10 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
                      "backend": settings.backend, "seeds_per_trial": settings.seeds_per_trial,
                      "params": {key: to_tune_domain(text, key) for key, text in settings.space.items()}},
         tune_config=ray.tune.TuneConfig(metric=objective, mode="max", num_samples=settings.num_samples,
-                                        max_concurrent_trials=settings.max_concurrent, scheduler=scheduler,
-                                        search_alg=_search_algorithm(settings.search, objective, cfg.seed, points),
+                                        max_concurrent_trials=(settings.max_concurrent if settings.search != "random"
+                                                               else None), scheduler=scheduler,
+                                        search_alg=_search_algorithm(settings.search, objective, cfg.seed,
+                                                                     settings.max_concurrent, points),
                                         # A trial's folder is its id, so results name their trial
                                         # even when the trial failed before reporting anything.
                                         trial_dirname_creator=lambda trial: trial.trial_id),
