@@ -28,8 +28,11 @@ def ray_local():
         # The dashboard hosts Ray's state API, which Ray Train's placement-group cleaner needs:
         # without it, a trial that Tune's ASHA stops leaks its peers' reserved CPUs and the
         # next trial waits for them forever.
-        ray.init("local", num_cpus=2, include_dashboard=True, object_store_memory=150 * 2**20,
-                 log_to_driver=False)
+        from codistill.engine.run import private_instance_env
+
+        with private_instance_env():  # as codistill starts its own private instance
+            ray.init("local", num_cpus=2, include_dashboard=True, object_store_memory=150 * 2**20,
+                     log_to_driver=False)
     yield ray
     ray.shutdown()
 

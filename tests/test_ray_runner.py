@@ -171,6 +171,21 @@ def test_a_killed_peer_restarts_from_the_newest_checkpoint_with_nothing_lost(ray
     assert all(r["staleness_rounds"] == 0 for r in rounds)
 
 
+def test_a_private_instance_polls_its_workers_more_often_and_leaves_the_drivers_environment_alone(ray_local):
+    # Ray Train's controller reads the poll interval from the environment of the processes the
+    # instance starts; the driver's own environment is as it was.
+    import ray
+
+    from codistill.engine.run import PRIVATE_INSTANCE_ENV
+
+    @ray.remote(num_cpus=0)
+    def environment():
+        return {key: os.environ.get(key) for key in PRIVATE_INSTANCE_ENV}
+
+    assert ray.get(environment.remote()) == PRIVATE_INSTANCE_ENV
+    assert all(key not in os.environ for key in PRIVATE_INSTANCE_ENV)
+
+
 def test_the_publication_coordinator_forgets_every_round_when_a_restarted_group_joins(ray_local):
     import ray
 
