@@ -291,9 +291,6 @@ def test_a_killed_codistillation_peer_costs_only_itself_when_peers_run_apart(clu
         assert during >= 0.9 * before, (before, during)
         # While peer 1 was away, peer 0 distilled from its last round (within the window).
         lost0 = 0
-        final = pq.read_table(os.path.join(cluster.runs, name, "records.parquet")).to_pandas()
-        accuracy = final[(final.split == "test") & (final.step == APART_STEPS)].accuracy
-        assert len(accuracy) == 2 and accuracy.min() > 0.80, accuracy
         print(f"\napart: peer 0 step rate {before:.1f}/s before, {during:.1f}/s while peer 1 was away")
     else:
         assert len(restarted0) == 1, "one group: peer 0 restarts with peer 1"
@@ -304,6 +301,11 @@ def test_a_killed_codistillation_peer_costs_only_itself_when_peers_run_apart(clu
         assert lost0 > 0
         away = float(restarted0.time.iloc[0]) - killed_at
         print(f"\none group: peer 0 stopped {away:.1f} s and trained ~{lost0} steps again")
+    # Final accuracy within the spread of uninterrupted seeds: the same settings without a kill,
+    # seeds 0-4, reach a mean member of 92.70 ± 1.34 % (docs/cluster.md has the command); 2 sd below.
+    final = pq.read_table(os.path.join(cluster.runs, name, "records.parquet")).to_pandas()
+    accuracy = final[(final.split == "test") & (final.step == APART_STEPS)].accuracy
+    assert len(accuracy) == 2 and accuracy.mean() > 0.900, accuracy
     print(f"{layout}: peer 1 resumed from step {resumed_at}, its first step {rejoined - killed_at:.1f} s after the "
           f"kill; peer 0 lost {lost0} steps; summary:\n" + output[output.index("final evaluation"):])
 
