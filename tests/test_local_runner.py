@@ -29,16 +29,22 @@ class Crash(RuntimeError):
     pass
 
 
-def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(make_config):
-    reference = train(make_config("name=whole"), "local")
+# Codistillation resumes exactly when its checkpoints fall on round boundaries (period 40 and a
+# checkpoint every 40 steps): the resumed round is published again from the same weights.
+@pytest.mark.parametrize("base,extra", [
+    ("configs/dml_mnist1d.yaml", ()),
+    ("configs/codistill_mnist1d.yaml", ("method.burn_in=0", "method.period=40", "method.max_staleness=0")),
+], ids=["dml", "codistill"])
+def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(make_config, base, extra):
+    reference = train(make_config("name=whole", *extra, base=base), "local")
 
     def crash_after_step_100(step, metrics):
         if step >= 100:
             raise Crash("simulated crash")
 
     with pytest.raises(Crash):  # checkpoints at 40 and 80, then the crash at step 100
-        train(make_config("name=interrupted"), "local", on_progress=crash_after_step_100)
-    resumed = train(make_config("name=interrupted"), "local")
+        train(make_config("name=interrupted", *extra, base=base), "local", on_progress=crash_after_step_100)
+    resumed = train(make_config("name=interrupted", *extra, base=base), "local")
 
     assert resumed.final == reference.final
     for peer in (0, 1):
@@ -47,6 +53,22 @@ def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(
     for r in resumed.records.to_pylist():
         if r["split"] == "train":
             assert r["loss"] == pytest.approx(losses[(r["step"], r["peer"])], rel=1e-6, abs=1e-7)
+
+
+def test_checkpoints_inside_codistillation_rounds_are_named_before_the_run(make_config, caplog):
+    # A checkpoint every 40 steps with rounds of 30: a resume from step 40 or 80 would publish its
+    # round again from later weights. Said once, before any step, with the values that resume exactly.
+    with caplog.at_level("WARNING", logger="codistill.engine.stale_peers"):
+        train(make_config("name=inside", "train.steps=20", "method.burn_in=0", "method.period=30",
+                          base="configs/codistill_mnist1d.yaml"), "local")
+    said = [r.getMessage() for r in caplog.records if r.name == "codistill.engine.stale_peers"]
+    assert len(said) == 1 and "train.checkpoint_every=40" in said[0] and "period (30)" in said[0]
+    assert "30 or 60 resume exactly" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="codistill.engine.stale_peers"):
+        train(make_config("name=aligned", "train.steps=20", "method.burn_in=0", "method.period=20",
+                          base="configs/codistill_mnist1d.yaml"), "local")
+    assert not [r for r in caplog.records if r.name == "codistill.engine.stale_peers"]
 
 
 def test_checkpoints_are_self_describing_and_load_with_weights_only(make_config):

@@ -17,6 +17,7 @@ from codistill.config import ConfigError, ExperimentConfig, dump_config, to_dict
 from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, peer_run_dir
 from codistill.engine.lease import RunLease
 from codistill.engine.stages import prepare_stages
+from codistill.engine.stale_peers import warn_of_checkpoints_inside_rounds
 from codistill.engine.teacher import resolve_teacher
 from codistill.errors import first_line
 from codistill.records import consolidate_records, final_metrics, plot_accuracy, summary_text
@@ -266,6 +267,7 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
         with storage_errors("ray.storage_path", storage.uri):
             store_config(cfg, storage)
         prepare_stages(cfg, storage)  # what a method trains on the teacher first: once, here, before any peer
+        warn_of_checkpoints_inside_rounds(cfg)
         if backend == "local":
             from codistill.engine.local import run_local
 

@@ -16,16 +16,36 @@ payload; `stale_peers_source` picks one by `RoundSpec.publish`.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
-from codistill.config import PeerSpec
+from codistill.config import ExperimentConfig, PeerSpec
 from codistill.data import BatchSchedule
 from codistill.engine.sources import SignalSource
 from codistill.exchange import PeriodicExchange
-from codistill.methods import RoundSpec
+from codistill.methods import RoundSpec, create_method
 from codistill.models import create_model
+
+
+logger = logging.getLogger(__name__)
+
+
+def warn_of_checkpoints_inside_rounds(cfg: ExperimentConfig) -> None:
+    """A round's publications come from each peer's weights at the round's start; a checkpoint
+    inside a round holds later weights, so a run resumed from it publishes that round again
+    from them and goes on differently from an uninterrupted one (still a valid codistillation,
+    not the same numbers). Said once, before the run, where the user sees it."""
+    rounds = create_method(cfg.method).needs.rounds
+    every = cfg.train.checkpoint_every
+    if rounds is None or not every or every % rounds.period == 0:
+        return
+    below, above = every - every % rounds.period, every - every % rounds.period + rounds.period
+    logger.warning("train.checkpoint_every=%d is not a multiple of the method's period (%d): a run resumed from a "
+                   "checkpoint inside a round publishes that round again from later weights and does not equal an "
+                   "uninterrupted run; %s resume exactly", every, rounds.period,
+                   " or ".join(str(v) for v in (below, above) if v > 0))
 
 
 class StalePeers(SignalSource):
