@@ -104,12 +104,17 @@ def peer_schedules(cfg: ExperimentConfig, num_examples: int) -> list[BatchSchedu
             for k in range(cfg.num_peers)]
 
 
+def tap_paths_of(model: str, taps) -> dict[str, str]:
+    """Where each of `taps` sits in registered model `model` (tap name → module path)."""
+    return {tap: MODELS[model].taps[tap] for tap in taps}
+
+
 def _tap_shapes_of(spec: PeerSpec, taps, num_classes: int, example: torch.Tensor) -> dict:
     """The shapes of one example's `taps` in a model built as `spec` says (random weights, and
     random numbers that are put back: building it changes nothing of the run)."""
     with torch.random.fork_rng(devices=[]):
         model = create_model(spec.model, num_classes, **spec.model_args)
-    return tap_shapes(model, {tap: MODELS[spec.model].taps[tap] for tap in taps}, example)
+    return tap_shapes(model, tap_paths_of(spec.model, taps), example)
 
 
 def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device: torch.device, method: Method,
@@ -120,7 +125,7 @@ def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device
     runner; different peers start differently, which is what makes mutual learning worth anything.
     `other_peers`: the other peers' specs, in peer order (a method that reads their taps every
     step sizes its modules from them: a contrastive head per other peer)."""
-    paths = {tap: MODELS[spec.model].taps[tap] for tap in method.needs.taps}
+    paths = tap_paths_of(spec.model, method.needs.taps)
     example = next(data.test_batches(2))[0]
     needs = method.needs
     with torch.random.fork_rng(devices=[]):
@@ -200,7 +205,7 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     if needs.teacher:
         network = load_teacher(cfg.teacher, data.num_classes, device)
         entry = MODELS[cfg.teacher.model]
-        teacher = FrozenTeacher(network, {tap: entry.taps[tap] for tap in needs.teacher_taps},
+        teacher = FrozenTeacher(network, tap_paths_of(cfg.teacher.model, needs.teacher_taps),
                                 {tap: entry.norms[tap] for tap in needs.teacher_norms if tap in entry.norms},
                                 load_stages(cfg, needs.teacher_stages, device))
     if cfg.train.data_on_device:
@@ -224,7 +229,7 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
         train_model = torch.compile(train_model)  # evaluation runs the plain network
     return PeerJob(peer=peer, method=method, data=data, schedule=schedules[peer_index if cfg.data.shard else 0],
                    train=cfg.train, device=device, exchange=exchange, sources=tuple(sources),
-                   tap_paths={tap: MODELS[peer.spec.model].taps[tap] for tap in needs.taps}, seed=cfg.seed,
+                   tap_paths=tap_paths_of(peer.spec.model, needs.taps), seed=cfg.seed,
                    train_model=train_model, replica=replica, replicas=replicas,
                    scaler=torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None,
                    channels_last=channels_last)
