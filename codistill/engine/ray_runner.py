@@ -73,7 +73,6 @@ class RayRunContext(RunContext):
         self.node = ray.get_runtime_context().get_node_id()
 
     def restore(self, peer: int) -> dict | None:
-        checkpoint = ray.train.get_checkpoint()
         parent = peer_run_dir(peer) if self.apart else ""
         if self.apart:
             # A peer apart is its run's only writer, and a folder of it counts once its meta.pt is
@@ -86,6 +85,7 @@ class RayRunContext(RunContext):
         else:
             # One group: Ray's newest committed checkpoint (every peer's file reached it), or the
             # newest before it whose every peer file loads.
+            checkpoint = ray.train.get_checkpoint()
             newest = (None if checkpoint is None
                       else int(CHECKPOINT_DIR.fullmatch(os.path.basename(checkpoint.path.rstrip("/"))).group(1)))
             folders = [(step, folder) for step, folder in checkpoint_folders(self.storage, [parent])
