@@ -218,7 +218,7 @@ def test_killed_worker_node_resumes_from_newest_checkpoint_with_no_step_lost_or_
 APART = ["--set", "method={name: codistill, temperature: 3.0, weight: 1.0, burn_in: 0, period: 20, "
          "max_staleness: 40, publish: weights, wait_timeout_s: 5}",
          "--set", "ray.resources_per_peer={CPU: 2}", "--set", "ray.max_failures=1",
-         "--set", "train.eval_every=250", "--set", "train.checkpoint_every=250"]
+         "--set", "train.eval_every=300", "--set", "train.checkpoint_every=300"]  # on round boundaries
 APART_STEPS = 1500
 
 
@@ -254,9 +254,9 @@ def test_a_killed_codistillation_peer_costs_only_itself_when_peers_run_apart(clu
     try:
         folder = "peer1" if layout == "auto" else ""
         deadline = time.monotonic() + 300
-        while committed_step_of(cluster, name, folder) < 500:
+        while committed_step_of(cluster, name, folder) < 600:
             assert run.poll() is None, run.stdout.read()[-4000:]
-            assert time.monotonic() < deadline, "no checkpoint at step 500 in 300 s"
+            assert time.monotonic() < deadline, "no checkpoint at step 600 in 300 s"
             time.sleep(0.2)
         parts = sorted(glob.glob(os.path.join(cluster.runs, name, "records", "peer1", "*.parquet")))
         victim = pq.read_table(parts[0]).column("node")[0].as_py()
@@ -279,7 +279,7 @@ def test_a_killed_codistillation_peer_costs_only_itself_when_peers_run_apart(clu
     back = peer1[peer1.resumed.fillna(False).astype(bool)]
     assert len(back) == 1, "peer 1 resumed once, from its checkpoint"
     resumed_at, rejoined = int(back.step.iloc[0]) - 1, float(back.time.iloc[0])
-    assert resumed_at % 250 == 0 and resumed_at >= 500
+    assert resumed_at % 300 == 0 and resumed_at >= 600
     restarted0 = peer0[peer0.resumed.fillna(False).astype(bool)]
     if layout == "auto":
         assert restarted0.empty, "peer 0 restarted with peer 1"
@@ -302,7 +302,8 @@ def test_a_killed_codistillation_peer_costs_only_itself_when_peers_run_apart(clu
         away = float(restarted0.time.iloc[0]) - killed_at
         print(f"\none group: peer 0 stopped {away:.1f} s and trained ~{lost0} steps again")
     # Final accuracy within the spread of uninterrupted seeds: the same settings without a kill,
-    # seeds 0-4, reach a mean member of 92.70 ± 1.34 % (docs/cluster.md has the command); 2 sd below.
+    # seeds 0-4, reach a mean member of 92.59 ± 1.00 % (92.70 ± 1.34 in another run: reading the
+    # newest weights depends on timing; docs/cluster.md has the command); 90.0: 2 sd below the wider.
     final = pq.read_table(os.path.join(cluster.runs, name, "records.parquet")).to_pandas()
     accuracy = final[(final.split == "test") & (final.step == APART_STEPS)].accuracy
     assert len(accuracy) == 2 and accuracy.mean() > 0.900, accuracy
