@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -9,6 +10,17 @@ import pytest
 from codistill.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def committed_step(run_dir) -> int:
+    """The newest checkpoint step Ray Train has committed for the Ray Train run in `run_dir` (0:
+    none yet): a worker killed before its checkpoint is committed restarts from the one before."""
+    try:
+        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
+            latest = json.load(f).get("latest_checkpoint_result") or {}
+    except (FileNotFoundError, ValueError):  # not yet written, or being rewritten
+        return 0
+    return int(latest.get("metrics", {}).get("step", 0))
 
 
 def pytest_collection_modifyitems(items):

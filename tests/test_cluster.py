@@ -24,7 +24,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, committed_step
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -109,16 +109,6 @@ def cluster():
     handle.local_sh("down")
 
 
-def committed_step(cluster: LoopbackCluster, name: str) -> int:
-    """The step of the newest checkpoint Ray Train has committed for run `name` (0: none)."""
-    try:
-        with open(os.path.join(cluster.runs, name, "checkpoint_manager_snapshot.json")) as f:
-            latest = json.load(f).get("latest_checkpoint_result") or {}
-    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or being rewritten
-        return 0
-    return int(latest.get("metrics", {}).get("step", 0))
-
-
 def train_records(cluster: LoopbackCluster, name: str):
     table = pq.read_table(os.path.join(cluster.runs, name, "records.parquet")).to_pandas()
     return table[table.split == "train"]
@@ -175,7 +165,7 @@ def test_killed_worker_node_resumes_from_newest_checkpoint_with_no_step_lost_or_
         # parts alone do not say which checkpoint a restart will find.)
         parts = os.path.join(cluster.runs, "fault", "records", "peer1", "*.parquet")
         deadline = time.monotonic() + 300
-        while (committed := committed_step(cluster, "fault")) < 2 * every:
+        while (committed := committed_step(os.path.join(cluster.runs, "fault"))) < 2 * every:
             assert run.poll() is None, run.stdout.read()[-4000:]
             assert time.monotonic() < deadline, "no checkpoint in 300 s"
             time.sleep(0.2)
@@ -222,15 +212,6 @@ APART = ["--set", "method={name: codistill, temperature: 3.0, weight: 1.0, burn_
 APART_STEPS = 1500
 
 
-def committed_step_of(cluster: LoopbackCluster, name: str, folder: str) -> int:
-    try:
-        with open(os.path.join(cluster.runs, name, folder, "checkpoint_manager_snapshot.json")) as f:
-            latest = json.load(f).get("latest_checkpoint_result") or {}
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return int(latest.get("metrics", {}).get("step", 0))
-
-
 def train_workers_on(cluster: LoopbackCluster, node: str) -> list[psutil.Process]:
     """The Ray Train worker processes that the raylet of `node` started."""
     raylet = psutil.Process(cluster.raylets()[node][0])
@@ -254,7 +235,7 @@ def test_a_killed_codistillation_peer_costs_only_itself_when_peers_run_apart(clu
     try:
         folder = "peer1" if layout == "auto" else ""
         deadline = time.monotonic() + 300
-        while committed_step_of(cluster, name, folder) < 600:
+        while committed_step(os.path.join(cluster.runs, name, folder)) < 600:
             assert run.poll() is None, run.stdout.read()[-4000:]
             assert time.monotonic() < deadline, "no checkpoint at step 600 in 300 s"
             time.sleep(0.2)

@@ -1,7 +1,6 @@
 """The Ray runner on a real local Ray instance: it must reproduce the local runner, and a
 killed peer must resume from the newest checkpoint with no step lost or trained twice."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import pytest
 
 from codistill.engine.run import train
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, committed_step, small_config
 
 
 
@@ -124,16 +123,6 @@ def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_refer
     assert_same_run(local_reference(base, *overrides), result)
     nodes = {r["node"] for r in result.records.to_pylist()}
     assert len(nodes) == 1 and nodes != {"local"}  # Ray node ids, not the local runner's marker
-
-
-def committed_step(run_dir) -> int:
-    """The newest checkpoint step Ray Train has committed in `run_dir` (0: none yet): a worker
-    killed before its checkpoint is committed restarts from the one before (or from scratch)."""
-    try:
-        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
-            return int((json.load(f).get("latest_checkpoint_result") or {}).get("metrics", {}).get("step", 0))
-    except (FileNotFoundError, ValueError):
-        return 0
 
 
 def kill_peer0_after_a_checkpoint(run_dir, killed: dict):

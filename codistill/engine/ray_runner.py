@@ -73,14 +73,13 @@ class RayRunContext(RunContext):
         self.node = ray.get_runtime_context().get_node_id()
 
     def restore(self, peer: int) -> dict | None:
-        parent = peer_run_dir(peer) if self.apart else ""
+        folders = checkpoint_folders(self.storage, [peer_run_dir(peer) if self.apart else ""])
         if self.apart:
             # A peer apart is its run's only writer, and a folder of it counts once its meta.pt is
             # there and its peer file loads, whether or not Ray took the report in: Ray Train
             # registers a checkpoint when its controller next polls the worker, so a worker killed
             # after uploading step 200 restarts, by Ray's count, from step 100 — and the other
             # peers' rounds it would read again from there may be gone from the board.
-            folders = checkpoint_folders(self.storage, [parent])
             newest = folders[-1][0] if folders else None
         else:
             # One group: Ray's newest committed checkpoint (every peer's file reached it), or the
@@ -88,12 +87,11 @@ class RayRunContext(RunContext):
             checkpoint = ray.train.get_checkpoint()
             newest = (None if checkpoint is None
                       else int(CHECKPOINT_DIR.fullmatch(os.path.basename(checkpoint.path.rstrip("/"))).group(1)))
-            folders = [(step, folder) for step, folder in checkpoint_folders(self.storage, [parent])
-                       if newest is not None and step <= newest]
         if newest is None:
             if self.leader:  # parts of a training whose checkpoints are gone would be stitched to this one's
                 drop_records_after(self.storage, peer, 0)
             return None
+        folders = [(step, folder) for step, folder in folders if step <= newest]
         found = newest_loadable(self.storage, folders, [peer] if self.apart else self.num_peers)
         if found is None:
             raise RunError(f"no checkpoint of {self.storage.uri} up to step {newest} loads; see the warnings above")

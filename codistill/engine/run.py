@@ -188,12 +188,9 @@ PRIVATE_INSTANCE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 @contextmanager
-def private_instance_env():
-    """While a private Ray instance starts: the environment its processes inherit gets
-    `PRIVATE_INSTANCE_ENV` (a value the user set wins); put back after."""
-    before = {key: os.environ.get(key) for key in PRIVATE_INSTANCE_ENV}
-    for key, value in PRIVATE_INSTANCE_ENV.items():
-        os.environ.setdefault(key, value)
+def _environment_put_back(keys):
+    """Whatever the block does to the environment variables `keys`, they are as before after it."""
+    before = {key: os.environ.get(key) for key in keys}
     try:
         yield
     finally:
@@ -202,6 +199,16 @@ def private_instance_env():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextmanager
+def private_instance_env():
+    """While a private Ray instance starts: the environment its processes inherit gets
+    `PRIVATE_INSTANCE_ENV` (a value the user set wins); put back after."""
+    with _environment_put_back(PRIVATE_INSTANCE_ENV):
+        for key, value in PRIVATE_INSTANCE_ENV.items():
+            os.environ.setdefault(key, value)
+        yield
 
 
 @contextmanager
@@ -216,16 +223,13 @@ def _loopback_only():
     from ray._private import ray_constants
 
     key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    env_before, constant_before = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = constant_before
-        if env_before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = env_before
+    constant_before = ray_constants.ENABLE_RAY_CLUSTER
+    with _environment_put_back([key]):
+        os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+        try:
+            yield
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = constant_before
 
 
 def disconnect_ray() -> None:

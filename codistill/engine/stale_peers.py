@@ -41,11 +41,11 @@ def warn_of_checkpoints_inside_rounds(cfg: ExperimentConfig) -> None:
     every = cfg.train.checkpoint_every
     if rounds is None or not every or every % rounds.period == 0:
         return
-    below, above = every - every % rounds.period, every - every % rounds.period + rounds.period
+    below = every - every % rounds.period  # the nearest multiples (0 is none)
+    fitting = [str(v) for v in (below, below + rounds.period) if v > 0]
     logger.warning("train.checkpoint_every=%d is not a multiple of the method's period (%d): a run resumed from a "
                    "checkpoint inside a round publishes that round again from later weights and does not equal an "
-                   "uninterrupted run; %s resume exactly", every, rounds.period,
-                   " or ".join(str(v) for v in (below, above) if v > 0))
+                   "uninterrupted run; %s resume exactly", every, rounds.period, " or ".join(fitting))
 
 
 class StalePeers(SignalSource):

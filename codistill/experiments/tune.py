@@ -116,16 +116,18 @@ def _search_algorithm(search: str, objective: str, seed: int, max_concurrent: in
     if search == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        # The generator takes the concurrency bound itself: Tune ignores `max_concurrent_trials`
+        # Each search carries its own concurrency bound: Tune ignores `max_concurrent_trials`
         # (with a warning) when it is given a generator, and would start every trial at once.
         return BasicVariantGenerator(random_state=seed, points_to_evaluate=points,  # the same trials on a re-run
                                      max_concurrent=max_concurrent)
     try:
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
     except ImportError:
         raise SystemExit("search: optuna needs Optuna: pip install 'codistill[tune]'") from None
-    return OptunaSearch(metric=objective, mode="max", points_to_evaluate=points)
+    return ConcurrencyLimiter(OptunaSearch(metric=objective, mode="max", points_to_evaluate=points),
+                              max_concurrent=max_concurrent)
 
 
 @dataclass
@@ -185,8 +187,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
                      "backend": settings.backend, "seeds_per_trial": settings.seeds_per_trial,
                      "params": {key: to_tune_domain(text, key) for key, text in settings.space.items()}},
         tune_config=ray.tune.TuneConfig(metric=objective, mode="max", num_samples=settings.num_samples,
-                                        max_concurrent_trials=(settings.max_concurrent if settings.search != "random"
-                                                               else None), scheduler=scheduler,
+                                        scheduler=scheduler,
                                         search_alg=_search_algorithm(settings.search, objective, cfg.seed,
                                                                      settings.max_concurrent, points),
                                         # A trial's folder is its id, so results name their trial
