@@ -49,6 +49,8 @@ export RAY_USAGE_STATS_ENABLED=0
 # Ray Train's controller polls its workers every 2 s by default; the nodes of this cluster
 # share one machine, so poll 4x as often (a run's end, a checkpoint, a dead worker seen sooner).
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.5}"
+# Ray starts its workers at nice 15: the peers would yield to every other process on the machine.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 
 # Processes of this cluster: everything whose command line names its session folders (GCS,
 # raylets, dashboard, monitors), plus all their descendants (workers rename themselves).

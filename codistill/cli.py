@@ -85,13 +85,14 @@ def _stop_code(stop: BaseException) -> int:
 
 
 def _leave_after_interrupt(code: int) -> None:
-    """Exit at once after Ctrl-C. Interrupted threads (torch's pools, Ray's) may still be winding
-    down, and C++ destructors at a normal interpreter exit can then abort the process and hide the
-    exit code; so stop the Ray instance this process started (atexit would have), flush, and go."""
-    from codistill.engine.run import disconnect_ray
-
+    """Exit at once after Ctrl-C, or past threads user code left running. Threads (torch's pools,
+    Ray's) may still be winding down, and C++ destructors at a normal interpreter exit can then abort
+    the process and hide the exit code; so stop the Ray instance this process started, flush, go."""
     try:
-        disconnect_ray()  # a no-op when this process runs no Ray
+        if "ray" in sys.modules:  # else this process runs no Ray
+            from codistill.engine.run import disconnect_ray
+
+            disconnect_ray()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -112,8 +113,8 @@ def _saved_up_to(cfg) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     import yaml
 
-    from codistill.engine.run import CONFIG_FILE
-    from codistill.records import plot_accuracy, read_records, summary_text
+    from codistill.engine.run import CONFIG_FILE, unfinished_line
+    from codistill.records import RecordsError, plot_accuracy, read_records, summary_text
     from codistill.storage import RunStorage
 
     storage = RunStorage.at(args.run_dir)
@@ -129,9 +130,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not isinstance(config, dict) or not isinstance(config.get("peers", []), list):
         raise ConfigError("", f"{storage.uri}/{CONFIG_FILE}, the run's stored config, is not a codistill config "
                               f"(a mapping with `peers`: a list); got {type(config).__name__}")
-    table = read_records(storage)
+    try:
+        table = read_records(storage)
+    except RecordsError as err:  # a part damaged or missing: the report cannot be made; one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     models = [str(p.get("model", "")) if isinstance(p, dict) else "" for p in config.get("peers", [])]
-    print(summary_text(table, models))
+    print(summary_text(table, models, unfinished_line(storage, table, config.get("train"), len(models))))
     print(f"plot: {plot_accuracy(table, storage)}")
     return 0
 
@@ -348,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
@@ -360,9 +365,33 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as stop:  # outside a command's own handler (a slow import): one line, no traceback
+        print(f"{_how_stopped(stop)}" + (f": {stop}" if str(stop) else ""), file=sys.stderr, flush=True)
+        _leave_after_interrupt(_stop_code(stop))
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, before)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `codistill` program. Called from Python with `argv`, it returns the command's code; as
+    the program (no `argv`), the process ends with that code even when user code left non-daemon
+    threads running — Python would wait for them at exit, and a batch job or a Tune trial hang."""
+    if argv is not None:
+        return run_command(argv)
+    try:
+        code = run_command()
+    except SystemExit as stop:  # argparse's usage errors; a command's own `SystemExit("error: …")`
+        code = stop.code
+        if not isinstance(code, (int, type(None))):
+            print(code, file=sys.stderr)  # as Python would, exiting 1
+            code = 1
+    left = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+    if left:
+        print(f"note: user code left {len(left)} non-daemon thread{'s' * (len(left) > 1)} running "
+              f"({', '.join(left)}); exiting anyway", file=sys.stderr)
+        _leave_after_interrupt(code or 0)
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ the parts written after the checkpoint it resumes from and no step appears twice
 
 Peers that run apart evaluate alone; the group's figures of an evaluation step (ensemble,
 churn, members) are put together once every peer has evaluated it and written as one row in
-`records/group/{step:08d}.parquet`; reading the records fills them into the peers' test rows."""
+`records/group/{step:08d}.parquet`; reading the records fills them into the peers' test rows.
+
+Every part is checked where it is read: one that does not read (truncated, empty, not Parquet)
+or holds other steps than its name says is one line naming the file, never a traceback — and a
+resume checks them all before it trains (`scan_records`): a damaged part is set aside as
+`<name>.damaged`, never deleted."""
 
 from __future__ import annotations
 
@@ -17,18 +22,32 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from codistill.errors import RunError
+from codistill.errors import RunError, first_line
 from codistill.storage import RunStorage
 
 RECORDS_FILE = "records.parquet"
 PART = re.compile(r"(\d{8})-(\d{8})\.parquet")
 PEER_DIR = re.compile(r"peer(\d+)")
 GROUP_DIR = "group"
+DAMAGED = ".damaged"  # the suffix of a part set aside because it does not read
 logger = logging.getLogger(__name__)
 
 
 class RecordsError(RunError):
-    """A run's record parts do not add up (a part missing, or two covering the same steps)."""
+    """A run's record parts do not add up (a part missing or damaged, or two covering the same steps)."""
+
+
+class DamagedPart(RecordsError):
+    """A record part that does not read, or holds other steps than its name says."""
+
+    def __init__(self, path: str, why: str):
+        self.path, self.why = path, why
+        super().__init__(f"{path} is damaged ({why}): restore it, or re-run the run's train command — the local "
+                         "runner then sets it aside and trains its steps again from a checkpoint before them, if one "
+                         "is kept")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.why)
 
 
 def _part_name(first: int, last: int) -> str:
@@ -61,7 +80,7 @@ def _with_group_rows(storage: RunStorage, table: pa.Table) -> pa.Table:
     if not names:
         return table
     group = {row["step"]: row for name in names
-             for row in pq.read_table(io.BytesIO(storage.read_bytes(f"records/{GROUP_DIR}/{name}"))).to_pylist()}
+             for row in _read_table(storage, f"records/{GROUP_DIR}/{name}").to_pylist()}
     rows = table.to_pylist()
     for row in rows:
         if row["split"] == "test" and row["step"] in group:
@@ -77,7 +96,8 @@ def record_parts(storage: RunStorage, folder: str) -> list[tuple[int, int, str]]
     for name in storage.list(folder):
         match = PART.fullmatch(name)
         if match is None:
-            if not name.endswith(".tmp"):  # a write interrupted by a crash leaves only a .tmp
+            # A write interrupted by a crash leaves only a .tmp; a damaged part was set aside with a warning.
+            if not name.endswith((".tmp", DAMAGED)):
                 logger.warning("ignoring %s/%s/%s: not a record part (NNNNNNNN-NNNNNNNN.parquet)", storage.uri, folder, name)
             continue
         parts.append((int(match.group(1)), int(match.group(2)), name))
@@ -91,14 +111,75 @@ def drop_records_after(storage: RunStorage, peer: int, step: int) -> None:
             storage.delete(f"records/peer{peer}/{name}")
 
 
+def _read_table(storage: RunStorage, path: str) -> pa.Table:
+    try:
+        return pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    except pa.ArrowException as err:  # truncated, empty, not Parquet
+        raise DamagedPart(f"{storage.uri}/{path}", f"{type(err).__name__}: {first_line(err, 200)}") from None
+
+
+def read_part(storage: RunStorage, folder: str, name: str) -> pa.Table:
+    """One record part, checked: a DamagedPart naming the file when it does not read or its steps
+    are not the ones its name says."""
+    first, last = (int(n) for n in PART.fullmatch(name).groups())
+    table = _read_table(storage, f"{folder}/{name}")
+    steps = table.column("step").to_pylist() if "step" in table.column_names else []
+    if not steps or (min(steps), max(steps)) != (first, last):
+        held = f"steps {min(steps)}..{max(steps)}" if steps else "no steps"
+        raise DamagedPart(f"{storage.uri}/{folder}/{name}", f"it holds {held}, its name says {first}..{last}")
+    return table
+
+
+def scan_records(storage: RunStorage, peer: int) -> tuple[int, str | None, list[str]]:
+    """`peer`'s parts, each read: the last step up to which they hold every step from 1 (0: none),
+    why they stop there while later steps are recorded (a part missing or damaged; None: they do
+    not stop), and the names of the parts that do not read. Two parts holding one step are an
+    error: which one to keep is the user's call."""
+    folder = f"records/peer{peer}"
+    intact, stop, damaged, expected = 0, None, [], 1
+    for first, last, name in record_parts(storage, folder):
+        if first < expected:
+            raise _overlap(f"peer{peer}", first, last, name)
+        try:
+            read_part(storage, folder, name)
+            problem = None
+        except DamagedPart as err:
+            damaged.append(name)
+            problem = f"{err.path} is damaged ({err.why})"
+        if stop is None:
+            if first > expected:
+                stop = f"{storage.uri}/{folder}: steps {expected}..{first - 1} are missing (no part before {name})"
+            elif problem:
+                stop = problem
+            else:
+                intact = last
+        expected = last + 1
+    return intact, stop, damaged
+
+
+def set_aside(storage: RunStorage, peer: int, name: str) -> str:
+    """Move a damaged part out of the records — kept, for whoever can repair or read it — and
+    return its new name (`<name>.damaged`; `<name>.2.damaged` … when that is taken)."""
+    folder, aside, n = f"records/peer{peer}", f"{name}{DAMAGED}", 1
+    while storage.exists(f"{folder}/{aside}"):
+        n += 1
+        aside = f"{name}.{n}{DAMAGED}"
+    storage.move(f"{folder}/{name}", f"{folder}/{aside}")
+    return aside
+
+
+def _overlap(peer_dir: str, first: int, last: int, name: str) -> RecordsError:
+    return RecordsError(f"records/{peer_dir}/{name} covers steps {first}..{last}, which an earlier part covers too "
+                        "(a copied or stray part?): remove one of them")
+
+
 def check_parts(peer_dir: str, parts: list[tuple[int, int, str]]) -> None:
     """A peer's parts must cover steps 1.. without a gap or an overlap: each part starts one
     step after the previous one ends."""
     expected = 1
     for first, last, name in parts:
         if first < expected:
-            raise RecordsError(f"records/{peer_dir}/{name} covers steps {first}..{last}, which an earlier part "
-                               "covers too (a copied or stray part?): remove one of them")
+            raise _overlap(peer_dir, first, last, name)
         if first > expected:
             raise RecordsError(f"records/{peer_dir}: steps {expected}..{first - 1} are missing (no part "
                                f"before {name}); the records of this run are incomplete")
@@ -117,10 +198,10 @@ def read_records(storage: RunStorage) -> pa.Table:
         parts = record_parts(storage, f"records/{peer_dir}")
         check_parts(peer_dir, parts)
         for _, _, name in parts:
-            tables.append(pq.read_table(io.BytesIO(storage.read_bytes(f"records/{peer_dir}/{name}"))))
+            tables.append(read_part(storage, f"records/{peer_dir}", name))
     if not tables:
         if storage.exists(RECORDS_FILE):
-            return pq.read_table(io.BytesIO(storage.read_bytes(RECORDS_FILE)))
+            return _read_table(storage, RECORDS_FILE)
         raise FileNotFoundError(f"no records under {storage.uri}")
     table = _with_group_rows(storage, pa.concat_tables(tables, promote_options="default"))
     return table.sort_by([("step", "ascending"), ("peer", "ascending"), ("split", "ascending")])
@@ -161,12 +242,24 @@ def final_metrics(table: pa.Table) -> dict:
     }
 
 
-def summary_text(table: pa.Table, peer_models: list[str] | None = None) -> str:
+def trained_step(table: pa.Table) -> int:
+    """The step every peer's training records reach (0: none)."""
+    last: dict[int, int] = {}
+    for r in table.to_pylist():
+        if r["split"] == "train":
+            last[r["peer"]] = max(last.get(r["peer"], 0), r["step"])
+    return min(last.values(), default=0)
+
+
+def summary_text(table: pa.Table, peer_models: list[str] | None = None, unfinished: str | None = None) -> str:
+    """The final evaluation as a table; `unfinished`: a line saying the run has not finished,
+    put first (its last evaluation is then not the run's final one)."""
     final = final_metrics(table)
     if not final:
-        return "no evaluation recorded"
+        return "\n".join([*([unfinished] if unfinished else []), "no evaluation recorded"])
     lm = "peer_bits" in final  # a language model: top-1 next-token accuracy and bits per token
-    lines = [f"final evaluation at step {final['step']}",
+    lines = [*([unfinished] if unfinished else []),
+             f"{'last' if unfinished else 'final'} evaluation at step {final['step']}",
              f"{'peer':<6}{'model':<22}{'test acc':>10}" + ("   bits/token" if lm else "")]
     for k, acc in enumerate(final["peer_accuracy"]):
         model = peer_models[k] if peer_models else ""

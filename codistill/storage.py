@@ -142,6 +142,22 @@ class RunStorage:
         selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
         return sorted(posixpath.basename(info.path) for info in self.fs.get_file_info(selector))
 
+    def move(self, relative: str, to: str) -> None:
+        """Move a file or folder within the run. Object stores cannot rename a folder: there it
+        is copied, then the original deleted (nothing is deleted before its copy exists)."""
+        source, target = self.path(relative), self.path(to)
+        try:
+            self.fs.create_dir(posixpath.dirname(target), recursive=True)
+            try:
+                self.fs.move(source, target)
+            except (OSError, pa.ArrowException):
+                if self.fs.get_file_info(source).type != pafs.FileType.Directory:
+                    raise
+                pafs.copy_files(source, target, source_filesystem=self.fs, destination_filesystem=self.fs)
+                self.fs.delete_dir(source)
+        except (OSError, pa.ArrowException) as err:
+            raise StorageError(f"cannot move {self.uri}/{relative} to {to}: {first_line(err)}", first_line(err)) from None
+
     def delete(self, relative: str) -> None:
         try:
             info = self.fs.get_file_info(self.path(relative))

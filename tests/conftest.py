@@ -2,14 +2,83 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import subprocess
+import time
 
 import pytest
 
 from codistill.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# One time scale for every time limit in the tests. A limit is a guard against a hang, never a
+# claim about speed, so it must hold on the slowest machine of the kind: every limit is written
+# for the development machine (AMD EPYC, 2 cores, idle) and multiplied by how much slower this
+# machine runs a reference piece of work right now (a busy neighbour counts), times
+# CODISTILL_TEST_TIME_SCALE (default 1), which CI can raise.
+REFERENCE_BLOCK_S = 0.107  # 20 Adam steps of the MNIST-1D CNN on a batch of 100, 2 threads, idle
+
+
+@functools.cache
+def time_scale() -> float:
+    import torch
+
+    from codistill.models import create_model
+
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(0)
+    model = create_model("mnist1d_cnn", 10)
+    torch.set_rng_state(generator_state)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    x, y = torch.randn(100, 1, 40), torch.arange(100) % 10
+
+    def block() -> float:
+        started = time.perf_counter()
+        for _ in range(20):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return time.perf_counter() - started
+
+    block()  # warm-up
+    measured = sorted(block() for _ in range(5))[2] / REFERENCE_BLOCK_S
+    return min(max(1.0, measured), 5.0) * float(os.environ.get("CODISTILL_TEST_TIME_SCALE", "1"))
+
+
+def scaled(seconds: float) -> float:
+    """A time limit written for the development machine, for this one."""
+    return seconds * time_scale()
+
+
+@contextlib.contextmanager
+def phase(name: str, seconds: float):
+    """A named, scaled time limit for one phase of a test: yields the limit (for a subprocess's
+    `timeout=`), and a limit that fires fails the test naming the phase, not a bare TimeoutExpired."""
+    limit = scaled(seconds)
+    try:
+        yield limit
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name}: not done within {limit:.0f} s ({seconds} s × time scale {time_scale():.2f}; "
+                    "raise CODISTILL_TEST_TIME_SCALE on a slow machine)", pytrace=False)
+
+
+def wait_until(condition, name: str, seconds: float, alive: subprocess.Popen | None = None, poll: float = 0.2) -> None:
+    """Poll `condition` until it holds; fail naming the phase when the scaled limit passes, or at
+    once (with its output) when the process `alive` it waits on has ended."""
+    limit = scaled(seconds)
+    deadline = time.monotonic() + limit
+    while not condition():
+        if alive is not None and alive.poll() is not None:
+            pytest.fail(f"{name}: the run ended first (exit {alive.returncode}):\n{alive.stdout.read()[-4000:]}",
+                        pytrace=False)
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name}: not within {limit:.0f} s ({seconds} s × time scale {time_scale():.2f})", pytrace=False)
+        time.sleep(poll)
 
 
 def committed_step(run_dir) -> int:

@@ -24,9 +24,11 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, committed_step
+from tests.conftest import REPO, committed_step, phase, scaled, wait_until
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+# Every time limit here guards against a hang and is scaled to the machine (tests/conftest.py);
+# no test asserts how fast a step, a restart or a run is: the benchmarks measure that.
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(scaled(600))]
 
 LOCAL_SH = os.path.join(REPO, "cluster", "local.sh")
 BIN = os.path.dirname(sys.executable)
@@ -55,7 +57,9 @@ class LoopbackCluster:
     runs: str
 
     def local_sh(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([LOCAL_SH, *args], env=env or self.env, capture_output=True, text=True, timeout=180)
+        with phase(f"cluster/local.sh {' '.join(args)}", 180) as limit:
+            return subprocess.run([LOCAL_SH, *args], env=env or self.env, capture_output=True, text=True,
+                                  timeout=limit)
 
     def client_env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -69,8 +73,9 @@ class LoopbackCluster:
         if background:
             return subprocess.Popen(argv, cwd=REPO, env=env or self.client_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
-        return subprocess.run(argv, cwd=REPO, env=env or self.client_env(), capture_output=True, text=True,
-                              timeout=400)
+        with phase(f"the run {name!r}", 400) as limit:
+            return subprocess.run(argv, cwd=REPO, env=env or self.client_env(), capture_output=True, text=True,
+                                  timeout=limit)
 
     def processes(self) -> list[psutil.Process]:
         """Live processes of this cluster: those naming its session folders, and their children."""
@@ -99,7 +104,8 @@ def cluster():
            "DASHBOARD_PORT": str(free_port_block(4)), "HEAD_CPUS": "0", "WORKER_CPUS": "2",
            "RAY": os.path.join(BIN, "ray")}
     env.pop("RAY_ADDRESS", None)
-    up = subprocess.run([LOCAL_SH, "up", "2"], env=env, capture_output=True, text=True, timeout=180)
+    with phase("starting the loopback cluster", 180) as limit:
+        up = subprocess.run([LOCAL_SH, "up", "2"], env=env, capture_output=True, text=True, timeout=limit)
     assert up.returncode == 0, up.stdout + up.stderr
     values = dict(line.split("=", 1) for line in up.stdout.splitlines() if line.startswith(("address=", "dashboard=")))
     os.makedirs(os.path.join(folder, "runs"))
@@ -128,7 +134,7 @@ def test_peers_run_on_different_worker_nodes(cluster):
     # peer's node, where a node failure would take them down with it.
     listed = subprocess.run([os.path.join(BIN, "ray"), "list", "actors", "--address", cluster.dashboard,
                              "--detail", "--format", "json", "--limit", "1000"],
-                            env=cluster.client_env(), capture_output=True, text=True, timeout=60)
+                            env=cluster.client_env(), capture_output=True, text=True, timeout=scaled(60))
     assert listed.returncode == 0, listed.stderr
     boards = [a for a in json.loads(listed.stdout) if a["class_name"] in ("ProgressMailbox", "GatherCoordinator")]
     head = next(node for node, (_, is_head) in raylets.items() if is_head)
@@ -146,7 +152,7 @@ def test_ray_job_submit_of_the_readme_command_with_the_users_own_model_and_data(
          "--set", "peers=[{model: my_tiny_mlp}, {model: my_tiny_mlp}]", "--set", "data={name: my_waves, batch_size: 50}",
          "--set", "name=job", "--set", "train.steps=200",
          *SHORT_RUN, "--set", f"ray.storage_path={cluster.runs}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(400))
     assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr, out.stdout[-4000:] + out.stderr[-2000:]
     records = train_records(cluster, "job")
     assert sorted(records.groupby("peer").step.max()) == [200, 200]
@@ -164,16 +170,15 @@ def test_killed_worker_node_resumes_from_newest_checkpoint_with_no_step_lost_or_
         # down. (A peer's record part is written just before its checkpoint is committed, so the
         # parts alone do not say which checkpoint a restart will find.)
         parts = os.path.join(cluster.runs, "fault", "records", "peer1", "*.parquet")
-        deadline = time.monotonic() + 300
-        while (committed := committed_step(os.path.join(cluster.runs, "fault"))) < 2 * every:
-            assert run.poll() is None, run.stdout.read()[-4000:]
-            assert time.monotonic() < deadline, "no checkpoint in 300 s"
-            time.sleep(0.2)
+        wait_until(lambda: committed_step(os.path.join(cluster.runs, "fault")) >= 2 * every,
+                   f"Ray Train committing the step-{2 * every} checkpoint", 300, alive=run)
+        committed = committed_step(os.path.join(cluster.runs, "fault"))
         victim = pq.read_table(sorted(glob.glob(parts))[0]).column("node")[0].as_py()
         raylet_pid, is_head = cluster.raylets()[victim]
         assert not is_head
         os.kill(raylet_pid, signal.SIGKILL)
-        output, _ = run.communicate(timeout=400)
+        with phase("the run after its node was killed", 400) as limit:
+            output, _ = run.communicate(timeout=limit)
     finally:
         if run.poll() is None:
             run.kill()
@@ -202,13 +207,19 @@ def test_killed_worker_node_resumes_from_newest_checkpoint_with_no_step_lost_or_
 
 
 # Codistillation as Anil et al. run it: weights every 20 steps, a staleness window (40 rounds,
-# 800 steps) wider than a restart but narrower than a late start — a peer far behind is no
-# teacher — and a short wait for a peer that is away; each peer reserving a whole worker node,
-# so each has a node of its own.
-APART = ["--set", "method={name: codistill, temperature: 3.0, weight: 1.0, burn_in: 0, period: 20, "
-         "max_staleness: 40, publish: weights, wait_timeout_s: 5}",
-         "--set", "ray.resources_per_peer={CPU: 2}", "--set", "ray.max_failures=1",
-         "--set", "train.eval_every=300", "--set", "train.checkpoint_every=300"]  # on round boundaries
+# 800 steps) wider than a restart, and a short wait for a peer that is away; each peer reserving
+# a whole worker node, so each has a node of its own.
+WAIT_S = 5
+
+
+def codistill_apart(max_staleness: int) -> list[str]:
+    return ["--set", "method={name: codistill, temperature: 3.0, weight: 1.0, burn_in: 0, period: 20, "
+            f"max_staleness: {max_staleness}, publish: weights, wait_timeout_s: {WAIT_S}}}",
+            "--set", "ray.resources_per_peer={CPU: 2}", "--set", "ray.max_failures=1",
+            "--set", "train.eval_every=300", "--set", "train.checkpoint_every=300"]  # on round boundaries
+
+
+APART = codistill_apart(max_staleness=40)
 APART_STEPS = 1500
 
 
@@ -218,27 +229,26 @@ def train_workers_on(cluster: LoopbackCluster, node: str) -> list[psutil.Process
     return [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
-def step_rate(rows, start: float, end: float) -> float:
-    inside = rows[(rows.time >= start) & (rows.time < end)]
-    return len(inside) / (end - start)
+def resumed(rows):
+    return rows[rows.resumed.fillna(False).astype(bool)]
 
 
 @pytest.mark.parametrize("layout", ["auto", "one_group"])
 def test_a_killed_codistillation_peer_costs_only_itself_when_peers_run_apart(cluster, layout):
     """Kill every Ray Train worker process of peer 1 mid-run. Apart (the default for codistill):
-    peer 0 never stops — no restart, no gap, its step rate kept — and peer 1 resumes from its own
-    checkpoint. One group (the layout before): the whole group restarts from the last checkpoint.
-    Prints the figures docs/cluster.md keeps (pytest -s)."""
+    peer 0 never stops — no restart, no step trained twice, no gap in its steps beyond the one wait
+    for a peer that is away — and peer 1 resumes from its own checkpoint. One group (the layout
+    before): the whole group restarts from the last checkpoint. What is asserted are these events,
+    never a step rate: on two cores shared by the loopback "nodes", peer 1's restart takes CPU from
+    peer 0, so a rate measures the machine, not the isolation. Prints the figures docs/cluster.md
+    keeps (pytest -s)."""
     name = f"kill-{layout}"
     run = cluster.train(name, *APART, "--set", f"ray.layout={layout}", "--set", f"train.steps={APART_STEPS}",
                         background=True, config="configs/codistill_mnist1d.yaml")
     try:
         folder = "peer1" if layout == "auto" else ""
-        deadline = time.monotonic() + 300
-        while committed_step(os.path.join(cluster.runs, name, folder)) < 600:
-            assert run.poll() is None, run.stdout.read()[-4000:]
-            assert time.monotonic() < deadline, "no checkpoint at step 600 in 300 s"
-            time.sleep(0.2)
+        wait_until(lambda: committed_step(os.path.join(cluster.runs, name, folder)) >= 600,
+                   "Ray Train committing peer 1's step-600 checkpoint", 300, alive=run)
         parts = sorted(glob.glob(os.path.join(cluster.runs, name, "records", "peer1", "*.parquet")))
         victim = pq.read_table(parts[0]).column("node")[0].as_py()
         workers = train_workers_on(cluster, victim)
@@ -246,7 +256,8 @@ def test_a_killed_codistillation_peer_costs_only_itself_when_peers_run_apart(clu
         killed_at = time.time()
         for p in workers:
             p.kill()
-        output, _ = run.communicate(timeout=400)
+        with phase("the run after peer 1's workers were killed", 400) as limit:
+            output, _ = run.communicate(timeout=limit)
     finally:
         if run.poll() is None:
             run.kill()
@@ -257,67 +268,82 @@ def test_a_killed_codistillation_peer_costs_only_itself_when_peers_run_apart(clu
         assert sorted(rows.step) == list(range(1, APART_STEPS + 1)), f"peer {peer}: a step lost or repeated"
     peer0 = records[records.peer == 0].sort_values("step")
     peer1 = records[records.peer == 1].sort_values("step")
-    back = peer1[peer1.resumed.fillna(False).astype(bool)]
+    back = resumed(peer1)
     assert len(back) == 1, "peer 1 resumed once, from its checkpoint"
     resumed_at, rejoined = int(back.step.iloc[0]) - 1, float(back.time.iloc[0])
     assert resumed_at % 300 == 0 and resumed_at >= 600
-    restarted0 = peer0[peer0.resumed.fillna(False).astype(bool)]
+    restarted0 = resumed(peer0)
     if layout == "auto":
         assert restarted0.empty, "peer 0 restarted with peer 1"
         assert peer0.node.nunique() == 1
-        assert float(peer0.time.diff().max()) < 5, "peer 0's steps show a gap"
-        away = rejoined - killed_at
-        before = step_rate(peer0, killed_at - away, killed_at)
-        during = step_rate(peer0, killed_at, rejoined)
-        assert during >= 0.9 * before, (before, during)
-        # While peer 1 was away, peer 0 distilled from its last round (within the window).
-        lost0 = 0
-        print(f"\napart: peer 0 step rate {before:.1f}/s before, {during:.1f}/s while peer 1 was away")
+        # Peer 0 waits for an away peer once, at most wait_timeout_s, then goes on without it. The
+        # slack beyond that wait is a guard against a hang (scaled), not a speed.
+        gap = float(peer0.time.diff().max())
+        assert gap < WAIT_S + scaled(5), f"peer 0's steps show a {gap:.1f} s gap"
+        during = peer0[(peer0.time > killed_at) & (peer0.time < rejoined)]
+        assert len(during), "peer 0 trained no step while peer 1 was away"
+        summary = (f"\napart: peer 0 never restarted, trained {len(during)} steps while peer 1 was away "
+                   f"(longest gap {gap:.1f} s)")
     else:
         assert len(restarted0) == 1, "one group: peer 0 restarts with peer 1"
         resumed0 = int(restarted0.step.iloc[0]) - 1
-        checkpoint_time = float(peer0[peer0.step == resumed0].time.iloc[0])
-        rate = step_rate(peer0, checkpoint_time - 20, checkpoint_time)
-        lost0 = round((killed_at - checkpoint_time) * rate)  # peer 0's steps after the checkpoint, thrown away
-        assert lost0 > 0
-        away = float(restarted0.time.iloc[0]) - killed_at
-        print(f"\none group: peer 0 stopped {away:.1f} s and trained ~{lost0} steps again")
+        assert resumed0 == resumed_at, "one group: both peers restart from the same checkpoint"
+        # Peer 0's steps after that checkpoint were thrown away and trained again: the records
+        # keep only the second time, so the first time shows as steps before the kill missing.
+        first_time = peer0[(peer0.step > resumed0) & (peer0.time < killed_at)]
+        assert first_time.empty, "records of steps thrown away by the restart were kept"
+        summary = (f"\none group: peer 0 restarted from step {resumed0}, "
+                   f"its first step {float(restarted0.time.iloc[0]) - killed_at:.1f} s after the kill")
     # Final accuracy within the spread of uninterrupted seeds: the same settings without a kill,
     # seeds 0-4, reach a mean member of 92.59 ± 1.00 % (92.70 ± 1.34 in another run: reading the
     # newest weights depends on timing; docs/cluster.md has the command); 90.0: 2 sd below the wider.
     final = pq.read_table(os.path.join(cluster.runs, name, "records.parquet")).to_pandas()
     accuracy = final[(final.split == "test") & (final.step == APART_STEPS)].accuracy
     assert len(accuracy) == 2 and accuracy.mean() > 0.900, accuracy
-    print(f"{layout}: peer 1 resumed from step {resumed_at}, its first step {rejoined - killed_at:.1f} s after the "
-          f"kill; peer 0 lost {lost0} steps; summary:\n" + output[output.index("final evaluation"):])
+    print(f"{summary}; peer 1 resumed from step {resumed_at}, its first step {rejoined - killed_at:.1f} s after "
+          "the kill; summary:\n" + output[output.index("final evaluation"):])
 
 
 HOLD_A_NODE = """
-import sys, time, ray
+import sys, ray
 from ray.util.placement_group import placement_group
 ray.init(address=sys.argv[1])
 group = placement_group([{"CPU": 2}])  # one worker node's every CPU
-ray.get(group.ready(), timeout=60)
+ray.get(group.ready(), timeout=float(sys.argv[2]))
 print("holding", flush=True)
-time.sleep(float(sys.argv[2]))
+sys.stdin.read()  # until the test closes our stdin (or kills us)
 """
 
 
 def test_a_late_peer_joins_a_running_codistillation(cluster):
-    """One peer waits for room: another client holds a worker node for 45 s, so only one of the
-    two peers (whichever Ray places first) can start. The early peer trains alone meanwhile (its
-    rounds recorded as distilled from nobody); both finish."""
-    steps = 6000  # the early peer is still training when the late one starts
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_NODE, cluster.address, "45"], cwd=REPO,
-                              env=cluster.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """One peer waits for room: another client holds a worker node until the peer Ray placed
+    first (the early peer) has committed its step-300 checkpoint, so the other starts at least
+    300 steps (15 rounds) behind — beyond the 10-round window. Meanwhile the early peer trains
+    alone (its rounds recorded as distilled from nobody); then the late peer distils from the
+    early one's newer weights while the early one never takes the far-behind late one as a
+    teacher; both finish. Released on an event, not after a fixed time, so it holds on any machine."""
+    steps, release_at = 1200, 300
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_NODE, cluster.address, str(scaled(60))], cwd=REPO,
+                              env=cluster.client_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    run = None
     try:
         lines = iter(holder.stdout.readline, "")
         assert any(line.strip() == "holding" for line in lines), "the holder could not take a node"
-        out = cluster.train("late", *APART, "--set", f"train.steps={steps}",
-                            config="configs/codistill_mnist1d.yaml")
+        run = cluster.train("late", *codistill_apart(max_staleness=10), "--set", f"train.steps={steps}",
+                            config="configs/codistill_mnist1d.yaml", background=True)
+        folders = [os.path.join(cluster.runs, "late", f"peer{k}") for k in (0, 1)]
+        wait_until(lambda: max(committed_step(f) for f in folders) >= release_at,
+                   f"the early peer's step-{release_at} checkpoint", 300, alive=run)
+        holder.stdin.close()
+        holder.wait(scaled(60))
+        with phase("the run once the late peer had room", 400) as limit:
+            output, _ = run.communicate(timeout=limit)
     finally:
         holder.kill()
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        if run is not None and run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output[-4000:]
     records = train_records(cluster, "late")
     for peer, rows in records.groupby("peer"):
         assert sorted(rows.step) == list(range(1, steps + 1))
@@ -325,19 +351,19 @@ def test_a_late_peer_joins_a_running_codistillation(cluster):
     early_peer, late_peer = int(first.idxmin()), int(first.idxmax())
     early, late = (records[records.peer == k].sort_values("step") for k in (early_peer, late_peer))
     started = float(late.time.min())
-    assert started - float(early.time.min()) > 15, "no peer started late"
-    assert started < float(early.time.max()), "the early peer had finished before the late one started"
     alone = early[early.time < started]
-    assert len(alone) and (alone.missing_peers == str(late_peer)).all() and (alone.peers_used == 0).all()
+    assert len(alone) >= release_at, "the late peer started before the early one's checkpoint released the node"
+    assert started < float(early.time.max()), "the early peer had finished before the late one started"
+    assert (alone.missing_peers == str(late_peer)).all() and (alone.peers_used == 0).all()
     assert (late.peers_used == 1).any()  # the late peer distilled from the early one's newer weights
     # ...while the early peer never took the late one (too far behind for the window) as a teacher.
     assert (early.peers_used == 0).all()
     final = pq.read_table(os.path.join(cluster.runs, "late", "records.parquet")).to_pandas()
     accuracy = final[(final.split == "test") & (final.step == steps)].sort_values("peer").accuracy
     assert accuracy.min() > 0.80, accuracy
-    assert f"peer {early_peer} distilled" in out.stdout and f"without peer {late_peer}" in out.stdout
+    assert f"peer {early_peer} distilled" in output and f"without peer {late_peer}" in output
     print(f"\nlate: peer {late_peer} started {started - float(early.time.min()):.1f} s after peer {early_peer}, at "
-          f"its step {len(alone)}; " + out.stdout[out.stdout.index("final evaluation"):])
+          f"its step {len(alone)}; " + output[output.index("final evaluation"):])
 
 
 def test_run_refuses_local_storage_that_a_node_cannot_see(cluster):
@@ -350,7 +376,7 @@ def test_run_refuses_local_storage_that_a_node_cannot_see(cluster):
     workers = sum(not head for _, head in before.values())
     added = subprocess.run(["unshare", "--mount", "sh", "-c", f'mount -t tmpfs tmpfs "{cluster.runs}" && '
                             f'exec "{LOCAL_SH}" up {workers + 1}'], env=cluster.env, capture_output=True, text=True,
-                           timeout=180)
+                           timeout=scaled(180))
     assert added.returncode == 0, added.stdout + added.stderr
     (blind_node,) = set(cluster.raylets()) - set(before)
     try:
@@ -362,7 +388,7 @@ def test_run_refuses_local_storage_that_a_node_cannot_see(cluster):
     finally:
         pid, _ = cluster.raylets()[blind_node]
         os.kill(pid, signal.SIGTERM)
-        psutil.Process(pid).wait(30)
+        psutil.Process(pid).wait(scaled(30))
 
 
 def test_client_without_token_mode_is_told_how_to_connect(cluster):
@@ -379,4 +405,4 @@ def test_down_stops_this_cluster_and_nothing_else(cluster, ray_local):
     assert down.returncode == 0, down.stderr
     assert cluster.processes() == []
     # The test session's own Ray instance on the same machine still runs tasks.
-    assert ray_local.get(ray_local.remote(lambda: 42).remote(), timeout=60) == 42
+    assert ray_local.get(ray_local.remote(lambda: 42).remote(), timeout=scaled(60)) == 42

@@ -2,7 +2,6 @@
 mixed dtypes and shapes becomes one header and one byte buffer, and comes back bit for bit —
 also through a real gloo all_gather between two processes whose payloads differ in shape."""
 
-import os
 
 import pytest
 import torch

@@ -136,6 +136,7 @@ def test_tuning_gives_each_method_its_trials_and_the_seeds_run_at_its_best(ray_l
     assert again.table.to_pylist() == result.table.to_pylist()
 
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_a_changed_recipe_stops_before_running_anything_naming_the_key_and_fresh_runs_it_again(tmp_path, capsys):
     cfg = tiny(tmp_path)
     compare(cfg, ["independent", "dml"], [0], log=lambda text: None)

@@ -179,6 +179,7 @@ def test_every_registered_data_set_takes_only_models_of_its_input_kind(name, tmp
     assert info.value.path == "peers.0.model" and kind in info.value.message
 
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_a_larger_mnist1d_test_set_comes_from_the_same_generator_and_leaves_training_alone(tmp_path):
     default = load_dataset("mnist1d", root=str(tmp_path))
     larger = load_dataset("mnist1d", root=str(tmp_path), test_examples=2000)
@@ -198,3 +199,61 @@ def test_a_test_set_size_for_a_data_set_with_a_fixed_split_is_one_line_naming_th
         load_config({"method": "dml", "peers": [{"model": "resnet20"}] * 2,
                      "data": {"name": "cifar10", "test_examples": 10000}})
     assert info.value.path == "data.test_examples" and "mnist1d" in info.value.message
+
+
+# -- text: split by content, duplicates dropped, the tokenizer's sample bounded --------------------
+
+def _corpus_with_copies(folder, copies=40, distinct=30):
+    """A folder like one that bit a user: `copies` symlinks to one README, and distinct files."""
+    folder.mkdir()
+    readme = folder / "README.txt"
+    readme.write_text("MARKER-README-MARKER one text many names\n" + "the same words again and again\n" * 20)
+    for i in range(copies - 1):
+        (folder / f"copy_{i:02d}.txt").symlink_to(readme)
+    for i in range(distinct):
+        (folder / f"z_{i:02d}.txt").write_text(f"document {i}: " + " ".join(f"word{i * j % 97}" for j in range(80)) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("name", [n for n, e in DATASETS.items() if e.input_kind == "tokens"])
+def test_every_text_source_splits_by_content_with_copies_left_out_and_counted(name, tmp_path, monkeypatch, caplog):
+    from codistill.data import load_data, text
+
+    folder = _corpus_with_copies(tmp_path / "corpus")
+    monkeypatch.setattr(text, "stdlib_files", lambda: text.text_files(str(folder)))  # the stdlib source, in small
+    settings = load_config("configs/codistill_lm_stdlib.yaml", [
+        f"data.name={name}", *([f"data.path={folder}"] if name == "text" else []), f"data.root={tmp_path / 'cache'}",
+        "data.tokenizer=bytes",
+        "data.context=16", "data.test_windows=100000"]).data
+    data = load_data(settings)
+    assert data.fingerprint["duplicates"] == 39 and data.fingerprint["split"] == "content"
+    assert "39 of 70 documents are exact copies" in caplog.text  # said, not silent
+    streams = [bytes(x.flatten().to(torch.uint8).tolist()) for x in (data.x_train, data.x_test)]
+    assert sum(s.count(b"MARKER-README-MARKER") for s in streams) == 1  # once, on one side (by path: 36 + 4)
+    assert all(streams)
+
+
+def test_identical_documents_land_on_one_side_whatever_their_names_and_the_cache_knows_the_rule(tmp_path, monkeypatch):
+    from codistill.data import text
+
+    docs = [f"document number {i}\n" * 5 for i in range(200)]
+    train, test, dropped = text.split_documents(docs + docs[:50] + docs[::-1])
+    assert dropped == 250 and sorted(train + test) == sorted(docs) and not set(train) & set(test)
+    assert 10 <= len(test) <= 30  # one in ten
+    assert text.split_documents(docs[::-1])[1] == text.split_documents(docs)[1][::-1]  # by content, not place
+    root, files = text.text_files(str(_corpus_with_copies(tmp_path / "corpus", copies=2, distinct=20)))
+    text.build_corpus(root, files, tmp_path / "cache", "bytes", 256, 16, 4)
+    monkeypatch.setattr(text, "SPLIT_RULE", "another rule")
+    text.build_corpus(root, files, tmp_path / "cache", "bytes", 256, 16, 4)
+    assert len(list((tmp_path / "cache").glob("text_*.npz"))) == 2  # tokens cached under one rule are not reused
+
+
+def test_the_tokenizer_learns_from_a_bounded_sample_spread_over_the_corpus():
+    from codistill.data.text import tokenizer_sample
+
+    docs = [f"{i:04d} " + "x" * (1000 + i) for i in range(500)]  # ~750 k characters
+    sample = tokenizer_sample(docs, limit=100_000)
+    assert sum(map(len, sample)) == 100_000 and sample == tokenizer_sample(docs[::-1], limit=100_000)
+    picked = sorted(int(s[:4]) for s in sample)
+    assert picked[0] < 100 and picked[-1] > 400  # from across the corpus, not its first files
+    assert sorted(tokenizer_sample(docs[:3], limit=100_000)) == docs[:3]  # a small corpus: all of it

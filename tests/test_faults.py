@@ -11,7 +11,7 @@ from codistill.engine.checkpoint import LocalCheckpoints
 from codistill.engine.loop import NonFiniteLoss
 from codistill.engine.run import train
 from codistill.records import RecordsError
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, phase, scaled, small_config, wait_until
 
 DIVERGES = ["train.steps=400", "train.eval_every=20", "train.checkpoint_every=5", "train.keep_checkpoints=2",
             "peers.*.optimizer={name: sgd, lr: 30, warmup_steps: 400}"]
@@ -96,7 +96,7 @@ def test_two_starts_of_one_run_name_at_once_one_runs_and_the_other_is_refused(tm
                              stderr=subprocess.PIPE, text=True, cwd=REPO)
     second = subprocess.Popen([*argv, "--set", "train.checkpoint_every=250"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=REPO)
-    outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
+    outcomes = [(p.wait(timeout=scaled(300)), p.stderr.read()) for p in (first, second)]
     codes = sorted(code for code, _ in outcomes)
     assert codes == [0, 1], outcomes
     refused = next(err for code, err in outcomes if code == 1).strip().splitlines()[-1]
@@ -152,11 +152,43 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one
         newest.write_bytes(b"\x00not a checkpoint" * 50)
     else:
         newest.unlink()
+    damaged = newest.read_bytes() if newest.exists() else None
     resumed = train(small_config(tmp_path, "name=damaged"), "local")
     assert "skipping the checkpoint at step 80" in caplog.text and "weights_only=False" not in caplog.text
     assert resumed.final == reference.final  # resumed from step 40: nothing lost, nothing twice
     steps = [r["step"] for r in resumed.records.to_pylist() if r["split"] == "train" and r["peer"] == 0]
     assert steps == list(range(1, 121))
+    # The checkpoint that did not load is moved aside, never deleted (it may be good after all).
+    (aside,) = (tmp_path / "damaged" / "set_aside").iterdir()
+    assert aside.name.startswith("step_00000080-") and (aside / "meta.pt").exists()
+    assert (aside / "peer1.pt").read_bytes() == damaged if damaged is not None else not (aside / "peer1.pt").exists()
+
+
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
+def test_a_checkpoint_read_that_fails_once_is_tried_again_not_skipped(tmp_path, caplog, monkeypatch):
+    """On object storage a read can fail for a moment: a good checkpoint is not lost to it."""
+    from codistill.storage import RunStorage
+
+    def crash(step, metrics):
+        if step >= 100:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):  # checkpoints at 40 and 80, then the crash
+        train(small_config(tmp_path, "name=flaky"), "local", on_progress=crash)
+    read, failed = RunStorage.read_bytes, []
+
+    def read_once_failing(self, relative):
+        if relative.endswith("step_00000080/peer1.pt") and not failed:
+            failed.append(relative)
+            raise OSError("connection reset by peer")
+        return read(self, relative)
+
+    monkeypatch.setattr(RunStorage, "read_bytes", read_once_failing)
+    resumed = train(small_config(tmp_path, "name=flaky"), "local")
+    assert failed and "skipping the checkpoint" not in caplog.text
+    assert not (tmp_path / "flaky" / "set_aside").exists()
+    first = [r["step"] for r in resumed.records.to_pylist() if r["split"] == "train" and r["peer"] == 0 and r.get("resumed")]
+    assert first == [81]  # resumed from the step-80 checkpoint that failed to read once
 
 
 @pytest.mark.parametrize("backend", [pytest.param("local", marks=pytest.mark.slow),  # a real subprocess, ~5 s
@@ -166,20 +198,17 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path, backend):
     import signal
     import subprocess
     import sys
-    import time
 
     argv = [os.path.join(os.path.dirname(sys.executable), "codistill"), "train", f"{REPO}/configs/dml_mnist1d.yaml",
             "--backend", backend, "--set", f"ray.storage_path={tmp_path}", "--set", "name=stopped",
             "--set", "train.steps=100000", "--set", "train.checkpoint_every=100", "--set", "train.eval_every=100"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-    deadline = time.monotonic() + 240
     checkpoints = tmp_path / "stopped" / ("checkpoints" if backend == "local" else "")
-    while time.monotonic() < deadline and not any(checkpoints.glob("step_*/meta.pt")):
-        time.sleep(0.5)
-    assert any(checkpoints.glob("step_*/meta.pt")), "no checkpoint was written in time"
+    wait_until(lambda: any(checkpoints.glob("step_*/meta.pt")), "the first checkpoint", 240, alive=proc, poll=0.5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    with phase("stopping after Ctrl-C", 120) as limit:
+        _, err = proc.communicate(timeout=limit)
     last = err.strip().replace("\r", "\n").splitlines()[-1]
     assert proc.returncode == 130, err[-2000:]
     assert last.startswith("interrupted at step") and "saved up to step" in last and "re-run the same command" in last

@@ -8,7 +8,7 @@ import pytest
 from codistill.engine.run import train
 from codistill.records import read_records
 from codistill.storage import RunStorage
-from tests.conftest import small_config
+from tests.conftest import phase, scaled, small_config, wait_until
 
 
 def _crash_at(limit: int):
@@ -29,6 +29,7 @@ def _test_rows(table) -> list[tuple]:
 
 # -- 2: a damaged newest checkpoint never counts as kept -------------------------------------------
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_a_damaged_newest_checkpoint_never_counts_as_kept_nor_its_training_as_recorded(tmp_path):
     from codistill.cli import _saved_up_to
 
@@ -115,7 +116,7 @@ def _cli_train(tmp_path, capsys, *overrides):
     return code, err[-1] if err else ""
 
 
-@pytest.mark.parametrize("full_at", ["step_00000080/peer1.pt", "records.parquet",
+@pytest.mark.parametrize("full_at", ["step_00000080/peer1.pt", pytest.param("records.parquet", marks=pytest.mark.slow),
                                      # the same class at the other writes: the full tier
                                      *(pytest.param(w, marks=pytest.mark.slow) for w in
                                        ("step_00000080/meta.pt", "records/peer1/00000041", "accuracy.png"))])
@@ -208,7 +209,6 @@ def test_non_finite_inputs_are_one_line_naming_the_data_set(tmp_path, split):
 
 
 def test_an_evaluation_whose_logits_are_not_finite_reports_no_accuracy(tmp_path):
-    import torch
     from torch import nn
 
     from codistill.errors import RunError
@@ -264,7 +264,6 @@ def test_sigterm_says_what_is_saved_releases_the_lease_and_exits_143(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     from tests.conftest import REPO
 
@@ -272,12 +271,12 @@ def test_sigterm_says_what_is_saved_releases_the_lease_and_exits_143(tmp_path):
             "--backend", "local", "--set", f"ray.storage_path={tmp_path}", "--set", "name=stopped",
             "--set", "train.steps=100000", "--set", "train.checkpoint_every=100", "--set", "train.eval_every=100"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not any((tmp_path / "stopped" / "checkpoints").glob("step_*/meta.pt")):
-        time.sleep(0.5)
+    wait_until(lambda: any((tmp_path / "stopped" / "checkpoints").glob("step_*/meta.pt")), "the first checkpoint",
+               240, alive=proc, poll=0.5)
     assert (tmp_path / "stopped" / "lease.json").exists()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    with phase("stopping after SIGTERM", 120) as limit:
+        _, err = proc.communicate(timeout=limit)
     last = err.strip().replace("\r", "\n").splitlines()[-1]
     assert proc.returncode == 143, err[-2000:]
     assert last.startswith("terminated (SIGTERM) at step") and "saved up to step" in last, last
@@ -436,7 +435,6 @@ def test_ctrl_c_of_born_again_says_what_is_kept_and_exits_130(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     from tests.conftest import REPO
 
@@ -445,11 +443,11 @@ def test_ctrl_c_of_born_again_says_what_is_kept_and_exits_130(tmp_path):
             "--set", "name=ba", "--set", "train.steps=100000", "--set", "train.checkpoint_every=100",
             "--set", "train.eval_every=100"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not any(tmp_path.glob("ba-gen0/checkpoints/step_*/meta.pt")):
-        time.sleep(0.5)
+    wait_until(lambda: any(tmp_path.glob("ba-gen0/checkpoints/step_*/meta.pt")), "generation 0's first checkpoint",
+               240, alive=proc, poll=0.5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    with phase("stopping after Ctrl-C", 120) as limit:
+        _, err = proc.communicate(timeout=limit)
     last = err.strip().replace("\r", "\n").splitlines()[-1]
     assert proc.returncode == 130, err[-2000:]
     assert last.startswith("interrupted") and "re-run the same command" in last and "Traceback" not in err, err[-2000:]
@@ -505,8 +503,136 @@ for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).std
         print("LISTEN", line.split()[3])
 ray.shutdown()
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=180,
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=scaled(180),
                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     listening = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("LISTEN")]
     assert listening, out.stderr[-2000:]
     assert all(address.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]") for address in listening), listening
+
+
+# -- issue 30: user code that exits, is interrupted or leaves a thread; what a refusal leaves ----
+
+def _cli(tmp_path, module_source: str, *args: str, **popen):
+    """`python -m codistill.cli <args> --import <a module of module_source>` as a process, the
+    module beside it (cwd): (the process, the module's name)."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    from tests.conftest import REPO
+
+    module = f"user_module_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(module_source)
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": REPO}
+    argv = [sys.executable, "-m", "codistill.cli", *args, "--import", module]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                            **popen), module
+
+
+@pytest.mark.parametrize("exit_call", ["sys.exit(0)", "sys.exit()", "raise SystemExit('bye')"])
+def test_a_users_module_that_exits_at_import_is_one_line_exit_2_and_no_run(tmp_path, monkeypatch, capsys, exit_call):
+    import uuid
+
+    from codistill.cli import main
+    from tests.conftest import REPO
+
+    module = f"user_module_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(f"import sys\n{exit_call}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--import", module,
+                 "--set", f"ray.storage_path={tmp_path / 'runs'}"])
+    last = _last_err_line(capsys)
+    assert code == 2, "a run that never started must not exit 0"
+    assert last.startswith(f"config error: imports.0: cannot import {module!r}: it exits at import"), last
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
+@pytest.mark.parametrize("sig,code,said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_in_a_slow_import_is_one_line_without_a_traceback(tmp_path, sig, code, said):
+    import signal
+
+    from tests.conftest import REPO
+
+    marker = tmp_path / "importing"
+    proc, module = _cli(tmp_path, f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\n"
+                                  "while True:  # an import that never ends on its own\n    time.sleep(1)\n",
+                        "train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local")
+    try:
+        wait_until(marker.exists, "the slow import", 60, alive=proc, poll=0.1)
+        proc.send_signal(getattr(signal, sig))
+        with phase(f"stopping after {sig}", 30) as limit:
+            _, err = proc.communicate(timeout=limit)
+    finally:
+        proc.kill()  # a no-op once it exited
+    assert proc.returncode == code, err[-2000:]
+    assert err.strip().splitlines() == [f"{said}: while importing {module!r} (imports.0); nothing was run"], err[-2000:]
+
+
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
+def test_a_thread_user_code_leaves_running_does_not_keep_the_finished_run_from_exiting(tmp_path):
+    from tests.conftest import REPO
+
+    proc, _ = _cli(tmp_path, "import threading, time\n"
+                             "threading.Thread(target=time.sleep, args=(3600,), name='forever').start()\n",
+                   "train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", "name=threads",
+                   "--set", f"ray.storage_path={tmp_path}", "--set", "train.steps=20", "--set", "train.eval_every=10",
+                   "--set", "train.checkpoint_every=10")
+    try:
+        with phase("a finished run exiting past a thread left running", 60) as limit:
+            out, err = proc.communicate(timeout=limit)
+    finally:
+        proc.kill()  # a no-op once it exited
+    assert proc.returncode == 0, err[-2000:]
+    assert "note: user code left 1 non-daemon thread running (forever); exiting anyway" in err, err[-2000:]
+    assert "records: " in out and "plot:" in out  # printed before the hard exit, and flushed
+    assert (tmp_path / "threads" / "records.parquet").exists() and not (tmp_path / "threads" / "lease.json").exists()
+
+
+def test_a_one_seed_comparison_prints_no_infinite_interval_and_no_effect(tmp_path):
+    from codistill.experiments.compare import markdown_table, paired_differences
+
+    rows = [{"method": m, "seed": 0, "last_mean": a, "last_ensemble": a, "last_best": a, "members": 2,
+             **{f"{p}_{k}": a for p in ("last", "bestevaluation") for k in ("first", "best", "mean", "ensemble", "churn")}}
+            for m, a in (("independent", 0.80), ("dml", 0.95))]
+    differences = paired_differences(rows, "independent")
+    text = markdown_table(rows, small_config(tmp_path), 0, differences, "independent")
+    line = next(t for t in text.splitlines() if t.startswith("| dml |"))
+    assert "inf" not in text and line.count("[n/a: 1 seed]") == 3, line
+    assert line.count("(no resolvable effect)") == 3, line  # +15 points on one seed is no effect yet
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "folder"])
+def test_a_config_path_that_is_no_regular_file_says_what_it_is(tmp_path, capsys, kind):
+    import os
+
+    from codistill.cli import main
+
+    path = {"/dev/zero": "/dev/zero", "fifo": str(tmp_path / "config.yaml"), "folder": str(tmp_path)}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)  # opened for reading, it would wait for a writer forever
+    assert main(["train", path, "--backend", "local"]) == 2
+    what = {"/dev/zero": "a character device", "fifo": "a pipe (FIFO)", "folder": "a folder"}[kind]
+    assert _last_err_line(capsys) == (f"config error: config file {path!r} is {what}, not a regular file: "
+                                      "a YAML file is expected")
+
+
+def test_the_run_name_rule_says_ascii_letters():
+    from codistill.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        small_config("/tmp", "name=café")
+    assert info.value.path == "name" and "ASCII letters" in info.value.message, info.value
+
+
+def test_a_run_its_data_refuses_leaves_no_config_and_no_folder_behind(tmp_path):
+    import torch
+
+    from codistill.errors import ConfigError
+
+    x, y = torch.randn(64, 1, 40), torch.arange(64) % 10
+    x[3, 0, 7] = float("nan")
+    with pytest.raises(ConfigError, match="not finite"):
+        train(_quick(tmp_path), "local", data=((x, y), (x[:16].clone(), y[:16])))
+    assert not (tmp_path / "own").exists(), sorted(p.name for p in (tmp_path / "own").rglob("*"))

@@ -7,10 +7,8 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from codistill.config import ConfigError, load_config
-from codistill.data import load_dataset
 from codistill.data.text import build_corpus, corpus_hash, stdlib_files, text_files
 from codistill.engine.run import train
 from codistill.methods.losses import soft_kl, soft_targets, top_k_kl, top_k_targets
@@ -151,6 +149,7 @@ def test_lm_peers_learn_with_top_k_targets_and_report_bits(tmp_path, method):
         assert max(sent["top8"]) * 20 < min(sent["full"])  # 8 of 1024 tokens, fp16 + ids + tail
 
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_a_run_does_not_resume_on_a_changed_corpus(tmp_path):
     folder = corpus_folder(tmp_path, 20)
     overrides = (*TINY, "method=dml", "data.name=text", f"data.path={folder}", "data.vocab_size=300",
@@ -176,3 +175,19 @@ def test_kd_from_a_language_model_teacher_run_builds_it_as_the_run_did(tmp_path)
     assert student.config.teacher.model_args == {"width": 32, "depth": 1, "heads": 2, "context": 32}
     kd = [r["kd"] for r in student.records.to_pylist() if r["split"] == "train"]
     assert all(v > 0 for v in kd) and student.final["peer_bits"][0] < math.log2(1024) - 1
+
+
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
+def test_a_run_split_by_path_does_not_resume_on_the_split_by_content(tmp_path):
+    folder = corpus_folder(tmp_path, 20)
+    overrides = (*TINY, "method=dml", "data.name=text", f"data.path={folder}", "data.tokenizer=bytes",
+                 f"data.root={tmp_path / 'cache'}")
+    train(small_config(tmp_path, "name=lm", *overrides, base=LM), "local")
+    for file in (tmp_path / "lm" / "checkpoints").glob("step_*/peer*.pt"):  # as written before the split was kept
+        state = torch.load(file, weights_only=True)
+        del state["data"]["split"], state["data"]["duplicates"]
+        torch.save(state, file)
+    from codistill.engine.loop import DataChanged
+
+    with pytest.raises(DataChanged, match="split into train and test by path, but it is now split by content"):
+        train(small_config(tmp_path, "name=lm", *overrides, base=LM), "local")

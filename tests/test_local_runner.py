@@ -15,6 +15,7 @@ def train_steps(records, peer):
     return [r["step"] for r in records.to_pylist() if r["split"] == "train" and r["peer"] == peer]
 
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_dml_peers_learn_mnist1d(make_config):
     result = train(make_config("name=learn", "train.steps=600", "train.eval_every=200"), "local")
     final = result.final

@@ -11,7 +11,7 @@ from torch import nn
 
 from codistill import ArrayDataset, ConfigError, load_config, register_dataset, register_model, train
 from codistill.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, scaled
 
 
 @register_model("test_three_logits", input_kind="sequence")
@@ -65,7 +65,7 @@ def test_the_cli_imports_a_users_module_before_reading_the_config(tmp_path, caps
 @pytest.mark.ray
 def test_the_example_trains_its_own_model_and_data_identically_on_both_runners(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(REPO, "examples", "own_model.py"), "--storage", str(tmp_path),
-                          "--steps", "200"], capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                          "--steps", "200"], capture_output=True, text=True, timeout=scaled(400), cwd=tmp_path,
                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "identical: True" in out.stdout

@@ -2,6 +2,8 @@
 
 import json
 
+import pyarrow.parquet as pq
+
 import pytest
 import yaml
 
@@ -112,3 +114,55 @@ def test_several_seeds_per_trial_need_the_fifo_scheduler(tmp_path):
         sweep_config(tmp_path, "tune.seeds_per_trial=2", "tune.scheduler=asha")
     assert info.value.path == "tune.scheduler" and "fifo" in info.value.message
     assert sweep_config(tmp_path, "tune.seeds_per_trial=2", "tune.scheduler=fifo").tune.seeds_per_trial == 2
+
+
+@pytest.mark.ray  # the CLI starts its own Ray instance
+def test_a_killed_sweep_resumes_on_rerun_keeping_its_finished_trials(tmp_path):
+    """`kill -9` of the `codistill tune` driver while its second trial trains, then the same
+    command again: the finished trial is not trained again, the interrupted one resumes its run,
+    the third runs, and the table has the sweep's three trials (no new trial ids, no stale lease)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import phase, wait_until
+
+    argv = [sys.executable, "-m", "codistill.cli", "tune", f"{REPO}/configs/tune_dml_mnist1d.yaml",
+            "--set", f"ray.storage_path={tmp_path}", "--set", "name=sweep", "--set", "train.steps=100",
+            "--set", "train.eval_every=50", "--set", "train.checkpoint_every=50", "--set", "tune.backend=local",
+            "--set", "tune.space={method.temperature: 'grid([1.5, 3.0, 6.0])'}", "--set", "tune.num_samples=1",
+            "--set", "tune.scheduler=fifo", "--set", "tune.max_concurrent=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    runs = tmp_path / "sweep" / "runs"
+    first = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: any(runs.glob("*/records.parquet")) and len(list(runs.glob("*/checkpoints/step_*/meta.pt")))
+                   > len(list(runs.glob("*/checkpoints/step_00000100/meta.pt"))),
+                   "a finished trial and a checkpoint of the next", 300, alive=first, poll=0.1)
+        started = {p.pid for p in psutil.Process(first.pid).children(recursive=True)}
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    wait_until(lambda: not any(psutil.pid_exists(pid) for pid in started), "the killed driver's Ray instance ending", 60)
+    (done,) = [path.parent for path in runs.glob("*/records.parquet")]
+    kept = (done / "records.parquet").stat().st_mtime_ns
+    before = {path.name for path in runs.iterdir()}
+
+    with phase("the re-run of the sweep", 300) as limit:
+        again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming sweep" in again.stderr
+    table = pq.read_table(tmp_path / "sweep" / TRIALS_FILE).to_pylist()
+    assert len(table) == 3 and all(r["status"] == "TERMINATED" for r in table), table
+    assert before <= {r["trial_id"] for r in table} == {path.name for path in runs.iterdir()}  # no new trial ids
+    assert (done / "records.parquet").stat().st_mtime_ns == kept  # the finished trial was not trained again
+    assert not list(runs.glob("*/lease.json")), "a stale lease was left behind"
+
+    changed = subprocess.run([*argv, "--set", "train.steps=200"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=limit)
+    assert changed.returncode == 2 and "train.steps" in changed.stderr and "another `name`" in changed.stderr

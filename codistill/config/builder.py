@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 import sys
 import types
 import typing
@@ -185,9 +186,8 @@ def load_config(source: str | Path | dict, overrides: typing.Sequence[str] = ())
         data = yaml.safe_load(yaml.safe_dump(source))  # deep copy through plain data
     else:
         path = Path(source)
-        if not path.is_file():
-            what = "is a folder, not a" if path.is_dir() else "does not exist: no such"
-            raise ConfigError("", f"config file {str(path)!r} {what} file")
+        if not path.is_file():  # read before this check, /dev/zero would be read forever
+            raise ConfigError("", f"config file {str(path)!r} {_not_a_file(path)}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except UnicodeDecodeError:
@@ -205,6 +205,20 @@ def load_config(source: str | Path | dict, overrides: typing.Sequence[str] = ())
     if cfg.tune is not None:
         check_search_space(data, cfg.tune)
     return cfg
+
+
+def _not_a_file(path: Path) -> str:
+    """What a config path is that is no regular file (a device, a pipe, a folder), or why not."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist: no such file"
+    except OSError as err:
+        return f"cannot be read: {err.strerror or first_line(err)}"
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+    what = next((name for is_kind, name in kinds if is_kind(mode)), "a special file")
+    return f"is {what}, not a regular file: a YAML file is expected"
 
 
 def _switch_method(data: dict, before, overrides: typing.Sequence[str]) -> None:
@@ -244,6 +258,12 @@ def import_modules(modules) -> None:
                 importlib.import_module(str(module))
         except ImportError as err:
             raise ConfigError(f"imports.{i}", f"cannot import {module!r}: {first_line(err)}") from None
+        except SystemExit as stop:  # sys.exit() at import, whatever its code: the run never started, so never
+            # a silent exit 0 a scheduler would record as success
+            raise ConfigError(f"imports.{i}", f"cannot import {module!r}: it exits at import "
+                                              f"(SystemExit({stop.code!r})); nothing was run") from None
+        except KeyboardInterrupt as stop:  # Ctrl-C (or SIGTERM) in a slow import: say where it was, no traceback
+            raise type(stop)(f"while importing {module!r} (imports.{i}); nothing was run") from None
         except Exception as err:  # noqa: BLE001 — the module's own code failed (a syntax error, a raise, a name
             # registered twice): one line naming it, not a traceback through codistill
             cause = err.message if isinstance(err, ConfigError) else f"{type(err).__name__}: {first_line(err)}"

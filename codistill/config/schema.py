@@ -99,7 +99,7 @@ class DataConfig:
     path: str | None = None
     """`text`: the text file or folder of text files to train on."""
     tokenizer: Literal["bpe", "bytes"] = "bpe"
-    """Text: a byte-level BPE trained on the training split (`tokenizers`), or plain bytes (256 tokens)."""
+    """Text: a byte-level BPE (`tokenizers`) trained on at most 8 MB of the training split, or plain bytes."""
     vocab_size: int = 1024
     """Text, bpe: the vocabulary the BPE is trained to."""
     context: int = 128
@@ -333,7 +333,7 @@ class ExperimentConfig:
 
     def __post_init__(self):
         check(RUN_NAME.fullmatch(self.name) is not None and self.name not in (".", ".."), "name",
-              f"must be one folder name (letters, digits, . _ - + =, not starting with . or -), got {self.name!r}")
+              f"must be one folder name: ASCII letters, digits, . _ - + =, not starting with . or -; got {self.name!r}")
         check(0 <= self.seed < 2**53, "seed", f"must be in [0, 2**53), got {self.seed}")
         check(len(self.peers) >= 1, "peers", "needs at least one peer")
         from codistill.data import DATASETS

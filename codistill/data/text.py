@@ -1,10 +1,11 @@
 """Text for language-model peers, real and offline.
 
-A corpus is a sorted list of files, split into train and test *by file* (a file's test
-membership is a hash of its relative path, so adding a file moves no other), hashed (names
-and contents) so a run knows exactly which corpus it saw. The tokenizer — a byte-level BPE
-trained on the training split with the `tokenizers` library, or plain bytes — is saved beside
-the cached tokens. The token stream is cut into windows of `context + 1` tokens: a window's
+A corpus is a sorted list of files, hashed (names and contents) so a run knows exactly which
+corpus it saw, and split into train and test *by document content*: exact duplicates are
+dropped first (and counted), and a document's test membership is a hash of its text — so a
+text and its copies (40 symlinks to one README) never sit on both sides, and adding a file
+moves no other. The tokenizer — a byte-level BPE trained on a bounded sample of the training
+split with the `tokenizers` library, or plain bytes — is saved beside the cached tokens. The token stream is cut into windows of `context + 1` tokens: a window's
 first `context` tokens are the input, its last `context` the next-token labels. So a batch
 is B windows, chosen by the same (seed, step) schedule as every other data set's examples.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 from pathlib import Path
@@ -29,7 +31,16 @@ import torch
 from codistill.data.datasets import ArrayDataset, _save_atomically, register_dataset
 from codistill.errors import ConfigError
 
-TEST_EVERY = 10  # one file in ten (by its name's hash) is test
+TEST_EVERY = 10  # one document in ten (by its content's hash) is test
+# How documents are split, recorded in the fingerprint and the cache key: tokens cached, or a
+# checkpoint trained, under the earlier split by path are another corpus's.
+SPLIT_RULE = "content"
+# The BPE learns its merges from at most this many characters of training text: its memory grows
+# with the text it counts (0.84 GB for 20 MB of Python source, and on), and a few MB give a
+# vocabulary of 1024 (docs/language-models.md has the measurements).
+TOKENIZER_SAMPLE_CHARS = 8_000_000
+ENCODE_CHARS = 4_000_000  # text encoded at a time: only that much of the tokenizer's Encodings is held
+logger = logging.getLogger(__name__)
 
 
 def stdlib_files() -> tuple[Path, list[Path]]:
@@ -73,8 +84,18 @@ def text_files(path: str, key: str = "data.path") -> tuple[Path, list[Path]]:
     return root, files
 
 
-def is_test_file(relative: str) -> bool:
-    return int(hashlib.sha256(relative.encode()).hexdigest(), 16) % TEST_EVERY == 0
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_documents(texts: list[str]) -> tuple[list[str], list[str], int]:
+    """(train, test, duplicates dropped): each distinct document once, in its first place, on
+    the side its content's hash picks. Split by path, identical files with other names fell on
+    both sides, and the test figures measured memory."""
+    distinct = {_digest(t): t for t in texts}  # in the order of each one's first copy
+    test = [t for digest, t in distinct.items() if int(digest, 16) % TEST_EVERY == 0]
+    train = [t for digest, t in distinct.items() if int(digest, 16) % TEST_EVERY != 0]
+    return train, test, len(texts) - len(distinct)
 
 
 def corpus_hash(root: Path, files: list[Path]) -> str:
@@ -89,8 +110,22 @@ def _read(files: list[Path]) -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
 
 
+def tokenizer_sample(texts: list[str], limit: int) -> list[str]:
+    """At most `limit` characters of `texts`, the same on every machine: whole documents in the
+    order of their content's hash (spread over the corpus, not its first folder), the one that
+    would pass the limit cut to fit."""
+    sample, size = [], 0
+    for text in sorted(texts, key=_digest):
+        if size >= limit:
+            break
+        sample.append(text[:limit - size])
+        size += len(sample[-1])
+    return sample
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE (GPT-2's scheme: any byte sequence encodes, nothing is unknown)."""
+    """A byte-level BPE (GPT-2's scheme: any byte sequence encodes, nothing is unknown), its
+    merges learned from at most TOKENIZER_SAMPLE_CHARS characters of them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -98,8 +133,21 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator(tokenizer_sample(texts, TOKENIZER_SAMPLE_CHARS), trainer)
     return tokenizer
+
+
+def _chunks(texts: list[str], chars: int = ENCODE_CHARS):
+    """`texts` in runs of about `chars` characters."""
+    chunk, size = [], 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text)
+        if size >= chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _windows(stream: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,14 +160,14 @@ def _windows(stream: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tens
 def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str, vocab_size: int,
                  context: int, test_windows: int) -> ArrayDataset:
     digest = corpus_hash(root, files)
-    key = hashlib.sha256(json.dumps([digest, tokenizer, vocab_size], sort_keys=True).encode()).hexdigest()[:16]
+    rule = [SPLIT_RULE, TOKENIZER_SAMPLE_CHARS if tokenizer == "bpe" else None]  # tokens cached by another rule differ
+    key = hashlib.sha256(json.dumps([digest, tokenizer, vocab_size, *rule], sort_keys=True).encode()).hexdigest()[:16]
     cache = cache_root / f"text_{key}.npz"
     if not cache.exists():
-        train_files = [f for f in files if not is_test_file(str(f.relative_to(root)))]
-        test_files = [f for f in files if is_test_file(str(f.relative_to(root)))]
-        if not train_files or not test_files:  # a corpus of one or a few files: split the text instead
-            train_files = test_files = files
-        train_text, test_text = _read(train_files), _read(test_files)
+        train_text, test_text, duplicates = split_documents(_read(files))
+        unsplit = not train_text or not test_text  # one or a few documents: the stream is split instead
+        if unsplit:
+            train_text = train_text + test_text
         if tokenizer == "bytes":
             vocab = 256
             encode = lambda texts: [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]  # noqa: E731
@@ -129,12 +177,17 @@ def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str
             cache_root.mkdir(parents=True, exist_ok=True)
             bpe.save(str(cache_root / f"text_{key}.tokenizer.json"))
             encode = lambda texts: [np.array(e.ids, dtype=np.int32) for e in bpe.encode_batch(texts)]  # noqa: E731
-        train_ids, test_ids = np.concatenate(encode(train_text)), np.concatenate(encode(test_text))
-        if train_files is test_files:  # the last tenth of the stream is the test part
+
+        def stream(texts: list[str]) -> np.ndarray:  # a chunk at a time: its Encodings are freed as it goes
+            return np.concatenate([ids.astype(np.int32) for chunk in _chunks(texts) for ids in encode(chunk)])
+
+        train_ids = stream(train_text)
+        test_ids = train_ids if unsplit else stream(test_text)
+        if unsplit:  # the last tenth of the stream is the test part
             cut = len(train_ids) * 9 // 10
             train_ids, test_ids = train_ids[:cut], train_ids[cut:]
-        _save_atomically(cache, train=train_ids.astype(np.int32), test=test_ids.astype(np.int32), vocab=np.array(vocab),
-                         corpus=np.array(digest), files=np.array(len(files)))
+        _save_atomically(cache, train=train_ids, test=test_ids, vocab=np.array(vocab), corpus=np.array(digest),
+                         files=np.array(len(files)), duplicates=np.array(duplicates))
     d = np.load(cache)
     x, y = _windows(d["train"], context)
     x_test, y_test = _windows(d["test"], context)
@@ -145,9 +198,13 @@ def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str
         raise ConfigError("data.context", f"{context} tokens per window is more than the corpus holds "
                                           f"({len(d['train'])} training tokens); lower data.context")
     data = ArrayDataset(x, y, x_test, y_test, num_classes=int(d["vocab"]), input_kind="tokens", augment=False)
-    data.fingerprint = {"corpus_sha256": str(d["corpus"]), "files": int(d["files"]), "tokenizer": tokenizer,
-                        "vocab_size": int(d["vocab"]), "train_tokens": int(len(d["train"])),
-                        "test_tokens": int(len(d["test"])), "cache": cache.name}
+    duplicates = int(d["duplicates"])
+    if duplicates:  # said at every load, not only the first: a cached corpus is the same corpus
+        logger.warning("%s: %d of %d documents are exact copies of another and were left out before the train/test "
+                       "split", root, duplicates, int(d["files"]))
+    data.fingerprint = {"corpus_sha256": str(d["corpus"]), "files": int(d["files"]), "duplicates": duplicates,
+                        "split": SPLIT_RULE, "tokenizer": tokenizer, "vocab_size": int(d["vocab"]),
+                        "train_tokens": int(len(d["train"])), "test_tokens": int(len(d["test"])), "cache": cache.name}
     return data
 
 

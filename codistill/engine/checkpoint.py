@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
 
 import torch
 
@@ -26,6 +27,11 @@ from codistill.storage import RunStorage
 META_FILE = "meta.pt"
 LOCAL_CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_DIR = re.compile(r"step_(\d{8})")
+# Where checkpoints that are thrown away go: moved aside, never deleted — on object storage a
+# read can fail for a moment, and a good checkpoint must never be lost to a passing error.
+SET_ASIDE_DIR = "set_aside"
+# A read that fails is tried again before the checkpoint counts as damaged (waits in seconds).
+READ_RETRY_WAITS = (0.2, 1.0)
 logger = logging.getLogger(__name__)
 
 
@@ -97,15 +103,24 @@ class LocalCheckpoints:
             self.storage.delete(self._dir(old))
 
     def discard_after(self, step: int, why: str) -> None:
-        """Delete the checkpoint folders after `step` (0: all), saying `why`. They hold a training
-        that is thrown away — they did not load, or were never committed — and left in place they
-        would count as the newest: pruning would delete every good checkpoint as soon as it is
-        written, and a retrained step would land in their folder."""
+        """Take the checkpoint folders after `step` (0: all) out of the way, saying `why`. They hold
+        a training that is thrown away — they did not load, or were never committed — and left in
+        place they would count as the newest: pruning would delete every good checkpoint as soon
+        as it is written, and a retrained step would land in their folder. A committed one (its
+        meta.pt written: it did not load) is moved to `set_aside/`, never deleted; one never
+        committed is a partial write and is deleted."""
         for name in self.storage.list(LOCAL_CHECKPOINT_DIR):
             match = CHECKPOINT_DIR.fullmatch(name)
-            if match is not None and int(match.group(1)) > step:
-                logger.warning("deleting %s/%s/%s: %s", self.storage.uri, LOCAL_CHECKPOINT_DIR, name, why)
-                self.storage.delete(f"{LOCAL_CHECKPOINT_DIR}/{name}")
+            if match is None or int(match.group(1)) <= step:
+                continue
+            folder = f"{LOCAL_CHECKPOINT_DIR}/{name}"
+            if self.storage.exists(f"{folder}/{META_FILE}"):
+                aside = f"{SET_ASIDE_DIR}/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                logger.warning("moving %s/%s to %s/%s: %s", self.storage.uri, folder, self.storage.uri, aside, why)
+                self.storage.move(folder, aside)
+            else:
+                logger.warning("deleting %s/%s (never committed): %s", self.storage.uri, folder, why)
+                self.storage.delete(folder)
 
 
 PEER_RUN_DIR = re.compile(r"peer(\d+)")
@@ -152,10 +167,23 @@ def newest_loadable(storage: RunStorage, folders: list[tuple[int, str]], peers: 
     peers = list(range(peers)) if isinstance(peers, int) else peers
     for step, folder in reversed(folders):
         try:
-            states = [from_bytes(storage.read_bytes(f"{folder}/{peer_file(k)}")) for k in peers]
+            states = [_load_with_retries(storage, f"{folder}/{peer_file(k)}") for k in peers]
         except Exception as err:  # noqa: BLE001 — any unreadable file disqualifies the checkpoint
             logger.warning("skipping the checkpoint at step %d (%s/%s): %s", step, storage.uri, folder,
                            first_line(err, 200))
             continue
         return step, states
     return None
+
+
+def _load_with_retries(storage: RunStorage, relative: str) -> dict:
+    """A peer file's state, read again after a short wait when it fails (a passing error of an
+    object store or a network filesystem must not cost a good checkpoint)."""
+    for wait in READ_RETRY_WAITS:
+        try:
+            return from_bytes(storage.read_bytes(relative))
+        except Exception as err:  # noqa: BLE001 — tried again; the last try's error is the one raised
+            logger.info("reading %s/%s failed (%s); trying again in %.1f s", storage.uri, relative,
+                        first_line(err, 200), wait)
+            time.sleep(wait)
+    return from_bytes(storage.read_bytes(relative))

@@ -103,6 +103,11 @@ class RunLease:
             logger.warning("could not release the lease of %s (%s); it goes stale in %.0f s", self.storage.uri,
                            first_line(err), TTL_S)
 
+    def live_holder(self) -> dict | None:
+        """Who holds the run's lease now (host, pid, started), or None: no live process writes it."""
+        held = self._read()
+        return held if held is not None and not self._stale(held) else None
+
     def __enter__(self) -> "RunLease":
         return self.acquire()
 

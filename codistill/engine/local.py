@@ -12,10 +12,10 @@ import torch
 
 from codistill.config import ExperimentConfig, to_dict
 from codistill.data import load_data
-from codistill.engine.checkpoint import (LOCAL_CHECKPOINT_DIR, LocalCheckpoints, checkpoint_folders, meta_state,
-                                         newest_loadable)
+from codistill.engine.checkpoint import LOCAL_CHECKPOINT_DIR, LocalCheckpoints, checkpoint_folders, meta_state
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
+from codistill.engine.resume import local_resume_point
 from codistill.exchange import LocalGatherHub, LocalPublications
 from codistill.records import drop_records_after, write_record_part
 from codistill.storage import RunStorage, StorageError
@@ -28,7 +28,8 @@ class _SharedRun:
         self.cfg = cfg
         self.storage = storage
         self.checkpoints = LocalCheckpoints(storage, cfg.train.keep_checkpoints)
-        found = newest_loadable(storage, checkpoint_folders(storage, [LOCAL_CHECKPOINT_DIR]), cfg.num_peers)
+        # The newest checkpoint that loads and whose steps the records hold (every part read first).
+        found = local_resume_point(storage, checkpoint_folders(storage, [LOCAL_CHECKPOINT_DIR]), cfg.num_peers)
         self.resume_step, self.resume_states = found if found else (None, None)
         self.checkpoints.discard_after(self.resume_step or 0, (
             f"the run resumes from step {self.resume_step}" if self.resume_step else "no checkpoint loads, the run "

@@ -161,6 +161,12 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
                               f"({saw['files']} files), but the data is now corpus {sees['corpus_sha256'][:12]} "
                               f"({sees['files']} files): the files changed since. Resume refused; start a new run "
                               "(another name) to train on them.")
+        # A corpus split by path (checkpoints from before the split was recorded) tests on other documents.
+        if saw and sees and saw.get("split", "path") != sees.get("split", "path"):
+            raise DataChanged(f"peer {peer.index}'s checkpoint was trained on corpus {saw['corpus_sha256'][:12]} split "
+                              f"into train and test by {saw.get('split', 'path')}, but it is now split by "
+                              f"{sees['split']}: the test documents differ. Resume refused; start a new run "
+                              "(another name) to train on this split.")
         peer.network.load_state_dict(state["model"])
         peer.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -169,6 +175,10 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
         start = state["step"]
     records: list[dict] = []
     metrics: dict = {}
+    if start == cfg.steps and not job.exchange.lock_step:
+        # A peer apart that had finished while another failed, re-run to resume that one: the
+        # group's figures of the last step need every peer's test logits on this run's board.
+        metrics, _ = evaluate_peers(job, eval_batch_size, start)
     unchecked = 0  # records not yet checked for a non-finite loss
     last_checkpoint = start
     for step in range(start, cfg.steps):

@@ -31,7 +31,7 @@ from codistill.data import DATASETS, load_data
 from codistill.engine.apart import BoardExchange, EvaluationBoard, runs_apart
 from codistill.engine.checkpoint import (CHECKPOINT_DIR, META_FILE, checkpoint_folders, checkpoint_name, meta_state,
                                          newest_loadable, peer_file, peer_run_dir, to_bytes)
-from codistill.errors import RunError
+from codistill.errors import RunError, first_line
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
 from codistill.engine.registrations import adopt_registrations, user_registrations
@@ -366,9 +366,15 @@ def fit_all(trainers: list[TorchTrainer]):
         t.start()
     for t in threads:
         t.join()
-    failures = [r for r in results if isinstance(r, BaseException)]
+    failures = [(k, r) for k, r in enumerate(results) if isinstance(r, BaseException)]
     if failures:
-        raise failures[0]
+        k, err = failures[0]
+        if isinstance(err, Exception) and not isinstance(_own_error(err), (RunError, ConfigError)):
+            # Peers apart fail apart: the others trained on to their end; say which peer stopped.
+            raise RunError(f"peer {k}'s Ray Train run failed ({first_line(_own_error(err), 300)}); the other peers "
+                           f"trained to the end. Re-run the same command to resume peer {k} from its newest "
+                           "checkpoint, or set ray.max_failures to let Ray restart a failed peer") from err
+        raise err
     return results
 
 

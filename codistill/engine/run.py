@@ -16,11 +16,12 @@ import yaml
 from codistill.config import ConfigError, ExperimentConfig, dump_config, to_dict
 from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, peer_run_dir
 from codistill.engine.lease import RunLease
+from codistill.engine.resume import check_ray_resume
 from codistill.engine.stages import prepare_stages
 from codistill.engine.stale_peers import warn_of_checkpoints_inside_rounds
 from codistill.engine.teacher import resolve_teacher
 from codistill.errors import first_line
-from codistill.records import consolidate_records, final_metrics, plot_accuracy, summary_text
+from codistill.records import consolidate_records, final_metrics, plot_accuracy, summary_text, trained_step
 from codistill.storage import RunStorage, StorageError, open_run_storage, resolve_storage_path, storage_errors
 
 CONFIG_FILE = "config.yaml"
@@ -81,6 +82,26 @@ def store_config(cfg: ExperimentConfig, storage: RunStorage) -> None:
         check_resumable(cfg, stored, trained[-1], storage.uri)
     with storage_errors("ray.storage_path", storage.uri):
         storage.write_bytes(CONFIG_FILE, dump_config(cfg).encode())
+
+
+def forget_refused_start(storage: RunStorage) -> None:
+    """A new run refused before it wrote anything but its config (its data, a model or its storage
+    said no): its folder goes, so nothing is left that looks like a run. Called under the run's
+    lease, so no other start of the name can have written there. A folder with anything more (a
+    checkpoint, a teacher stage) is left as it is: nothing saved is lost."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    from codistill.engine.lease import LEASE_FILE
+
+    try:
+        found = storage.fs.get_file_info(pafs.FileSelector(storage.run_dir, recursive=True, allow_not_found=True))
+        files = {posixpath.relpath(f.path, storage.run_dir) for f in found if f.type == pafs.FileType.File}
+        if files <= {CONFIG_FILE, LEASE_FILE}:
+            storage.fs.delete_dir(storage.run_dir)
+    except Exception:  # noqa: BLE001 — the refusal is the error to report; a config left behind is only litter
+        pass
 
 
 def prepare_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
@@ -183,8 +204,12 @@ def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
 # Ray Train's controller polls its workers every 2 s (Ray's default): a run's end and each
 # checkpoint are seen up to 2 s late, ~5 s of every short run on this machine. A private
 # instance has a handful of workers on one machine, so it polls 4× as often; a cluster keeps
-# Ray's default (the controller polls every worker of every peer).
-PRIVATE_INSTANCE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Ray's default (the controller polls every worker of every peer). Ray also starts its workers
+# at nice 15, below every ordinary process: on a machine where anything else runs (one busy core
+# was enough here), the peers then get a sliver of a core — a 2-core machine with a busy core ran
+# a codistillation step ~20× slower. A private instance runs the user's own training, so its
+# workers get an ordinary share (niceness 0), as the same training has on the local runner.
+PRIVATE_INSTANCE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_worker_niceness": "0"}
 
 
 @contextmanager
@@ -263,6 +288,7 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
     """`train` once Ray is connected and its storage checked (a Tune trial: run_sweep did both).
     The run's lease is held from before its first write to after its last."""
     cfg, storage = resolve_run(cfg)  # a teacher or storage that does not work stops here, before the lease
+    new = not storage.exists(".")
     # Storage that cannot be written (a file where the folder should be, no permission, a full
     # disk) fails here as a config error: nothing has run yet.
     with storage_errors("ray.storage_path", storage.uri):
@@ -277,10 +303,15 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
 
             run_local(cfg, storage, on_progress)
         else:
+            check_ray_resume(storage, cfg.num_peers)  # records that cannot be gathered: refused before training
             from codistill.engine.ray_runner import run_ray
 
             run_ray(cfg, storage, on_progress, callbacks)
         return finish_run(cfg, storage)
+    except ConfigError:  # refused (its data, a model): a new run that wrote only its config leaves no folder
+        if new:
+            forget_refused_start(storage)
+        raise
     except StorageError as err:
         raise StorageError(f"{err}; {saved_up_to(storage, cfg.num_peers)}: re-run the same command to resume once "
                            "the storage can be written") from None
@@ -304,6 +335,19 @@ def saved_up_to(storage: RunStorage, num_peers: int) -> str:
         found = None
     return (f"the run is saved up to step {found[0]} (its newest checkpoint)" if found
             else "no checkpoint that loads was written yet")
+
+
+def unfinished_line(storage: RunStorage, table: pa.Table, train, num_peers: int) -> str | None:
+    """The line that says a run has not finished — running or stopped, the step its records reach
+    of the steps it is configured for (`train`: its stored config's section), its newest
+    checkpoint — or None: it has."""
+    steps, reached = train.get("steps") if isinstance(train, dict) else None, trained_step(table)
+    if not isinstance(steps, int) or reached >= steps:
+        return None
+    holder = RunLease(storage).live_holder()
+    how = f"running: host {holder.get('host')}, pid {holder.get('pid')}" if holder else "stopped"
+    return (f"not finished ({how}): its records reach step {reached} of {steps} (train.steps); "
+            f"{saved_up_to(storage, num_peers)}" + ("" if holder else "; re-run its train command to resume"))
 
 
 def finish_run(cfg: ExperimentConfig, storage: RunStorage) -> RunResult:

@@ -261,7 +261,7 @@ def tune_method(spec: MethodSpec, asked: dict, storage: RunStorage) -> dict:
     being the recipe's own setting, and both figures — what tuning bought."""
     from codistill.experiments.tune import config_point, run_sweep, trial_params
 
-    result = run_sweep(load_config(asked))
+    result = run_sweep(load_config(asked), on_change="restart")  # compare decided already: not the tuning asked
     if result.best_config is None:
         errors = [r["error"] for r in result.table.to_pylist() if r["error"]]
         raise RunError(f"tuning {spec.label} finished no trial" + (f": {errors[0]}" if errors else ""))
@@ -332,8 +332,10 @@ def resolving_seeds(diffs: list[float], half_width: float = 0.5) -> int | None:
 
 def difference_text(entry: dict, figure: str) -> str:
     mean, low, high = (entry[f"diff_{figure}{s}"] for s in ("", "_low", "_high"))
-    verdict = "" if low > 0 or high < 0 else " (no resolvable effect)"
-    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] {entry[f'wins_{figure}']}/{entry['seeds']}{verdict}"
+    # One seed has no spread, so no interval: never printed as [-inf, +inf], never an effect.
+    interval = f"[{low:+.2f}, {high:+.2f}]" if entry["seeds"] > 1 else "[n/a: 1 seed]"
+    verdict = "" if entry["seeds"] > 1 and (low > 0 or high < 0) else " (no resolvable effect)"
+    return f"{mean:+.2f} {interval} {entry[f'wins_{figure}']}/{entry['seeds']}{verdict}"
 
 
 # ---------------------------------------------------------------------------------------------

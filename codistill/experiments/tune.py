@@ -9,6 +9,10 @@ trial id under `<storage_path>/<name>/runs/`, so a resumed trial resumes its run
 At the end: a table of trials (sampled values, objective, status, error) printed and
 written to `trials.parquet`, the best config as a ready-to-run `best.yaml`, and
 `tune.png` (objective against the sampled values).
+
+A sweep re-run under its name resumes (Ray Tune's `Tuner.restore`): finished trials are kept,
+not trained again, and trials that were running when the driver died resume their runs from
+their checkpoints — only when the sweep asked for is the one stored in `sweep.yaml`.
 """
 
 from __future__ import annotations
@@ -16,16 +20,21 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
+import time
 from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from codistill.config import ExperimentConfig, load_config, set_path, to_dict
+from codistill.config import ConfigError, ExperimentConfig, dump_config, load_config, set_path, to_dict
 from codistill.config.search_space import parse_distribution
 from codistill.storage import RunStorage, resolve_storage_path
 
+logger = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.yaml"
 TRIALS_FILE = "trials.parquet"
 BEST_FILE = "best.yaml"
 PLOT_FILE = "tune.png"
@@ -102,6 +111,13 @@ def run_trial(trial: dict) -> None:
             finals.append(train_connected(run_cfg, trial["backend"]).final)
         ray.tune.report({**_mean_of_runs(finals), "seeds": seeds})
         return
+    finished = _finished_run(cfg)
+    if finished is not None:
+        # Its run had finished when the sweep's driver died, before Tune saved the trial as done:
+        # the run is not trained again (nothing would be), its last evaluation is the result.
+        ray.tune.report({k: v for k, v in {**finished, **_mean_of_runs([finished])}.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return
     if trial["backend"] == "local":
         def report(step: int, metrics: dict) -> None:
             if "mean_accuracy" in metrics:  # an evaluation, not a progress tick
@@ -110,6 +126,19 @@ def run_trial(trial: dict) -> None:
         train_connected(cfg, "local", on_progress=report)
     else:
         train_connected(cfg, "ray", callbacks=[TuneReportCallback()])  # run_sweep checked the storage, once
+
+
+def _finished_run(cfg: ExperimentConfig) -> dict | None:
+    """The final evaluation of the run `cfg` names, if it has trained all its steps already."""
+    from codistill.engine.checkpoint import checkpoint_folders
+    from codistill.records import final_metrics, read_records
+
+    storage = RunStorage(cfg.ray.storage_path, cfg.name)
+    folders = checkpoint_folders(storage)
+    if not folders or folders[-1][0] < cfg.train.steps:
+        return None
+    final = final_metrics(read_records(storage))
+    return final if final.get("step") == cfg.train.steps else None
 
 
 def _search_algorithm(search: str, objective: str, seed: int, max_concurrent: int, points: list[dict] | None = None):
@@ -155,8 +184,47 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def run_sweep(cfg: ExperimentConfig) -> SweepResult:
-    """Run the sweep described by `cfg.tune` on the connected Ray cluster."""
+def _stored_sweep_differs(cfg: ExperimentConfig, storage: RunStorage) -> str | None:
+    """The first setting in which `cfg` differs from the sweep stored under its name (None: the
+    same sweep). Where it runs (`ray`) may change; what it trains and searches may not."""
+    try:
+        stored = to_dict(load_config(yaml.safe_load(storage.read_bytes(SWEEP_FILE).decode())))
+    except Exception as err:  # noqa: BLE001 — missing or unreadable: it cannot be shown to be the same sweep
+        return f"{SWEEP_FILE} (it cannot be read: {type(err).__name__})"
+    current = to_dict(cfg)
+    for section in current:
+        if section not in ("ray", "name") and stored.get(section) != current[section]:
+            if isinstance(current[section], dict) and isinstance(stored.get(section), dict):
+                key = next((k for k in current[section] if stored[section].get(k) != current[section][k]), None)
+                return f"{section}.{key}" if key else section
+            return section
+    return None
+
+
+def _resume_or_start(cfg: ExperimentConfig, storage: RunStorage, experiment: str, on_change: str) -> bool:
+    """True when the sweep stored under the name is the one asked for and resumes. A different
+    one is refused (`on_change="refuse"`, the CLI) or moved aside to start anew ("restart",
+    compare's tuning, which has already decided that the stored tuning is not the one asked)."""
+    import ray.tune
+
+    if not ray.tune.Tuner.can_restore(experiment):
+        return False
+    changed = _stored_sweep_differs(cfg, storage)
+    if changed is None:
+        return True
+    if on_change == "refuse":
+        raise ConfigError(changed.split(" ")[0], f"differs from the sweep stored as {storage.uri}/{SWEEP_FILE}; a "
+                          "sweep re-run under its name resumes only with the same settings. Choose another `name` "
+                          "to start a new sweep.")
+    aside = f"{cfg.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    logger.warning("the sweep stored as %s differs in %s: moved to %s, starting anew", storage.uri, changed, aside)
+    RunStorage(storage.storage_path, "").move(cfg.name, aside)
+    return False
+
+
+def run_sweep(cfg: ExperimentConfig, on_change: str = "refuse") -> SweepResult:
+    """Run the sweep described by `cfg.tune` on the connected Ray cluster, or resume the one
+    stored under its name (see the module's docstring; `on_change`: see `_resume_or_start`)."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -177,15 +245,25 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max(evaluations, settings.grace_period),
                                grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
                  if settings.scheduler == "asha" else FIFOScheduler())
+    # The driver only waits on its Ray Train run, so it reserves memory, not a core: the trial's
+    # peers reserve their own CPUs/GPUs through Ray Train's placement group, and `max_concurrent`
+    # bounds how many peer groups are asked for at once.
+    trainable = ray.tune.with_resources(run_trial, {"CPU": cfg.num_peers if settings.backend == "local" else 0,
+                                                    "memory": DRIVER_MEMORY})
+    param_space = {"base": base, "runs_path": storage.uri + "/runs", "registrations": user_registrations(),
+                   "backend": settings.backend, "seeds_per_trial": settings.seeds_per_trial,
+                   "params": {key: to_tune_domain(text, key) for key, text in settings.space.items()}}
+    experiment = storage.uri
+    if _resume_or_start(cfg, storage, experiment, on_change):
+        logger.warning("resuming sweep %s: finished trials are kept, unfinished ones resume their runs", experiment)
+        # Errored trials stay as they ended (Ray's default): a re-run is not a retry of a failure.
+        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                                       param_space=param_space)
+        return collect_results(tuner.fit(), cfg, storage)
+    storage.write_bytes(SWEEP_FILE, dump_config(cfg).encode())
     tuner = ray.tune.Tuner(
-        # The driver only waits on its Ray Train run, so it reserves memory, not a core: the
-        # trial's peers reserve their own CPUs/GPUs through Ray Train's placement group, and
-        # `max_concurrent` bounds how many peer groups are asked for at once.
-        ray.tune.with_resources(run_trial, {"CPU": cfg.num_peers if settings.backend == "local" else 0,
-                                            "memory": DRIVER_MEMORY}),
-        param_space={"base": base, "runs_path": storage.uri + "/runs", "registrations": user_registrations(),
-                     "backend": settings.backend, "seeds_per_trial": settings.seeds_per_trial,
-                     "params": {key: to_tune_domain(text, key) for key, text in settings.space.items()}},
+        trainable,
+        param_space=param_space,
         tune_config=ray.tune.TuneConfig(metric=objective, mode="max", num_samples=settings.num_samples,
                                         scheduler=scheduler,
                                         search_alg=_search_algorithm(settings.search, objective, cfg.seed,
