@@ -26,6 +26,7 @@ def test_a_broken_yaml_file_is_one_line_with_exit_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "not valid YAML" in err and "line" in err
 
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_born_again_runs_its_generations_and_prints_the_table(tmp_path, capsys):
     code = main(["born-again", f"{REPO}/configs/born_again_mnist1d.yaml", "--backend", "local", "--generations", "2",
                  "--set", f"ray.storage_path={tmp_path}", "--set", "train.steps=40", "--set", "train.eval_every=20",

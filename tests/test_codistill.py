@@ -46,6 +46,7 @@ def test_burn_in_means_no_distillation_and_no_exchange_before_it(make_config):
             assert r["round"] == 5 and r["peers_used"] == 1
 
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_predictions_and_weights_give_the_same_teacher_when_period_is_one(make_config):
     common = ["train.steps=60", "method.burn_in=0", "method.period=1", "method.max_staleness=0"]
     by_predictions = train(make_config("name=p", "method.publish=predictions", *common, base=BASE), "local")

@@ -59,6 +59,7 @@ def test_the_device_data_path_gives_the_cpu_paths_batches():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_a_run_with_data_on_the_device_equals_the_default_run(tmp_path):
     default = train(small_config(tmp_path, "name=cpu_data"), "local")
     on_device = train(small_config(tmp_path, "name=device_data", "train.data_on_device=true"), "local")

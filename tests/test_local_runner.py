@@ -92,6 +92,7 @@ def test_independent_peers_exchange_nothing_while_training(make_config):
     assert result.final["churn"] > 0  # independently initialised peers disagree somewhere
 
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_peers_of_different_architectures_learn_from_each_other(make_config):
     mutual = train(make_config("name=mixed", "peers.1.model=mnist1d_mlp"), "local")
     alone = train(make_config("name=mixed-alone", "peers.1.model=mnist1d_mlp", "method={name: independent}"), "local")

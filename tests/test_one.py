@@ -97,6 +97,7 @@ def test_config_checks_which_one_is_meant():
     assert info.value.path == "peers.0.model" and "resnet20" in info.value.message
 
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_one_in_one_network_reports_every_branch_and_the_ensemble(make_config):
     result = train(make_config("name=one", base="configs/one_mnist1d.yaml"), "local")
     test_rows = [r for r in result.records.to_pylist() if r["split"] == "test"]

@@ -167,6 +167,7 @@ def test_pcl_temporal_mean_follows_its_formula_and_is_in_no_optimizer(tmp_path):
         assert torch.allclose(mean, 0.5 * old + 0.5 * live)
 
 
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
 def test_pcl_resumed_run_equals_uninterrupted_including_the_temporal_mean(tmp_path):
     settings = ("method={name: pcl, mean_decay: 0.9}", "peers.1.model=mnist1d_mlp", "peers.*.optimizer.schedule=constant",
                 "train.steps=80",
