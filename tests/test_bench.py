@@ -55,3 +55,16 @@ def test_a_steps_parts_partition_its_time(tmp_path):
         record = peer["record"]
         parts = sum(record[p] for p in ("data_ms", "forward_ms", "exchange_ms", "backward_ms", "optimizer_ms"))
         assert parts <= record["step_ms"] and parts >= 0.9 * record["step_ms"]
+
+
+def test_bench_codistill_refuses_a_block_that_cuts_a_round(capsys):
+    assert main(["bench", "codistill", "--block", "30"]) == 2  # period 50's round would be cut
+    assert "--block 30" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # > 1.5 s: the full tier
+def test_bench_codistill_blocks_have_the_steps_asked_for():
+    from codistill.bench.codistill import _codistill_overhead
+
+    one = _codistill_overhead([5], 1, block_steps=10)[5]  # 2 blocks of 10 steps, rounds of 5
+    assert one["steps_per_arm"] == 10 and one["independent_ms"] > 0 and one["codistill_ms"] > 0

@@ -29,5 +29,5 @@ def main(args: argparse.Namespace) -> int:
         from codistill.bench.step import main as run
     else:
         from codistill.bench.dml import main as run
-    args.block = args.block or (10 if args.which == "step" else 3)
+    args.block = args.block or {"step": 10, "codistill": 50}.get(args.which, 3)
     return run(args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import threading
 import time
 
@@ -16,13 +17,14 @@ from codistill.config import load_config
 from codistill.data import load_dataset
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import train_step
+from codistill.engine.threads import raise_first_error, run_in_threads
 from codistill.exchange import LocalGatherHub, LocalPublications
 
 
-def _codistill_overhead(periods: list[int], rounds_per_period: int) -> dict:
+def _codistill_overhead(periods: list[int], rounds_per_period: int, block_steps: int = 50) -> dict:
     """Step time of codistillation ÷ independent training, two MNIST-1D CNN peers as threads,
-    in ABBA blocks of 50 steps (a whole number of rounds for every period): the median of the
-    paired block ratios with its bootstrap interval."""
+    in ABBA blocks of `block_steps` steps (by default 50: a whole number of rounds for every
+    period): the median of the paired block ratios with its bootstrap interval."""
     base = {"peers": [{"model": "mnist1d_cnn"}] * 2, "data": {"name": "mnist1d", "batch_size": 100}}
     data = load_dataset("mnist1d")
     results = {}
@@ -47,7 +49,7 @@ def _codistill_overhead(periods: list[int], rounds_per_period: int) -> dict:
                 name = ("independent", "codistill")[(block + block // 2) % 2]  # ABBA order cancels drift
                 barrier.wait()
                 spent = 0.0
-                for _ in range(50):
+                for _ in range(block_steps):
                     started = time.perf_counter()
                     record = train_step(jobs[k][name], step)
                     spent += time.perf_counter() - started
@@ -55,22 +57,18 @@ def _codistill_overhead(periods: list[int], rounds_per_period: int) -> dict:
                         rounds.append(record)
                     step += 1
                 if k == 0:
-                    times[name].append(spent / 50)  # one block: a whole number of rounds
+                    times[name].append(spent / block_steps)
 
-        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        raise_first_error(run_in_threads(run, 2))
         ind, cod = statistics.median(times["independent"]), statistics.median(times["codistill"])
         # Split the overhead: the teacher pass (predicting the round's batches) is compute that
         # codistillation needs wherever it runs; the rest of a round is the exchange itself.
-        steps = 50 * len(times["codistill"])
+        steps = block_steps * len(times["codistill"])
         predict_per_step = sum(r["predict_ms"] for r in rounds) / steps / 1000
         exchange_per_step = sum(r["round_ms"] - r["predict_ms"] for r in rounds) / steps / 1000
         # Blocks run A B B A A B …: each consecutive pair holds one block of each.
         results[period] = {"independent_ms": 1000 * ind, "codistill_ms": 1000 * cod,
-                           "ratio": paired_ratio(times["independent"], times["codistill"]),
+                           "ratio": paired_ratio(times["independent"], times["codistill"]), "steps_per_arm": steps,
                            "teacher_pass_share": predict_per_step / ind, "exchange_share": exchange_per_step / ind}
     return results
 
@@ -134,11 +132,16 @@ def main(args: argparse.Namespace) -> int:
     from codistill.engine.run import connect_ray, disconnect_ray
 
     print("# codistill bench codistill — 2 MNIST-1D CNN peers (threads), object-store coordinator on local Ray", flush=True)
-    figures = {"overhead": _codistill_overhead([1, 10, 50], args.rounds), "bytes_per_round": _bytes_per_round()}
+    periods = [1, 10, 50]
+    if any(args.block % p for p in periods):  # a block that cuts a round would split its cost between arms
+        print(f"codistill bench: --block {args.block} is not a whole number of rounds for periods {periods}; "
+              "use a multiple of 50", file=sys.stderr)
+        return 2
+    figures = {"overhead": _codistill_overhead(periods, args.rounds, args.block), "bytes_per_round": _bytes_per_round()}
     connect_ray(None)
     figures["round_latency"] = _round_latency(args.latency_calls)
     disconnect_ray()
-    print(f"\namortised step time, median block ({2 * args.rounds} blocks of 50 steps, ABBA)\n"
+    print(f"\namortised step time, median block ({2 * args.rounds} blocks of {args.block} steps, ABBA)\n"
           "                  independent  codistill   ratio [95% CI]          of which: teacher pass  exchange")
     for period, row in figures["overhead"].items():
         print(f"  period {period:<8}{row['independent_ms']:>8.2f} ms{row['codistill_ms']:>8.2f} ms   "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import threading
 import time
 
 import torch
@@ -28,6 +27,7 @@ from codistill.config import load_config
 from codistill.data import load_dataset
 from codistill.engine.job import PeerJob, make_job, peer_schedules
 from codistill.engine.loop import train_step
+from codistill.engine.threads import raise_first_error, run_in_threads
 from codistill.exchange import Exchange, LocalGatherHub
 from codistill.models import MODELS
 
@@ -108,14 +108,7 @@ def _local_bench(spec: dict) -> tuple[dict, list[float]]:
         results[k] = (time_methods(jobs[k], spec["rounds"], spec["block"]),
                       time_exchange(exchanges[k], spec["payload"], spec["latency_calls"]))
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(spec["peers"])]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    torch.set_num_threads(threads_before)
+    raise_first_error(run_in_threads(run, spec["peers"], torch_threads=1))
     return results[0]
 
 

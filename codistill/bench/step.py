@@ -24,6 +24,7 @@ from codistill.config import load_config
 from codistill.data import load_data
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import train_step
+from codistill.engine.threads import raise_first_error, run_in_threads
 from codistill.exchange import LocalGatherHub, LocalPublications
 
 VARIANTS = {"fp32, data on cpu": ("fp32", False), "fp32, data on device": ("fp32", True),
@@ -72,14 +73,7 @@ def _run(jobs: dict[str, list], rounds: int, block: int) -> dict[str, dict]:
                 if k == 0:
                     out[name]["blocks"].append(spent / block)
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(max(1, torch.get_num_threads() // num_peers))
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(num_peers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    torch.set_num_threads(threads_before)
+    raise_first_error(run_in_threads(run, num_peers, torch_threads=torch.get_num_threads() // num_peers))
     return out
 
 

@@ -2,12 +2,12 @@
 validated with key paths in every error (`builder.py`); `tune.space`'s grammar in
 `search_space.py`."""
 
-from codistill.config.builder import (apply_override, build_dataclass, dump_config, load_config, set_path,
-                                      to_dict)
+from codistill.config.builder import (apply_override, build_dataclass, dump_config, first_difference,
+                                      load_config, set_path, to_dict)
 from codistill.config.schema import (BornAgainSettings, DataConfig, ExchangeConfig, ExperimentConfig, OptimizerConfig, PeerSpec,
                                      RaySettings, TeacherConfig, TrainConfig, TuneSettings)
 from codistill.errors import ConfigError
 
 __all__ = ["BornAgainSettings", "ConfigError", "DataConfig", "ExchangeConfig", "ExperimentConfig", "OptimizerConfig", "PeerSpec",
            "RaySettings", "TeacherConfig", "TrainConfig", "TuneSettings", "apply_override", "build_dataclass",
-           "dump_config", "load_config", "set_path", "to_dict"]
+           "dump_config", "first_difference", "load_config", "set_path", "to_dict"]

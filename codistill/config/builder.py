@@ -293,3 +293,20 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def first_difference(asked, stored, path: str = "") -> tuple[str, object, object] | None:
+    """(key path, asked value, stored value) of the first difference between two configs."""
+    if isinstance(asked, dict) and isinstance(stored, dict):
+        for key in list(asked) + [k for k in stored if k not in asked]:
+            found = first_difference(asked.get(key), stored.get(key), f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(asked, list) and isinstance(stored, list) and len(asked) == len(stored):
+        for i, (a, b) in enumerate(zip(asked, stored)):
+            found = first_difference(a, b, f"{path}.{i}")
+            if found:
+                return found
+        return None
+    return None if asked == stored else (path, asked, stored)

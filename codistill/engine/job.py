@@ -16,6 +16,7 @@ from codistill.config import ExperimentConfig, OptimizerConfig, PeerSpec, TrainC
 from codistill.data import ArrayDataset, BatchSchedule
 from codistill.errors import ConfigError, first_line
 from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
+from codistill.engine.seeds import init_seed
 from codistill.engine.stages import load_stages
 from codistill.engine.stale_peers import stale_peers_source
 from codistill.engine.teacher import load_teacher
@@ -129,7 +130,7 @@ def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device
     example = next(data.test_batches(2))[0]
     needs = method.needs
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1000 + index)
+        torch.manual_seed(init_seed(seed, index))
         base = create_model(spec.model, data.num_classes, **spec.model_args)
         shapes = {"own": tap_shapes(base, paths, example),
                   "teacher": teacher.tap_shapes(example) if teacher is not None else {},

@@ -16,6 +16,7 @@ from codistill.engine.checkpoint import LOCAL_CHECKPOINT_DIR, LocalCheckpoints, 
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
 from codistill.engine.resume import local_resume_point
+from codistill.engine.threads import run_in_threads
 from codistill.exchange import LocalGatherHub, LocalPublications
 from codistill.records import drop_records_after, write_record_part
 from codistill.storage import RunStorage, StorageError
@@ -95,30 +96,21 @@ def run_local(cfg: ExperimentConfig, storage: RunStorage, on_progress=None) -> l
             hub.abort()
             shared.barrier.abort()
 
-    # One intra-op thread per peer when there are enough cores: the same arithmetic as one
-    # Ray worker per core, so both runners produce the same numbers.
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.num_peers))
+    def stop_peers() -> None:
+        # Ctrl-C: stop the peers at their next step and release the ones waiting for each other.
+        shared.stop.set()
+        hub.abort()
+        publications.abort()
+        shared.barrier.abort()
+
     try:
-        threads = [threading.Thread(target=run_peer, args=(k,), name=f"peer{k}") for k in range(cfg.num_peers)]
-        for t in threads:
-            t.start()
-        try:
-            for t in threads:
-                t.join()
-        except KeyboardInterrupt:
-            # Ctrl-C reaches this thread only: stop the peers at their next step and release the
-            # ones waiting for each other, then let the interruption through.
-            shared.stop.set()
-            hub.abort()
-            publications.abort()
-            shared.barrier.abort()
-            for t in threads:
-                t.join()
-            _back_to_newest_checkpoint(shared)
-            raise
-    finally:
-        torch.set_num_threads(threads_before)
+        # One intra-op thread per peer when there are enough cores: the same arithmetic as one
+        # Ray worker per core, so both runners produce the same numbers.
+        run_in_threads(run_peer, cfg.num_peers, torch_threads=(os.cpu_count() or 1) // cfg.num_peers,
+                       on_interrupt=stop_peers)
+    except KeyboardInterrupt:
+        _back_to_newest_checkpoint(shared)
+        raise
     if errors:
         _back_to_newest_checkpoint(shared)
         raise errors[0]

@@ -31,10 +31,11 @@ from codistill.data import DATASETS, load_data
 from codistill.engine.apart import BoardExchange, EvaluationBoard, runs_apart
 from codistill.engine.checkpoint import (CHECKPOINT_DIR, META_FILE, checkpoint_folders, checkpoint_name, meta_state,
                                          newest_loadable, peer_file, peer_run_dir, to_bytes)
-from codistill.errors import RunError, first_line
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
 from codistill.engine.registrations import adopt_registrations, user_registrations
+from codistill.engine.threads import run_in_threads
+from codistill.errors import RunError, first_line
 from codistill.exchange.collective import CollectiveExchange
 from codistill.exchange.object_store import (GatherCoordinator, ObjectStoreExchange, ObjectStorePeriodicExchange,
                                              PublicationCoordinator)
@@ -353,19 +354,7 @@ def fit_all(trainers: list[TorchTrainer]):
     then raise the first failure, if any. A peer whose run fails for good does not stop the others."""
     if len(trainers) == 1:
         return trainers[0].fit()
-    results: list = [None] * len(trainers)
-
-    def fit(k: int) -> None:
-        try:
-            results[k] = trainers[k].fit()
-        except BaseException as err:  # noqa: BLE001 — raised in the caller's thread, after the others end
-            results[k] = err
-
-    threads = [threading.Thread(target=fit, args=(k,), name=f"peer{k}-run", daemon=True) for k in range(len(trainers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_in_threads(lambda k: trainers[k].fit(), len(trainers), name="peer{}-run", daemon=True)
     failures = [(k, r) for k, r in enumerate(results) if isinstance(r, BaseException)]
     if failures:
         k, err = failures[0]

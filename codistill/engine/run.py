@@ -13,7 +13,7 @@ from typing import Callable
 import pyarrow as pa
 import yaml
 
-from codistill.config import ConfigError, ExperimentConfig, dump_config, to_dict
+from codistill.config import ConfigError, ExperimentConfig, dump_config, first_difference, to_dict
 from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, peer_run_dir
 from codistill.engine.lease import RunLease
 from codistill.engine.resume import check_ray_resume
@@ -117,10 +117,11 @@ def check_resumable(cfg: ExperimentConfig, stored: dict, trained: int, uri: str)
     schedule), and never below the steps already trained."""
     current = to_dict(cfg)
     stored = stored_as_of_today(stored)
-    changed = [k for k in current if k not in RESUMABLE_SECTIONS and stored.get(k) != current[k]]
+    changed = first_difference(*({k: v for k, v in d.items() if k not in RESUMABLE_SECTIONS} for d in (current, stored)))
     if changed:
-        raise ConfigError(changed[0], f"differs from the stored config of run {cfg.name!r} in {uri}; a run "
-                          f"resumes only with the same {', '.join(changed)}. Choose another `name` to start a new run.")
+        path, asked, was = changed
+        raise ConfigError(path, f"is {asked!r}, the stored config of run {cfg.name!r} in {uri} has {was!r}; a run "
+                          f"resumes only with the same {path.split('.')[0]}. Choose another `name` to start a new run.")
     before = stored.get("train", {}).get("steps")
     if before is None or before == cfg.train.steps:
         return

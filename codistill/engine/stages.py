@@ -27,6 +27,7 @@ from torch import nn
 from codistill.config import ExperimentConfig, to_dict
 from codistill.data import BatchSchedule, load_data
 from codistill.engine.checkpoint import from_bytes, to_bytes
+from codistill.engine.seeds import STAGE_INDEX, init_seed, stage_order_seed
 from codistill.engine.teacher import load_teacher
 from codistill.errors import RunError
 from codistill.methods import create_method
@@ -58,11 +59,11 @@ def train_stage(stage: TeacherStage, teacher: nn.Module, paths: dict[str, str], 
     example = next(data.test_batches(2))[0].to(device)
     shapes = tap_shapes(teacher, paths, example)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1000 + 999)  # not a peer's init seed (seed · 1000 + peer)
+        torch.manual_seed(init_seed(seed, STAGE_INDEX))  # not any peer's
         module = stage.build(shapes).to(device)
     optimizer = stage.optimizer(module.parameters())
     # The stage's own batch order, from the seed (not the peers' order, which it must not consume).
-    schedule = BatchSchedule(len(data.y_train), batch_size, seed * 7919 + 13)
+    schedule = BatchSchedule(len(data.y_train), batch_size, stage_order_seed(seed))
     losses = []
     module.train()
     for step in range(stage.steps):

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from codistill.config import ExperimentConfig, build_dataclass, load_config, set_path, to_dict
+from codistill.config import ExperimentConfig, build_dataclass, first_difference, load_config, set_path, to_dict
 from codistill.config.method import METHOD_CONFIGS, MethodConfig
 from codistill.errors import ConfigError, RunError
 from codistill.records import read_records
@@ -176,23 +176,6 @@ def run_figures(storage: RunStorage, steps: int) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------
 # A cached result is reused only when it is the result of exactly what was asked
-
-
-def first_difference(asked, stored, path: str = "") -> tuple[str, object, object] | None:
-    """(key path, asked value, stored value) of the first difference between two configs."""
-    if isinstance(asked, dict) and isinstance(stored, dict):
-        for key in list(asked) + [k for k in stored if k not in asked]:
-            found = first_difference(asked.get(key), stored.get(key), f"{path}.{key}" if path else str(key))
-            if found:
-                return found
-        return None
-    if isinstance(asked, list) and isinstance(stored, list) and len(asked) == len(stored):
-        for i, (a, b) in enumerate(zip(asked, stored)):
-            found = first_difference(a, b, f"{path}.{i}")
-            if found:
-                return found
-        return None
-    return None if asked == stored else (path, asked, stored)
 
 
 def _what_it_trains(data: dict) -> dict:

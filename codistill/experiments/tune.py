@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from codistill.config import ConfigError, ExperimentConfig, dump_config, load_config, set_path, to_dict
+from codistill.config import (ConfigError, ExperimentConfig, dump_config, first_difference, load_config, set_path,
+                              to_dict)
 from codistill.config.search_space import parse_distribution
 from codistill.storage import RunStorage, resolve_storage_path
 
@@ -191,14 +192,8 @@ def _stored_sweep_differs(cfg: ExperimentConfig, storage: RunStorage) -> str | N
         stored = to_dict(load_config(yaml.safe_load(storage.read_bytes(SWEEP_FILE).decode())))
     except Exception as err:  # noqa: BLE001 — missing or unreadable: it cannot be shown to be the same sweep
         return f"{SWEEP_FILE} (it cannot be read: {type(err).__name__})"
-    current = to_dict(cfg)
-    for section in current:
-        if section not in ("ray", "name") and stored.get(section) != current[section]:
-            if isinstance(current[section], dict) and isinstance(stored.get(section), dict):
-                key = next((k for k in current[section] if stored[section].get(k) != current[section][k]), None)
-                return f"{section}.{key}" if key else section
-            return section
-    return None
+    found = first_difference(*({k: v for k, v in d.items() if k not in ("ray", "name")} for d in (to_dict(cfg), stored)))
+    return found[0] if found else None
 
 
 def _resume_or_start(cfg: ExperimentConfig, storage: RunStorage, experiment: str, on_change: str) -> bool:

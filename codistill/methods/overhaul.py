@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codistill.errors import ConfigError, check
+from codistill.errors import ConfigError
 from codistill.methods.base import Method, Needs, TapTargetsConfig, register_method
 from codistill.methods.losses import batch_margin, negative_gaussian_mean, partial_l2
 

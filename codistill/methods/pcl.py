@@ -21,7 +21,6 @@ ramp-up of w (here `rampup_steps`, linear).
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import nn
 import torch.nn.functional as F
 

@@ -58,9 +58,11 @@ class PeerMethodConfig(DistillConfig):
 
 class PeerMethod(Method):
     """Subclasses write one peer: `peer_network` (the model as the method wraps it),
-    `peer_logits`, `peer_heads`, `own_payload` and `own_loss`/`distill_terms`. A method whose
-    one-network form is more than its peers side by side (ONE's gate on the trunk) overrides
-    `branch_network`, `branch_ensemble` and `loss`."""
+    `whole_network` (what a one-network form wraps around its branches), `peer_logits`,
+    `peer_heads`, `members` (the outputs an ensemble is taken over), `own_payload` and
+    `own_loss`/`distill_terms`, and `after_update` for state kept across steps (PCL's temporal
+    mean). A method whose one-network form is more than its peers side by side (ONE's gate on
+    the trunk) overrides `branch_network`, `branch_ensemble` and `loss`."""
 
     config_class = PeerMethodConfig
 

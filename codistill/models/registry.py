@@ -1,5 +1,6 @@
-"""One registry for every model, timm-style: a name → a builder, the input it takes, where ONE
-may split it, and the named feature taps methods may ask for."""
+"""One registry for every model, timm-style: a name → a builder, the input it takes, where it
+may split into branches (any peer method with `method.branches >= 2`), and the named feature
+taps methods may ask for."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ class ModelEntry:
     input_kind: str
     """'sequence' (MNIST-1D shaped), 'image' (3-channel images) or 'tokens' (windows of token ids)."""
     branch_point: int | None = None
-    """Index into `features` where high-level layers begin: ONE shares `features[:branch_point]`
-    as its trunk and copies the rest into each branch. None: the model cannot branch."""
+    """Index into `features` where high-level layers begin: a multi-branch network (`method.branches
+    >= 2`, any peer method) shares `features[:branch_point]` as its trunk and copies the rest into
+    each branch. None: the model cannot branch."""
     taps: dict[str, str] = field(default_factory=dict)
     """Tap name → the submodule (dotted path) whose output it is, e.g. {"stage2": "features.2"}:
     what feature-based methods (FitNets, attention transfer, FSP) may ask for."""
