@@ -169,7 +169,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from codistill.experiments.compare import MARKDOWN_FILE, PLOT_FILE, TABLE_FILE, compare
+    from codistill.experiments.compare import TABLE_FILE, compare
+    from codistill.experiments.compare_report import MARKDOWN_FILE, PLOT_FILE
     from codistill.engine.run import connect_ray
 
     overrides = _overrides(args)

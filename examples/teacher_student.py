@@ -102,7 +102,7 @@ def main() -> None:
     for label in labels:
         print(f"| {label} | " + " | ".join(cell(results.get((s, label), [])) for s in students) + " |")
     if args.only:  # paired by seed with the student alone, as `codistill compare` reports it
-        from codistill.experiments.compare import t_interval
+        from codistill.experiments.paired import t_interval
 
         print("\n| student's training | " + " | ".join(f"{s}: difference to alone (points)" for s in students) + " |")
         print("|---|" + "---|" * len(students))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from codistill.cli import main
-from codistill.experiments.compare import compare, parse_method, search_space
+from codistill.experiments.cells import parse_method, search_space
+from codistill.experiments.compare import compare
 from codistill.config import ConfigError
 from codistill.data import load_dataset
 from codistill.records import final_metrics, read_records
@@ -178,7 +179,7 @@ def test_a_saved_tuning_of_another_recipe_is_not_reused(tmp_path):
 
 
 def test_paired_differences_their_interval_and_wins():
-    from codistill.experiments.compare import paired_differences, resolving_seeds, t_interval
+    from codistill.experiments.paired import paired_differences, resolving_seeds, t_interval
 
     rows = []
     for seed, (base, dml) in enumerate([(0.90, 0.92), (0.91, 0.92), (0.93, 0.93), (0.92, 0.95)]):

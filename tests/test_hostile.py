@@ -591,7 +591,8 @@ def test_a_thread_user_code_leaves_running_does_not_keep_the_finished_run_from_e
 
 
 def test_a_one_seed_comparison_prints_no_infinite_interval_and_no_effect(tmp_path):
-    from codistill.experiments.compare import markdown_table, paired_differences
+    from codistill.experiments.compare_report import markdown_table
+    from codistill.experiments.paired import paired_differences
 
     rows = [{"method": m, "seed": 0, "last_mean": a, "last_ensemble": a, "last_best": a, "members": 2,
              **{f"{p}_{k}": a for p in ("last", "bestevaluation") for k in ("first", "best", "mean", "ensemble", "churn")}}

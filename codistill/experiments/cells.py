@@ -1,0 +1,192 @@
+"""The cells of a comparison and what is cached of them: a method as the command line names it
+(`MethodSpec`), the config of a cell (method × seed, at its tuned values), the figures of a
+finished cell's run, and the check that a stored cell or tuning is exactly the one asked for
+(`compare.py` has the command; `paired.py` the statistics; `compare_report.py` the table and plot)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+from dataclasses import dataclass
+
+import yaml
+
+from codistill.config import ExperimentConfig, build_dataclass, first_difference, load_config, set_path, to_dict
+from codistill.config.method import METHOD_CONFIGS, MethodConfig
+from codistill.errors import ConfigError
+from codistill.records import read_records
+from codistill.storage import RunStorage
+
+FIGURES = ("first", "best", "mean", "ensemble", "churn")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str
+    """As given on the command line, e.g. `kdcl:variant=min_logit`."""
+    name: str
+    settings: dict
+
+    @property
+    def slug(self) -> str:
+        """The label as one folder name."""
+        return self.label.replace(":", ".").replace(",", ".")
+
+
+def parse_method(text: str) -> MethodSpec:
+    """`name` or `name:key=value,key=value` (values are YAML: `branches=3`, `variant=mean`,
+    `taps=[conv2,conv3]` — a comma inside brackets belongs to the value)."""
+    name, _, rest = text.partition(":")
+    registered = ", ".join(METHOD_CONFIGS.names())
+    if name not in METHOD_CONFIGS:
+        raise ConfigError("--methods", f"{text!r}: no method {name!r}; registered methods: {registered}")
+    settings = {}
+    for item in filter(None, _top_level_split(rest)):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError("--methods", f"{text!r}: settings are key=value pairs after `name:`, e.g. kdcl:variant=mean")
+        try:
+            settings[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = str(getattr(err, "problem", None) or "not valid YAML")
+            raise ConfigError("--methods", f"{text!r}: the value of {key.strip()!r} is not valid YAML ({problem}): "
+                              f"{value!r}; e.g. 3, mean, [conv2, conv3]") from None
+    return MethodSpec(text, name, settings)
+
+
+def _top_level_split(text: str) -> list[str]:
+    """`text` split at the commas outside brackets and braces."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def method_section(spec: MethodSpec, tuned: dict) -> dict:
+    section = {"name": spec.name, **{k: v for k, v in spec.settings.items() if "." not in k}}
+    for key, value in tuned.items():
+        if key.startswith("method."):
+            section[key[len("method."):]] = value
+    return section
+
+
+def cell_data(base: dict, spec: MethodSpec, tuned: dict) -> dict:
+    """The base config with the method (and its tuned values) in place. A method that trains
+    one network of branches gets one peer, peer 0's."""
+    data = copy.deepcopy(base)
+    data["method"] = method_section(spec, tuned)
+    data.pop("tune", None)
+    if one_network_method(data):
+        data["peers"] = data["peers"][:1]
+    for key, value in [*tuned.items(), *((k, v) for k, v in spec.settings.items() if "." in k)]:
+        if not key.startswith("method."):
+            set_path(data, key, value)  # a tuned value, or a dotted setting of the recipe: codistill:exchange.top_k=8
+    return data
+
+
+def one_network_method(data: dict) -> bool:
+    """Whether the method section trains one network of branches: the method's config says."""
+    return build_dataclass(MethodConfig, data["method"], "method").trains_one_network
+
+
+def search_space(spec: MethodSpec, base: dict) -> dict[str, str]:
+    """The same kind of space for every method: learning rate (÷4 … ×4 the config's) and
+    schedule for all; temperature and weight where the method has them and the command line
+    did not fix them."""
+    lr = base["peers"][0]["optimizer"]["lr"]
+    space = {"peers.*.optimizer.lr": f"loguniform({lr / 4:.6g}, {lr * 4:.6g})",
+             "peers.*.optimizer.schedule": "choice(['constant', 'cosine'])"}
+    fields = {f.name for f in dataclasses.fields(METHOD_CONFIGS.get(spec.name, "--methods"))}
+    if "temperature" in fields and "temperature" not in spec.settings:
+        space["method.temperature"] = "loguniform(1, 8)"
+    if "weight" in fields and "weight" not in spec.settings:
+        space["method.weight"] = "uniform(0.1, 2)"
+    return space
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures of one finished run
+
+
+def run_figures(storage: RunStorage, steps: int) -> dict | None:
+    """The group's figures at the last evaluation and at the best one, or None when the run
+    has not reached `steps`."""
+    try:
+        table = read_records(storage)
+    except FileNotFoundError:
+        return None
+    records = table.to_pylist()
+    rows = [r for r in records if r["split"] == "test" and r["peer"] == 0]
+    if not rows or max(r["step"] for r in rows) < steps:
+        return None
+    by_step = {r["step"]: r for r in rows}
+
+    def figures(r: dict) -> dict:
+        return {name: r[f"member_{name}_accuracy" if name != "churn" else "member_churn"] for name in FIGURES}
+
+    last = by_step[max(by_step)]
+    best = max(by_step.values(), key=lambda r: (r["member_mean_accuracy"], -r["step"]))
+    extra = {}
+    if last.get("bits") is not None:  # language models: bits per token, each peer's and the ensemble's
+        bits = [r["bits"] for r in records if r["split"] == "test" and r["step"] == last["step"]]
+        extra.update(bits_first=last["bits"], bits_best=min(bits), bits_mean=statistics.mean(bits),
+                     bits_ensemble=last["ensemble_bits"])
+    sent = [r["bytes_sent"] for r in records if r["split"] == "train" and r.get("bytes_sent")]
+    if sent:
+        extra["bytes_per_round"] = statistics.mean(sent)
+    return {**{f"last_{k}": v for k, v in figures(last).items()},
+            **{f"bestevaluation_{k}": v for k, v in figures(best).items()},
+            "best_step": best["step"], "last_step": last["step"], **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# A cached result is reused only when it is the result of exactly what was asked
+
+
+def what_it_trains(data: dict) -> dict:
+    """A config as far as it decides the result: where it runs (`ray`) does not."""
+    return {k: v for k, v in data.items() if k != "ray"}
+
+
+def stored_cell_difference(cell: ExperimentConfig, storage: RunStorage) -> tuple[str, object, object] | None:
+    """How the run stored under the cell's name differs from the cell asked for (None: the same,
+    or nothing stored)."""
+    from codistill.engine.run import CONFIG_FILE, stored_as_of_today
+
+    if not storage.exists(CONFIG_FILE):
+        return None
+    stored = stored_as_of_today(yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode()))
+    return first_difference(what_it_trains(to_dict(cell)), what_it_trains(stored))
+
+
+def refuse_or_forget(what: str, where: RunStorage | None, path: str, difference, fresh: bool, log) -> None:
+    key, asked, stored = difference
+    if not fresh:
+        raise ConfigError("--methods", f"{what} in {where.uri if where else path} was made with {key}={stored!r}, "
+                          f"this command asks {key}={asked!r}; nothing was run. Use another `name` (--set name=…) "
+                          "to keep both, or --fresh to discard those results and run them again")
+    log(f"{what}: made with {key}={stored!r}, asked {key}={asked!r}: discarded (--fresh)")
+    if where is not None:
+        where.fs.delete_dir(where.run_dir)
+
+
+TUNE_SEEDS = 2
+"""Seeds each trial trains, judged by their mean: a validation fifth of MNIST-1D is 800
+examples (a standard error of ~0.8 points at 94%), so one seed picks by luck."""
+
+
+def cell_name(name: str, spec: MethodSpec, seed: int) -> str:
+    return f"{name}.{spec.slug}.seed{seed}"
+
+
+def cell_config(base: dict, spec: MethodSpec, tuning: dict | None, seed: int, name: str) -> ExperimentConfig:
+    """The cell (method `spec`, `seed`) of the comparison `name`, at the method's tuned values."""
+    data = cell_data(base, spec, tuning["params"] if tuning else {})
+    data.update(seed=seed, name=cell_name(name, spec, seed))
+    return load_config(data)
