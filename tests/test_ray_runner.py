@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from codistill.engine.run import train
 from tests.conftest import REPO, committed_step, scaled, small_config
@@ -407,3 +408,34 @@ def test_peers_apart_that_do_not_fit_at_once_are_an_error_on_a_fixed_instance_an
         check_apart_placement(cfg, {"CPU": 2.0}, nodes, fixed_size)
         assert "starts when there is room" in caplog.text
     check_apart_placement(cfg, {"CPU": 3.0}, [{"CPU": 2.0}, {"CPU": 1.0}], True)  # room on two nodes: fine
+
+
+def test_a_damaged_newest_ray_checkpoint_costs_no_kept_one_when_ray_prunes(ray_local, tmp_path):
+    """Ray Train keeps `train.keep_checkpoints` of the checkpoints it registered and deletes the
+    older ones by their folder. A run that resumes past a damaged newest checkpoint retrains its
+    step: were the new checkpoint written into the damaged one's folder, Ray would later delete it
+    as the old entry (and fail the run deleting it twice, and refuse the run's next start: its
+    snapshot would name a folder that is gone)."""
+    overrides = ["name=pruned", "train.eval_every=40", "train.checkpoint_every=40", "train.keep_checkpoints=2",
+                 "peers.*.optimizer.schedule=constant"]
+    train(small_config(tmp_path, *overrides, "train.steps=120"), "ray")  # keeps 80 and 120
+    run = tmp_path / "pruned"
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_00000080", "step_00000120"]
+    damaged = (run / "step_00000120" / "peer1.pt")
+    damaged.write_bytes(b"not a checkpoint")
+
+    result = train(small_config(tmp_path, *overrides, "train.steps=240"), "ray")  # from 80, past 120 to 240
+    for peer in (0, 1):
+        assert [r["step"] for r in result.records.to_pylist()
+                if r["split"] == "train" and r["peer"] == peer] == list(range(1, 241))
+    kept = sorted(p.name for p in run.glob("step_*"))
+    assert len(kept) == 2 and kept[-1].startswith("step_00000240")
+    for folder in kept:  # what Ray kept is whole: every peer's file loads
+        for peer in (0, 1):
+            torch.load(run / folder / f"peer{peer}.pt", weights_only=True)
+    assert any((p / "peer1.pt").read_bytes() == b"not a checkpoint" for p in (run / "set_aside").iterdir())
+    # Ray's own record of its checkpoints still matches the folders: the same command starts again
+    # (nothing left to train) and a longer run resumes from step 240.
+    assert train(small_config(tmp_path, *overrides, "train.steps=240"), "ray").final["step"] == 240
+    longer = train(small_config(tmp_path, *overrides, "train.steps=280"), "ray")
+    assert [r["step"] - 1 for r in longer.records.to_pylist() if r.get("resumed")][-1] == 240

@@ -26,7 +26,10 @@ from codistill.storage import RunStorage
 
 META_FILE = "meta.pt"
 LOCAL_CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_DIR = re.compile(r"step_(\d{8})")
+# `step_00000120`, or `step_00000120.retrained1` for a step trained again after its checkpoint was
+# found damaged on Ray: Ray Train deletes the checkpoints it prunes by folder, so a retrained step
+# written into the damaged one's folder would be deleted as the damaged one's old entry.
+CHECKPOINT_DIR = re.compile(r"step_(\d{8})(?:\.retrained(\d+))?")
 # Where checkpoints that are thrown away go: moved aside, never deleted — on object storage a
 # read can fail for a moment, and a good checkpoint must never be lost to a passing error.
 SET_ASIDE_DIR = "set_aside"
@@ -35,8 +38,14 @@ READ_RETRY_WAITS = (0.2, 1.0)
 logger = logging.getLogger(__name__)
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
+def checkpoint_name(step: int, retrained: int = 0) -> str:
+    return f"step_{step:08d}" + (f".retrained{retrained}" if retrained else "")
+
+
+def retrained_of(name: str) -> int:
+    """How many times the step of checkpoint folder `name` was trained again (0: never)."""
+    match = CHECKPOINT_DIR.fullmatch(name)
+    return int(match.group(2) or 0) if match else 0
 
 
 def peer_file(peer: int) -> str:
@@ -115,12 +124,30 @@ class LocalCheckpoints:
                 continue
             folder = f"{LOCAL_CHECKPOINT_DIR}/{name}"
             if self.storage.exists(f"{folder}/{META_FILE}"):
-                aside = f"{SET_ASIDE_DIR}/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                aside = set_aside_name(name)
                 logger.warning("moving %s/%s to %s/%s: %s", self.storage.uri, folder, self.storage.uri, aside, why)
                 self.storage.move(folder, aside)
             else:
                 logger.warning("deleting %s/%s (never committed): %s", self.storage.uri, folder, why)
                 self.storage.delete(folder)
+
+
+def set_aside_name(folder: str) -> str:
+    """Where a checkpoint folder that is thrown away goes (never deleted: see SET_ASIDE_DIR)."""
+    return f"{SET_ASIDE_DIR}/{folder.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def past_damaged(storage: RunStorage, folders: list[tuple[int, str]], restored: int, copy_aside: bool) -> int:
+    """Before a Ray run retrains the steps after `restored` (its newer `folders` did not load):
+    the mark the retrained checkpoints' folder names take (`checkpoint_name`), the same in every
+    worker; with `copy_aside` (one worker), those folders are copied aside first — Ray Train
+    still lists them, and its pruning deletes them."""
+    for step, folder in folders:
+        if copy_aside and step > restored:
+            logger.warning("copying %s/%s to %s: it did not load; the run retrains its steps", storage.uri, folder,
+                           SET_ASIDE_DIR)
+            storage.copy(folder, set_aside_name(folder))
+    return 1 + max((retrained_of(folder.rsplit("/", 1)[-1]) for _, folder in folders), default=0)
 
 
 PEER_RUN_DIR = re.compile(r"peer(\d+)")
@@ -149,7 +176,7 @@ def checkpoint_folders(storage: RunStorage, parents=None) -> list[tuple[int, str
                 continue
             if storage.exists(f"{folder}/{META_FILE}"):
                 found.append((int(match.group(1)), folder))
-    return sorted(found)
+    return sorted(found, key=lambda item: (item[0], retrained_of(item[1].rsplit("/", 1)[-1])))
 
 
 def newest_complete(storage: RunStorage, peer: int) -> str | None:

@@ -30,7 +30,7 @@ from codistill.config import ConfigError, ExperimentConfig, load_config, to_dict
 from codistill.data import DATASETS, load_data
 from codistill.engine.apart import BoardExchange, EvaluationBoard, runs_apart
 from codistill.engine.checkpoint import (CHECKPOINT_DIR, META_FILE, checkpoint_folders, checkpoint_name, meta_state,
-                                         newest_loadable, peer_file, peer_run_dir, to_bytes)
+                                         newest_loadable, past_damaged, peer_file, peer_run_dir, to_bytes)
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.loop import RunContext, train_peer
 from codistill.engine.registrations import adopt_registrations, user_registrations
@@ -72,6 +72,7 @@ class RayRunContext(RunContext):
         self.progress_mailbox = progress_mailbox
         self.cfg_dict = cfg_dict
         self.node = ray.get_runtime_context().get_node_id()
+        self.retrain = (0, 0)  # (up to which step, mark): retrained checkpoints get folders of their own
 
     def restore(self, peer: int) -> dict | None:
         folders = checkpoint_folders(self.storage, [peer_run_dir(peer) if self.apart else ""])
@@ -97,6 +98,8 @@ class RayRunContext(RunContext):
         if found is None:
             raise RunError(f"no checkpoint of {self.storage.uri} up to step {newest} loads; see the warnings above")
         step, states = found
+        if step < newest:  # the newer checkpoints did not load: their steps are trained again
+            self.retrain = (newest, past_damaged(self.storage, folders, step, copy_aside=self.leader))
         if self.leader:
             drop_records_after(self.storage, peer, step)
         return states[0] if self.apart else states[peer]
@@ -113,8 +116,9 @@ class RayRunContext(RunContext):
                 with open(os.path.join(folder, META_FILE), "wb") as f:
                     f.write(to_bytes(meta_state(step, self.cfg_dict)))
             # Every worker uploads into the same folder (Ray syncs the name across ranks).
+            below, mark = self.retrain
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=checkpoint_name(step))
+                             checkpoint_dir_name=checkpoint_name(step, mark if step <= below else 0))
 
     def progress(self, step: int, metrics: dict) -> None:
         # The pid lets an operator (or the fault tests) find the process that runs peer 0.
