@@ -9,7 +9,7 @@ from codistill.methods.losses import gated_ensemble
 from codistill.methods import create_method
 from codistill.methods.one import ONEConfig
 from codistill.models import create_model
-from codistill.models.multi_branch import BranchOutputs, make_multi_branch
+from codistill.models.multi_branch import BranchOutputs, GatedOutputs, make_multi_branch
 from tests.conftest import signals
 
 
@@ -74,9 +74,9 @@ def test_across_peers_each_peer_gets_gradient_only_through_its_own_outputs():
     own_logits = torch.randn(4, 10, requires_grad=True)
     own_gate = torch.randn(4, 1, requires_grad=True)
     received = {"logits": torch.randn(4, 10, requires_grad=True), "gate": torch.randn(4, 1, requires_grad=True)}
-    sent = method.payload((own_logits, own_gate), {})  # what this peer sends: named, detached
+    sent = method.payload(GatedOutputs(own_logits, own_gate), {})  # what this peer sends: named, detached
     assert set(sent) == {"logits", "gate"} and not sent["logits"].requires_grad
-    out = (own_logits, own_gate)
+    out = GatedOutputs(own_logits, own_gate)
     loss, terms = method.loss(signals(own_logits, torch.randint(0, 10, (4,)), outputs=out,
                                       peers=[{k: v.detach() for k, v in received.items()}]))
     loss.backward()

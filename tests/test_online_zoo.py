@@ -12,6 +12,9 @@ from codistill.config import load_config
 from codistill.engine.run import train
 from codistill.methods.losses import attention_weights, min_logit, min_loss_logits, simplex_combination
 from codistill.methods import Signals, create_method
+from codistill.methods.okddip import AttentionOutputs
+from codistill.methods.pcl import SliceOutputs
+from codistill.models.temporal_mean import LiveAndMean
 from tests.conftest import small_config
 
 
@@ -86,7 +89,7 @@ def test_okddip_attention_weights_are_a_softmax_of_query_key_products():
 
 def okddip_signals(method, peer: int, own_query, own_key, peers):
     own_logits = torch.tensor([[1.0, 0.0, 0.0]], requires_grad=True)
-    outputs = (own_logits, own_query, own_key)
+    outputs = AttentionOutputs(own_logits, own_query, own_key)
     return Signals(network=None, outputs=outputs, logits=own_logits, labels=torch.tensor([0]), step=0, peer=peer,
                    peers=peers), own_logits
 
@@ -134,7 +137,7 @@ def test_pcl_loss_by_hand():
     z = torch.tensor([[1.0, 0.0, 0.0]])
     c_own, c_other = torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
     mean_other = torch.tensor([[0.0, 0.0, 3.0]])
-    member = ((z, c_own), (z, c_own))
+    member = LiveAndMean(SliceOutputs(z, c_own), SliceOutputs(z, c_own))
     s = Signals(network=None, outputs=member, logits=z, labels=torch.tensor([0]), step=0,
                 peers=[{"logits": z, "contribution": c_other, "mean_logits": mean_other}])
     loss, terms = method.loss(s)
@@ -235,7 +238,7 @@ def test_okddip_gradients_stay_finite_when_its_live_target_underflows():
     key = torch.tensor([[3.0, 0.0]], requires_grad=True)
     other = {"logits": torch.tensor([[-200.0, 200.0, 0.0]]), "key": torch.tensor([[0.0, 1.0]])}
     leader = {"logits": torch.zeros(1, 3), "key": torch.zeros(1, 2)}
-    s = Signals(network=None, outputs=(own, query, key), logits=own, labels=torch.tensor([0]), step=0, peer=0,
+    s = Signals(network=None, outputs=AttentionOutputs(own, query, key), logits=own, labels=torch.tensor([0]), step=0, peer=0,
                 peers=[other, leader])
     loss, _ = method.loss(s)
     loss.backward()

@@ -25,10 +25,11 @@ from codistill.methods.kd import KDConfig
 from codistill.methods.kdcl import KDCLConfig
 from codistill.methods.logit_regression import LogitRegressionConfig
 from codistill.methods.losses import factor_distance
-from codistill.methods.okddip import OKDDipConfig
+from codistill.methods.okddip import AttentionOutputs, OKDDipConfig
 from codistill.methods.overhaul import CONNECTORS, Overhaul, OverhaulConfig
 from codistill.methods.one import ONEConfig
-from codistill.methods.pcl import PCLConfig
+from codistill.methods.pcl import PCLConfig, SliceOutputs
+from codistill.models.temporal_mean import LiveAndMean
 
 RTOL = 1e-5
 STEP = 10**6  # past any ramp-up: every weight at its configured value
@@ -148,7 +149,7 @@ def test_parity_okddip():
     keys = torch.randn(4, 8, 8, generator=g)
     y = torch.randint(0, 10, (8,), generator=g)
     method = create_method(OKDDipConfig(name="okddip", branches=4, temperature=3.0, weight=1.0, attention_dim=8))
-    loss, _ = method.loss(_signals(y, outputs=[(logits[k], queries[k], keys[k]) for k in range(4)]))
+    loss, _ = method.loss(_signals(y, outputs=[AttentionOutputs(logits[k], queries[k], keys[k]) for k in range(4)]))
     theirs, epsilon_effect = 36.28034973144531, 4.1637565439067714e-05
     assert float(loss) + epsilon_effect == pytest.approx(theirs, rel=RTOL)
     assert float(loss) == pytest.approx(theirs, rel=1e-4)
@@ -169,7 +170,8 @@ def test_parity_pcl():
     z_mean = 3 * torch.randn(3, 8, 10, generator=g)
     y = torch.randint(0, 10, (8,), generator=g)
     method = create_method(PCLConfig(name="pcl", branches=3, temperature=3.0, weight=1.0))
-    outputs = ([(z[k], c[k]) for k in range(3)], [(z_mean[k], torch.zeros(8, 10)) for k in range(3)])
+    outputs = LiveAndMean([SliceOutputs(z[k], c[k]) for k in range(3)],
+                          [SliceOutputs(z_mean[k], torch.zeros(8, 10)) for k in range(3)])
     loss, terms = method.loss(_signals(y, outputs=outputs))
     ce_ensemble = 4.861973762512207  # their CE(en_out, y)
     assert float(terms["ce_ensemble"]) == pytest.approx(ce_ensemble, rel=RTOL)

@@ -19,7 +19,7 @@ loss is used, so both forms train the same way.
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -43,6 +43,12 @@ class OKDDipConfig(PeerMethodConfig):
         check(self.attention_dim >= 1, "attention_dim", f"must be >= 1, got {self.attention_dim}")
 
 
+class AttentionOutputs(NamedTuple):
+    logits: torch.Tensor
+    query: torch.Tensor  # (B, d): projections of the penultimate features
+    key: torch.Tensor    # (B, d)
+
+
 class AttentionPeer(nn.Module):
     """A peer model with query and key projections of its penultimate features."""
 
@@ -54,7 +60,7 @@ class AttentionPeer(nn.Module):
 
     def forward(self, x):
         features = self.model.features(x)
-        return self.model.classifier(features), self.query(features), self.key(features)
+        return AttentionOutputs(self.model.classifier(features), self.query(features), self.key(features))
 
 
 @register_method("okddip")
@@ -65,10 +71,10 @@ class OKDDip(PeerMethod):
         return AttentionPeer(model, self.config.attention_dim)
 
     def peer_logits(self, outputs):
-        return outputs[0]
+        return outputs.logits
 
     def own_payload(self, logits, outputs, taps):
-        return {"logits": logits, "key": outputs[2]}
+        return {"logits": logits, "key": outputs.key}
 
     def distill_terms(self, s):
         T = self.config.temperature
@@ -78,8 +84,8 @@ class OKDDip(PeerMethod):
             target = torch.stack([p["logits"] for p in auxiliaries]).mean(0)
             kl = soft_kl(s.logits, soft_targets(target, T), T)
         else:
-            _, query, key = s.outputs
-            keys = torch.stack([key] + [p["key"] for p in auxiliaries])                # (M, B, d)
+            query = s.outputs.query
+            keys = torch.stack([s.outputs.key] + [p["key"] for p in auxiliaries])                # (M, B, d)
             logits = torch.stack([s.logits] + [p["logits"] for p in auxiliaries])      # (M, B, C)
             target = torch.einsum("bm,mbc->bc", attention_weights(query, keys), logits)
             kl = soft_kl_to_logits(s.logits, target, T)  # a live target: gradients through it stay finite

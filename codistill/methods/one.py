@@ -57,13 +57,13 @@ class ONE(PeerMethod):
         return list(outputs.logits) if self.branched else [outputs]
 
     def peer_logits(self, outputs):
-        return outputs if self.branched else outputs[0]
+        return outputs if self.branched else outputs.logits
 
     def logits(self, outputs):
-        return gated_ensemble(outputs.logits, outputs.gate_logits) if self.branched else outputs[0]
+        return gated_ensemble(outputs.logits, outputs.gate_logits) if self.branched else outputs.logits
 
     def own_payload(self, logits, outputs, taps):
-        return {"logits": logits, "gate": outputs[1]}
+        return {"logits": logits, "gate": outputs.gate}
 
     def loss(self, s):
         if not self.branched:

@@ -19,16 +19,17 @@ ramp-up of w (here `rampup_steps`, linear).
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
-from torch import nn
+import torch
 import torch.nn.functional as F
+from torch import nn
 
 from codistill.errors import check
 from codistill.methods.losses import mean_peer_kl, soft_kl, soft_targets
 from codistill.methods.base import register_method
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
-from codistill.models.temporal_mean import TemporalMean
+from codistill.models.temporal_mean import LiveAndMean, TemporalMean
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -45,6 +46,11 @@ class PCLConfig(PeerMethodConfig):
         check(0 <= self.mean_decay < 1, "mean_decay", f"must be in [0, 1), got {self.mean_decay}")
 
 
+class SliceOutputs(NamedTuple):
+    logits: torch.Tensor        # the peer's own classifier: z
+    contribution: torch.Tensor  # its slice of the peer ensemble classifier: c = W h + b
+
+
 class EnsembleSlicePeer(nn.Module):
     """A peer model plus its slice of the peer ensemble classifier."""
 
@@ -55,7 +61,7 @@ class EnsembleSlicePeer(nn.Module):
 
     def forward(self, x):
         features = self.model.features(x)
-        return self.model.classifier(features), self.ensemble_slice(features)
+        return SliceOutputs(self.model.classifier(features), self.ensemble_slice(features))
 
 
 @register_method("pcl")
@@ -71,23 +77,23 @@ class PCL(PeerMethod):
     def members(self, outputs):
         live, mean = outputs
         lives, means = (list(live), list(mean)) if self.branched else ([live], [mean])
-        return [(l, m) for l, m in zip(lives, means)]  # each member: ((z, c), (z̄, c̄))
+        return [LiveAndMean(l, m) for l, m in zip(lives, means)]  # each member: ((z, c), (z̄, c̄))
 
     def peer_logits(self, outputs):
-        return outputs[0][0]
+        return outputs.live.logits
 
     def peer_heads(self, outputs):
-        return {"temporal_mean": outputs[1][0], "live": outputs[0][0]}
+        return {"temporal_mean": outputs.mean.logits, "live": outputs.live.logits}
 
     def own_payload(self, logits, outputs, taps):
-        return {"logits": logits, "contribution": outputs[0][1], "mean_logits": outputs[1][0]}
+        return {"logits": logits, "contribution": outputs.live.contribution, "mean_logits": outputs.mean.logits}
 
     def after_update(self, network, step):
         network.update(step)
 
     def distill_terms(self, s):
         T, weight = self.config.temperature, self.config.weight_at(s.step)
-        ensemble = s.outputs[0][1] + sum(p["contribution"] for p in s.peers)
+        ensemble = s.outputs.live.contribution + sum(p["contribution"] for p in s.peers)
         ce_ensemble = F.cross_entropy(ensemble, s.labels)
         kl_ensemble = soft_kl(s.logits, soft_targets(ensemble.detach(), T), T)
         kl_mean = mean_peer_kl(s.logits, [p["mean_logits"] for p in s.peers], T)

@@ -63,15 +63,20 @@ class MultiBranchModel(nn.Module):
         return nn.Sequential(copy.deepcopy(self.trunk), copy.deepcopy(self.branches[k]))
 
 
+class GatedOutputs(NamedTuple):
+    logits: torch.Tensor  # (B, C)
+    gate: torch.Tensor    # (B, 1): this peer's gate logit; a softmax over the peers' weights them
+
+
 class GatedPeer(nn.Module):
     def __init__(self, model: PeerModel):
         super().__init__()
         self.model = model
         self.gate = nn.Linear(model.feature_dim, 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> GatedOutputs:
         features = self.model.features(x)
-        return self.model.classifier(features), self.gate(features)
+        return GatedOutputs(self.model.classifier(features), self.gate(features))
 
 
 def make_multi_branch(model: PeerModel, model_name: str, branches: int) -> MultiBranchModel:

@@ -9,9 +9,15 @@ parameters do not require gradients). Its forward pass never builds a graph.
 from __future__ import annotations
 
 import copy
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+
+class LiveAndMean(NamedTuple):
+    live: Any  # the network's outputs
+    mean: Any  # its temporal mean's outputs (no graph)
 
 
 class TemporalMean(nn.Module):
@@ -31,9 +37,9 @@ class TemporalMean(nn.Module):
         for mean, live in zip(self.mean.buffers(), self.live.buffers()):
             mean.copy_(live)  # batch-norm statistics: the live network's (as timm's ModelEmaV2 with no decay on buffers)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> LiveAndMean:
         live = self.live(x)
         with torch.no_grad():
             self.mean.eval()  # the mean teacher predicts with its (copied) running statistics
             mean = self.mean(x)
-        return live, mean
+        return LiveAndMean(live, mean)
