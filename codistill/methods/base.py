@@ -136,6 +136,13 @@ class Signals:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) * 1_009 + self.peer + 7)
 
 
+def weighted_kl(kl: torch.Tensor, weight: float, **unweighted: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """A distillation term w·KL (plus `unweighted` terms, e.g. an ensemble's CE) and what its
+    record holds: the parts detached, under the keys every method's table uses (kl, kl_weight)."""
+    total = weight * kl + sum(unweighted.values())
+    return total, {**{name: term.detach() for name, term in unweighted.items()}, "kl": kl.detach(), "kl_weight": weight}
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DistillConfig(MethodConfig):
     temperature: float = 1.0

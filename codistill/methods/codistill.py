@@ -16,7 +16,7 @@ import torch
 
 from codistill.errors import check
 from codistill.methods.losses import mean_payload_kl, soft_kl, soft_targets
-from codistill.methods.base import DistillConfig, Method, Needs, RoundSpec, register_method
+from codistill.methods.base import DistillConfig, Method, Needs, RoundSpec, register_method, weighted_kl
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,4 +71,4 @@ class Codistill(Method):
             else:
                 target = torch.stack([soft_targets(p["logits"], T) for p in s.peers]).mean(0)
                 kl = soft_kl(s.logits, target, T)
-        return weight * kl, {"kl": kl.detach(), "kl_weight": weight}
+        return weighted_kl(kl, weight)

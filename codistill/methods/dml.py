@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from codistill.methods.losses import mean_payload_kl
-from codistill.methods.base import register_method
+from codistill.methods.base import register_method, weighted_kl
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 
 
@@ -29,4 +29,4 @@ class DML(PeerMethod):
         # payload holds its logits, or its top-k soft target (`exchange.top_k`).
         kl = mean_payload_kl(s.logits, s.peers, self.config.temperature)
         weight = self.config.weight_at(s.step)
-        return weight * kl, {"kl": kl.detach(), "kl_weight": weight}
+        return weighted_kl(kl, weight)

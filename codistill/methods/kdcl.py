@@ -21,7 +21,7 @@ from typing import ClassVar, Literal
 import torch
 
 from codistill.methods.losses import min_logit, min_loss_logits, simplex_combination, soft_kl, soft_targets
-from codistill.methods.base import register_method
+from codistill.methods.base import register_method, weighted_kl
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 
 
@@ -55,4 +55,4 @@ class KDCL(PeerMethod):
         teacher = ensemble_teacher(members.float(), s.labels, self.config.variant)
         kl = soft_kl(s.logits, soft_targets(teacher, T), T)
         weight = self.config.weight_at(s.step)
-        return weight * kl, {"kl": kl.detach(), "kl_weight": weight}
+        return weighted_kl(kl, weight)

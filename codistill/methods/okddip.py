@@ -26,7 +26,7 @@ from torch import nn
 
 from codistill.errors import check
 from codistill.methods.losses import attention_weights, soft_kl, soft_kl_to_logits, soft_targets
-from codistill.methods.base import register_method
+from codistill.methods.base import register_method, weighted_kl
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 
 
@@ -90,4 +90,4 @@ class OKDDip(PeerMethod):
             target = torch.einsum("bm,mbc->bc", attention_weights(query, keys), logits)
             kl = soft_kl_to_logits(s.logits, target, T)  # a live target: gradients through it stay finite
         weight = self.config.weight_at(s.step)
-        return weight * kl, {"kl": kl.detach(), "kl_weight": weight}
+        return weighted_kl(kl, weight)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from codistill.methods.losses import gated_ensemble, soft_kl, soft_targets
-from codistill.methods.base import register_method
+from codistill.methods.base import register_method, weighted_kl
 from codistill.methods.peers import PeerMethod, PeerMethodConfig
 from codistill.models.multi_branch import GatedPeer, make_multi_branch
 
@@ -82,11 +82,11 @@ class ONE(PeerMethod):
     def distill_terms(self, s):
         """Across peers: the ensemble's CE and the KL to it (the peer's own CE is added by `own_loss`)."""
         T, weight = self.config.temperature, self.config.weight_at(s.step)
-        own_logits, own_gate = s.outputs  # (B, C), (B, 1)
+        own_logits, own_gate = s.outputs.logits, s.outputs.gate  # (B, C), (B, 1)
         # The order of members does not change a gated sum, so own first, then the others.
         logits = torch.stack([own_logits] + [p["logits"] for p in s.peers])
         gate_logits = torch.cat([own_gate] + [p["gate"] for p in s.peers], dim=1)
         ensemble = gated_ensemble(logits, gate_logits)
         kl = soft_kl(own_logits, soft_targets(ensemble.detach(), T), T)
         ce_ensemble = F.cross_entropy(ensemble, s.labels)
-        return ce_ensemble + weight * kl, {"ce_ensemble": ce_ensemble.detach(), "kl": kl.detach(), "kl_weight": weight}
+        return weighted_kl(kl, weight, ce_ensemble=ce_ensemble)
