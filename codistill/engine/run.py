@@ -276,7 +276,7 @@ def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[
 
         cfg = replace(cfg, data=replace(cfg.data, name=register_given(data)))  # validated against the peers
     if backend == "ray":
-        from codistill.engine.ray_runner import check_shared_storage
+        from codistill.engine.placement import check_shared_storage
 
         connect_ray(cfg.ray.address)
         # Before anything is written: a run the cluster cannot store must not start.

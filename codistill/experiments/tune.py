@@ -226,7 +226,7 @@ def run_sweep(cfg: ExperimentConfig, on_change: str = "refuse") -> SweepResult:
     settings = cfg.tune
     if settings is None or not settings.space:
         raise ValueError("the config has no `tune.space` to search")
-    from codistill.engine.ray_runner import check_shared_storage
+    from codistill.engine.placement import check_shared_storage
     from codistill.engine.registrations import user_registrations
 
     storage_path = resolve_storage_path(cfg.ray.storage_path)
