@@ -156,7 +156,7 @@ def test_a_run_does_not_resume_on_a_changed_corpus(tmp_path):
                  f"data.root={tmp_path / 'cache'}", "peers.*.optimizer.schedule=constant")
     train(small_config(tmp_path, "name=lm", *overrides, base=LM), "local")
     (folder / "new_file.py").write_text("print('a file that was not there')\n" * 50)
-    from codistill.engine.loop import DataChanged
+    from codistill.engine.checkpoint import DataChanged
 
     with pytest.raises(DataChanged, match="corpus"):
         train(small_config(tmp_path, "name=lm", *overrides, "train.steps=90", base=LM), "local")
@@ -187,7 +187,7 @@ def test_a_run_split_by_path_does_not_resume_on_the_split_by_content(tmp_path):
         state = torch.load(file, weights_only=True)
         del state["data"]["split"], state["data"]["duplicates"]
         torch.save(state, file)
-    from codistill.engine.loop import DataChanged
+    from codistill.engine.checkpoint import DataChanged
 
     with pytest.raises(DataChanged, match="split into train and test by path, but it is now split by content"):
         train(small_config(tmp_path, "name=lm", *overrides, base=LM), "local")

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from codistill.errors import first_line
+from codistill.errors import RunError, first_line
 from codistill.storage import RunStorage
 
 META_FILE = "meta.pt"
@@ -80,6 +80,34 @@ def peer_state(job, step: int) -> dict:
             "torch_rng": torch.get_rng_state(),
             **({"data": job.data.fingerprint} if job.data.fingerprint else {}),
             **({"grad_scaler": job.scaler.state_dict()} if job.scaler is not None else {})}
+
+
+class DataChanged(RunError):
+    pass
+
+
+def load_peer_state(job, state: dict) -> int:
+    """Put a checkpoint's peer state (`peer_state`'s) back into the peer of `job`; returns its
+    step. Refused when the data the peer was trained on is not the data it would resume on."""
+    peer = job.peer
+    saw, sees = state.get("data"), job.data.fingerprint
+    if saw and sees and saw.get("corpus_sha256") != sees.get("corpus_sha256"):
+        raise DataChanged(f"peer {peer.index}'s checkpoint was trained on corpus {saw['corpus_sha256'][:12]} "
+                          f"({saw['files']} files), but the data is now corpus {sees['corpus_sha256'][:12]} "
+                          f"({sees['files']} files): the files changed since. Resume refused; start a new run "
+                          "(another name) to train on them.")
+    # A corpus split by path (checkpoints from before the split was recorded) tests on other documents.
+    if saw and sees and saw.get("split", "path") != sees.get("split", "path"):
+        raise DataChanged(f"peer {peer.index}'s checkpoint was trained on corpus {saw['corpus_sha256'][:12]} split "
+                          f"into train and test by {saw.get('split', 'path')}, but it is now split by "
+                          f"{sees['split']}: the test documents differ. Resume refused; start a new run "
+                          "(another name) to train on this split.")
+    peer.network.load_state_dict(state["model"])
+    peer.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if job.scaler is not None and "grad_scaler" in state:  # (absent when the run was not fp16 before)
+        job.scaler.load_state_dict(state["grad_scaler"])
+    return state["step"]
 
 
 def meta_state(step: int, config: dict) -> dict:

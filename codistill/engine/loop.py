@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from codistill.engine.checkpoint import peer_state
+from codistill.engine.checkpoint import load_peer_state, peer_state
 from codistill.engine.evaluate import evaluate_peers
 from codistill.engine.job import PeerJob, learning_rate
 from codistill.errors import RunError
@@ -123,10 +123,6 @@ class NonFiniteLoss(RunError):
     pass
 
 
-class DataChanged(RunError):
-    pass
-
-
 def first_nonfinite(records: list[dict]) -> tuple[int, str, float] | None:
     """(step, term, value) of the first non-finite loss term in `records`, or None. One check
     of all the losses at once (a single GPU sync), then a closer look only when one is bad."""
@@ -153,26 +149,7 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
     Returns the last evaluation metrics (every peer's accuracy, ensemble accuracy, churn)."""
     cfg, peer = job.train, job.peer
     state = run.restore(peer.index)
-    start = 0
-    if state is not None:
-        saw, sees = state.get("data"), job.data.fingerprint
-        if saw and sees and saw.get("corpus_sha256") != sees.get("corpus_sha256"):
-            raise DataChanged(f"peer {peer.index}'s checkpoint was trained on corpus {saw['corpus_sha256'][:12]} "
-                              f"({saw['files']} files), but the data is now corpus {sees['corpus_sha256'][:12]} "
-                              f"({sees['files']} files): the files changed since. Resume refused; start a new run "
-                              "(another name) to train on them.")
-        # A corpus split by path (checkpoints from before the split was recorded) tests on other documents.
-        if saw and sees and saw.get("split", "path") != sees.get("split", "path"):
-            raise DataChanged(f"peer {peer.index}'s checkpoint was trained on corpus {saw['corpus_sha256'][:12]} split "
-                              f"into train and test by {saw.get('split', 'path')}, but it is now split by "
-                              f"{sees['split']}: the test documents differ. Resume refused; start a new run "
-                              "(another name) to train on this split.")
-        peer.network.load_state_dict(state["model"])
-        peer.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if job.scaler is not None and "grad_scaler" in state:  # (absent when the run was not fp16 before)
-            job.scaler.load_state_dict(state["grad_scaler"])
-        start = state["step"]
+    start = load_peer_state(job, state) if state is not None else 0
     records: list[dict] = []
     metrics: dict = {}
     if start == cfg.steps and not job.exchange.lock_step:
