@@ -7,6 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from torch import nn
+
+from codistill import register_model
 from codistill.config import load_config
 from codistill.engine.run import train
 from tests.conftest import REPO
@@ -16,29 +19,41 @@ from codistill.experiments.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sw
 SHORT = ["train.steps=100", "train.eval_every=50", "train.checkpoint_every=100", "tune.max_concurrent=1"]
 
 
-def sweep_config(tmp_path, *overrides):
-    return load_config(f"{REPO}/configs/tune_dml_mnist1d.yaml", [f"ray.storage_path={tmp_path}", *SHORT, *overrides])
+# A model the user's code registers (in this test module, as a user's own module would).
+@register_model("test_tune_user_mlp", input_kind="sequence")
+def user_mlp(num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, num_classes))
 
 
-def test_a_sweep_completes_and_its_best_config_reproduces_the_best_trial(ray_local, tmp_path):
-    cfg = sweep_config(tmp_path, "tune.num_samples=4", "tune.scheduler=fifo")
-    result = run_sweep(cfg)
-    rows = result.table.to_pylist()
-    assert len(rows) == 4 and all(r["status"] == "TERMINATED" for r in rows)
-    assert {r["param:method.temperature"] for r in rows}.__len__() == 4  # sampled, not repeated
-    assert all(1 <= r["param:method.temperature"] <= 10 for r in rows)
-    run_dir = tmp_path / cfg.name
-    for name in (TRIALS_FILE, BEST_FILE, PLOT_FILE):
-        assert (run_dir / name).exists()
-    assert result.best_objective == max(r["objective"] for r in rows)
-    # `tune.max_concurrent: 1` holds (Tune ignores its own bound when given a search generator):
-    # each trial's reports span [start, end], and no trial starts before the one before it ended.
+def assert_one_trial_at_a_time(run_dir, rows):
+    """`tune.max_concurrent: 1` holds (Tune ignores its own bound when given a search generator):
+    each trial's reports span [start, end], and no trial starts before the one before it ended.
+    (Trials on Ray Train reserve no CPU themselves, so only the bound keeps them apart.)"""
     spans = []
     for row in rows:
         reports = [json.loads(line) for line in (run_dir / row["trial_id"] / "result.json").read_text().splitlines()]
         spans.append((reports[0]["timestamp"] - reports[0]["time_this_iter_s"], reports[-1]["timestamp"]))
     spans.sort()
     assert all(later[0] >= earlier[1] - 1 for earlier, later in zip(spans, spans[1:])), spans
+
+
+def sweep_config(tmp_path, *overrides):
+    return load_config(f"{REPO}/configs/tune_dml_mnist1d.yaml", [f"ray.storage_path={tmp_path}", *SHORT, *overrides])
+
+
+def test_a_sweep_completes_and_its_best_config_reproduces_the_best_trial(ray_local, tmp_path):
+    # Trials as threads in their Tune process (`tune.backend: local`), the best config then on Ray
+    # Train: the two runners reproduce each other. (Trials on Ray Train: every test below.)
+    cfg = sweep_config(tmp_path, "tune.num_samples=3", "tune.scheduler=fifo", "tune.backend=local")
+    result = run_sweep(cfg)
+    rows = result.table.to_pylist()
+    assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows)
+    assert {r["param:method.temperature"] for r in rows}.__len__() == 3  # sampled, not repeated
+    assert all(1 <= r["param:method.temperature"] <= 10 for r in rows)
+    run_dir = tmp_path / cfg.name
+    for name in (TRIALS_FILE, BEST_FILE, PLOT_FILE):
+        assert (run_dir / name).exists()
+    assert result.best_objective == max(r["objective"] for r in rows)
 
     best = load_config(str(run_dir / BEST_FILE))
     assert best.tune is None and best.name == f"{cfg.name}-best"
@@ -50,7 +65,9 @@ def test_asha_stops_a_trial_that_cannot_learn(ray_local, tmp_path):
     # Two learning rates that learn, then one that cannot: ASHA sees the first two at each rung.
     cfg = sweep_config(tmp_path, "train.steps=200", "tune.num_samples=1", "tune.scheduler=asha",
                        "tune.space={peers.*.optimizer.lr: 'grid([0.01, 0.005, 1.0e-7])'}")
-    rows = {r["param:peers.*.optimizer.lr"]: r for r in run_sweep(cfg).table.to_pylist()}
+    table = run_sweep(cfg).table.to_pylist()
+    assert_one_trial_at_a_time(tmp_path / cfg.name, table)
+    rows = {r["param:peers.*.optimizer.lr"]: r for r in table}
     assert rows[1e-7]["status"] == "STOPPED" and rows[1e-7]["last_step"] < 200
     assert rows[0.01]["status"] == "TERMINATED" and rows[0.01]["last_step"] == 200
     assert rows[0.01]["objective"] > rows[1e-7]["objective"] + 0.2
@@ -58,16 +75,18 @@ def test_asha_stops_a_trial_that_cannot_learn(ray_local, tmp_path):
 
 def test_a_failing_trial_is_reported_with_its_error_and_the_sweep_goes_on(ray_local, tmp_path):
     # What the config can check is checked before any trial (a batch larger than the data set is
-    # refused at load); a data folder the workers cannot create fails inside one trial only.
+    # refused at load); a data folder the workers cannot create fails inside one trial only. The
+    # other trial trains a model the user's code registered: Tune runs each trial in a process
+    # that imports codistill afresh, so the registration is shipped.
     unwritable = "/proc/codistill-cannot-create-this"
-    cfg = sweep_config(tmp_path, "tune.num_samples=1", "tune.scheduler=fifo",
+    cfg = sweep_config(tmp_path, "tune.num_samples=1", "tune.scheduler=fifo", "peers.*.model=test_tune_user_mlp",
                        f"tune.space={{data.root: 'grid([{unwritable}, ~/.cache/codistill])'}}")
     result = run_sweep(cfg)
     rows = {r["param:data.root"]: r for r in result.table.to_pylist()}
     assert rows[unwritable]["status"] == "ERROR" and "codistill-cannot-create-this" in rows[unwritable]["error"]
     assert rows["~/.cache/codistill"]["status"] == "TERMINATED" and rows["~/.cache/codistill"]["objective"] > 0.2
     best = yaml.safe_load((tmp_path / cfg.name / BEST_FILE).read_text())
-    assert best["data"]["root"] == "~/.cache/codistill"
+    assert best["data"]["root"] == "~/.cache/codistill" and best["peers"][0]["model"] == "test_tune_user_mlp"
     assert "ERROR" in result.summary
 
 
@@ -79,22 +98,6 @@ def test_a_space_value_the_config_refuses_is_refused_before_any_trial(tmp_path):
     assert info.value.path == "tune.space.data.batch_size" and "4000 training examples" in info.value.message
 
 
-from torch import nn  # noqa: E402
-
-from codistill import register_model  # noqa: E402
-
-
-@register_model("test_tune_user_mlp", input_kind="sequence")
-def user_mlp(num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, num_classes))
-
-
-def test_a_trial_trains_a_model_the_users_code_registered(ray_local, tmp_path):
-    # Tune runs each trial in a process that imports codistill afresh: the registration is shipped.
-    cfg = sweep_config(tmp_path, "tune.num_samples=1", "tune.scheduler=fifo", "peers.*.model=test_tune_user_mlp",
-                       "tune.space={method.temperature: 'grid([2.0])'}")
-    rows = run_sweep(cfg).table.to_pylist()
-    assert rows[0]["status"] == "TERMINATED" and rows[0]["objective"] > 0.2, rows
 
 
 def test_a_search_starts_at_the_configs_own_values_of_the_searched_keys(tmp_path):
