@@ -161,7 +161,7 @@ class RunStorage:
     def copy(self, relative: str, to: str) -> None:
         """Copy a folder within the run (for one whose original another owner deletes: Ray Train)."""
         try:
-            self.fs.create_dir(posixpath.dirname(self.path(to)), recursive=True)
+            self.fs.create_dir(self.path(to), recursive=True)  # copy_files makes no folder on a local disk
             pafs.copy_files(self.path(relative), self.path(to), source_filesystem=self.fs, destination_filesystem=self.fs)
         except (OSError, pa.ArrowException) as err:
             raise StorageError(f"cannot copy {self.uri}/{relative} to {to}: {first_line(err)}", first_line(err)) from None

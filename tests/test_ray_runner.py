@@ -437,8 +437,7 @@ def test_a_damaged_newest_ray_checkpoint_costs_no_kept_one_when_ray_prunes(ray_l
         for peer in (0, 1):
             torch.load(run / folder / f"peer{peer}.pt", weights_only=True)
     assert any((p / "peer1.pt").read_bytes() == b"not a checkpoint" for p in (run / "set_aside").iterdir())
-    # Ray's own record of its checkpoints still matches the folders: the same command starts again
-    # (nothing left to train) and a longer run resumes from step 240.
-    assert train(small_config(tmp_path, *overrides, "train.steps=240"), "ray").final["step"] == 240
+    # Ray's own record of its checkpoints still matches the folders (a run whose record names a
+    # missing folder does not start): a longer run resumes from step 240.
     longer = train(small_config(tmp_path, *overrides, "train.steps=280"), "ray")
     assert [r["step"] - 1 for r in longer.records.to_pylist() if r.get("resumed")][-1] == 240
