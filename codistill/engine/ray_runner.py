@@ -44,6 +44,9 @@ from codistill.records import drop_records_after, write_record_part
 from codistill.storage import RunStorage
 
 logger = logging.getLogger(__name__)
+# How often the driver asks peer 0's mailbox for its step: the progress bar trails the real step
+# by about this long (measured: docs/faults.md, "The progress bar").
+PROGRESS_POLL_S = 0.2
 
 
 @ray.remote(num_cpus=0)
@@ -280,7 +283,7 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
     stop = threading.Event()
 
     def poll_progress() -> None:
-        while not stop.wait(0.5):
+        while not stop.wait(PROGRESS_POLL_S):
             try:
                 step, metrics = ray.get(progress_mailbox.get.remote(), timeout=5)
             except Exception:  # noqa: BLE001 — progress is best-effort
