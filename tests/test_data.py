@@ -129,14 +129,14 @@ class Planted:
 
 
 def test_cifar_files_that_fail_the_checksum_are_never_unpickled(tmp_path, monkeypatch):
-    import codistill.data.datasets as datasets
+    import codistill.data.checksums as checksums
     from codistill.errors import ConfigError
 
     _write_cifar(tmp_path, 10)
     _trust_tiny_cifar(monkeypatch, tmp_path, 10)
     load_dataset("cifar10", root=str(tmp_path))  # verified once...
     hashed = []
-    monkeypatch.setattr(datasets, "_md5", lambda path: hashed.append(path) or "x")
+    monkeypatch.setattr(checksums, "_md5", lambda path: hashed.append(path) or "x")
     load_dataset("cifar10", root=str(tmp_path))
     assert hashed == []  # ...then remembered by size and modification time
     monkeypatch.undo()
