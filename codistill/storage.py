@@ -153,7 +153,7 @@ class RunStorage:
             except (OSError, pa.ArrowException):
                 if self.fs.get_file_info(source).type != pafs.FileType.Directory:
                     raise
-                pafs.copy_files(source, target, source_filesystem=self.fs, destination_filesystem=self.fs)
+                self._copy_folder(source, target)
                 self.fs.delete_dir(source)
         except (OSError, pa.ArrowException) as err:
             raise StorageError(f"cannot move {self.uri}/{relative} to {to}: {first_line(err)}", first_line(err)) from None
@@ -161,10 +161,13 @@ class RunStorage:
     def copy(self, relative: str, to: str) -> None:
         """Copy a folder within the run (for one whose original another owner deletes: Ray Train)."""
         try:
-            self.fs.create_dir(self.path(to), recursive=True)  # copy_files makes no folder on a local disk
-            pafs.copy_files(self.path(relative), self.path(to), source_filesystem=self.fs, destination_filesystem=self.fs)
+            self._copy_folder(self.path(relative), self.path(to))
         except (OSError, pa.ArrowException) as err:
             raise StorageError(f"cannot copy {self.uri}/{relative} to {to}: {first_line(err)}", first_line(err)) from None
+
+    def _copy_folder(self, source: str, target: str) -> None:
+        self.fs.create_dir(target, recursive=True)  # copy_files makes no folder on a local disk
+        pafs.copy_files(source, target, source_filesystem=self.fs, destination_filesystem=self.fs)
 
     def delete(self, relative: str) -> None:
         try:

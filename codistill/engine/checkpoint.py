@@ -42,9 +42,9 @@ def checkpoint_name(step: int, retrained: int = 0) -> str:
     return f"step_{step:08d}" + (f".retrained{retrained}" if retrained else "")
 
 
-def retrained_of(name: str) -> int:
-    """How many times the step of checkpoint folder `name` was trained again (0: never)."""
-    match = CHECKPOINT_DIR.fullmatch(name)
+def retrained_of(folder: str) -> int:
+    """How many times the step of checkpoint `folder` (a name or a path) was trained again (0: never)."""
+    match = CHECKPOINT_DIR.fullmatch(folder.rsplit("/", 1)[-1])
     return int(match.group(2) or 0) if match else 0
 
 
@@ -175,7 +175,7 @@ def past_damaged(storage: RunStorage, folders: list[tuple[int, str]], restored: 
             logger.warning("copying %s/%s to %s: it did not load; the run retrains its steps", storage.uri, folder,
                            SET_ASIDE_DIR)
             storage.copy(folder, set_aside_name(folder))
-    return 1 + max((retrained_of(folder.rsplit("/", 1)[-1]) for _, folder in folders), default=0)
+    return 1 + max((retrained_of(folder) for _, folder in folders), default=0)
 
 
 PEER_RUN_DIR = re.compile(r"peer(\d+)")
@@ -204,7 +204,7 @@ def checkpoint_folders(storage: RunStorage, parents=None) -> list[tuple[int, str
                 continue
             if storage.exists(f"{folder}/{META_FILE}"):
                 found.append((int(match.group(1)), folder))
-    return sorted(found, key=lambda item: (item[0], retrained_of(item[1].rsplit("/", 1)[-1])))
+    return sorted(found, key=lambda item: (item[0], retrained_of(item[1])))
 
 
 def newest_complete(storage: RunStorage, peer: int) -> str | None:

@@ -84,10 +84,9 @@ class OKDDip(PeerMethod):
             target = torch.stack([p["logits"] for p in auxiliaries]).mean(0)
             kl = soft_kl(s.logits, soft_targets(target, T), T)
         else:
-            query = s.outputs.query
-            keys = torch.stack([s.outputs.key] + [p["key"] for p in auxiliaries])                # (M, B, d)
+            keys = torch.stack([s.outputs.key] + [p["key"] for p in auxiliaries])       # (M, B, d)
             logits = torch.stack([s.logits] + [p["logits"] for p in auxiliaries])      # (M, B, C)
-            target = torch.einsum("bm,mbc->bc", attention_weights(query, keys), logits)
+            target = torch.einsum("bm,mbc->bc", attention_weights(s.outputs.query, keys), logits)
             kl = soft_kl_to_logits(s.logits, target, T)  # a live target: gradients through it stay finite
         weight = self.config.weight_at(s.step)
         return weighted_kl(kl, weight)
