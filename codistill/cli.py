@@ -143,7 +143,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from codistill.engine.run import connect_ray
-    from codistill.experiments.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
+    from codistill.experiments.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, refuse_a_changed_sweep, run_sweep
 
     overrides = _overrides(args)
     for flag, key in ((args.samples, "num_samples"), (args.max_concurrent, "max_concurrent"),
@@ -156,6 +156,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if cfg.tune is None or not cfg.tune.space:
         raise ConfigError("tune.space", "is required for `codistill tune` (e.g. `method.temperature: loguniform(1, 10)`)")
     print(f"# resolved config\n{dump_config(cfg)}", flush=True)
+    refuse_a_changed_sweep(cfg)  # before Ray starts: a refusal costs no instance
     connect_ray(cfg.ray.address, log_to_driver=args.ray_logs)
     result = run_sweep(cfg)
     print(result.summary)

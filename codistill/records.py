@@ -275,7 +275,7 @@ def summary_text(table: pa.Table, peer_models: list[str] | None = None, unfinish
         lines.append(f"{'ensemble':<28}{100 * final['ensemble_accuracy']:>9.2f}%"
                      + (f"{final['ensemble_bits']:>13.3f}" if lm else ""))
         lines.append(f"{'churn':<28}{100 * final['churn']:>9.2f}%")
-    lines.extend(apart_lines(table))
+    lines.extend(peer_run_lines(table))
     if "skipped" in table.column_names:
         skipped = sum(1 for v in table.column("skipped").to_pylist() if v)
         if skipped:
@@ -283,9 +283,10 @@ def summary_text(table: pa.Table, peer_models: list[str] | None = None, unfinish
     return "\n".join(lines)
 
 
-def apart_lines(table: pa.Table) -> list[str]:
-    """What peers that ran apart went through: each peer's resumes from a checkpoint, and the
-    steps it distilled without a given peer (it was away, or too far behind or ahead)."""
+def peer_run_lines(table: pa.Table) -> list[str]:
+    """What peers that ran apart (a Ray Train run each) went through: each peer's resumes from a
+    checkpoint, and the steps it distilled without a given peer (it was away, or too far behind
+    or ahead)."""
     lines = []
     train = [r for r in table.to_pylist() if r["split"] == "train"]
     for peer in sorted({r["peer"] for r in train}):

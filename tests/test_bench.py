@@ -68,3 +68,32 @@ def test_bench_codistill_blocks_have_the_steps_asked_for():
 
     one = _codistill_overhead([5], 1, block_steps=10)[5]  # 2 blocks of 10 steps, rounds of 5
     assert one["steps_per_arm"] == 10 and one["independent_ms"] > 0 and one["codistill_ms"] > 0
+
+
+def test_the_bare_arm_does_the_frameworks_work_and_is_timed_beside_it():
+    """`codistill bench bare` compares like with like: from the same weights on the same batch,
+    the bare PyTorch loop's first DML loss equals the framework's; then both arms are timed in
+    paired blocks (the local runner; the Ray half runs the same functions in Ray Train workers)."""
+    import torch
+
+    from codistill.bench.bare import NO_EVALUATION, ThreadGather, _arms, summarise, time_arms
+    from codistill.bench.common import DEMO_CONFIG
+    from codistill.engine.threads import raise_first_error, run_in_threads
+    from codistill.exchange import LocalGatherHub
+
+    spec = {"config": DEMO_CONFIG, "overrides": NO_EVALUATION, "peers": 2, "steps": 1_000_000}
+    hub, gather = LocalGatherHub(2), ThreadGather(2)
+    arms = [_arms(spec, k, torch.device("cpu"), hub.exchange_for(k), gather.for_peer(k)) for k in range(2)]
+    for k in range(2):
+        framework, bare = arms[k]["framework"].__self__, arms[k]["bare"].__self__
+        bare.order = framework.job.schedule.indices(0)  # the framework's first batch
+
+    def first_losses(k):
+        return float(arms[k]["framework"](0)["loss"]), float(arms[k]["bare"](0))
+
+    losses = raise_first_error(run_in_threads(first_losses, 2, torch_threads=1))
+    for framework_loss, bare_loss in losses:
+        assert bare_loss == pytest.approx(framework_loss, rel=1e-5)
+    times = raise_first_error(run_in_threads(lambda k: time_arms(arms[k], rounds=2, block=2), 2, torch_threads=1))
+    row = summarise(times[0])
+    assert row["framework_over_bare"]["pairs"] == 2 and row["bare_ms"] > 0 and row["framework_ms"] > 0

@@ -285,7 +285,7 @@ def test_a_method_that_exchanges_in_rounds_says_so_in_its_config_and_its_needs()
             continue  # a method that needs more than its name (taps, a teacher): not a rounds method
         assert cfg.exchanges_in_rounds == (create_method(cfg).needs.rounds is not None), name
         checked += 1
-    assert checked >= 5 and load_config(os.path.join(REPO, "configs/codistill_mnist1d.yaml")).peers_apart
+    assert checked >= 5 and load_config(os.path.join(REPO, "configs/codistill_mnist1d.yaml")).own_run_per_peer
 
 
 @pytest.mark.parametrize("base,overrides,key", [

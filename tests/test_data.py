@@ -192,13 +192,29 @@ def test_a_larger_mnist1d_test_set_comes_from_the_same_generator_and_leaves_trai
     assert torch.equal(again.x_test, larger.x_test)
 
 
-def test_a_test_set_size_for_a_data_set_with_a_fixed_split_is_one_line_naming_the_key():
-    from codistill.config import ConfigError, load_config
+@pytest.mark.slow  # over ~1.5 s: the full tier (make test)
+def test_a_generated_mnist1d_training_set_of_the_size_asked_trains_and_leaves_the_test_set_alone(tmp_path):
+    default = load_dataset("mnist1d", root=str(tmp_path))
+    larger = load_dataset("mnist1d", root=str(tmp_path), train_examples=6000)
+    assert torch.equal(default.x_test, larger.x_test) and torch.equal(default.y_test, larger.y_test)
+    assert larger.x_train.shape == (6000, 1, 40) and larger.y_train.bincount().tolist() == [600] * 10
+    assert abs(float(larger.x_train.mean())) < 0.05 and abs(float(larger.x_train.std()) - 1) < 0.05  # standardised alike
+    test_rows = {tuple(x.flatten().tolist()) for x in default.x_test}
+    assert not any(tuple(x.flatten().tolist()) in test_rows for x in larger.x_train)  # another noise seed
+    # A batch the default 4,000 cannot give each of two shards is fine with 6,000 generated.
+    config = {"method": {"name": "dml"}, "peers": [{"model": "mnist1d_cnn"}] * 2,
+              "data": {"name": "mnist1d", "shard": True, "batch_size": 2500, "root": str(tmp_path)}}
+    with pytest.raises(ConfigError, match="data.batch_size: 2500 is more than the 2000 examples"):
+        load_config(config)
+    assert load_config({**config, "data": {**config["data"], "train_examples": 6000}}).data.train_examples == 6000
 
+
+@pytest.mark.parametrize("key", ["test_examples", "train_examples"])
+def test_a_split_size_for_a_data_set_with_fixed_splits_is_one_line_naming_the_key(key):
     with pytest.raises(ConfigError) as info:
         load_config({"method": "dml", "peers": [{"model": "resnet20"}] * 2,
-                     "data": {"name": "cifar10", "test_examples": 10000}})
-    assert info.value.path == "data.test_examples" and "mnist1d" in info.value.message
+                     "data": {"name": "cifar10", key: 10000}})
+    assert info.value.path == f"data.{key}" and "mnist1d" in info.value.message
 
 
 # -- text: split by content, duplicates dropped, the tokenizer's sample bounded --------------------

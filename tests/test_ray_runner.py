@@ -136,7 +136,7 @@ def kill_peer0_after_a_checkpoint(run_dir, killed: dict):
     ("configs/dml_mnist1d.yaml", ()),
     # Codistillation in one group (`ray.layout: one_group`, the layout before peers ran apart): a
     # killed peer restarts the whole group from one checkpoint. (Apart, only the killed peer
-    # restarts: test_peers_apart_of_different_sizes_… here, and on a cluster test_cluster.py.)
+    # restarts: on a cluster, test_cluster.py.)
     ("configs/codistill_mnist1d.yaml", ("method.burn_in=0", "method.period=50", "method.max_staleness=0",
                                         "ray.layout=one_group")),
 ])
@@ -181,12 +181,12 @@ def test_a_private_instance_polls_its_workers_more_often_and_leaves_the_drivers_
     assert all(key not in os.environ for key in PRIVATE_INSTANCE_ENV)
 
 
-def test_the_publication_coordinator_forgets_every_round_when_a_restarted_group_joins(ray_local):
+def test_the_group_round_board_forgets_every_round_when_a_restarted_group_joins(ray_local):
     import ray
 
-    from codistill.exchange.object_store import PublicationCoordinator
+    from codistill.exchange.round_board import GroupRoundBoard
 
-    board = PublicationCoordinator.remote(2)
+    board = GroupRoundBoard.remote(2)
     first = ray.get([board.join.remote(0), board.join.remote(1)])
     assert first == [1, 1]
     for r in range(3):
@@ -200,14 +200,15 @@ def test_the_publication_coordinator_forgets_every_round_when_a_restarted_group_
         ray.get(board.publish.remote(1, 3, 0, [ray.put(3)]))
 
 
-def test_the_board_of_peers_apart_waits_once_for_an_absent_peer_and_replaces_a_returning_ones_rounds(ray_local):
+def test_the_lasting_round_board_waits_once_for_an_absent_peer_and_replaces_a_returning_ones_rounds(ray_local):
+    """The round board of peers that each restart alone (peers apart)."""
     import time
 
     import ray
 
-    from codistill.exchange.object_store import PublicationCoordinator
+    from codistill.exchange.round_board import LastingRoundBoard
 
-    board = PublicationCoordinator.remote(2, apart=True)
+    board = LastingRoundBoard.remote(2)
     assert ray.get(board.join.remote(0)) == 0  # a join never waits for the other peers
     ray.get(board.publish.remote(0, 0, 0, [{"w": 0}]))  # by value: the board owns the round
     started = time.monotonic()
@@ -232,70 +233,46 @@ def test_the_board_of_peers_apart_waits_once_for_an_absent_peer_and_replaces_a_r
     assert found[0] == 1 and ray.get(found[1][0]) == {"w": 21}
 
 
-def test_at_the_default_max_failures_a_killed_peer_apart_fails_alone_and_a_rerun_resumes_it(ray_local, tmp_path):
-    """`ray.max_failures: 0` (the default): Ray does not restart a killed codistillation peer, but
-    the peers still fail apart — the other trains to its end, the run's error names the peer that
-    stopped, and the same command again resumes that peer from its own checkpoint."""
+def test_peers_apart_of_different_sizes_fail_apart_at_the_default_max_failures_and_a_rerun_resumes_the_killed_one(
+        ray_local, tmp_path):
+    """Codistillation with a 2-worker peer (DDP) beside a 1-worker peer, each its own Ray Train
+    run. At `ray.max_failures: 0` (the default) Ray restarts no peer, but the peers still fail
+    apart: a worker of peer 0 killed mid-run stops peer 0 alone, the other trains to its end, the
+    run's error names the peer that stopped, and the same command again (longer) resumes each peer
+    from its own newest checkpoint. (Ray restarting a killed peer apart within the run,
+    `ray.max_failures: 1`: tests/test_cluster.py.)"""
     from codistill.errors import RunError
     from codistill.records import read_records
     from codistill.storage import RunStorage
 
-    overrides = ["name=default-failures", "train.steps=400", "train.checkpoint_every=100", "train.eval_every=100",
+    overrides = ["name=sizes", "train.steps=300", "train.checkpoint_every=100", "train.eval_every=100",
+                 "ray.resources_per_peer={CPU: 0.5}", "peers.0.workers=2", "peers.*.optimizer.schedule=constant",
                  "method.burn_in=0", "method.period=20", "method.max_staleness=2", "method.publish=weights",
                  "method.wait_timeout_s=5"]
     cfg = small_config(tmp_path, *overrides, base="configs/codistill_mnist1d.yaml")
     assert cfg.ray.max_failures == 0
     killed = {}
     with pytest.raises(RunError) as info:
-        train(cfg, "ray", on_progress=kill_peer0_after_a_checkpoint(tmp_path / "default-failures" / "peer0", killed))
-    assert killed and killed["at"] < 400
+        train(cfg, "ray", on_progress=kill_peer0_after_a_checkpoint(tmp_path / "sizes" / "peer0", killed))
+    assert killed and killed["at"] < 300, "the peer was not killed mid-run"
     assert "peer 0's Ray Train run failed" in str(info.value) and "Re-run the same command" in str(info.value)
-    rows = [r for r in read_records(RunStorage(str(tmp_path), "default-failures")).to_pylist() if r["split"] == "train"]
-    assert [r["step"] for r in rows if r["peer"] == 1] == list(range(1, 401))  # peer 1 never stopped
+    rows = [r for r in read_records(RunStorage(str(tmp_path), "sizes")).to_pylist() if r["split"] == "train"]
+    assert [r["step"] for r in rows if r["peer"] == 1] == list(range(1, 301))  # peer 1 never stopped
     saved0 = max(r["step"] for r in rows if r["peer"] == 0)
-    assert saved0 % 100 == 0 and saved0 < 400
-
-    again = train(cfg, "ray")
-    rows = [r for r in again.records.to_pylist() if r["split"] == "train"]
-    assert [r["step"] for r in rows if r["peer"] == 0] == list(range(1, 401))
-    assert [r["step"] - 1 for r in rows if r.get("resumed")] == [saved0]  # peer 0 alone, from its checkpoint
-    assert again.final["step"] == 400 and len(again.final["peer_accuracy"]) == 2
-
-
-def test_peers_apart_of_different_sizes_train_and_a_killed_peer_restarts_alone(ray_local, tmp_path):
-    """Codistillation with a 2-worker peer (DDP) beside a 1-worker peer, each its own Ray Train
-    run: a worker of peer 0 killed mid-run restarts peer 0 alone from its own checkpoint."""
-    overrides = ["name=sizes", "train.steps=300", "train.checkpoint_every=100", "train.eval_every=100",
-                 "ray.max_failures=1", "ray.resources_per_peer={CPU: 0.5}", "peers.0.workers=2",
-                 "peers.*.optimizer.schedule=constant",
-                 "method.burn_in=0", "method.period=20", "method.max_staleness=0", "method.publish=weights"]
-    killed = {}
-    kill_peer0_midway = kill_peer0_after_a_checkpoint(tmp_path / "sizes" / "peer0", killed)
-    result = train(small_config(tmp_path, *overrides, base="configs/codistill_mnist1d.yaml"), "ray",
-                   on_progress=kill_peer0_midway)
-    assert killed, "the peer was not killed mid-run"
-    rows = [r for r in result.records.to_pylist() if r["split"] == "train"]
+    assert saved0 % 100 == 0 and saved0 < 300
     for peer, workers in ((0, 2), (1, 1)):
-        mine = [r for r in rows if r["peer"] == peer]
-        assert [r["step"] for r in mine] == list(range(1, 301))  # every step once, nothing lost
-        assert {r["workers"] for r in mine} == {workers}
-    # Peer 0 restarted from its own checkpoint; peer 1 never stopped.
-    assert [r["step"] - 1 for r in rows if r.get("resumed")] in ([100], [200])  # from a committed checkpoint
-    assert not any(r.get("resumed") for r in rows if r["peer"] == 1)
-    assert {"step_00000200", "step_00000300"} <= set(os.listdir(result.storage.path("peer0")))  # its own run
-    # Max staleness 0 and a long wait: after the restart peer 1 waited for peer 0's rounds, so
-    # every round was distilled from the other peer, none from nobody.
-    assert all(r["peers_used"] == 1 for r in rows)
-    final = result.final
-    assert final["ensemble_accuracy"] is not None and len(final["peer_accuracy"]) == 2
-    assert "peer 0 resumed from its checkpoint 1 time(s)" in result.summary
-    # Resume by name: each peer's own Ray Train run picks up its own newest checkpoint.
+        assert {r["workers"] for r in rows if r["peer"] == peer} == {workers}
+
+    # Resume by name, longer: each peer's own Ray Train run picks up its own newest checkpoint.
     longer = train(small_config(tmp_path, *overrides, "train.steps=400", base="configs/codistill_mnist1d.yaml"), "ray")
     rows = [r for r in longer.records.to_pylist() if r["split"] == "train"]
     for peer in (0, 1):
-        mine = [r for r in rows if r["peer"] == peer]
-        assert [r["step"] for r in mine] == list(range(1, 401))
-        assert [r["step"] for r in mine if r.get("resumed")][-1] == 301
+        assert [r["step"] for r in rows if r["peer"] == peer] == list(range(1, 401))  # every step once
+    assert sorted((r["peer"], r["step"] - 1) for r in rows if r.get("resumed")) == [(0, saved0), (1, 300)]
+    assert {"step_00000300", "step_00000400"} <= set(os.listdir(longer.storage.path("peer0")))  # its own run
+    final = longer.final
+    assert final["step"] == 400 and final["ensemble_accuracy"] is not None and len(final["peer_accuracy"]) == 2
+    assert "peer 0 resumed from its checkpoint" in longer.summary
 
 
 def run_cli(*args, cwd=REPO):
@@ -341,12 +318,12 @@ def test_too_few_gpus_is_an_error_not_a_silent_cpu_run(make_config):
 
 
 def test_trainer_asks_ray_for_the_configured_placement(ray_local, make_config):
-    from codistill.engine.ray_runner import ProgressMailbox, make_trainer
+    from codistill.engine.ray_runner import ProgressMailbox, make_trainers
     from codistill.storage import RunStorage
 
     cfg = make_config("ray.resources_per_peer={GPU: 1, CPU: 2}", "ray.placement_strategy=PACK")
     board = ProgressMailbox.remote()
-    trainer = make_trainer(cfg, RunStorage(cfg.ray.storage_path, cfg.name), board)
+    (trainer,) = make_trainers(cfg, RunStorage(cfg.ray.storage_path, cfg.name), board)
     ray_local.kill(board)
     scaling = trainer.scaling_config
     assert scaling.num_workers == 2 and scaling.use_gpu and scaling.placement_strategy == "PACK"
@@ -400,17 +377,17 @@ def test_a_diverging_ray_run_stops_with_the_peer_step_and_term_and_keeps_its_che
 def test_peers_apart_that_do_not_fit_at_once_are_an_error_on_a_fixed_instance_and_late_on_a_cluster(
         make_config, caplog, fixed_size):
     from codistill.config import ConfigError
-    from codistill.engine.placement import check_apart_placement
+    from codistill.engine.placement import check_placement_per_peer
 
     cfg = make_config("peers.0.workers=2", base="configs/codistill_mnist1d.yaml")  # 3 workers, 1 CPU each
     nodes = [{"CPU": 2.0}]
     if fixed_size:
         with pytest.raises(ConfigError, match=r"^peers\.1\.workers: peer 1's 1 worker\(s\).*cannot grow"):
-            check_apart_placement(cfg, {"CPU": 2.0}, nodes, fixed_size)
+            check_placement_per_peer(cfg, {"CPU": 2.0}, nodes, fixed_size)
     else:
-        check_apart_placement(cfg, {"CPU": 2.0}, nodes, fixed_size)
+        check_placement_per_peer(cfg, {"CPU": 2.0}, nodes, fixed_size)
         assert "starts when there is room" in caplog.text
-    check_apart_placement(cfg, {"CPU": 3.0}, [{"CPU": 2.0}, {"CPU": 1.0}], True)  # room on two nodes: fine
+    check_placement_per_peer(cfg, {"CPU": 3.0}, [{"CPU": 2.0}, {"CPU": 1.0}], True)  # room on two nodes: fine
 
 
 def test_a_damaged_newest_ray_checkpoint_costs_no_kept_one_when_ray_prunes(ray_local, tmp_path):

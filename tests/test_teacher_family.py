@@ -257,6 +257,26 @@ def test_a_teacher_that_does_not_fit_names_the_teacher_key(tmp_path, teacher_run
     with pytest.raises(ConfigError) as info:
         train(short(tmp_path, "name=peer3", "teacher.peer=3", f"teacher.run={teacher_run.storage.uri}"), "local")
     assert info.value.path == "teacher.peer" and "has 1 peers" in info.value.message
+    # A peer file names the model it holds (the file alone rebuilds it): another model is refused by name.
+    peer_file = f"{teacher_run.storage.path('checkpoints')}/step_00000200/peer0.pt"
+    with pytest.raises(ConfigError, match="teacher.model: .*holds model 'mnist1d_cnn_wide' built with"):
+        train(short(tmp_path, "name=other", f"teacher={{model: mnist1d_cnn, checkpoint: {peer_file}}}"), "local")
+
+
+def test_a_checkpoint_resumes_only_into_the_model_it_holds(teacher_run):
+    """The peer file carries its model's name and arguments; a job of another model is refused
+    before any weight is loaded (the run's stored config is checked first, this is the file's word)."""
+    from types import SimpleNamespace
+
+    from codistill.engine.checkpoint import load_peer_state, registered_model
+    from codistill.errors import RunError
+
+    state = LocalCheckpoints(teacher_run.storage, 1).load_peer(200, 0)
+    name, args, weights = registered_model(state)
+    assert name == "mnist1d_cnn_wide" and weights.keys() == create_model(name, 10, **args).state_dict().keys()
+    other = SimpleNamespace(peer=SimpleNamespace(index=0, spec=SimpleNamespace(model="mnist1d_cnn", model_args={})))
+    with pytest.raises(RunError, match="holds model 'mnist1d_cnn_wide'.*asks for 'mnist1d_cnn'"):
+        load_peer_state(other, state)
 
 
 def test_a_method_defined_outside_codistill_trains_through_the_seam(tmp_path):

@@ -1,5 +1,5 @@
 """`codistill bench codistill`: codistillation's amortised overhead per period (against
-independent training, ABBA blocks), one round's latency through the object-store coordinator
+independent training, ABBA blocks), one round's latency through the object-store round board
 per payload, and bytes per round."""
 
 from __future__ import annotations
@@ -74,13 +74,13 @@ def _codistill_overhead(periods: list[int], rounds_per_period: int, block_steps:
 
 
 def _round_latency(calls: int) -> dict:
-    """One round through the object-store coordinator, per payload: the periodic exchange's
+    """One round through the object-store round board, per payload: the periodic exchange's
     own `round_trip` (put, one actor call that publishes and answers, fetch), as a peer calls it
     (a group of one that fetches its own publication, so nothing waits for another peer)."""
-    from codistill.exchange.object_store import ObjectStorePeriodicExchange, PublicationCoordinator
+    from codistill.exchange.round_board import GroupRoundBoard, ObjectStorePeriodicExchange
     from codistill.models import create_model
 
-    coordinator = PublicationCoordinator.remote(1)
+    coordinator = GroupRoundBoard.remote(1)
     periodic = ObjectStorePeriodicExchange(coordinator, 0)
     payloads = {
         "predictions 1×100×10 (period 1)": {"logits": torch.randn(1, 1, 100, 10)},
@@ -131,7 +131,7 @@ def _bytes_per_round() -> list[dict]:
 def main(args: argparse.Namespace) -> int:
     from codistill.engine.run import connect_ray, disconnect_ray
 
-    print("# codistill bench codistill — 2 MNIST-1D CNN peers (threads), object-store coordinator on local Ray", flush=True)
+    print("# codistill bench codistill — 2 MNIST-1D CNN peers (threads), object-store round board on local Ray", flush=True)
     periods = [1, 10, 50]
     if any(args.block % p for p in periods):  # a block that cuts a round would split its cost between arms
         print(f"codistill bench: --block {args.block} is not a whole number of rounds for periods {periods}; "
@@ -146,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
     for period, row in figures["overhead"].items():
         print(f"  period {period:<8}{row['independent_ms']:>8.2f} ms{row['codistill_ms']:>8.2f} ms   "
               f"{ratio_text(row['ratio']):<24}{100 * row['teacher_pass_share']:>12.1f}%{100 * row['exchange_share']:>9.1f}%")
-    print_latencies("round trip through the object-store coordinator", figures["round_latency"], 46)
+    print_latencies("round trip through the object-store round board", figures["round_latency"], 46)
     from codistill.exchange.base import payload_bytes
     print("\nLM round (10 steps × 16 × 128 positions, vocabulary 1024): full "
           f"{10 * 2048 * 1024 * 4:,} bytes, top-64 {payload_bytes(_top_k_block(64)):,}, top-8 {payload_bytes(_top_k_block(8)):,}")

@@ -60,10 +60,10 @@ class PeerSpec:
     model_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the model's builder, e.g. `{width: 256, depth: 4}` for `gpt`."""
     workers: int | None = None
-    """Ray runner, methods whose peers run apart (codistill): this peer's data-parallel (DDP)
+    """Ray runner, methods whose peers each have a Ray Train run (codistill): this peer's data-parallel (DDP)
     workers, e.g. 4 for a large peer beside a small one on 1. None: `ray.workers_per_peer`."""
     resources: dict[str, float] | None = None
-    """Ray runner, peers that run apart: what this peer reserves in all, split evenly over its
+    """Ray runner, peers that each have a Ray Train run: what this peer reserves in all, split evenly over its
     workers, e.g. {GPU: 4}. None: `ray.resources_per_peer`."""
 
     def __post_init__(self):
@@ -111,16 +111,22 @@ class DataConfig:
     the same distribution, for figures with less evaluation noise (10,000 on MNIST-1D: a
     standard error of 0.24 points at 94%, against 0.75 with the default 1000). 0: the data
     set's own test split."""
+    train_examples: int = 0
+    """Data sets that generate their examples (mnist1d): a training set of this many examples
+    from the same distribution (e.g. 500,000, so that a run sees each example about once: the
+    data-rich regime). 0: the data set's own training split (MNIST-1D: 4,000)."""
 
     def __post_init__(self):
         DATASETS.get(self.name, "name")
         check(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
         check(self.context >= 1, "context", f"must be >= 1, got {self.context}")
         check(self.test_windows >= 1, "test_windows", f"must be >= 1, got {self.test_windows}")
-        check(self.test_examples >= 0, "test_examples", f"must be >= 0 (0: the data set's own test split), got {self.test_examples}")
-        check(not self.test_examples or DATASETS[self.name].generates_test, "test_examples",
-              f"data set {self.name!r} has a fixed test split; data sets that generate theirs: "
-              + ", ".join(n for n, e in DATASETS.items() if e.generates_test))
+        for key, split in (("test_examples", "test"), ("train_examples", "training")):
+            value = getattr(self, key)
+            check(value >= 0, key, f"must be >= 0 (0: the data set's own {split} split), got {value}")
+            check(not value or DATASETS[self.name].generates, key,
+                  f"data set {self.name!r} has fixed splits; data sets that generate theirs: "
+                  + ", ".join(n for n, e in DATASETS.items() if e.generates))
         if self.name == "text":
             from codistill.data.text import text_files
 
@@ -304,8 +310,9 @@ class ExperimentConfig:
               f"method that does ({', '.join(registered_with('can_use_teacher'))}), alone or in `method.also`")
 
     @property
-    def peers_apart(self) -> bool:
-        """Whether the Ray runner runs each peer as its own Ray Train run (see `ray.layout`)."""
+    def own_run_per_peer(self) -> bool:
+        """Whether the Ray runner runs each peer as its own Ray Train run (see `ray.layout`, and
+        the layouts in `engine/layouts.py`)."""
         return self.method.exchanges_in_rounds and self.ray.layout == "auto"
 
     def workers_of(self, peer: int) -> int:
@@ -313,22 +320,22 @@ class ExperimentConfig:
         return self.peers[peer].workers or self.ray.workers_per_peer
 
     def _check_peer_sizes(self) -> None:
-        """Per-peer sizes need peers that run apart: one Ray Train group has one size for all."""
+        """Per-peer sizes need a Ray Train run per peer: one Ray Train group has one size for all."""
         for i, peer in enumerate(self.peers):
             for key, value in (("workers", peer.workers), ("resources", peer.resources)):
-                if value is None or self.peers_apart:
+                if value is None or self.own_run_per_peer:
                     continue
                 why = ("ray.layout: one_group runs its peers as one group" if self.method.exchanges_in_rounds else
                        f"method {self.method.name!r} exchanges every step, so its peers run as one group")
                 raise ConfigError(f"peers.{i}.{key}", (
-                    f"sizes one peer, which only peers that run apart can have (methods that exchange in rounds: "
+                    f"sizes one peer, which only peers with a Ray Train run each can have (methods that exchange in rounds: "
                     f"{', '.join(registered_with('exchanges_in_rounds'))}, with ray.layout: auto); {why}: set "
                     f"ray.{'workers_per_peer' if key == 'workers' else 'resources_per_peer'} for every peer instead"))
 
     def _check_batches(self) -> None:
         """Every peer needs one whole batch of its examples (the last incomplete batch of an
         epoch is dropped): checked here, before any run starts, where the data set's size is known."""
-        total = DATASETS[self.data.name].train_examples
+        total = self.data.train_examples or DATASETS[self.data.name].train_examples
         if total is None:
             return
         examples = min(self.data.train_subset or total, total)

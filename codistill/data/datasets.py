@@ -101,18 +101,20 @@ class DatasetEntry:
     """Size of the training split, when known without loading it (checked against the batch size)."""
     takes_settings: bool = False
     """The loader is also given the `data:` section (a text corpus: path, tokenizer, context)."""
-    generates_test: bool = False
-    """The loader generates its examples and takes `test_examples`: a test set of that size from
-    the same distribution (`data.test_examples`), for figures with less evaluation noise."""
+    generates: bool = False
+    """The loader generates its examples and takes `test_examples` and `train_examples`: a test
+    set of that size from the same distribution (`data.test_examples`), for figures with less
+    evaluation noise, and a training set of that size (`data.train_examples`), for runs that see
+    each example about once."""
 
 
 DATASETS: Registry[DatasetEntry] = Registry("data set")
 
 
 def register_dataset(name: str, input_kind: str, num_classes: int | None, train_examples: int | None = None,
-                     takes_settings: bool = False, generates_test: bool = False):
+                     takes_settings: bool = False, generates: bool = False):
     def decorator(fn):
-        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes, train_examples, takes_settings, generates_test),
+        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes, train_examples, takes_settings, generates),
                      getattr(fn, "__module__", ""))
         return fn
     return decorator
@@ -126,21 +128,23 @@ every method of a comparison, is tuned on the same validation examples."""
 def load_data(settings) -> ArrayDataset:
     """The data set a run's `data:` section names, as every runner loads it."""
     return load_dataset(settings.name, settings.root, settings.augment, settings.download, settings.train_subset,
-                        settings.validation, settings, test_examples=settings.test_examples)
+                        settings.validation, settings, test_examples=settings.test_examples,
+                        train_examples=settings.train_examples)
 
 
 def load_dataset(name: str, root: str = "~/.cache/codistill", augment: bool = True,
                  download: bool = False, train_subset: int = 0, validation: float = 0.0, settings=None,
-                 test_examples: int = 0) -> ArrayDataset:
+                 test_examples: int = 0, train_examples: int = 0) -> ArrayDataset:
     entry = DATASETS.get(name, "data.name")
     if entry.takes_settings and settings is None:
         raise ValueError(f"data set {name!r} is built from its `data:` settings: load it with load_data(cfg.data)")
-    if test_examples and not entry.generates_test:
-        raise ConfigError("data.test_examples", f"data set {name!r} has a fixed test split; data sets that generate "
-                          f"theirs: {', '.join(n for n, e in DATASETS.items() if e.generates_test)}")
+    for key, value in (("test_examples", test_examples), ("train_examples", train_examples)):
+        if value and not entry.generates:
+            raise ConfigError(f"data.{key}", f"data set {name!r} has fixed splits; data sets that generate "
+                              f"theirs: {', '.join(n for n, e in DATASETS.items() if e.generates)}")
     data = entry.load(root=Path(os.path.expanduser(root)), augment=augment, download=download,
                       **({"settings": settings} if entry.takes_settings else {}),
-                      **({"test_examples": test_examples} if entry.generates_test else {}))
+                      **({"test_examples": test_examples, "train_examples": train_examples} if entry.generates else {}))
     if train_subset:
         data.x_train, data.y_train = data.x_train[:train_subset], data.y_train[:train_subset]
     if validation:

@@ -86,10 +86,41 @@ class DataChanged(RunError):
     pass
 
 
+def registered_model(state: dict, model: str | None = None, model_args: dict | None = None) -> tuple[str, dict, dict]:
+    """(model name, model args, weights) of the registered model a checkpoint file holds. A peer
+    file (`peer_state`'s) names its model and how it was built — the file alone rebuilds it — and
+    of its network's weights the registered model's own are kept (a gate head or a regressor a
+    method put around it are left out). A plain state dict is `model`'s, built with `model_args`.
+    ValueError when the file cannot be one model: a network of branches, no model named, or a
+    model named other than the one the file holds."""
+    if not (isinstance(state.get("model"), dict) and "step" in state):  # a plain state dict
+        if model is None:
+            raise ValueError("a plain state dict does not say which model it holds: name the model")
+        return model, dict(model_args or {}), state
+    weights = state["model"]
+    # Files written before `base_prefix` existed: a wrapped model sat under "model.".
+    prefix = state.get("base_prefix", "model." if all(k.startswith("model.") for k in weights) else "")
+    if prefix is None:
+        raise ValueError("it holds a network of branches, not one model's weights")
+    if prefix:
+        weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    name, args = state.get("model_name", model), state.get("model_args", model_args or {})
+    if name is None:
+        raise ValueError("the file does not say which model it holds: name the model")
+    if model is not None and (model, dict(model_args or {})) != (name, dict(args)):
+        raise ValueError(f"it holds model {name!r} built with {dict(args)}, not {model!r} with {dict(model_args or {})}")
+    return name, dict(args), weights
+
+
 def load_peer_state(job, state: dict) -> int:
     """Put a checkpoint's peer state (`peer_state`'s) back into the peer of `job`; returns its
     step. Refused when the data the peer was trained on is not the data it would resume on."""
     peer = job.peer
+    saved = (state.get("model_name", peer.spec.model), state.get("model_args", dict(peer.spec.model_args)))
+    if saved != (peer.spec.model, dict(peer.spec.model_args)):
+        raise RunError(f"peer {peer.index}'s checkpoint holds model {saved[0]!r} built with {saved[1]}, but the "
+                       f"config asks for {peer.spec.model!r} with {dict(peer.spec.model_args)}: a run resumes only "
+                       "with the models it trained; start a new run (another name) for other models.")
     saw, sees = state.get("data"), job.data.fingerprint
     if saw and sees and saw.get("corpus_sha256") != sees.get("corpus_sha256"):
         raise DataChanged(f"peer {peer.index}'s checkpoint was trained on corpus {saw['corpus_sha256'][:12]} "

@@ -1,6 +1,10 @@
 """Evaluation of one peer inside the loop: every head the method declares on the test split,
 then the peers swap test logits so each reports every peer's accuracy, the ensemble's and
-churn, and the group's members (peers, or one network's branches) for comparisons."""
+churn, and the group's members (peers, or one network's branches) for comparisons.
+
+Peers that swap nothing every step may instead each post their test logits to a board (the
+job's `board`, a `Poster`), which writes the group's figures once every peer has posted that
+step; each then reports only its own figures."""
 
 from __future__ import annotations
 
@@ -58,10 +62,10 @@ def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict
     # test logits are tens of MB: sent once).
     sent = {"logits": heads[primary]} if names == [primary] else {
         "logits": heads[primary], "members": torch.stack([heads[name] for name in names])}
-    if job.exchange.lock_step:
+    if job.board is None:
         metrics, record = _evaluate_together(job, heads, sent, labels, step)
     else:
-        metrics, record = _evaluate_apart(job, heads, sent, labels, step)
+        metrics, record = _evaluate_on_the_board(job, heads, sent, labels, step)
     if len(heads) > 1:  # e.g. branches beside their ensemble
         record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
     return metrics, record
@@ -84,12 +88,13 @@ def _evaluate_together(job: PeerJob, heads: dict, sent: dict, labels: torch.Tens
     return metrics, record
 
 
-def _evaluate_apart(job: PeerJob, heads: dict, sent: dict, labels: torch.Tensor, step: int) -> tuple[dict, dict]:
-    """A peer that runs apart evaluates alone: its own figures now; the group's (`GROUP_FIELDS`)
-    come from the board once every peer has posted this step (`engine/apart.py`)."""
+def _evaluate_on_the_board(job: PeerJob, heads: dict, sent: dict, labels: torch.Tensor,
+                           step: int) -> tuple[dict, dict]:
+    """A peer with a board evaluates alone: its own figures now; the group's (`GROUP_FIELDS`)
+    come from the board once every peer has posted this step."""
     check_finite([(job.peer.index, heads)], step)
     if job.is_leader:
-        job.exchange.post(step, {**sent, "labels": labels})
+        job.board.post(step, {**sent, "labels": labels})
     lm = job.data.input_kind == "tokens"
     own = evaluation_metrics([sent["logits"]], labels, with_bits=lm)
     metrics = {"step": step, f"peer{job.peer.index}_accuracy": own["peer0_accuracy"]}

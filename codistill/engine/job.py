@@ -1,13 +1,15 @@
 """One peer's job, built in one place for every runner and benchmark: `make_job`.
 
 A job holds the peer's network and optimizer, the method, its data and batch schedule, the
-exchange its evaluation gathers through, and the signal sources its method declared it needs
-(peers every step, stale peers per round, a frozen teacher). It is complete when built."""
+exchange its evaluation gathers through (or the board it posts its evaluations to), and the
+signal sources its method declared it needs (peers every step, stale peers per round, a frozen
+teacher). It is complete when built."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -24,6 +26,13 @@ from codistill.exchange import Exchange, PeriodicExchange
 from codistill.methods import Method, create_method
 from codistill.models import MODELS, create_model
 from codistill.models.taps import tap_shapes
+
+
+class Poster(Protocol):
+    """Where a peer that swaps nothing every step posts its test logits (and labels) of an
+    evaluation step; the board writes the group's figures once every peer has posted it."""
+
+    def post(self, step: int, payload: dict[str, torch.Tensor]) -> None: ...
 
 
 @dataclass
@@ -48,7 +57,8 @@ class PeerJob:
     schedule: BatchSchedule
     train: TrainConfig
     device: torch.device
-    exchange: Exchange
+    exchange: Exchange | None
+    """The every-step all-gather (methods that need peers, and evaluations), None with a `board`."""
     sources: tuple[SignalSource, ...]
     tap_paths: dict[str, str]
     seed: int = 0
@@ -58,6 +68,8 @@ class PeerJob:
     replicas: int = 1
     scaler: torch.amp.GradScaler | None = None
     """fp16 only: the gradient scaler (checkpointed with the peer)."""
+    board: Poster | None = None
+    """Where this peer posts its evaluations instead of swapping them through `exchange`."""
     channels_last: bool = False
     sync_timing: bool = False
     """Wait for the device at each part of a step, so a step's parts are their own (benchmarks)."""
@@ -194,13 +206,13 @@ def check_training_output(network: nn.Module, method: Method, model: str, index:
 
 
 def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedules: list[BatchSchedule],
-             device: torch.device, exchange: Exchange, periodic: PeriodicExchange | None = None,
-             replica: int = 0, replicas: int = 1, data_parallel=None) -> PeerJob:
+             device: torch.device, exchange: Exchange | None, periodic: PeriodicExchange | None = None,
+             replica: int = 0, replicas: int = 1, data_parallel=None, board: Poster | None = None) -> PeerJob:
     """The job of peer `peer_index` (worker `replica` of its `replicas`). `periodic` serves a
-    method that exchanges in rounds; `data_parallel` wraps the network for DDP."""
-    method = create_method(cfg.method)
-    if cfg.exchange.top_k:
-        method.top_k = (cfg.exchange.top_k, COMPUTE_DTYPES[cfg.exchange.top_k_dtype] or torch.float32)
+    method that exchanges in rounds; `data_parallel` wraps the network for DDP; `board` takes
+    the evaluations of a peer that swaps nothing every step (then `exchange` may be None)."""
+    top_k = (cfg.exchange.top_k, COMPUTE_DTYPES[cfg.exchange.top_k_dtype] or torch.float32) if cfg.exchange.top_k else None
+    method = create_method(cfg.method, top_k=top_k)
     needs = method.needs
     teacher = None
     if needs.teacher:
@@ -233,4 +245,4 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
                    tap_paths=tap_paths_of(peer.spec.model, needs.taps), seed=cfg.seed,
                    train_model=train_model, replica=replica, replicas=replicas,
                    scaler=torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None,
-                   channels_last=channels_last)
+                   channels_last=channels_last, board=board)

@@ -147,59 +147,88 @@ def _plain(record: dict) -> dict:
 def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> dict:
     """Train one peer from its newest checkpoint (or from scratch) to `train.steps`.
     Returns the last evaluation metrics (every peer's accuracy, ensemble accuracy, churn)."""
-    cfg, peer = job.train, job.peer
-    state = run.restore(peer.index)
+    state = run.restore(job.peer.index)
     start = load_peer_state(job, state) if state is not None else 0
-    records: list[dict] = []
-    metrics: dict = {}
-    if start == cfg.steps and not job.exchange.lock_step:
-        # A peer apart that had finished while another failed, re-run to resume that one: the
-        # group's figures of the last step need every peer's test logits on this run's board.
-        metrics, _ = evaluate_peers(job, eval_batch_size, start)
-    unchecked = 0  # records not yet checked for a non-finite loss
-    last_checkpoint = start
-    for step in range(start, cfg.steps):
-        if run.stopping():
-            raise KeyboardInterrupt(f"peer {peer.index} stopped at step {step}")
+    loop = PeerLoop(job, run, start, resumed=state is not None, eval_batch_size=eval_batch_size)
+    if start == job.train.steps and job.board is not None:
+        # A peer that had finished while another failed, re-run to resume that one: the group's
+        # figures of the last step need every peer's test logits on this run's board.
+        loop.metrics, _ = evaluate_peers(job, eval_batch_size, start)
+    for step in range(start, job.train.steps):
+        loop.step(step)
+    return loop.metrics
+
+
+class PeerLoop:
+    """One peer's training from step `start`, in named parts: a step and its record, the watch
+    for divergence, progress, and evaluation with its report (and checkpoint). `step` is the
+    whole per-step path, which `codistill bench bare` times against a bare PyTorch loop."""
+
+    def __init__(self, job: PeerJob, run: RunContext, start: int, resumed: bool, eval_batch_size: int = 1000):
+        self.job, self.run, self.cfg = job, run, job.train
+        self.eval_batch_size = eval_batch_size
+        self.first = start if resumed else None  # the step whose record says it resumed
+        self.records: list[dict] = []  # since the last checkpoint: handed over with the next one
+        self.unchecked = 0  # records not yet checked for a non-finite loss
+        self.last_checkpoint = start
+        self.metrics: dict = {}
+
+    def step(self, step: int) -> dict:
+        """Train step `step`, keep its record, and do what falls due after it."""
+        job, cfg = self.job, self.cfg
+        if self.run.stopping():
+            raise KeyboardInterrupt(f"peer {job.peer.index} stopped at step {step}")
         record = train_step(job, step)
-        record["node"] = run.node
-        if step == start and state is not None:
+        record["node"] = self.run.node
+        if step == self.first:
             record["resumed"] = True  # the first step after a restart or a resume: what the summary counts
-        records.append(record)
-        unchecked += 1
+        self.records.append(record)
+        self.unchecked += 1
         done = step + 1
         checkpoint = done == cfg.steps or bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
         # Checkpoint steps are evaluated too, so every report carries the metrics (Tune's
         # schedulers read the objective from each one).
         evaluate = checkpoint or done % cfg.eval_every == 0
         if done % PROGRESS_EVERY == 0 or evaluate:
-            # Divergence is looked for where the loop reports anyway, and always before a
-            # checkpoint: weights that went NaN never overwrite a good checkpoint.
-            bad = first_nonfinite(records[-unchecked:])
-            unchecked = 0
-            if bad is not None:
-                kept = (f"Nothing after step {last_checkpoint} was saved and every checkpoint up to it is kept: re-run "
-                        "the same command with --set train.on_nonfinite=skip_step to resume from it dropping such "
-                        "steps," if last_checkpoint else "No checkpoint was written yet: re-run with --set "
-                        "train.on_nonfinite=skip_step to drop such steps,")
-                raise NonFiniteLoss(f"peer {peer.index} diverged: its loss term {bad[1]!r} is {bad[2]} at step "
-                                    f"{bad[0]}. {kept} or start a new run (another name) with a smaller learning rate.")
-        if peer.index == 0 and job.is_leader and (done % PROGRESS_EVERY == 0 or done == cfg.steps):
-            run.progress(done, {"loss": float(record["loss"])})
-        if checkpoint and not bool(torch.stack([p.isfinite().all() for p in peer.network.parameters()]).all()):
-            # Skipped steps keep the weights, but a step with a finite loss can still blow them up.
-            raise NonFiniteLoss(f"peer {peer.index}'s weights are not finite at step {done}; nothing after step "
-                                f"{last_checkpoint} was saved. Start a new run (another name) with a smaller learning rate.")
+            self.check_losses()
+        if job.peer.index == 0 and job.is_leader and (done % PROGRESS_EVERY == 0 or done == cfg.steps):
+            self.run.progress(done, {"loss": float(record["loss"])})
+        if checkpoint:
+            self.check_weights(done)
         if evaluate:
-            metrics, test_record = evaluate_peers(job, eval_batch_size, done)
-            records.append({**test_record, "node": run.node})
-            if peer.index == 0 and job.is_leader:
-                run.progress(done, metrics)
-            # Records are handed over only with checkpoints, so disk never runs ahead of a checkpoint.
-            run.report(done, metrics,
-                       peer_state(job, done) if checkpoint and job.is_leader else None,
-                       [_plain(r) for r in records] if checkpoint and job.is_leader else [])
-            if checkpoint:
-                records = []
-                last_checkpoint = done
-    return metrics
+            self.evaluate_and_report(done, checkpoint)
+        return record
+
+    def check_losses(self) -> None:
+        """Divergence is looked for where the loop reports anyway, and always before a
+        checkpoint: weights that went NaN never overwrite a good checkpoint."""
+        bad = first_nonfinite(self.records[-self.unchecked:]) if self.unchecked else None
+        self.unchecked = 0
+        if bad is not None:
+            kept = (f"Nothing after step {self.last_checkpoint} was saved and every checkpoint up to it is kept: re-run "
+                    "the same command with --set train.on_nonfinite=skip_step to resume from it dropping such "
+                    "steps," if self.last_checkpoint else "No checkpoint was written yet: re-run with --set "
+                    "train.on_nonfinite=skip_step to drop such steps,")
+            raise NonFiniteLoss(f"peer {self.job.peer.index} diverged: its loss term {bad[1]!r} is {bad[2]} at step "
+                                f"{bad[0]}. {kept} or start a new run (another name) with a smaller learning rate.")
+
+    def check_weights(self, done: int) -> None:
+        # Skipped steps keep the weights, but a step with a finite loss can still blow them up.
+        if not bool(torch.stack([p.isfinite().all() for p in self.job.peer.network.parameters()]).all()):
+            raise NonFiniteLoss(f"peer {self.job.peer.index}'s weights are not finite at step {done}; nothing after "
+                                f"step {self.last_checkpoint} was saved. Start a new run (another name) with a smaller "
+                                "learning rate.")
+
+    def evaluate_and_report(self, done: int, checkpoint: bool) -> None:
+        job = self.job
+        self.metrics, test_record = evaluate_peers(job, self.eval_batch_size, done)
+        self.records.append({**test_record, "node": self.run.node})
+        if job.peer.index == 0 and job.is_leader:
+            self.run.progress(done, self.metrics)
+        # Records are handed over only with checkpoints, so disk never runs ahead of a checkpoint.
+        leader_saves = checkpoint and job.is_leader
+        self.run.report(done, self.metrics, peer_state(job, done) if leader_saves else None,
+                        [_plain(r) for r in self.records] if leader_saves else [])
+        if checkpoint:
+            self.records = []
+            self.last_checkpoint = done

@@ -105,10 +105,10 @@ def check_placement(cfg: ExperimentConfig, per_worker: dict[str, float], nodes: 
                    "adds nodes (the workers are pending until then).", asked, have, fit)
 
 
-def check_apart_placement(cfg: ExperimentConfig, cluster: dict[str, float], nodes: list[dict[str, float]],
-                          fixed_size: bool) -> None:
-    """Peers apart are placed one Ray Train run at a time. On a cluster (which an autoscaler may
-    grow), a peer that does not fit beside the ones before it starts when there is room (a late
+def check_placement_per_peer(cfg: ExperimentConfig, cluster: dict[str, float], nodes: list[dict[str, float]],
+                             fixed_size: bool) -> None:
+    """Peers that each have a Ray Train run of their own (peers apart) are placed one run at a
+    time. On a cluster (which an autoscaler may grow), a peer that does not fit beside the ones before it starts when there is room (a late
     joiner; the others train without it until then), said in a warning. On a fixed-size
     instance nobody adds room, so the peers must fit at once: an error before any starts."""
     free = [dict(node) for node in nodes]

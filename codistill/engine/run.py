@@ -325,9 +325,9 @@ def saved_up_to(storage: RunStorage, num_peers: int) -> str:
     not "saved") — each peer's, when the peers ran apart."""
     try:
         folders = checkpoint_folders(storage)
-        apart = [f"{peer_run_dir(k)}/" for k in range(num_peers)]
-        if any(folder.startswith(tuple(apart)) for _, folder in folders):
-            steps = [newest_loadable(storage, [(s, f) for s, f in folders if f.startswith(apart[k])], [k])
+        own_runs = [f"{peer_run_dir(k)}/" for k in range(num_peers)]
+        if any(folder.startswith(tuple(own_runs)) for _, folder in folders):
+            steps = [newest_loadable(storage, [(s, f) for s, f in folders if f.startswith(own_runs[k])], [k])
                      for k in range(num_peers)]
             return "the peers are saved up to steps " + ", ".join(
                 f"{found[0] if found else 0} (peer {k})" for k, found in enumerate(steps))

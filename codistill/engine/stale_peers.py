@@ -105,12 +105,12 @@ class StalePeers(SignalSource):
 
     def _keep(self, job) -> int:
         """The rounds of this peer the board keeps: a reader is at most max_staleness rounds
-        behind (it waits), so 2·max_staleness + 2 suffice; peers apart add the rounds of two
+        behind (it waits), so 2·max_staleness + 2 suffice; peers that restart alone add the rounds of two
         checkpoint spans, which a peer that restarts reads again: it restarts from its newest
         complete checkpoint, up to a span back, or from the one before when it died while
         writing that one."""
         keep = 2 * self.spec.max_staleness + 2
-        if self.periodic.apart:
+        if self.periodic.restarts_alone:
             keep += 2 * -(-(job.train.checkpoint_every or job.train.steps) // self.spec.period)
         return keep
 
@@ -173,9 +173,9 @@ class StaleWeights(StalePeers):
     """A round publishes this peer's weights; the others predict with a stale copy each step."""
 
     def max_round(self, round_id):
-        # Weights serve any batch: a peer that runs apart and fell behind (it restarted, or joined
-        # late) distils from the others' newest weights, even rounds ahead of its own.
-        return None if self.periodic.apart else round_id
+        # Weights serve any batch: a peer that restarts alone and fell behind (it restarted, or
+        # joined late) distils from the others' newest weights, even rounds ahead of its own.
+        return None if self.periodic.restarts_alone else round_id
 
     def publication(self, job, round_id):
         # A copy: the live tensors keep training while the others read this snapshot.

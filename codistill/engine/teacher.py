@@ -13,7 +13,7 @@ from torch import nn
 
 from codistill.config import ExperimentConfig, TeacherConfig
 from codistill.data import DATASETS
-from codistill.engine.checkpoint import from_bytes, newest_complete, peer_file
+from codistill.engine.checkpoint import from_bytes, newest_complete, peer_file, registered_model
 from codistill.errors import ConfigError, first_line
 from codistill.models import create_model
 from codistill.storage import RunStorage, read_uri
@@ -82,25 +82,20 @@ def resolve_teacher(cfg: ExperimentConfig, stored: TeacherConfig | None = None) 
 
 
 def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device) -> nn.Module:
-    """The teacher's network with its weights, frozen. The file may be a plain state dict or a
-    codistill peer checkpoint; tensors a method added around the model (a gate head, a
-    regressor) are left out."""
+    """The teacher's network with its weights, frozen. The file may be a plain state dict of
+    `teacher.model` or a codistill peer checkpoint, whose model is the one the file names
+    (`checkpoint.registered_model`)."""
     try:
         state = from_bytes(read_uri(teacher.checkpoint))
     except Exception as err:  # noqa: BLE001 — unreadable, truncated, not a weights-only file: all one answer
         raise ConfigError("teacher.checkpoint", f"cannot load {teacher.checkpoint}: "
                           f"{first_line(err, 200)}") from None
-    weights = state
-    if isinstance(state.get("model"), dict) and "step" in state:  # a codistill peer file
-        weights = state["model"]
-        # Files written before `base_prefix` existed: a wrapped model sat under "model.".
-        prefix = state.get("base_prefix", "model." if all(k.startswith("model.") for k in weights) else "")
-        if prefix is None:
-            raise ConfigError("teacher.checkpoint", f"{teacher.checkpoint} holds a network of branches, not one "
-                              f"model's weights; a teacher is one model (a peer trained across workers)")
-        if prefix:
-            weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    network = create_model(teacher.model, num_classes, **teacher.model_args)
+    try:
+        model, model_args, weights = registered_model(state, teacher.model, teacher.model_args)
+    except ValueError as err:
+        raise ConfigError("teacher.checkpoint" if "branches" in str(err) else "teacher.model",
+                          f"{teacher.checkpoint}: {err}; a teacher is one model (a peer trained across workers)") from None
+    network = create_model(model, num_classes, **model_args)
     expected = network.state_dict()
     missing = sorted(expected.keys() - weights.keys())
     if missing:

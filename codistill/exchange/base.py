@@ -5,7 +5,7 @@
   (threads), `collective.CollectiveExchange` (torch.distributed), `object_store.ObjectStoreExchange`.
 - `PeriodicExchange`: once per round a peer publishes a payload and takes each other peer's
   newest publication, waiting only when it is too stale (codistillation). Transports:
-  `local.LocalPeriodicExchange`, `object_store.ObjectStorePeriodicExchange`.
+  `local.LocalPeriodicExchange`, `round_board.ObjectStorePeriodicExchange` (Ray's round boards).
 
 A payload is named tensors, `{"logits": …, "attention.conv2": …}` (or, for periodic weights,
 a state dict); how it is packed to travel is the transport's business.
@@ -25,24 +25,17 @@ class Exchange:
 
     num_peers: int
     peer: int
-    lock_step: bool = True
-    """False for peers that run apart: they never all-gather, and an evaluation is posted to a
-    board (`post`) that puts the group's figures together once every peer has evaluated that step."""
 
     def all_gather(self, payload: Payload) -> list[Payload]:
-        raise NotImplementedError
-
-    def post(self, step: int, payload: Payload) -> None:
-        """Peers apart: this peer's test logits (and labels) of evaluation step `step`."""
         raise NotImplementedError
 
 
 class PeriodicExchange:
     """One peer's handle on the round publications of its group."""
 
-    apart: bool = False
-    """True when the peers run apart (each its own Ray Train run): none waits for a peer that is
-    away, and a peer that comes back replaces the rounds it publishes again."""
+    restarts_alone: bool = False
+    """True when each peer fails and restarts on its own (its own Ray Train run): none waits for
+    a peer that is away, and a peer that comes back replaces the rounds it publishes again."""
 
     def publish(self, round_id: int, peer: int, payload, keep: int = 0) -> int:
         """Publish this peer's payload of round `round_id`; returns the number of bytes sent.

@@ -196,6 +196,26 @@ def _stored_sweep_differs(cfg: ExperimentConfig, storage: RunStorage) -> str | N
     return found[0] if found else None
 
 
+def refuse_a_changed_sweep(cfg: ExperimentConfig) -> None:
+    """The CLI's rule, checked before Ray starts: a sweep stored under `cfg.name` that differs from
+    `cfg` is refused in one line (`run_sweep` checks again, where compare's tuning restarts it)."""
+    import ray.tune
+
+    storage = RunStorage(resolve_storage_path(cfg.ray.storage_path), cfg.name)
+    if ray.tune.Tuner.can_restore(storage.uri):
+        _refuse_if_changed(cfg, storage)
+
+
+def _refuse_if_changed(cfg: ExperimentConfig, storage: RunStorage) -> bool:
+    """True when the stored sweep is the one asked for; a ConfigError naming the first difference if not."""
+    changed = _stored_sweep_differs(cfg, storage)
+    if changed is not None:
+        raise ConfigError(changed.split(" ")[0], f"differs from the sweep stored as {storage.uri}/{SWEEP_FILE}; a "
+                          "sweep re-run under its name resumes only with the same settings. Choose another `name` "
+                          "to start a new sweep.")
+    return True
+
+
 def _resume_or_start(cfg: ExperimentConfig, storage: RunStorage, experiment: str, on_change: str) -> bool:
     """True when the sweep stored under the name is the one asked for and resumes. A different
     one is refused (`on_change="refuse"`, the CLI) or moved aside to start anew ("restart",
@@ -204,17 +224,28 @@ def _resume_or_start(cfg: ExperimentConfig, storage: RunStorage, experiment: str
 
     if not ray.tune.Tuner.can_restore(experiment):
         return False
+    if on_change == "refuse":
+        return _refuse_if_changed(cfg, storage)
     changed = _stored_sweep_differs(cfg, storage)
     if changed is None:
         return True
-    if on_change == "refuse":
-        raise ConfigError(changed.split(" ")[0], f"differs from the sweep stored as {storage.uri}/{SWEEP_FILE}; a "
-                          "sweep re-run under its name resumes only with the same settings. Choose another `name` "
-                          "to start a new sweep.")
     aside = f"{cfg.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     logger.warning("the sweep stored as %s differs in %s: moved to %s, starting anew", storage.uri, changed, aside)
     RunStorage(storage.storage_path, "").move(cfg.name, aside)
     return False
+
+
+def _clear_dead_leases(runs: RunStorage) -> None:
+    """A sweep killed with its whole machine can leave a lease in a trial's run that had written
+    its results but not yet released it; a resumed sweep never visits that finished trial again,
+    so it clears the leases no live process holds (`RunLease.live_holder`)."""
+    from codistill.engine.lease import LEASE_FILE, RunLease
+
+    for name in runs.list("."):
+        trial = RunStorage.at(f"{runs.uri}/{name}")
+        if trial.exists(LEASE_FILE) and RunLease(trial).live_holder() is None:
+            logger.warning("clearing the lease a killed process left in %s", trial.uri)
+            trial.delete(LEASE_FILE)
 
 
 def run_sweep(cfg: ExperimentConfig, on_change: str = "refuse") -> SweepResult:
@@ -254,7 +285,9 @@ def run_sweep(cfg: ExperimentConfig, on_change: str = "refuse") -> SweepResult:
         # Errored trials stay as they ended (Ray's default): a re-run is not a retry of a failure.
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
                                        param_space=param_space)
-        return collect_results(tuner.fit(), cfg, storage)
+        grid = tuner.fit()
+        _clear_dead_leases(RunStorage.at(storage.uri + "/runs"))
+        return collect_results(grid, cfg, storage)
     storage.write_bytes(SWEEP_FILE, dump_config(cfg).encode())
     tuner = ray.tune.Tuner(
         trainable,

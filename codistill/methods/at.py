@@ -14,10 +14,9 @@ the receiving peer's (and normalised again) before they are compared.
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
+from codistill.methods.base import register_method
 from codistill.methods.losses import attention_distance, attention_map
-from codistill.methods.base import Method, Needs, TapTargetsConfig, register_method
+from codistill.methods.sourced import SourcedMethod, TapTargetsConfig
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -28,29 +27,16 @@ class ATConfig(TapTargetsConfig):
 
 
 @register_method("at")
-class AttentionTransfer(Method):
+class AttentionTransfer(SourcedMethod):
     config_class = ATConfig
 
-    def own_needs(self) -> Needs:
-        c = self.config
-        if c.source == "peers":
-            return Needs(taps=frozenset(c.taps), peers=True)
-        return Needs(taps=frozenset(c.taps), teacher=True, teacher_taps=frozenset(c.target_taps))
-
-    def own_payload(self, logits, outputs, taps):
-        if self.config.source != "peers":
-            return {}
+    def peer_payload(self, logits, outputs, taps):
+        # The maps, not the features: what a peer of another width can compare with its own.
         return {f"attention.{tap}": attention_map(taps[tap]) for tap in self.config.taps}
 
     def distill_terms(self, s):
         c = self.config
         own = {tap: attention_map(s.taps[tap]) for tap in c.taps}
-        if c.source == "teacher":
-            at = sum(attention_distance(own[tap], attention_map(s.teacher[t_tap]))
-                     for tap, t_tap in zip(c.taps, c.target_taps))
-        elif s.peers:
-            at = sum(sum(attention_distance(own[tap], p[f"attention.{tap}"]) for tap in c.taps)
-                     for p in s.peers) / len(s.peers)
-        else:
-            at = torch.zeros((), device=s.logits.device)
+        at = self.mean_over_targets(s, lambda target: sum(attention_distance(own[tap], target[f"attention.{tap}"])
+                                                          for tap in c.taps))
         return c.weight / 2 * at, {"at": at.detach()}

@@ -16,7 +16,7 @@ KD + AT or DML + AT needs no file of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -163,8 +163,9 @@ class DistillConfig(MethodConfig):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TeacherTapConfig(MethodConfig):
-    """A term between one feature tap of the student and one of a frozen teacher (FitNets' hint,
-    CRD's embeddings): subclasses declare the fields `student_tap` and `teacher_tap`."""
+    """A term between one feature tap of the student and one of a frozen teacher only (FitNets'
+    hint): subclasses declare the fields `student_tap` and `teacher_tap`. Terms that may take the
+    other peers' taps instead are `methods/sourced.py`'s."""
 
     can_use_teacher: ClassVar[bool] = True
     reads_feature_taps: ClassVar[bool] = True
@@ -179,44 +180,6 @@ class TeacherTapConfig(MethodConfig):
         self.check_taps([self.teacher_tap], "method.teacher_tap", [("teacher", teacher.model)])
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TapTargetsConfig(MethodConfig):
-    """A term between feature taps whose targets are a frozen teacher's taps or, online, the
-    other peers' (attention transfer, the overhaul): the settings and checks they share."""
-
-    can_use_teacher: ClassVar[bool] = True
-    reads_feature_taps: ClassVar[bool] = True
-    term: ClassVar[str] = "this term"
-    """What the method is called in messages ("attention transfer")."""
-    taps: tuple[str, ...]
-    """The peer's feature taps the term compares (e.g. `[conv2, conv3]`)."""
-    teacher_taps: tuple[str, ...] = ()
-    """The teacher's taps paired with `taps` in order (default: the same names)."""
-    source: Literal["teacher", "peers"] = "teacher"
-    """Whose maps are the targets: a frozen teacher's, or the other peers' every step."""
-
-    def __post_init__(self):
-        check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
-        check(not self.teacher_taps or len(self.teacher_taps) == len(self.taps), "teacher_taps",
-              f"pairs with `taps` in order: give {len(self.taps)} names, got {len(self.teacher_taps)}")
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.source == "teacher"
-
-    @property
-    def target_taps(self) -> tuple[str, ...]:
-        return self.teacher_taps or self.taps
-
-    def check(self, peers, teacher) -> None:
-        MethodConfig.check(self, peers, teacher)
-        check(self.source == "teacher" or len(peers) >= 2, "peers",
-              f"{self.term} between peers needs at least 2 peers, got {len(peers)}")
-        self.check_taps(self.taps, "method.taps", [(f"peers.{i}", p.model) for i, p in enumerate(peers)])
-        if self.uses_teacher:
-            self.check_taps(self.target_taps, "method.teacher_taps", [("teacher", teacher.model)])
-
-
 class Method:
     """A training objective for one peer: plain PyTorch, nothing of Ray or of how signals arrive.
 
@@ -227,10 +190,12 @@ class Method:
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     top_k: tuple[int, torch.dtype] | None = None
-    """(k, value dtype): send the logits as top-k soft targets (`exchange.top_k`, set by the engine)."""
+    """(k, value dtype): send the logits as top-k soft targets (`exchange.top_k`, given by the
+    engine when it creates the method)."""
 
-    def __init__(self, config: MethodConfig):
+    def __init__(self, config: MethodConfig, top_k: tuple[int, torch.dtype] | None = None):
         self.config = config
+        self.top_k = top_k
         self.also = [create_method(extra) for extra in config.also]
         needs = self.own_needs()
         for extra in self.also:
@@ -361,5 +326,9 @@ def register_method(name: str):
     return decorator
 
 
-def create_method(config: MethodConfig) -> Method:
-    return METHODS.get(config.name, "method.name")(config)
+def create_method(config: MethodConfig, top_k: tuple[int, torch.dtype] | None = None) -> Method:
+    """The method `config` names; `top_k` (k, value dtype): it sends its logits as top-k soft
+    targets (`exchange.top_k`; given only when set, so a method of your own whose `__init__`
+    takes the config alone still works without it)."""
+    method_class = METHODS.get(config.name, "method.name")
+    return method_class(config, top_k=top_k) if top_k is not None else method_class(config)

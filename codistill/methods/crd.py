@@ -32,7 +32,7 @@ the paper's 16384 of CIFAR's 50000).
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar
 
 import math
 
@@ -41,14 +41,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from codistill.errors import ConfigError, check
-from codistill.methods.base import Method, MethodConfig, Needs, TeacherTapConfig, register_method
+from codistill.methods.base import register_method
 from codistill.methods.losses import contrastive_nce
+from codistill.methods.sourced import SourcedConfig, SourcedMethod
 
 CRD_MODULE = "crd"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class CRDConfig(TeacherTapConfig):
+class CRDConfig(SourcedConfig):
+    reads_feature_taps: ClassVar[bool] = True
+    term: ClassVar[str] = "CRD"
     student_tap: str = "penultimate"
     """The student's features the embedding head reads (the pooled vector before the classifier)."""
     teacher_tap: str = "penultimate"
@@ -63,19 +66,14 @@ class CRDConfig(TeacherTapConfig):
     """μ of the memory banks' update."""
     weight: float = 0.8
     """β: weight of the contrastive term against the cross-entropy (0.8 in RepDistiller's scripts)."""
-    source: Literal["teacher", "peers"] = "teacher"
-    """Whose features are contrasted: a frozen teacher's, or the other peers' every step."""
 
     @property
-    def uses_teacher(self) -> bool:
-        return self.source == "teacher"
+    def tap_pairs(self) -> tuple[tuple[str, str], ...]:
+        return ((self.student_tap, self.teacher_tap),)
 
     def check(self, peers, teacher) -> None:
-        if self.source == "teacher":
-            return TeacherTapConfig.check(self, peers, teacher)
-        MethodConfig.check(self, peers, teacher)
-        check(len(peers) >= 2, "peers", f"CRD between peers needs at least 2 peers, got {len(peers)}")
-        self.check_taps([self.student_tap], "method.student_tap", [(f"peers.{i}", p.model) for i, p in enumerate(peers)])
+        SourcedConfig.check(self, peers, teacher)
+        self.check_tap_pairs(peers, teacher, "method.student_tap", "method.teacher_tap")
 
     def __post_init__(self):
         check(self.feat_dim >= 1, "feat_dim", f"must be >= 1, got {self.feat_dim}")
@@ -135,14 +133,8 @@ class ContrastMemory(nn.Module):
 
 
 @register_method("crd")
-class CRD(Method):
+class CRD(SourcedMethod):
     config_class = CRDConfig
-
-    def own_needs(self) -> Needs:
-        c = self.config
-        if c.source == "peers":
-            return Needs(taps=frozenset([c.student_tap]), peers=True)
-        return Needs(taps=frozenset([c.student_tap]), teacher=True, teacher_taps=frozenset([c.teacher_tap]))
 
     def own_network(self, model, model_name, tap_shapes):
         c = self.config
@@ -150,35 +142,29 @@ class CRD(Method):
             raise ConfigError("method.name", "CRD keeps a memory bank of every training example; this run "
                               "builds the network without its training set")
         own = math.prod(tap_shapes["own"][c.student_tap])
-        if c.source == "teacher":
-            others = [math.prod(tap_shapes["teacher"][c.teacher_tap])]
-        else:  # one memory per other peer, in peer order (as the exchange hands their payloads)
-            others = [math.prod(shapes[c.student_tap]) for shapes in tap_shapes["peers"]]
-        memories = [ContrastMemory(own, other, tap_shapes["train_labels"], c) for other in others]
-        model.add_module(CRD_MODULE, memories[0] if c.source == "teacher" else nn.ModuleList(memories))
+        # One memory per target, each head sized from its target's own width (peers may differ).
+        memories = [ContrastMemory(own, math.prod(shapes[c.student_tap]), tap_shapes["train_labels"], c)
+                    for shapes in self.target_shapes(tap_shapes)]
+        model.add_module(CRD_MODULE, self.hold_per_target(memories))
         return model
 
-    def own_payload(self, logits, outputs, taps):
-        if self.config.source != "peers":
-            return {}
+    def peer_payload(self, logits, outputs, taps):
         return {"crd.features": taps[self.config.student_tap].flatten(1)}
 
     def distill_terms(self, s):
         c = self.config
         if s.indices is None:
             raise ValueError("CRD needs each batch's example indices (Signals.indices)")
-        memory = s.network.get_submodule(CRD_MODULE)
-        if c.source == "teacher":
-            pairs = [(memory, s.teacher[c.teacher_tap])]
-        else:
-            pairs = list(zip(memory, [p["crd.features"] for p in s.peers]))
-        if not pairs:
+        targets = self.targets(s)
+        if not targets:
             return torch.zeros((), device=s.logits.device), {"crd": torch.zeros((), device=s.logits.device)}
+        # Summed term by term in target order, not through the base's per-target mean: the sum
+        # this term has always been recorded with (they differ in the last bit from two targets on).
         value = 0.0
-        for side, features in pairs:
-            # The same negatives for every pair: one draw per step, as from a teacher.
-            contrast = side.negatives(s.indices, c.negatives, s.generator())
-            loss_s, loss_t = side(s.taps[c.student_tap], features, s.indices, contrast)
+        for memory, target in zip(self.per_target(s.network.get_submodule(CRD_MODULE)), targets):
+            # The same negatives for every target: one draw per step, as from a teacher.
+            contrast = memory.negatives(s.indices, c.negatives, s.generator())
+            loss_s, loss_t = memory(s.taps[c.student_tap], target["crd.features"], s.indices, contrast)
             value = value + loss_s + loss_t
-        value = value / len(pairs)
+        value = value / len(targets)
         return c.weight * value, {"crd": value.detach()}

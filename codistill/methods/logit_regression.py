@@ -15,53 +15,38 @@ only regress each other's logits have nothing tying them to the labels.
 """
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from codistill.errors import check
-from codistill.methods.base import Method, MethodConfig, Needs, register_method
+from codistill.methods.base import register_method
 from codistill.methods.losses import logit_l2
+from codistill.methods.sourced import SourcedConfig, SourcedMethod
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class LogitRegressionConfig(MethodConfig):
-    can_use_teacher: ClassVar[bool] = True
+class LogitRegressionConfig(SourcedConfig):
+    term: ClassVar[str] = "logit regression"
     alpha: float = 1.0
     """Weight α of the regression term; the cross-entropy gets 1 − α (1: the paper, no labels)."""
-    source: Literal["teacher", "peers"] = "teacher"
-    """Whose logits are regressed: a frozen teacher's, or the other peers' every step."""
 
     def __post_init__(self):
         check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
-        check(self.source == "teacher" or self.alpha < 1, "alpha",
+        check(self.uses_teacher or self.alpha < 1, "alpha",
               "between peers must be < 1: peers that only regress each other's logits never see a label")
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.source == "teacher"
-
-    def check(self, peers, teacher) -> None:
-        MethodConfig.check(self, peers, teacher)
-        check(self.source == "teacher" or len(peers) >= 2, "peers",
-              f"logit regression between peers needs at least 2 peers, got {len(peers)}")
 
 
 @register_method("logit_regression")
-class LogitRegression(Method):
+class LogitRegression(SourcedMethod):
     config_class = LogitRegressionConfig
 
-    def own_needs(self) -> Needs:
-        return Needs(teacher=True) if self.config.source == "teacher" else Needs(peers=True)
-
     def distill_terms(self, s):
-        if self.config.source == "teacher":
-            value = logit_l2(s.logits, s.teacher["logits"])
-        elif s.peers:
-            value = torch.stack([logit_l2(s.logits, p["logits"]) for p in s.peers]).mean()
-        else:
-            value = torch.zeros((), device=s.logits.device)
+        values = [logit_l2(s.logits, target["logits"]) for target in self.targets(s)]
+        # stack().mean() rather than the base's Σ / count: the mean this term has always been
+        # recorded with (the two differ in the last bit from three targets on).
+        value = torch.stack(values).mean() if values else torch.zeros((), device=s.logits.device)
         return self.config.alpha * value, {"logit_l2": value.detach()}
 
     def own_loss(self, s):

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from codistill.errors import ConfigError
-from codistill.methods.base import Method, Needs, TapTargetsConfig, register_method
+from codistill.methods.base import register_method
 from codistill.methods.losses import batch_margin, negative_gaussian_mean, partial_l2
+from codistill.methods.sourced import SourcedMethod, TapTargetsConfig
 
 CONNECTORS = "overhaul_connectors"
 
@@ -75,32 +76,34 @@ def _key(tap: str) -> str:
 
 
 @register_method("overhaul")
-class Overhaul(Method):
+class Overhaul(SourcedMethod):
     config_class = OverhaulConfig
 
-    def own_needs(self) -> Needs:
-        c = self.config
-        if c.source == "peers":
-            return Needs(taps=frozenset(c.taps), peers=True)
-        targets = frozenset(c.target_taps)
-        return Needs(taps=frozenset(c.taps), teacher=True, teacher_taps=targets, teacher_norms=targets)
+    def own_needs(self):
+        return self.source_needs(teacher_norms=True)  # the margins come from the BN before each tap
 
     def own_network(self, model, model_name, tap_shapes):
-        c = self.config
-        targets = tap_shapes["teacher"] if c.source == "teacher" else tap_shapes["own"]
-        connectors = nn.ModuleDict({_key(tap): Connector(tap_shapes["own"][tap], targets[t_tap])
-                                    for tap, t_tap in zip(c.taps, c.target_taps if c.source == "teacher" else c.taps)})
+        # One connector per tap for every target: to the teacher's channels, or to its own between peers.
+        targets = self.matched_shapes(tap_shapes)
+        connectors = nn.ModuleDict({_key(tap): Connector(tap_shapes["own"][tap], targets[tap]) for tap in self.config.taps})
         model.add_module(CONNECTORS, connectors)  # trained with the student, in its checkpoints
         return model
 
-    def own_payload(self, logits, outputs, taps):
-        if self.config.source != "peers":
-            return {}
+    def peer_payload(self, logits, outputs, taps):
         sent = {}
         for tap in self.config.taps:
             sent[f"preact.{tap}"] = taps[tap]
-            sent[f"margin.{tap}"] = batch_margin(taps[tap])
+            sent[f"margin.{tap}"] = batch_margin(taps[tap])  # a peer has no frozen BN to read it from
         return sent
+
+    def teacher_target(self, teacher):
+        """The teacher's maps as a peer sends its own, but each margin from the BN before the
+        teacher's ReLU where its model declares one (the paper's), else from this batch."""
+        target = {}
+        for tap, t_tap in self.config.tap_pairs:
+            target[f"preact.{tap}"] = teacher[t_tap]
+            target[f"margin.{tap}"] = self._teacher_margin(teacher, t_tap)
+        return target
 
     def _distance(self, s, targets: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """(1/B) Σ_i 2^−(n−1−i) · d_p over the taps, against [(target map, its margin)] in tap order."""
@@ -108,23 +111,17 @@ class Overhaul(Method):
         n = len(self.config.taps)
         total = 0.0
         for i, (tap, (target, margin)) in enumerate(zip(self.config.taps, targets)):
-            source = connectors[_key(tap)](s.taps[tap])
-            if source.shape[1] != target.shape[1]:
+            mapped = connectors[_key(tap)](s.taps[tap])
+            if mapped.shape[1] != target.shape[1]:
                 raise ConfigError("method.taps", f"the overhaul between peers needs maps of equal channels: tap "
-                                  f"{tap!r} has {source.shape[1]} channels here and {target.shape[1]} at a peer")
-            total = total + partial_l2(source, target, margin) / 2 ** (n - 1 - i)
+                                  f"{tap!r} has {mapped.shape[1]} channels here and {target.shape[1]} at a peer")
+            total = total + partial_l2(mapped, target, margin) / 2 ** (n - 1 - i)
         return total / s.taps[self.config.taps[0]].shape[0]
 
     def distill_terms(self, s):
         c = self.config
-        if c.source == "teacher":
-            targets = [(s.teacher[t], self._teacher_margin(s.teacher, t)) for t in c.target_taps]
-            value = self._distance(s, targets)
-        elif s.peers:
-            value = sum(self._distance(s, [(p[f"preact.{tap}"], p[f"margin.{tap}"]) for tap in c.taps])
-                        for p in s.peers) / len(s.peers)
-        else:
-            value = torch.zeros((), device=s.logits.device)
+        value = self.mean_over_targets(s, lambda target: self._distance(
+            s, [(target[f"preact.{tap}"], target[f"margin.{tap}"]) for tap in c.taps]))
         return c.weight * value, {"overhaul": value.detach()}
 
     @staticmethod

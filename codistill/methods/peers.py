@@ -66,9 +66,9 @@ class PeerMethod(Method):
 
     config_class = PeerMethodConfig
 
-    def __init__(self, config: PeerMethodConfig):
+    def __init__(self, config: PeerMethodConfig, top_k=None):
         self.branched = config.trains_one_network
-        super().__init__(config)
+        super().__init__(config, top_k)
 
     def own_needs(self) -> Needs:
         return Needs(peers=not self.branched)
