@@ -74,3 +74,30 @@ def test_independent_ignores_peers_and_asks_for_nothing():
     loss, _ = method.loss(signals(z, y, peers=[peer]))  # a peer's logits are there, and unused
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(z, y).item())
     assert not method.needs.peers and method.needs.rounds is None and not method.needs.teacher
+
+
+def test_label_smoothing_reaches_every_cross_entropy_with_the_labels(tmp_path):
+    """`train.label_smoothing`: a method's CE terms (its own, a teacher-weighted one, an
+    ensemble's, each branch's) are taken against smoothed labels; and a run's config gets there."""
+    import torch.nn.functional as F
+
+    from codistill.config import load_config
+    from codistill.engine.run import train
+    from tests.conftest import REPO
+
+    torch.manual_seed(0)
+    logits, peer, labels = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    smoothed = F.cross_entropy(logits, labels, label_smoothing=0.2)
+    for name, extra in (("independent", {}), ("dml", {}), ("kd", {"teacher": {"logits": peer}})):
+        s = signals(logits, labels, peers=[peer] if name == "dml" else (), **extra)
+        s.label_smoothing = 0.2
+        _, terms = create_method(METHODS[name].config_class(name=name)).loss(s)
+        assert float(terms["ce"]) == pytest.approx(float(smoothed)), name
+    ce = {}
+    for smoothing in (0.0, 0.3):
+        cfg = load_config(f"{REPO}/configs/dml_mnist1d.yaml", [
+            f"name=ls{smoothing}", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=0",
+            f"ray.storage_path={tmp_path}", f"train.label_smoothing={smoothing}"])
+        rows = train(cfg, "local").records.to_pylist()
+        ce[smoothing] = [r["ce"] for r in rows if r["split"] == "train" and r["step"] == 1]
+    assert all(a != pytest.approx(b) for a, b in zip(ce[0.0], ce[0.3]))  # same weights and batch: smoothed

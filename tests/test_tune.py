@@ -96,6 +96,11 @@ def test_a_space_value_the_config_refuses_is_refused_before_any_trial(tmp_path):
     with pytest.raises(ConfigError) as info:
         sweep_config(tmp_path, "tune.space={data.batch_size: 'grid([5000, 100])'}")
     assert info.value.path == "tune.space.data.batch_size" and "4000 training examples" in info.value.message
+    # Label smoothing (the regularisation baseline) is searched like any setting, and checked alike.
+    assert sweep_config(tmp_path, "tune.space={train.label_smoothing: 'uniform(0.0, 0.2)'}").tune.space
+    with pytest.raises(ConfigError) as info:
+        sweep_config(tmp_path, "tune.space={train.label_smoothing: 'grid([0.1, 1.5])'}")
+    assert info.value.path == "tune.space.train.label_smoothing" and "[0, 1)" in info.value.message
 
 
 

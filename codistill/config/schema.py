@@ -164,9 +164,14 @@ class TrainConfig:
     data_on_device: bool = False
     """Move the whole data set to the peer's device once; batches are gathered and augmented
     there (the same batches as on the CPU). For data sets that fit: MNIST-1D, CIFAR."""
+    label_smoothing: float = 0.0
+    """Every cross-entropy with the labels is taken against labels smoothed by this much
+    (`F.cross_entropy(label_smoothing=…)`): the regularisation baseline beside which a
+    distillation gain that is only regularisation shows as such (Sinha et al., 2021)."""
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         check(self.keep_checkpoints >= 0, "keep_checkpoints", f"must be >= 0, got {self.keep_checkpoints}")

@@ -94,7 +94,8 @@ def train_step(job: PeerJob, step: int) -> dict:
         with capture_taps(peer.base, job.tap_paths) as taps:
             outputs = job.train_model(x)
         signals = Signals(network=peer.network, outputs=outputs, logits=job.method.logits(outputs), labels=y,
-                          step=step, peer=peer.index, seed=job.seed, taps=taps, indices=indices)
+                          step=step, peer=peer.index, seed=job.seed, taps=taps, indices=indices,
+                          label_smoothing=job.train.label_smoothing)
         clock.lap("forward_ms")
         for source in job.sources:
             record.update(source.serve(job, step, x, signals))

@@ -130,6 +130,13 @@ class Signals:
     indices: torch.Tensor | None = None
     """The training-set indices of this step's examples (rows of `labels`, in order): the batch
     schedule's, so the same in every runner and after a resume (CRD's memory bank reads them)."""
+    label_smoothing: float = 0.0
+    """`train.label_smoothing`: what every cross-entropy with the labels smooths them by."""
+
+    def cross_entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy of `logits` with this step's labels, smoothed as the run asks: the
+        one way a method takes it, so `train.label_smoothing` reaches every such term."""
+        return F.cross_entropy(logits, self.labels, label_smoothing=self.label_smoothing)
 
     def generator(self) -> torch.Generator:
         """Random numbers for this step and peer, the same in every runner and after a resume."""
@@ -241,7 +248,7 @@ class Method:
 
     @staticmethod
     def _cross_entropy(s: Signals) -> tuple[torch.Tensor, dict]:
-        ce = F.cross_entropy(s.logits, s.labels)
+        ce = s.cross_entropy(s.logits)
         return ce, {"ce": ce.detach()}
 
     # -- what the engine calls ---------------------------------------------------------------
@@ -308,7 +315,7 @@ class StagedTerm(Method):
     def own_loss(self, s):
         if s.step < self.stage_steps():
             value = self.term_loss(s)
-            ce = F.cross_entropy(s.logits, s.labels)
+            ce = s.cross_entropy(s.logits)
             return value, {"ce": ce.detach(), self.term: value.detach()}
         return super().own_loss(s)
 

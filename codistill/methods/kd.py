@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from codistill.errors import check
 from codistill.methods.losses import soft_kl, soft_targets
@@ -68,6 +67,6 @@ class KD(Method):
         return c.alpha * kd, {"kd": kd.detach()}
 
     def own_loss(self, s):
-        ce = F.cross_entropy(s.logits, s.labels)
+        ce = s.cross_entropy(s.logits)
         soft, terms = self.distill_terms(s)
         return (1 - self.config.alpha) * ce + soft, {"ce": ce.detach(), **terms}

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from codistill.errors import check
 from codistill.methods.base import register_method
@@ -50,6 +49,6 @@ class LogitRegression(SourcedMethod):
         return self.config.alpha * value, {"logit_l2": value.detach()}
 
     def own_loss(self, s):
-        ce = F.cross_entropy(s.logits, s.labels)
+        ce = s.cross_entropy(s.logits)
         term, terms = self.distill_terms(s)
         return (1 - self.config.alpha) * ce + term, {"ce": ce.detach(), **terms}

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from codistill.methods.losses import gated_ensemble, soft_kl, soft_targets
 from codistill.methods.base import register_method, weighted_kl
@@ -68,13 +67,13 @@ class ONE(PeerMethod):
     def loss(self, s):
         if not self.branched:
             return super().loss(s)  # CE(z_i) + distill_terms
-        T, weight, labels = self.config.temperature, self.config.weight_at(s.step), s.labels
+        T, weight = self.config.temperature, self.config.weight_at(s.step)
         logits, gate_logits = s.outputs  # (m, B, C), (B, m)
-        ce_members = torch.stack([F.cross_entropy(z, labels) for z in logits]).sum()
+        ce_members = torch.stack([s.cross_entropy(z) for z in logits]).sum()
         ensemble = gated_ensemble(logits, gate_logits)
         target = soft_targets(ensemble.detach(), T)
         kl = torch.stack([soft_kl(z, target, T) for z in logits]).sum()
-        ce_ensemble = F.cross_entropy(ensemble, labels)
+        ce_ensemble = s.cross_entropy(ensemble)
         total = ce_members + ce_ensemble + weight * kl
         return total, {"loss": total.detach(), "ce": ce_members.detach(), "ce_ensemble": ce_ensemble.detach(),
                        "kl": kl.detach(), "kl_weight": weight}
@@ -88,5 +87,5 @@ class ONE(PeerMethod):
         gate_logits = torch.cat([own_gate] + [p["gate"] for p in s.peers], dim=1)
         ensemble = gated_ensemble(logits, gate_logits)
         kl = soft_kl(own_logits, soft_targets(ensemble.detach(), T), T)
-        ce_ensemble = F.cross_entropy(ensemble, s.labels)
+        ce_ensemble = s.cross_entropy(ensemble)
         return weighted_kl(kl, weight, ce_ensemble=ce_ensemble)

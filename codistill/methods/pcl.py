@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from codistill.errors import check
@@ -94,7 +93,7 @@ class PCL(PeerMethod):
     def distill_terms(self, s):
         T, weight = self.config.temperature, self.config.weight_at(s.step)
         ensemble = s.outputs.live.contribution + sum(p["contribution"] for p in s.peers)
-        ce_ensemble = F.cross_entropy(ensemble, s.labels)
+        ce_ensemble = s.cross_entropy(ensemble)
         kl_ensemble = soft_kl(s.logits, soft_targets(ensemble.detach(), T), T)
         kl_mean = mean_peer_kl(s.logits, [p["mean_logits"] for p in s.peers], T)
         return ce_ensemble + weight * (kl_ensemble + kl_mean), {

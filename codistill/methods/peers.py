@@ -140,7 +140,8 @@ class PeerMethod(Method):
         total, terms = 0.0, {}
         for k, member in enumerate(members):
             branch = Signals(network=s.network, outputs=member, logits=self.peer_logits(member), labels=s.labels,
-                             step=s.step, peer=k, seed=s.seed, peers=[p for j, p in enumerate(sent) if j != k])
+                             step=s.step, peer=k, seed=s.seed, peers=[p for j, p in enumerate(sent) if j != k],
+                             label_smoothing=s.label_smoothing)
             value, branch_terms = self.own_loss(branch)
             total = total + value
             for name, v in branch_terms.items():
