@@ -16,12 +16,12 @@ class TapAgreementConfig(MethodConfig):
     tap: str = "conv2"
     weight: float = 1.0
 
+    def own_needs(self):
+        return Needs(taps=frozenset([self.tap]), peers=True)
+
 
 class TapAgreement(Method):
     config_class = TapAgreementConfig
-
-    def own_needs(self):
-        return Needs(taps=frozenset([self.config.tap]), peers=True)
 
     def own_payload(self, logits, outputs, taps):
         return {"logits": logits, "pooled": taps[self.config.tap].mean(-1)}

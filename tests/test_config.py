@@ -271,10 +271,11 @@ def test_an_error_becomes_one_line_even_without_a_message():
     assert first_line(OSError("x" * 500), 200) == "x" * 200
 
 
-def test_a_method_that_exchanges_in_rounds_says_so_in_its_config_and_its_needs():
-    """The config layer knows which peers may run apart by a trait; the engine by the method's
-    declared needs. They must agree for every registered method."""
-    from codistill.config.method import METHOD_CONFIGS
+def test_a_methods_needs_are_declared_once_by_its_config_and_the_traits_follow_from_them():
+    """The driver reads what a method consumes from its config, without building it; the
+    method serves exactly that; a method class that declares needs of its own is refused."""
+    from codistill import Method, MethodConfig
+    from codistill.config.method import METHOD_CONFIGS, registered_with
     from codistill.methods import create_method
 
     checked = 0
@@ -282,10 +283,25 @@ def test_a_method_that_exchanges_in_rounds_says_so_in_its_config_and_its_needs()
         try:
             cfg = load_config(os.path.join(REPO, "configs/dml_mnist1d.yaml"), [f"method={{name: {name}}}"]).method
         except ConfigError:
-            continue  # a method that needs more than its name (taps, a teacher): not a rounds method
-        assert cfg.exchanges_in_rounds == (create_method(cfg).needs.rounds is not None), name
+            continue  # a method that needs more than its name (taps, a teacher)
+        assert create_method(cfg).needs == cfg.needs, name
+        assert cfg.exchanges_in_rounds == (cfg.needs.rounds is not None), name
         checked += 1
     assert checked >= 5 and load_config(os.path.join(REPO, "configs/codistill_mnist1d.yaml")).own_run_per_peer
+    assert registered_with("exchanges_in_rounds") == ["codistill"]
+    # The traits follow the settings: AT reads taps; from a teacher it uses one, between peers not.
+    at = load_config(os.path.join(REPO, "configs/dml_mnist1d.yaml"),
+                     ["method={name: at, taps: [conv2], source: peers}"]).method
+    assert at.reads_taps and not at.uses_teacher and at.needs.peers and not at.needs.teacher
+    dml_at = load_config(os.path.join(REPO, "configs/dml_mnist1d.yaml"),
+                         ["method={name: dml, also: [{name: at, taps: [conv2], source: peers}]}"]).method
+    assert dml_at.reads_taps and dml_at.needs.taps == frozenset({"conv2"})
+    with pytest.raises(TypeError, match="declared by its config class"):
+        class Stale(Method):  # noqa: F841 -- the form before stop 37
+            config_class = MethodConfig
+
+            def own_needs(self):
+                return None
 
 
 @pytest.mark.parametrize("base,overrides,key", [

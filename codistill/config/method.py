@@ -7,15 +7,64 @@ The config knows no method. A method file defines its config as a subclass of
 `METHOD_CONFIGS` under the method's name, and the builder picks the class from there by
 `method.name`. The traits are class attributes (fixed per method) or properties (where the
 answer depends on the settings, e.g. `branches`).
+
+What a method consumes (`Needs`) is declared here too, once, by its config (`own_needs`): the
+driver reads it from the config (does a run exchange in rounds, train a teacher stage first?)
+without building the method, and the traits that follow from it (`exchanges_in_rounds`,
+`reads_taps`, `uses_teacher`) are derived from it, not declared beside it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from codistill.errors import ConfigError, check
 from codistill.registry import Registry
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """Periodic exchange with bounded staleness: every `period` steps each peer publishes a
+    payload (its `predictions` on the coming batches, or its `weights`), and takes every other
+    peer's newest publication at most `max_staleness` rounds old. Nothing is exchanged in rounds
+    that end before `burn_in`."""
+
+    period: int
+    max_staleness: int
+    publish: str
+    burn_in: int
+    wait_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method consumes besides its own network's output."""
+
+    taps: frozenset[str] = frozenset()
+    """Named feature taps of its own network (declared by the model registry)."""
+    peers: bool = False
+    """The other peers' payloads on the same batch, every step (a synchronous exchange)."""
+    rounds: RoundSpec | None = None
+    """The other peers' stale payloads, exchanged per round."""
+    teacher: bool = False
+    """A frozen teacher's logits."""
+    teacher_taps: frozenset[str] = frozenset()
+    """Named feature taps of the teacher's network."""
+    teacher_norms: frozenset[str] = frozenset()
+    """Teacher taps whose batch norm's affine parameters (γ, β) the method reads: served as
+    `norm.<tap>.weight` / `norm.<tap>.bias` beside the teacher's outputs, for the taps whose model
+    declares that batch norm (`ModelEntry.norms`); absent for the others."""
+    teacher_stages: tuple[Any, ...] = ()
+    """Networks trained on the frozen teacher before any peer trains (`methods.TeacherStage`s);
+    what each serves arrives beside the teacher's outputs."""
+
+    def __or__(self, other: "Needs") -> "Needs":
+        if self.rounds and other.rounds and self.rounds != other.rounds:
+            raise ValueError("two methods that each exchange in rounds cannot be combined")
+        return Needs(self.taps | other.taps, self.peers or other.peers, self.rounds or other.rounds,
+                     self.teacher or other.teacher, self.teacher_taps | other.teacher_taps,
+                     self.teacher_norms | other.teacher_norms, self.teacher_stages + other.teacher_stages)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -34,11 +83,32 @@ class MethodConfig:
     """False for methods that shape the network or the exchange themselves (and so cannot be an `also` term)."""
     can_use_teacher: ClassVar[bool] = False
     """True for methods that may learn from a frozen teacher (`teacher:`)."""
-    reads_feature_taps: ClassVar[bool] = False
-    """True for methods that read feature taps (forward hooks on named layers)."""
-    exchanges_in_rounds: ClassVar[bool] = False
-    """True for methods whose peers meet only every so many steps (`Needs.rounds`:
-    codistillation): on Ray each peer is then its own Ray Train run, of its own size."""
+
+    # -- what the method consumes: declared once, here --------------------------------------------
+
+    def own_needs(self) -> Needs:
+        """What this method (without its `also` terms) consumes, from its settings."""
+        return Needs()
+
+    @property
+    def needs(self) -> Needs:
+        """What the method and its `also` terms consume: what the engine serves each step."""
+        needs = self.own_needs()
+        for extra in self.also:
+            needs = needs | extra.needs
+        return needs
+
+    @property
+    def exchanges_in_rounds(self) -> bool:
+        """Peers that meet only every so many steps (`Needs.rounds`: codistillation): on Ray each
+        peer is then its own Ray Train run, of its own size."""
+        return self.needs.rounds is not None
+
+    @property
+    def reads_taps(self) -> bool:
+        """Whether this method or any of its `also` terms reads feature taps (forward hooks on named layers)."""
+        needs = self.needs
+        return bool(needs.taps or needs.teacher_taps)
 
     @classmethod
     def choose_class(cls, data: dict, path: str) -> tuple[type, str]:
@@ -49,7 +119,8 @@ class MethodConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        return False
+        """Whether this method itself (without its `also` terms) learns from a frozen teacher."""
+        return self.own_needs().teacher
 
     @property
     def trains_one_network(self) -> bool:
@@ -57,14 +128,9 @@ class MethodConfig:
         (ONE, KDCL, OKDDip, PCL with `branches ≥ 2`): such a run has exactly one peer."""
         return False
 
-    @property
-    def reads_taps(self) -> bool:
-        """Whether this method or any of its `also` terms reads feature taps."""
-        return self.reads_feature_taps or any(extra.reads_taps for extra in self.also)
-
     def learns_from_teacher(self) -> bool:
         """Whether this method or any of its `also` terms uses a frozen teacher."""
-        return self.uses_teacher or any(extra.learns_from_teacher() for extra in self.also)
+        return self.needs.teacher
 
     def check(self, peers, teacher) -> None:
         """Raise ConfigError (key path from the top of the config) if the peers or teacher do not suit."""
@@ -98,5 +164,17 @@ METHOD_CONFIGS: Registry[type[MethodConfig]] = Registry("method")
 
 
 def registered_with(trait: str) -> list[str]:
-    """The registered methods whose config class has `trait` set, sorted (for error messages)."""
-    return sorted(name for name, config_class in METHOD_CONFIGS.items() if getattr(config_class, trait))
+    """The registered methods whose config class has `trait` set, sorted (for error messages). A
+    trait that follows from the settings (a property) is asked of the method's default settings;
+    a method whose config has required settings has no defaults to ask, and is not listed."""
+    names = []
+    for name, config_class in METHOD_CONFIGS.items():
+        value = getattr(config_class, trait)
+        if isinstance(value, property):
+            try:
+                value = value.fget(config_class(name=name))
+            except TypeError:  # required settings
+                value = False
+        if value:
+            names.append(name)
+    return sorted(names)

@@ -104,19 +104,25 @@ def registered_model(state: dict, model: str | None = None, model_args: dict | N
         raise ValueError("it holds a network of branches, not one model's weights")
     if prefix:
         weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    name, args = state.get("model_name", model), state.get("model_args", model_args or {})
+    name, args = saved_model(state, model, model_args)
     if name is None:
         raise ValueError("the file does not say which model it holds: name the model")
-    if model is not None and (model, dict(model_args or {})) != (name, dict(args)):
-        raise ValueError(f"it holds model {name!r} built with {dict(args)}, not {model!r} with {dict(model_args or {})}")
-    return name, dict(args), weights
+    if model is not None and (model, dict(model_args or {})) != (name, args):
+        raise ValueError(f"it holds model {name!r} built with {args}, not {model!r} with {dict(model_args or {})}")
+    return name, args, weights
+
+
+def saved_model(state: dict, model: str | None, model_args: dict | None) -> tuple[str | None, dict]:
+    """(model name, model args) a peer file says it holds; files written before they were
+    recorded are taken to hold `model` built with `model_args`."""
+    return state.get("model_name", model), dict(state.get("model_args", model_args or {}))
 
 
 def load_peer_state(job, state: dict) -> int:
     """Put a checkpoint's peer state (`peer_state`'s) back into the peer of `job`; returns its
     step. Refused when the data the peer was trained on is not the data it would resume on."""
     peer = job.peer
-    saved = (state.get("model_name", peer.spec.model), state.get("model_args", dict(peer.spec.model_args)))
+    saved = saved_model(state, peer.spec.model, peer.spec.model_args)
     if saved != (peer.spec.model, dict(peer.spec.model_args)):
         raise RunError(f"peer {peer.index}'s checkpoint holds model {saved[0]!r} built with {saved[1]}, but the "
                        f"config asks for {peer.spec.model!r} with {dict(peer.spec.model_args)}: a run resumes only "

@@ -145,9 +145,10 @@ def _trainer(cfg: ExperimentConfig, spec: RunSpec, callbacks=()) -> TorchTrainer
     )
 
 
-def make_trainers(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox, callbacks=()) -> list[TorchTrainer]:
+def make_trainers(cfg: ExperimentConfig, storage: RunStorage, progress_mailbox, callbacks=(),
+                  layout: Layout | None = None) -> list[TorchTrainer]:
     """The Ray Train runs of `cfg`'s layout (a Tune trial's `callbacks` keep one group)."""
-    layout = layout_of(cfg, tune_trial=bool(callbacks))
+    layout = layout or layout_of(cfg, tune_trial=bool(callbacks))
     shared = {"layout": layout.name, "progress_mailbox": progress_mailbox}
     return [_trainer(cfg, spec, callbacks) for spec in layout.runs(cfg, storage, shared)]
 
@@ -188,9 +189,10 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
     # A private local instance (no address given) has the size it was started with.
     fixed_size = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    layout_of(cfg, tune_trial=bool(callbacks)).check_placement(cfg, ray.cluster_resources(), nodes, fixed_size)
+    layout = layout_of(cfg, tune_trial=bool(callbacks))
+    layout.check_placement(cfg, ray.cluster_resources(), nodes, fixed_size)
     progress_mailbox = on_this_node(ProgressMailbox).remote()
-    trainers = make_trainers(cfg, storage, progress_mailbox, callbacks)
+    trainers = make_trainers(cfg, storage, progress_mailbox, callbacks, layout)
     stop = threading.Event()
 
     def poll_progress() -> None:

@@ -30,7 +30,6 @@ from codistill.engine.checkpoint import from_bytes, to_bytes
 from codistill.engine.seeds import STAGE_INDEX, init_seed, stage_order_seed
 from codistill.engine.teacher import load_teacher
 from codistill.errors import RunError
-from codistill.methods import create_method
 from codistill.methods.base import TeacherStage
 from codistill.models import MODELS
 from codistill.models.taps import capture_taps, tap_shapes
@@ -86,7 +85,7 @@ def _stage_paths(stage: TeacherStage, cfg: ExperimentConfig) -> dict[str, str]:
 def prepare_stages(cfg: ExperimentConfig, storage: RunStorage) -> None:
     """Train and store every teacher stage of `cfg`'s method that the run does not hold yet (on
     this process, the driver, before any peer starts)."""
-    stages = create_method(cfg.method).needs.teacher_stages
+    stages = cfg.method.needs.teacher_stages
     if not stages:
         return
     digest = teacher_digest(cfg.teacher.checkpoint)

@@ -25,7 +25,7 @@ from codistill.config import ExperimentConfig, PeerSpec
 from codistill.data import BatchSchedule
 from codistill.engine.sources import SignalSource
 from codistill.exchange import PeriodicExchange
-from codistill.methods import RoundSpec, create_method
+from codistill.methods import RoundSpec
 from codistill.models import create_model
 
 
@@ -37,7 +37,7 @@ def warn_of_checkpoints_inside_rounds(cfg: ExperimentConfig) -> None:
     inside a round holds later weights, so a run resumed from it publishes that round again
     from them and goes on differently from an uninterrupted one (still a valid codistillation,
     not the same numbers). Said once, before the run, where the user sees it."""
-    rounds = create_method(cfg.method).needs.rounds
+    rounds = cfg.method.needs.rounds
     every = cfg.train.checkpoint_every
     if rounds is None or not every or every % rounds.period == 0:
         return

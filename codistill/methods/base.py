@@ -22,54 +22,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from codistill.config.method import METHOD_CONFIGS, MethodConfig
+from codistill.config.method import METHOD_CONFIGS, MethodConfig, Needs, RoundSpec  # noqa: F401 (re-exported)
 from codistill.errors import check
 from codistill.methods.losses import linear_rampup, top_k_targets
 from codistill.registry import Registry
-
-
-@dataclass(frozen=True)
-class RoundSpec:
-    """Periodic exchange with bounded staleness: every `period` steps each peer publishes a
-    payload (its `predictions` on the coming batches, or its `weights`), and takes every other
-    peer's newest publication at most `max_staleness` rounds old. Nothing is exchanged in rounds
-    that end before `burn_in`."""
-
-    period: int
-    max_staleness: int
-    publish: str
-    burn_in: int
-    wait_timeout_s: float
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a method consumes besides its own network's output."""
-
-    taps: frozenset[str] = frozenset()
-    """Named feature taps of its own network (declared by the model registry)."""
-    peers: bool = False
-    """The other peers' payloads on the same batch, every step (a synchronous exchange)."""
-    rounds: RoundSpec | None = None
-    """The other peers' stale payloads, exchanged per round."""
-    teacher: bool = False
-    """A frozen teacher's logits."""
-    teacher_taps: frozenset[str] = frozenset()
-    """Named feature taps of the teacher's network."""
-    teacher_norms: frozenset[str] = frozenset()
-    """Teacher taps whose batch norm's affine parameters (γ, β) the method reads: served as
-    `norm.<tap>.weight` / `norm.<tap>.bias` beside the teacher's outputs, for the taps whose model
-    declares that batch norm (`ModelEntry.norms`); absent for the others."""
-    teacher_stages: tuple["TeacherStage", ...] = ()
-    """Networks trained on the frozen teacher before any peer trains (see `TeacherStage`); what
-    each serves arrives beside the teacher's outputs."""
-
-    def __or__(self, other: "Needs") -> "Needs":
-        if self.rounds and other.rounds and self.rounds != other.rounds:
-            raise ValueError("two methods that each exchange in rounds cannot be combined")
-        return Needs(self.taps | other.taps, self.peers or other.peers, self.rounds or other.rounds,
-                     self.teacher or other.teacher, self.teacher_taps | other.teacher_taps,
-                     self.teacher_norms | other.teacher_norms, self.teacher_stages + other.teacher_stages)
 
 
 class TeacherStage:
@@ -175,11 +131,9 @@ class TeacherTapConfig(MethodConfig):
     other peers' taps instead are `methods/sourced.py`'s."""
 
     can_use_teacher: ClassVar[bool] = True
-    reads_feature_taps: ClassVar[bool] = True
 
-    @property
-    def uses_teacher(self) -> bool:
-        return True
+    def own_needs(self) -> Needs:
+        return Needs(taps=frozenset([self.student_tap]), teacher=True, teacher_taps=frozenset([self.teacher_tap]))
 
     def check(self, peers, teacher) -> None:
         MethodConfig.check(self, peers, teacher)
@@ -190,7 +144,7 @@ class TeacherTapConfig(MethodConfig):
 class Method:
     """A training objective for one peer: plain PyTorch, nothing of Ray or of how signals arrive.
 
-    Subclasses set `config_class`, declare `own_needs()`, and give either `distill_terms`
+    Subclasses set `config_class` (whose `own_needs()` declares what the method consumes), and give either `distill_terms`
     (added to the cross-entropy) or a whole `own_loss`. Terms are returned for the records as
     detached tensors or floats (the loop converts them in bulk, so a GPU is not synchronised
     every step)."""
@@ -204,15 +158,16 @@ class Method:
         self.config = config
         self.top_k = top_k
         self.also = [create_method(extra) for extra in config.also]
-        needs = self.own_needs()
-        for extra in self.also:
-            needs = needs | extra.needs
-        self.needs = needs
+        self.needs = config.needs  # declared by the config: the driver reads it without a method
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "own_needs" in vars(cls):  # where needs were declared until stop 37
+            raise TypeError(f"{cls.__name__}.own_needs: a method's needs are declared by its config class now "
+                            f"(define own_needs on {cls.config_class.__name__}, reading self.<setting>), so the "
+                            "driver can read them without building the method")
 
     # -- what the method declares -----------------------------------------------------------
-
-    def own_needs(self) -> Needs:
-        return Needs()
 
     def own_network(self, model: nn.Module, model_name: str, tap_shapes: dict) -> nn.Module:
         """The network this method trains, built around a registered model (default: itself)."""

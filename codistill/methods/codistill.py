@@ -24,7 +24,6 @@ class CodistillConfig(DistillConfig):
     min_peers: ClassVar[int] = 2
     takes_top_k: ClassVar[bool] = True
     composable: ClassVar[bool] = False  # it shapes the exchange (rounds)
-    exchanges_in_rounds: ClassVar[bool] = True
     burn_in: int = 0
     """Steps trained with cross-entropy only, before any exchange (the paper's burn-in)."""
     period: int = 50
@@ -44,14 +43,13 @@ class CodistillConfig(DistillConfig):
         check(self.max_staleness >= 0, "max_staleness", f"must be >= 0, got {self.max_staleness}")
         check(self.wait_timeout_s > 0, "wait_timeout_s", f"must be > 0, got {self.wait_timeout_s}")
 
+    def own_needs(self) -> Needs:
+        return Needs(rounds=RoundSpec(self.period, self.max_staleness, self.publish, self.burn_in, self.wait_timeout_s))
+
 
 @register_method("codistill")
 class Codistill(Method):
     config_class = CodistillConfig
-
-    def own_needs(self) -> Needs:
-        c = self.config
-        return Needs(rounds=RoundSpec(c.period, c.max_staleness, c.publish, c.burn_in, c.wait_timeout_s))
 
     def distill_weight(self, step: int) -> float:
         if step < self.config.burn_in:

@@ -50,7 +50,6 @@ CRD_MODULE = "crd"
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CRDConfig(SourcedConfig):
-    reads_feature_taps: ClassVar[bool] = True
     term: ClassVar[str] = "CRD"
     student_tap: str = "penultimate"
     """The student's features the embedding head reads (the pooled vector before the classifier)."""

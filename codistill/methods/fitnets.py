@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codistill.errors import check
-from codistill.methods.base import Needs, StagedTerm, TeacherTapConfig, register_method
+from codistill.methods.base import StagedTerm, TeacherTapConfig, register_method
 
 REGRESSORS = "fitnets_regressor"
 
@@ -68,10 +68,6 @@ class Regressor(nn.Module):
 class FitNets(StagedTerm):
     config_class = FitNetsConfig
     term = "hint"
-
-    def own_needs(self) -> Needs:
-        return Needs(taps=frozenset([self.config.student_tap]), teacher=True,
-                     teacher_taps=frozenset([self.config.teacher_tap]))
 
     def own_network(self, model, model_name, tap_shapes):
         # The regressor is trained with the student, so it lives in the student's network (and

@@ -22,7 +22,6 @@ from codistill.methods.base import MethodConfig, Needs, StagedTerm, register_met
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FSPConfig(MethodConfig):
     can_use_teacher: ClassVar[bool] = True
-    reads_feature_taps: ClassVar[bool] = True
     pairs: tuple[tuple[str, ...], ...]
     """Pairs of feature taps, each a [first, second] whose flow matrix is matched."""
     weight: float = 1.0
@@ -37,12 +36,12 @@ class FSPConfig(MethodConfig):
             check(len(pair) == 2, f"pairs.{i}", f"a pair names two taps, got {list(pair)}")
 
     @property
-    def uses_teacher(self) -> bool:
-        return True
-
-    @property
     def taps(self) -> list[str]:
         return sorted({tap for pair in self.pairs for tap in pair})
+
+    def own_needs(self) -> Needs:
+        taps = frozenset(self.taps)
+        return Needs(taps=taps, teacher=True, teacher_taps=taps)
 
     def check(self, peers, teacher) -> None:
         MethodConfig.check(self, peers, teacher)
@@ -54,10 +53,6 @@ class FSPConfig(MethodConfig):
 class FSP(StagedTerm):
     config_class = FSPConfig
     term = "fsp"
-
-    def own_needs(self) -> Needs:
-        taps = frozenset(self.config.taps)
-        return Needs(taps=taps, teacher=True, teacher_taps=taps)
 
     def own_network(self, model, model_name, tap_shapes):
         for tap in self.config.taps:

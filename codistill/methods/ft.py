@@ -33,7 +33,6 @@ TRANSLATOR = "ft_translator"
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FTConfig(MethodConfig):
     can_use_teacher: ClassVar[bool] = True
-    reads_feature_taps: ClassVar[bool] = True
     student_tap: str
     """The student's last feature map (a tap of its model, e.g. `conv3`, `stage3`)."""
     teacher_tap: str
@@ -55,9 +54,9 @@ class FTConfig(MethodConfig):
         check(self.paraphraser_steps >= 1, "paraphraser_steps", f"must be >= 1, got {self.paraphraser_steps}")
         check(self.paraphraser_lr > 0, "paraphraser_lr", f"must be > 0, got {self.paraphraser_lr}")
 
-    @property
-    def uses_teacher(self) -> bool:
-        return True
+    def own_needs(self) -> Needs:
+        return Needs(taps=frozenset([self.student_tap]), teacher=True, teacher_taps=frozenset([self.teacher_tap]),
+                     teacher_stages=(ParaphraserStage(self),))
 
     def check(self, peers, teacher) -> None:
         MethodConfig.check(self, peers, teacher)
@@ -160,11 +159,9 @@ class ParaphraserStage(TeacherStage):
 class FactorTransfer(Method):
     config_class = FTConfig
 
-    def own_needs(self) -> Needs:
-        c = self.config
-        self.stage = ParaphraserStage(c)
-        return Needs(taps=frozenset([c.student_tap]), teacher=True, teacher_taps=frozenset([c.teacher_tap]),
-                     teacher_stages=(self.stage,))
+    def __init__(self, config, top_k=None):
+        super().__init__(config, top_k)
+        self.stage = next(s for s in self.needs.teacher_stages if isinstance(s, ParaphraserStage))
 
     def own_network(self, model, model_name, tap_shapes):
         # The translator trains with the student: in its network, optimizer and checkpoints. The

@@ -38,9 +38,8 @@ class KDConfig(MethodConfig):
         check(self.noise_std >= 0, "noise_std", f"must be >= 0, got {self.noise_std}")
         check(0 <= self.noise_prob <= 1, "noise_prob", f"must be in [0, 1], got {self.noise_prob}")
 
-    @property
-    def uses_teacher(self) -> bool:
-        return True
+    def own_needs(self) -> Needs:
+        return Needs(teacher=True)
 
 
 def perturb_logits(logits: torch.Tensor, std: float, prob: float, generator: torch.Generator) -> torch.Tensor:
@@ -54,9 +53,6 @@ def perturb_logits(logits: torch.Tensor, std: float, prob: float, generator: tor
 @register_method("kd")
 class KD(Method):
     config_class = KDConfig
-
-    def own_needs(self) -> Needs:
-        return Needs(teacher=True)
 
     def distill_terms(self, s):
         c = self.config

@@ -46,6 +46,7 @@ class OverhaulConfig(TapTargetsConfig):
     """`taps`: the student's pre-ReLU taps, shallow to deep (e.g. `[conv1.pre, conv2.pre, conv3.pre]`)."""
 
     term: ClassVar[str] = "the overhaul"
+    reads_teacher_norms: ClassVar[bool] = True  # the margins come from the BN before each tap
     weight: float = 1e-3
     """λ: weight of the distillation term (1e-3 the authors' CIFAR setting)."""
 
@@ -78,9 +79,6 @@ def _key(tap: str) -> str:
 @register_method("overhaul")
 class Overhaul(SourcedMethod):
     config_class = OverhaulConfig
-
-    def own_needs(self):
-        return self.source_needs(teacher_norms=True)  # the margins come from the BN before each tap
 
     def own_network(self, model, model_name, tap_shapes):
         # One connector per tap for every target: to the teacher's channels, or to its own between peers.

@@ -35,6 +35,10 @@ class PeerMethodConfig(DistillConfig):
     def trains_one_network(self) -> bool:
         return self.branches >= 2
 
+    def own_needs(self) -> Needs:
+        # Branches of one network see each other in its own forward pass: nothing to exchange.
+        return Needs(peers=not self.trains_one_network)
+
     def check(self, peers, teacher) -> None:
         if self.branches < 1:
             raise ConfigError("method.branches", f"must be >= 1, got {self.branches}")
@@ -70,8 +74,6 @@ class PeerMethod(Method):
         self.branched = config.trains_one_network
         super().__init__(config, top_k)
 
-    def own_needs(self) -> Needs:
-        return Needs(peers=not self.branched)
 
     # -- one peer (a worker's, or a branch's) ------------------------------------------------
 

@@ -42,10 +42,23 @@ class SourcedConfig(MethodConfig):
     def uses_teacher(self) -> bool:
         return self.source == "teacher"
 
+    reads_teacher_norms: ClassVar[bool] = False
+    """The teacher's batch norms before its taps are read too (the overhaul's margins)."""
+
     @property
     def tap_pairs(self) -> tuple[tuple[str, str], ...]:
         """(own tap, the teacher's tap compared with it), in the method's order (none: logits only)."""
         return ()
+
+    def own_needs(self) -> Needs:
+        """The own taps, and the teacher with its paired taps (and the batch norms before them)
+        or the other peers' payloads every step."""
+        own = frozenset(own for own, _ in self.tap_pairs)
+        if not self.uses_teacher:
+            return Needs(taps=own, peers=True)
+        theirs = frozenset(t for _, t in self.tap_pairs)
+        return Needs(taps=own, teacher=True, teacher_taps=theirs,
+                     teacher_norms=theirs if self.reads_teacher_norms else frozenset())
 
     def check(self, peers, teacher) -> None:
         MethodConfig.check(self, peers, teacher)
@@ -63,7 +76,6 @@ class SourcedConfig(MethodConfig):
 class TapTargetsConfig(SourcedConfig):
     """Feature taps compared pairwise with the target's (attention transfer, the overhaul)."""
 
-    reads_feature_taps: ClassVar[bool] = True
     taps: tuple[str, ...]
     """The peer's feature taps the term compares (e.g. `[conv2, conv3]`)."""
     teacher_taps: tuple[str, ...] = ()
@@ -86,7 +98,7 @@ class TapTargetsConfig(SourcedConfig):
 class SourcedMethod(Method):
     """A method whose targets come from its config's `source`. Subclasses give `peer_payload`
     (and `teacher_target` when the teacher's form differs from a peer's), and read
-    `targets(s)`; `source_needs`, `target_shapes`/`matched_shapes` and `hold_per_target` answer
+    `targets(s)`; `target_shapes`/`matched_shapes` and `hold_per_target` answer
     the other questions whose answer depends on the source."""
 
     config_class = SourcedConfig
@@ -104,18 +116,6 @@ class SourcedMethod(Method):
         return self.peer_payload(teacher.get("logits"), teacher, taps)
 
     # -- what the base answers by source ----------------------------------------------------
-
-    def source_needs(self, teacher_norms: bool = False) -> Needs:
-        """The own taps, and the teacher with its paired taps (and the batch norms before them,
-        `teacher_norms`) or the other peers' payloads every step."""
-        own = frozenset(own for own, _ in self.config.tap_pairs)
-        if not self.config.uses_teacher:
-            return Needs(taps=own, peers=True)
-        theirs = frozenset(t for _, t in self.config.tap_pairs)
-        return Needs(taps=own, teacher=True, teacher_taps=theirs, teacher_norms=theirs if teacher_norms else frozenset())
-
-    def own_needs(self) -> Needs:
-        return self.source_needs()
 
     def own_payload(self, logits, outputs, taps):
         # From a teacher the targets are the teacher's: nothing of this peer is anyone's target.
