@@ -174,17 +174,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from codistill.experiments.compare_report import MARKDOWN_FILE, PLOT_FILE
     from codistill.engine.run import connect_ray
 
-    overrides = _overrides(args)
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, _overrides(args) + ([f"ray.address={args.address}"] if args.address else []))
     if args.tune is not None and args.tune < 1:
         raise ConfigError("--tune", f"is the number of trials per method, >= 1; got {args.tune}")
     if args.backend == "ray" or args.tune:
         connect_ray(cfg.ray.address, log_to_driver=args.ray_logs)
     try:
         result = compare(cfg, args.methods, args.seeds, args.backend, args.tune or 0,
-                         log=lambda text: print(text, flush=True), baseline=args.baseline, fresh=args.fresh)
+                         log=lambda text: print(text, flush=True), baseline=args.baseline, fresh=args.fresh,
+                         target=args.target)
     except (KeyboardInterrupt, SystemExit) as stop:
         print(f"{_how_stopped(stop)}: finished cells are kept; re-run the same command to go on.", file=sys.stderr,
               flush=True)
@@ -307,20 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("compare", help="several methods x seeds under one recipe: paired differences to a baseline",
-                       parents=[imports])
+    p = sub.add_parser("compare", help="methods x seeds under one recipe: paired differences to a baseline", parents=[imports])
     p.add_argument("config", help="the shared recipe: peers, data, steps, optimizer (its method is replaced)")
-    p.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
-                   help="registered names, with settings after a colon: dml kdcl:variant=min_logit one:branches=3")
+    p.add_argument("--methods", nargs="+", required=True, metavar="METHOD", help="registered names, with settings "
+                   "after a colon: dml kdcl:variant=min_logit one:branches=3; data_parallel: one model on all workers")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="seeds of every method: a seed fixes every peer's initial weights and batches (default 0 1 2)")
     p.add_argument("--tune", type=int, metavar="N",
                    help="first give every method N Ray Tune trials on a validation split, then run the seeds at its best")
     p.add_argument("--baseline", metavar="METHOD",
                    help="the method every other is paired with by seed (default: the first of --methods)")
-    p.add_argument("--fresh", action="store_true",
-                   help="discard stored cells and tunings that were made with another config, and run them again "
-                        "(without it such a command stops before running anything)")
+    p.add_argument("--target", type=float, metavar="Q", help="report steps, examples, seconds to reach this quality "
+                   "(accuracy as a fraction, or bits per token; default: the data_parallel arm's final)")
+    p.add_argument("--fresh", action="store_true", help="discard stored cells and tunings that were made with "
+                   "another config, and run them again (without it such a command stops before running anything)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the recipe")
     p.add_argument("--backend", choices=["ray", "local"], default="local",
                    help="how the seeds' runs train their peers (default local; tuning trials run their peers as "

@@ -84,13 +84,17 @@ def test_method_specs_and_their_errors():
 
 
 def test_every_method_is_tuned_over_the_same_kind_of_space():
-    base = {"peers": [{"optimizer": {"lr": 0.01}}]}
-    assert set(search_space(parse_method("independent"), base)) == {"peers.*.optimizer.lr", "peers.*.optimizer.schedule"}
+    base = {"peers": [{"model": "mnist1d_cnn", "optimizer": {"lr": 0.01}}] * 2, "data": {"batch_size": 100}}
+    every = {"peers.*.optimizer.lr", "peers.*.optimizer.schedule", "train.label_smoothing"}
+    assert set(search_space(parse_method("independent"), base)) == every
     for method in ("dml", "kdcl", "okddip", "pcl", "one", "codistill"):
-        assert set(search_space(parse_method(method), base)) == {
-            "peers.*.optimizer.lr", "peers.*.optimizer.schedule", "method.temperature", "method.weight"}
+        assert set(search_space(parse_method(method), base)) == every | {"method.temperature", "method.weight"}
+    # data_parallel: the same space, around its own recipe point (Adam: the peers' lr × √K)
+    space = search_space(parse_method("data_parallel"), base)
+    assert set(space) == every and space["peers.*.optimizer.lr"] == f"loguniform({0.01 * 2 ** 0.5 / 4:.6g}, {0.01 * 2 ** 0.5 * 4:.6g})"
     # a value fixed on the command line is not searched
     assert "method.temperature" not in search_space(parse_method("dml:temperature=1"), base)
+    assert "train.label_smoothing" not in search_space(parse_method("data_parallel:train.label_smoothing=0.1"), base)
 
 
 def test_the_validation_split_is_held_out_of_training_and_the_same_every_time():
@@ -125,7 +129,7 @@ def test_tuning_gives_each_method_its_trials_and_the_seeds_run_at_its_best(ray_l
     # values, and a trial is the mean of two seeds' runs.
     dml = json.loads((tmp_path / "compare_mnist1d/tuned/dml.json").read_text())
     assert dml["default_params"] == {"peers.*.optimizer.lr": 0.01, "peers.*.optimizer.schedule": "constant",
-                                     "method.temperature": 1.0, "method.weight": 1.0}
+                                     "method.temperature": 1.0, "method.weight": 1.0, "train.label_smoothing": 0.0}
     assert dml["default_objective"] is not None and dml["seeds_per_trial"] == 2
     trials = pq.read_table(tmp_path / "compare_mnist1d.dml.tune/trials.parquet").to_pylist()
     assert any(t["param:method.temperature"] == 1.0 and t["param:peers.*.optimizer.lr"] == 0.01 for t in trials)
@@ -226,3 +230,91 @@ def test_a_methods_value_that_is_not_yaml_is_one_line_and_lists_are_values():
     assert spec.settings == {"taps": ["conv2", "conv3"], "weight": 2}
     with pytest.raises(ConfigError, match=r"the value of 'variant' is not valid YAML"):
         parse_method("kdcl:variant=[mean")
+
+
+def test_data_parallel_is_one_model_on_all_the_groups_workers_with_their_summed_batch(tmp_path):
+    """The arm a user with K·M workers has besides K peers on M each: one model, the K peers'
+    workers, batches and resources summed, its recipe's lr scaled by the stated rule."""
+    from codistill.config import to_dict
+    from codistill.experiments.cells import cell_config
+
+    base = to_dict(small_config(tmp_path, "ray.workers_per_peer=2", "ray.resources_per_peer={CPU: 1.5}",
+                                "peers.0.optimizer.lr=0.01", "peers.1.optimizer.lr=0.01", base="configs/codistill_mnist1d.yaml"))
+    cell = cell_config(base, parse_method("data_parallel"), None, 3, "c")
+    assert (cell.method.name, len(cell.peers), cell.peers[0].model) == ("independent", 1, base["peers"][0]["model"])
+    assert cell.data.batch_size == 2 * base["data"]["batch_size"]
+    assert (cell.ray.workers_per_peer, cell.ray.resources_per_peer) == (4, {"CPU": 3.0})
+    assert cell.peers[0].optimizer.lr == pytest.approx(0.01 * 2 ** 0.5)  # Adam: √K
+    assert (cell.seed, cell.name) == (3, "c.data_parallel.seed3")
+    sgd = to_dict(small_config(tmp_path, "peers.*.optimizer={name: sgd, lr: 0.1}", base="configs/codistill_mnist1d.yaml"))
+    assert cell_config(sgd, parse_method("data_parallel"), None, 0, "c").peers[0].optimizer.lr == pytest.approx(0.2)
+    # What it cannot be, said in one line.
+    with pytest.raises(ConfigError, match="the peers must be one model"):
+        cell_config(to_dict(small_config(tmp_path, "peers.1.model=mnist1d_mlp")), parse_method("data_parallel"), None, 0, "c")
+    with pytest.raises(ConfigError, match="no method settings"):
+        parse_method("data_parallel:temperature=2")
+    with pytest.raises(ConfigError, match=r"registered methods: .* \(and data_parallel"):
+        parse_method("data_paralel")
+
+
+@pytest.mark.ray
+def test_data_parallel_on_ray_is_ddp_over_the_groups_workers_and_steps_as_the_local_runner(ray_local, tmp_path):
+    """One SGD step of the `data_parallel` arm: on Ray two DDP workers each take half of the global
+    batch and average their gradients; the local runner takes the gradient of the mean over the
+    whole batch in one process. The same gradient, so the same weights after the step."""
+    from codistill.config import to_dict
+    from codistill.engine.checkpoint import checkpoint_folders, from_bytes
+    from codistill.engine.run import train
+    from codistill.experiments.cells import cell_config
+
+    base = to_dict(small_config(tmp_path, "train.steps=1", "train.eval_every=1", "train.checkpoint_every=1",
+                                "peers.*.optimizer={name: sgd, lr: 0.5, momentum: 0.0}", "data.augment=false"))
+    weights = {}
+    for backend in ("local", "ray"):
+        cell = cell_config(base, parse_method("data_parallel"), None, 0, f"dp-{backend}")
+        assert cell.ray.workers_per_peer == 2 and cell.data.batch_size == 2 * base["data"]["batch_size"]
+        result = train(cell, backend)
+        step, folder = checkpoint_folders(result.storage)[-1]
+        assert step == 1
+        weights[backend] = from_bytes(result.storage.read_bytes(f"{folder}/peer0.pt"))["model"]
+    assert weights["ray"].keys() == weights["local"].keys()
+    for name, w in weights["local"].items():
+        torch.testing.assert_close(weights["ray"][name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_steps_to_target_are_the_first_evaluation_past_it_paired_by_seed_and_a_miss_is_reported():
+    from codistill.experiments import speed
+
+    def row(method, seed, metric, models=2, batch=100):
+        return {"method": method, "seed": seed, "curve_step": [100, 200, 300], "curve_metric": metric,
+                "curve_seconds": [1.0, 2.0, 3.0], "curve_lower_is_better": False, "examples_per_step": batch,
+                "models": models}
+    rows = [row("data_parallel", 0, [0.5, 0.8, 0.9], 1, 200), row("data_parallel", 1, [0.6, 0.85, 0.88], 1, 200),
+            row("codistill", 0, [0.7, 0.9, 0.95]), row("codistill", 1, [0.5, 0.6, 0.7])]
+    target = speed.default_target(rows, "data_parallel")
+    assert target == pytest.approx(0.89)
+    speed.reach(rows, target)
+    assert [r["target_step"] for r in rows] == [300, None, 200, None]
+    assert (rows[0]["target_examples_per_model"], rows[0]["target_examples_total"]) == (60_000, 60_000)
+    assert (rows[2]["target_examples_per_model"], rows[2]["target_examples_total"], rows[2]["target_seconds"]) == (20_000, 40_000, 2.0)
+    summary = {e["method"]: e for e in speed.paired_steps(rows, "data_parallel")}
+    assert (summary["codistill"]["reached"], summary["codistill"]["paired"], summary["codistill"]["diff"]) == (1, 1, -100)
+    text = "\n".join(speed.markdown_section(rows, target, "test", "data_parallel"))
+    assert "| codistill | 1/2 | 200 | 20,000 | 40,000 | 2.0 | -100 [n/a: 1 seed] over 1 seeds (no resolvable effect) |" in text
+    # Lower is better for bits per token.
+    bits = [{**row("a", 0, [3.0, 2.5, 2.0]), "curve_lower_is_better": True}]
+    speed.reach(bits, 2.4)
+    assert bits[0]["target_step"] == 300
+
+
+def test_a_comparison_with_data_parallel_reports_steps_to_its_final_quality(tmp_path):
+    cfg = tiny(tmp_path, "name=dp")
+    result = compare(cfg, ["data_parallel", "independent"], [0, 1], log=lambda *_: None)
+    rows = result.table.to_pylist()
+    final = [r["curve_metric"][-1] for r in rows if r["method"] == "data_parallel"]
+    assert all(r["curve_step"] == [30, 60] for r in rows) and final == [r["last_mean"] for r in rows[:2]]
+    assert "steps to reach" in result.markdown and "data_parallel's own final quality" in result.markdown
+    # The data-parallel arm trains one model on the summed batch: the same examples in total per step.
+    assert {(r["method"], r["models"], r["examples_per_step"]) for r in rows} == {
+        ("data_parallel", 1, 2 * cfg.data.batch_size), ("independent", 2, cfg.data.batch_size)}
+    assert result.storage.exists("compare.png")

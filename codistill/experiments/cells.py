@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -15,10 +16,25 @@ import yaml
 from codistill.config import ExperimentConfig, build_dataclass, first_difference, load_config, set_path, to_dict
 from codistill.config.method import METHOD_CONFIGS, MethodConfig
 from codistill.errors import ConfigError
+from codistill.experiments.speed import curve
 from codistill.records import read_records
 from codistill.storage import RunStorage
 
 FIGURES = ("first", "best", "mean", "ensemble", "churn")
+
+DATA_PARALLEL = "data_parallel"
+"""Not a method but the alternative its workers have: ONE model trained on all the workers of
+the group (K peers × each peer's workers), its batch the sum of the peers' batches. On Ray that
+is one Ray Train run doing DDP over those workers; on the local runner one peer with that batch,
+the same arithmetic in one process (the gradient of the mean over the global batch). It learns
+with the cross-entropy alone (`independent`), with peer 0's model and optimizer; its recipe's
+learning rate is the peers' scaled by the group size K (`DATA_PARALLEL_LR_RULE`), and `--tune`
+searches around that point exactly as around every method's."""
+
+DATA_PARALLEL_LR_RULE = {"adam": "sqrt", "adamw": "sqrt", "sgd": "linear"}
+"""How the recipe's learning rate grows with the K-fold batch: √K for the adaptive optimizers
+(the square-root rule: the gradient noise's scale falls as √K), K for SGD (the linear rule of
+Goyal et al., 2017)."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +55,9 @@ def parse_method(text: str) -> MethodSpec:
     `taps=[conv2,conv3]` — a comma inside brackets belongs to the value)."""
     name, _, rest = text.partition(":")
     registered = ", ".join(METHOD_CONFIGS.names())
-    if name not in METHOD_CONFIGS:
-        raise ConfigError("--methods", f"{text!r}: no method {name!r}; registered methods: {registered}")
+    if name not in METHOD_CONFIGS and name != DATA_PARALLEL:
+        raise ConfigError("--methods", f"{text!r}: no method {name!r}; registered methods: {registered} "
+                                       f"(and {DATA_PARALLEL}: one model on all the group's workers)")
     settings = {}
     for item in filter(None, _top_level_split(rest)):
         key, eq, value = item.partition("=")
@@ -52,6 +69,9 @@ def parse_method(text: str) -> MethodSpec:
             problem = str(getattr(err, "problem", None) or "not valid YAML")
             raise ConfigError("--methods", f"{text!r}: the value of {key.strip()!r} is not valid YAML ({problem}): "
                               f"{value!r}; e.g. 3, mean, [conv2, conv3]") from None
+    if name == DATA_PARALLEL and any("." not in key for key in settings):
+        raise ConfigError("--methods", f"{text!r}: {DATA_PARALLEL} is not a method and has no method settings; "
+                                       "it takes dotted config settings only, e.g. data_parallel:train.label_smoothing=0.1")
     return MethodSpec(text, name, settings)
 
 
@@ -69,7 +89,7 @@ def _top_level_split(text: str) -> list[str]:
 
 
 def method_section(spec: MethodSpec, tuned: dict) -> dict:
-    section = {"name": spec.name, **{k: v for k, v in spec.settings.items() if "." not in k}}
+    section = {"name": method_name(spec), **{k: v for k, v in spec.settings.items() if "." not in k}}
     for key, value in tuned.items():
         if key.startswith("method."):
             section[key[len("method."):]] = value
@@ -82,11 +102,42 @@ def cell_data(base: dict, spec: MethodSpec, tuned: dict) -> dict:
     data = copy.deepcopy(base)
     data["method"] = method_section(spec, tuned)
     data.pop("tune", None)
-    if one_network_method(data):
+    if spec.name == DATA_PARALLEL:
+        data = one_model_on_all_workers(data)
+    elif one_network_method(data):
         data["peers"] = data["peers"][:1]
     for key, value in [*tuned.items(), *((k, v) for k, v in spec.settings.items() if "." in k)]:
         if not key.startswith("method."):
             set_path(data, key, value)  # a tuned value, or a dotted setting of the recipe: codistill:exchange.top_k=8
+    return data
+
+
+def method_name(spec: MethodSpec) -> str:
+    """The registered method a cell of `spec` trains with."""
+    return "independent" if spec.name == DATA_PARALLEL else spec.name
+
+
+def one_model_on_all_workers(data: dict) -> dict:
+    """The `data_parallel` arm of a config (see `DATA_PARALLEL`): its K peers' workers, batches
+    and resources given to one model, peer 0's."""
+    peers, ray = data["peers"], data.get("ray") or {}
+    if len({(p["model"], yaml.safe_dump(p.get("model_args") or {})) for p in peers}) > 1:
+        raise ConfigError("peers", f"{DATA_PARALLEL} trains one model on all the workers: the peers must be one "
+                                   f"model, got {', '.join(p['model'] for p in peers)}")
+    k = len(peers)
+    workers = [p.get("workers") or ray.get("workers_per_peer", 1) for p in peers]
+    resources: dict[str, float] = {}
+    for p in peers:
+        for name, amount in (p.get("resources") or ray.get("resources_per_peer") or {}).items():
+            resources[name] = resources.get(name, 0) + amount
+    one = copy.deepcopy(peers[0])
+    one["workers"], one["resources"] = None, None
+    optimizer = one.setdefault("optimizer", {})
+    rule = DATA_PARALLEL_LR_RULE[optimizer.get("name", "adam")]
+    optimizer["lr"] = optimizer.get("lr", 1e-2) * (math.sqrt(k) if rule == "sqrt" else k)
+    data["peers"] = [one]
+    data["data"]["batch_size"] = data["data"].get("batch_size", 100) * k
+    data["ray"] = {**ray, "workers_per_peer": sum(workers), "resources_per_peer": resources or None}
     return data
 
 
@@ -96,13 +147,16 @@ def one_network_method(data: dict) -> bool:
 
 
 def search_space(spec: MethodSpec, base: dict) -> dict[str, str]:
-    """The same kind of space for every method: learning rate (÷4 … ×4 the config's) and
-    schedule for all; temperature and weight where the method has them and the command line
-    did not fix them."""
-    lr = base["peers"][0]["optimizer"]["lr"]
+    """The same kind of space for every method: learning rate (÷4 … ×4 the config's), schedule
+    and label smoothing (0 … 0.2: the regularisation baseline, Sinha et al. 2021, so a gain that
+    is only regularisation shows as such) for all; temperature and weight where the method has
+    them. What the command line fixes is not searched."""
+    lr = (one_model_on_all_workers(copy.deepcopy(base)) if spec.name == DATA_PARALLEL else base)["peers"][0]["optimizer"]["lr"]
     space = {"peers.*.optimizer.lr": f"loguniform({lr / 4:.6g}, {lr * 4:.6g})",
              "peers.*.optimizer.schedule": "choice(['constant', 'cosine'])"}
-    fields = {f.name for f in dataclasses.fields(METHOD_CONFIGS.get(spec.name, "--methods"))}
+    if "train.label_smoothing" not in spec.settings:
+        space["train.label_smoothing"] = "uniform(0, 0.2)"
+    fields = {f.name for f in dataclasses.fields(METHOD_CONFIGS.get(method_name(spec), "--methods"))}
     if "temperature" in fields and "temperature" not in spec.settings:
         space["method.temperature"] = "loguniform(1, 8)"
     if "weight" in fields and "weight" not in spec.settings:
@@ -114,9 +168,9 @@ def search_space(spec: MethodSpec, base: dict) -> dict[str, str]:
 # Figures of one finished run
 
 
-def run_figures(storage: RunStorage, steps: int) -> dict | None:
+def run_figures(storage: RunStorage, steps: int, cell: ExperimentConfig | None = None) -> dict | None:
     """The group's figures at the last evaluation and at the best one, or None when the run
-    has not reached `steps`."""
+    has not reached `steps`; with the `cell` it ran, its curve too (`speed.curve`)."""
     try:
         table = read_records(storage)
     except FileNotFoundError:
@@ -140,6 +194,8 @@ def run_figures(storage: RunStorage, steps: int) -> dict | None:
     sent = [r["bytes_sent"] for r in records if r["split"] == "train" and r.get("bytes_sent")]
     if sent:
         extra["bytes_per_round"] = statistics.mean(sent)
+    if cell is not None:
+        extra.update(curve(records, cell.data.batch_size, len(cell.peers)))
     return {**{f"last_{k}": v for k, v in figures(last).items()},
             **{f"bestevaluation_{k}": v for k, v in figures(best).items()},
             "best_step": best["step"], "last_step": last["step"], **extra}

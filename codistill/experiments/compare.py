@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 
 from codistill.config import ExperimentConfig, first_difference, load_config, to_dict
 from codistill.errors import ConfigError, RunError
-from codistill.experiments.cells import (TUNE_SEEDS, MethodSpec, cell_config, cell_data, cell_name, one_network_method,
+from codistill.experiments import speed
+from codistill.experiments.cells import (DATA_PARALLEL, TUNE_SEEDS, MethodSpec, cell_config, cell_data, cell_name, one_network_method,
                                          parse_method, refuse_or_forget, run_figures, search_space,
                                          stored_cell_difference, what_it_trains)
 from codistill.experiments.compare_report import MARKDOWN_FILE, markdown_table, plot_comparison
@@ -113,7 +114,10 @@ class Comparison:
 
 
 def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend: str = "local",
-            tune_trials: int = 0, log=print, baseline: str | None = None, fresh: bool = False) -> Comparison:
+            tune_trials: int = 0, log=print, baseline: str | None = None, fresh: bool = False,
+            target: float | None = None) -> Comparison:
+    """`target`: the quality whose steps-to-reach are reported (accuracy as a fraction, or bits
+    per token); default the `data_parallel` arm's own final quality when it is compared."""
     from codistill.engine.run import CONFIG_FILE, train_connected
 
     specs = [parse_method(m) for m in methods]
@@ -168,10 +172,10 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
         for seed in seeds:
             cell = cell_config(base, spec, tuning, seed, cfg.name)
             run_storage = RunStorage(storage_path, cell.name)
-            figures = run_figures(run_storage, cell.train.steps)
+            figures = run_figures(run_storage, cell.train.steps, cell)
             if figures is None:
                 train_connected(cell, backend)
-                figures = run_figures(run_storage, cell.train.steps)
+                figures = run_figures(run_storage, cell.train.steps, cell)
                 if figures is None:
                     raise RunError(f"{cell.name} ended without its final evaluation")
             else:
@@ -184,6 +188,13 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
             log(f"{spec.label} seed {seed}: mean member {100 * figures['last_mean']:.2f}%, "
                 f"ensemble {100 * figures['last_ensemble']:.2f}%")
     differences = paired_differences(rows, baseline)
+    reaching = None
+    if target is None and DATA_PARALLEL in [s.name for s in specs]:
+        arm = next(s.label for s in specs if s.name == DATA_PARALLEL)
+        target, reaching = speed.default_target(rows, arm), f"{arm}'s own final quality, the mean over its seeds"
+    if target is not None:
+        speed.reach(rows, target)
+        reaching = (reaching or "--target", target)
     # Every column any row has (from_pylist reads the first row's keys only: a codistillation
     # row's bytes per round would vanish behind an independent first row).
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -191,9 +202,9 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(TABLE_FILE, buffer.getvalue())
-    markdown = markdown_table(rows, cfg, tune_trials, differences, baseline)
+    markdown = markdown_table(rows, cfg, tune_trials, differences, baseline, reaching)
     storage.write_bytes(MARKDOWN_FILE, markdown.encode())
-    plot_comparison(rows, differences, baseline, storage)
+    plot_comparison(rows, differences, baseline, storage, target)
     return Comparison(table, markdown, storage, differences)
 
 

@@ -8,6 +8,7 @@ import json
 import statistics
 
 from codistill.config import ExperimentConfig
+from codistill.experiments import speed
 from codistill.experiments.cells import FIGURES, TUNE_SEEDS
 from codistill.experiments.paired import PAIRED, difference_text, resolving_seeds
 from codistill.storage import RunStorage
@@ -26,14 +27,15 @@ def mean_std(values: list[float], scale: float = 100, digits: int = 2) -> str:
 def _tuned_text(tuned: str) -> str:
     params = json.loads(tuned)
     short = {"peers.*.optimizer.lr": "lr", "peers.*.optimizer.schedule": "", "method.temperature": "T",
-             "method.weight": "w"}
+             "method.weight": "w", "train.label_smoothing": "ls"}
     parts = [f"{short.get(k, k)}={v:.3g}" if isinstance(v, float) else (v if short.get(k) == "" else f"{short.get(k, k)}={v}")
              for k, v in params.items()]
     return " ".join(parts)
 
 
 def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int, differences: list[dict] | None = None,
-                   baseline: str | None = None) -> str:
+                   baseline: str | None = None, reaching: tuple[str, float] | None = None) -> str:
+    """`reaching`: (where the target came from, the target) for the steps-to-target table."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
     peers = " + ".join(p.model for p in cfg.peers)
@@ -74,12 +76,17 @@ def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int, di
             cells = " | ".join(mean_std([r[f"bits_{k}"] for r in mine], scale=1, digits=3) for k in ("first", "best", "mean", "ensemble"))
             sent = [r["bytes_per_round"] for r in mine if r.get("bytes_per_round")]
             lines.append(f"| {method} | {cells} | {f'{statistics.mean(sent):,.0f}' if sent else '—'} |")
+    if reaching is not None and all(r.get("curve_step") for r in rows):
+        source, target = reaching
+        lines += speed.markdown_section(rows, target, source, baseline or rows[0]["method"])
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(rows: list[dict], differences: list[dict], baseline: str, storage: RunStorage) -> None:
-    """Left: each method's paired differences to the baseline (per seed, and the mean with its
-    95% interval) around 0; right: the accuracies themselves."""
+def plot_comparison(rows: list[dict], differences: list[dict], baseline: str, storage: RunStorage,
+                    target: float | None = None) -> None:
+    """Top left: each method's paired differences to the baseline (per seed, and the mean with
+    its 95% interval) around 0; top right: the accuracies themselves; below, each method's
+    curve against steps, examples and seconds (mean over seeds, band from lowest to highest)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +94,12 @@ def plot_comparison(rows: list[dict], differences: list[dict], baseline: str, st
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     others = [e["method"] for e in differences]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(methods) + 4), 4.0))
+    curves = all(r.get("curve_step") for r in rows)
+    fig = plt.figure(figsize=(max(12.0 if curves else 8.0, 1.2 * len(methods) + 4), 8.5 if curves else 4.0),
+                     layout="constrained")  # a 2-column row above a 3-column one
+    left, right = fig.add_subplot(2 if curves else 1, 2, 1), fig.add_subplot(2 if curves else 1, 2, 2)
+    if curves:
+        speed.plot_curves([fig.add_subplot(2, 3, 4 + i) for i in range(3)], rows, target)
     for i, entry in enumerate(differences):
         for k, figure in enumerate(("mean", "ensemble")):
             x = i + (k - 0.5) * 0.3
@@ -113,7 +125,6 @@ def plot_comparison(rows: list[dict], differences: list[dict], baseline: str, st
     right.set_ylabel("mean member test accuracy (%)")
     right.set_title("last step, mean ± std over seeds")
     right.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
