@@ -188,13 +188,14 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
             log(f"{spec.label} seed {seed}: mean member {100 * figures['last_mean']:.2f}%, "
                 f"ensemble {100 * figures['last_ensemble']:.2f}%")
     differences = paired_differences(rows, baseline)
-    reaching = None
+    source = "--target"
     if target is None and DATA_PARALLEL in [s.name for s in specs]:
         arm = next(s.label for s in specs if s.name == DATA_PARALLEL)
-        target, reaching = speed.default_target(rows, arm), f"{arm}'s own final quality, the mean over its seeds"
+        target, source = speed.default_target(rows, arm), f"{arm}'s own final quality, the mean over its seeds"
+    reaching = None  # (where the target came from, the target)
     if target is not None:
         speed.reach(rows, target)
-        reaching = (reaching or "--target", target)
+        reaching = (source, target)
     # Every column any row has (from_pylist reads the first row's keys only: a codistillation
     # row's bytes per round would vanish behind an independent first row).
     columns = list(dict.fromkeys(k for r in rows for k in r))
