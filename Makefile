@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev,tune]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,tune,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import sys
 import threading
@@ -220,47 +219,10 @@ def cmd_born_again(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_line(obj) -> str:
-    import inspect
-
-    doc = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ").strip()
-    # The first sentence: a full stop before a capital, not the one of "et al." or "e.g.".
-    first = re.split(r"(?<!\bal\.)(?<!e\.g\.)(?<!i\.e\.)(?<=[.!?])\s+(?=[A-Z`(])", doc, maxsplit=1)[0]
-    return first if len(first) <= 100 else first[:99] + "…"
-
-
-def registry_lines(kind: str) -> list[str]:
-    """One line per registered entry of `kind` (methods, models, datasets), as `timm.list_models`:
-    the name and what it is (a method: its file's first sentence; a model or data set: its
-    builder's, with the input kind and what else the registry knows)."""
-    from codistill.data import DATASETS
-    from codistill.methods import METHODS
-    from codistill.models import MODELS
-
-    lines = []
-    if kind == "methods":
-        for name in METHODS.names():
-            cls = METHODS[name]
-            module = sys.modules.get(cls.__module__)
-            text = _first_line(module) if module is not None and cls.__module__.startswith("codistill.") else ""
-            lines.append(f"{name:<18}{text or _first_line(cls)}")
-    elif kind == "models":
-        for name in MODELS.names():
-            entry = MODELS[name]
-            traits = [entry.input_kind] + (["branches"] if entry.branch_point is not None else []) + (
-                [f"taps: {', '.join(entry.taps)}"] if entry.taps else [])
-            lines.append(f"{name:<22}{_first_line(entry.build)}  [{'; '.join(traits)}]")
-    else:
-        for name in DATASETS.names():
-            entry = DATASETS[name]
-            size = f", {entry.train_examples} train" if entry.train_examples else ""
-            classes = f"{entry.num_classes} classes" if entry.num_classes else "classes from the data"
-            lines.append(f"{name:<18}{_first_line(entry.load)}  [{entry.input_kind}; {classes}{size}]")
-    return lines
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     from codistill.config.builder import import_modules
+
+    from codistill.listing import registry_lines
 
     import_modules(args.imports or [])  # what the user's own modules register is listed too
     for kind in [args.kind] if args.kind else ["methods", "models", "datasets"]:
@@ -268,6 +230,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"# {kind}")
         print("\n".join(registry_lines(kind)))
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from codistill.engine.export import main as export
+
+    return export(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -339,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print the summary of a run and write its plot again")
     p.add_argument("run_dir", help="the run's folder: <storage_path>/<name>")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write an hf_causal_lm peer of a run as a folder from_pretrained loads")
+    p.add_argument("run_dir", help="the run's folder: <storage_path>/<name>")
+    p.add_argument("--peer", type=int, default=0, help="which peer (default 0)")
+    p.add_argument("--to", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("list", help="what is registered: methods, models, data sets (each with its one line)",
                        parents=[imports])

@@ -8,6 +8,9 @@ import math
 
 import torch
 
+IGNORE_INDEX = -100
+"""A label that counts for nothing: a padded position of a token window."""
+
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
@@ -34,6 +37,9 @@ def bits(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def evaluation_metrics(peer_logits: list[torch.Tensor], labels: torch.Tensor, with_bits: bool = False) -> dict[str, float]:
+    if with_bits and bool((labels == IGNORE_INDEX).any()):  # padded positions of token windows count for nothing
+        keep = labels != IGNORE_INDEX
+        peer_logits, labels = [z[keep] for z in peer_logits], labels[keep]
     accs = [accuracy(z, labels) for z in peer_logits]
     metrics = {f"peer{k}_accuracy": a for k, a in enumerate(accs)}
     metrics.update(mean_accuracy=sum(accs) / len(accs), best_accuracy=max(accs),

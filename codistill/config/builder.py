@@ -34,7 +34,13 @@ def _build_value(tp: Any, value: Any, path: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
             return _build_value(non_none[0], value, path)
-        raise ConfigError(path, f"unsupported union type {tp}")
+        problems = []  # e.g. a name or a mapping (data.tokenizer: bpe | {path: DIR}): the first that takes it
+        for alternative in non_none:
+            try:
+                return _build_value(alternative, value, path)
+            except ConfigError as err:
+                problems.append(err.message)
+        raise ConfigError(path, "; or ".join(problems))
     if origin is Literal:
         if value not in args:
             raise ConfigError(path, f"got {value!r}; allowed: {', '.join(repr(a) for a in args)}")

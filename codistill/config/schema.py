@@ -97,9 +97,13 @@ class DataConfig:
     """Hold out this fraction of the training set and evaluate on it instead of the test set
     (a validation split for tuning; the same examples in every run). 0: train on all, test on the test set."""
     path: str | None = None
-    """`text`: the text file or folder of text files to train on."""
-    tokenizer: Literal["bpe", "bytes"] = "bpe"
-    """Text: a byte-level BPE (`tokenizers`) trained on at most 8 MB of the training split, or plain bytes."""
+    """`text`: the text file or folder of text files to train on. `hf_text`: a JSONL, Parquet,
+    Arrow or text file, or a folder of one kind of them (read by `datasets.load_dataset`)."""
+    text_field: str = "text"
+    """`hf_text`: the column that holds each document's text."""
+    tokenizer: Literal["bpe", "bytes"] | dict[str, str] = "bpe"
+    """Text: a byte-level BPE (`tokenizers`) trained on at most 8 MB of the training split, plain
+    bytes (not `hf_text`), or `{path: DIR}`: a local tokenizer folder (`AutoTokenizer`)."""
     vocab_size: int = 1024
     """Text, bpe: the vocabulary the BPE is trained to."""
     context: int = 128
@@ -132,6 +136,21 @@ class DataConfig:
 
             check(self.path is not None, "path", "is required for data set 'text': a text file or a folder of text files")
             text_files(self.path, key="path")  # a ConfigError naming data.path when it does not exist or holds no text
+        if self.name == "hf_text":
+            from codistill.data.hf_text import data_files
+
+            check(self.path is not None, "path", "is required for data set 'hf_text': a JSONL, Parquet, Arrow or "
+                  "text file, or a folder of them (or pass a datasets.Dataset to train(cfg, data=...))")
+            try:
+                data_files(self.path)
+            except ConfigError as err:
+                raise ConfigError("path", err.message) from None
+        if isinstance(self.tokenizer, dict):
+            folder = os.path.expanduser(str(self.tokenizer.get("path", "")))
+            check(set(self.tokenizer) == {"path"}, "tokenizer", "a tokenizer folder is {path: DIR}")
+            check(os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
+                  or os.path.isfile(os.path.join(folder, "tokenizer.json")), "tokenizer.path",
+                  f"{self.tokenizer['path']!r} is not a tokenizer folder (no tokenizer.json or tokenizer_config.json)")
         root = os.path.expanduser(self.root)
         check(not os.path.isfile(root), "root", f"{self.root!r} is a file; it must be the folder where data sets "
               "are cached or found")
@@ -188,9 +207,15 @@ class ExchangeConfig:
     of its whole logits; the KL is over the k tokens plus the tail bucket. 0: whole logits."""
     top_k_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     """The dtype top-k values travel in (the ids travel as int32)."""
+    top_k_above: int = 16384
+    """With `top_k` 0, peers exchanging over a vocabulary of more tokens than this send top-64
+    targets instead of whole distributions (a note in the run's output says so): 16 × 512
+    positions of a 32,000-token vocabulary are 1 GB of fp32 a step. 0: whole distributions
+    whatever the vocabulary (refused on Ray when a round of them cannot fit the object store)."""
 
     def __post_init__(self):
         check(self.top_k >= 0, "top_k", f"must be >= 0 (0: send whole logits), got {self.top_k}")
+        check(self.top_k_above >= 0, "top_k_above", f"must be >= 0 (0: never send top-k unasked), got {self.top_k_above}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -241,11 +266,16 @@ class TeacherConfig:
     checkpoint: str | None = None
     """A file with the teacher's weights (a state dict, or a codistill peer checkpoint), as a
     path or URI. With `run`, codistill fills it in when the student run starts (the run's
-    newest checkpoint), so a resumed student keeps the teacher it started with."""
+    newest checkpoint), so a resumed student keeps the teacher it started with. Neither `run`
+    nor `checkpoint`: the model brings its weights (`hf_causal_lm` with `model_args.path`)."""
 
     def __post_init__(self):
-        check(self.run is not None or self.checkpoint is not None, "run",
-              "a teacher needs `run` (a codistill run) or `checkpoint` (a weights file)")
+        from codistill.models.registry import loads_weights
+
+        pretrained = self.model is not None and self.model in MODELS and loads_weights(self.model, self.model_args)
+        check(self.run is not None or self.checkpoint is not None or pretrained, "run",
+              "a teacher needs `run` (a codistill run), `checkpoint` (a weights file), or a model that brings its "
+              "own weights (hf_causal_lm with model_args.path: a pretrained local folder)")
         check(self.run is not None or self.model is not None, "model",
               "is required with `checkpoint` (which registered model the weights belong to)")
         check(self.peer >= 0, "peer", f"must be >= 0, got {self.peer}")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from codistill.errors import ConfigError
+from codistill.metrics import IGNORE_INDEX
 from codistill.registry import Registry
 
 
@@ -155,6 +156,8 @@ def load_dataset(name: str, root: str = "~/.cache/codistill", augment: bool = Tr
         data.x_test, data.y_test = data.x_train[held], data.y_train[held]
         data.x_train, data.y_train = data.x_train[kept], data.y_train[kept]
     for split, labels in (("training", data.y_train), ("test", data.y_test)):
+        if data.input_kind == "tokens":  # padded positions of token windows: IGNORE_INDEX, counted by no loss
+            labels = labels[labels != IGNORE_INDEX]
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= data.num_classes):
             raise ConfigError("data.name", f"data set {name!r} has {split} labels from {int(labels.min())} to "
                               f"{int(labels.max())}, but {data.num_classes} classes (labels 0..{data.num_classes - 1})")

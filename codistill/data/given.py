@@ -1,7 +1,8 @@
 """Your own data from Python, without a registry entry: `train(cfg, data=…)`.
 
 `data` is an `ArrayDataset`, or `(train, test)` where each is `(x, y)` tensors or a map-style
-`torch.utils.data.Dataset` of `(x, y)` pairs (materialised into memory once). It is registered
+`torch.utils.data.Dataset` of `(x, y)` pairs (materialised into memory once), or a Hugging
+Face `datasets.Dataset` of documents (a language-model corpus, built as `hf_text` builds one). It is registered
 under a name made of its content's hash, `given-<sha256[:12]>`, which the run's config records:
 the run names exactly the data it saw, resumes only with the same data, and Ray workers get the
 tensors with the run (shipped like any registration of the user's). Batches then come from the
@@ -54,8 +55,35 @@ def as_array_dataset(data) -> ArrayDataset:
     return ArrayDataset(x, y, x_test, y_test, num_classes=classes, input_kind=kind, mean=mean, std=std)
 
 
-def register_given(data) -> str:
-    """Register the given data under its content's name; returns the name."""
+def _is_hf_dataset(data) -> bool:
+    return type(data).__module__.startswith("datasets.") and hasattr(data, "column_names")
+
+
+def _register_documents(ds, settings) -> str:
+    """A `datasets.Dataset` of documents, registered as an `hf_text` corpus is built (`hf_text.py`:
+    split by document, tokenized with `data.tokenizer`, packed into `data.context` windows), under
+    the name of its texts' hash."""
+    from codistill.data.hf_text import from_dataset
+
+    if settings.text_field not in ds.column_names:
+        raise ConfigError("data.text_field", f"{settings.text_field!r} is not a column of the given Dataset; its "
+                                             f"columns: {', '.join(ds.column_names)}")
+    digest = hashlib.sha256(settings.text_field.encode())
+    for batch in ds.select_columns([settings.text_field]).iter(batch_size=1000):
+        for text in batch[settings.text_field]:
+            digest.update(hashlib.sha256((text or "").encode()).digest())
+    name = f"given-{digest.hexdigest()[:12]}"
+    if name not in DATASETS:
+        DATASETS.add(name, DatasetEntry(lambda root, augment, download, settings, ds=ds: from_dataset(ds, root, settings),
+                                        "tokens", None, takes_settings=True), origin="given data")
+    return name
+
+
+def register_given(data, settings=None) -> str:
+    """Register the given data under its content's name; returns the name. A `datasets.Dataset`
+    is a corpus of documents, built with the run's `data:` settings (`settings`)."""
+    if _is_hf_dataset(data):
+        return _register_documents(data, settings)
     dataset = as_array_dataset(data)
     digest = hashlib.sha256()
     for t in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test):

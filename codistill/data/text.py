@@ -123,16 +123,17 @@ def tokenizer_sample(texts: list[str], limit: int) -> list[str]:
     return sample
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def train_tokenizer(texts: list[str], vocab_size: int, special_tokens: list[str] = ()):
     """A byte-level BPE (GPT-2's scheme: any byte sequence encodes, nothing is unknown), its
-    merges learned from at most TOKENIZER_SAMPLE_CHARS characters of them."""
+    merges learned from at most TOKENIZER_SAMPLE_CHARS characters of them; `special_tokens`
+    (an end-of-text separator) are added whole, never split."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+                                  show_progress=False, special_tokens=list(special_tokens))
     tokenizer.train_from_iterator(tokenizer_sample(texts, TOKENIZER_SAMPLE_CHARS), trainer)
     return tokenizer
 
@@ -157,18 +158,36 @@ def _windows(stream: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
 
 
-def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str, vocab_size: int,
+def folder_tokenizer(tokenizer: dict):
+    """(the tokenizer of a folder `{path: DIR}`, the hash of its files): `AutoTokenizer`, local."""
+    from transformers import AutoTokenizer
+
+    folder = Path(os.path.expanduser(tokenizer["path"]))
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True), h.hexdigest()
+
+
+def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str | dict, vocab_size: int,
                  context: int, test_windows: int) -> ArrayDataset:
     digest = corpus_hash(root, files)
+    given = folder_tokenizer(tokenizer) if isinstance(tokenizer, dict) else None
     rule = [SPLIT_RULE, TOKENIZER_SAMPLE_CHARS if tokenizer == "bpe" else None]  # tokens cached by another rule differ
-    key = hashlib.sha256(json.dumps([digest, tokenizer, vocab_size, *rule], sort_keys=True).encode()).hexdigest()[:16]
+    named = given[1] if given else tokenizer  # a folder's tokenizer is named by its files' hash
+    key = hashlib.sha256(json.dumps([digest, named, vocab_size, *rule], sort_keys=True).encode()).hexdigest()[:16]
     cache = cache_root / f"text_{key}.npz"
     if not cache.exists():
         train_text, test_text, duplicates = split_documents(_read(files))
         unsplit = not train_text or not test_text  # one or a few documents: the stream is split instead
         if unsplit:
             train_text = train_text + test_text
-        if tokenizer == "bytes":
+        if given:
+            vocab = len(given[0])
+            encode = lambda texts: [np.array(ids, dtype=np.int32)  # noqa: E731
+                                    for ids in given[0](texts, add_special_tokens=False)["input_ids"]]
+        elif tokenizer == "bytes":
             vocab = 256
             encode = lambda texts: [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]  # noqa: E731
         else:
@@ -203,7 +222,8 @@ def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str
         logger.warning("%s: %d of %d documents are exact copies of another and were left out before the train/test "
                        "split", root, duplicates, int(d["files"]))
     data.fingerprint = {"corpus_sha256": str(d["corpus"]), "files": int(d["files"]), "duplicates": duplicates,
-                        "split": SPLIT_RULE, "tokenizer": tokenizer, "vocab_size": int(d["vocab"]),
+                        "split": SPLIT_RULE, "tokenizer": str(tokenizer), "vocab_size": int(d["vocab"]),
+                        "tokenizer_dir": str(Path(os.path.expanduser(tokenizer["path"]))) if given else None,
                         "train_tokens": int(len(d["train"])), "test_tokens": int(len(d["test"])), "cache": cache.name}
     return data
 
@@ -222,3 +242,19 @@ def text(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
     corpus_root, files = text_files(settings.path or "")
     return build_corpus(corpus_root, files, root, settings.tokenizer, settings.vocab_size, settings.context,
                         settings.test_windows)
+
+
+def tokenizer_folder(fingerprint: dict, root: str, into: Path) -> bool:
+    """Write the tokenizer a text corpus was tokenized with (its data `fingerprint` says which) into the folder `into`, as
+    `AutoTokenizer.from_pretrained` loads it: the given folder's, or the BPE trained for the
+    corpus (kept beside its cached tokens). False when there is none (`tokenizer: bytes`)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if fingerprint.get("tokenizer_dir"):
+        AutoTokenizer.from_pretrained(fingerprint["tokenizer_dir"], local_files_only=True).save_pretrained(str(into))
+        return True
+    trained = Path(os.path.expanduser(root)) / f"{Path(fingerprint.get('cache', '')).stem}.tokenizer.json"
+    if not trained.exists():
+        return False
+    PreTrainedTokenizerFast(tokenizer_file=str(trained)).save_pretrained(str(into))
+    return True

@@ -7,6 +7,7 @@ teacher). It is complete when built."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +27,8 @@ from codistill.exchange import Exchange, PeriodicExchange
 from codistill.methods import Method, create_method
 from codistill.models import MODELS, create_model
 from codistill.models.taps import tap_shapes
+
+logger = logging.getLogger(__name__)
 
 
 class Poster(Protocol):
@@ -205,13 +208,31 @@ def check_training_output(network: nn.Module, method: Method, model: str, index:
                           f"{batch_size}; a peer must return logits [rows, num_classes] = [{rows}, {data.num_classes}]")
 
 
+AUTO_TOP_K = 64
+"""The k peers send when the vocabulary is above `exchange.top_k_above` and `top_k` is not set."""
+
+
+def exchanged_top_k(cfg: ExperimentConfig, vocab: int) -> int:
+    """The k of the top-k targets peers send (0: whole logits): `exchange.top_k`, or AUTO_TOP_K
+    for peers that exchange (not a teacher's targets) over a vocabulary above `top_k_above`."""
+    method = cfg.method
+    if cfg.exchange.top_k or not method.takes_top_k or method.also or method.uses_teacher:
+        return cfg.exchange.top_k
+    return AUTO_TOP_K if cfg.exchange.top_k_above and vocab > cfg.exchange.top_k_above else 0
+
+
 def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedules: list[BatchSchedule],
              device: torch.device, exchange: Exchange | None, periodic: PeriodicExchange | None = None,
              replica: int = 0, replicas: int = 1, data_parallel=None, board: Poster | None = None) -> PeerJob:
     """The job of peer `peer_index` (worker `replica` of its `replicas`). `periodic` serves a
     method that exchanges in rounds; `data_parallel` wraps the network for DDP; `board` takes
     the evaluations of a peer that swaps nothing every step (then `exchange` may be None)."""
-    top_k = (cfg.exchange.top_k, COMPUTE_DTYPES[cfg.exchange.top_k_dtype] or torch.float32) if cfg.exchange.top_k else None
+    k = exchanged_top_k(cfg, data.num_classes)
+    if k != cfg.exchange.top_k and peer_index == 0 and replica == 0:
+        logger.warning("the vocabulary has %d tokens, more than exchange.top_k_above=%d: peers send top-%d targets "
+                       "(set exchange.top_k for another k, or exchange.top_k_above=0 for whole distributions)",
+                       data.num_classes, cfg.exchange.top_k_above, k)
+    top_k = (k, COMPUTE_DTYPES[cfg.exchange.top_k_dtype] or torch.float32) if k else None
     method = create_method(cfg.method, top_k=top_k)
     needs = method.needs
     teacher = None

@@ -7,7 +7,9 @@ the job's signal sources (built from what the method declared it needs) to fill 
 
 from __future__ import annotations
 
+import resource
 import time
+from dataclasses import replace
 
 import torch
 
@@ -15,6 +17,7 @@ from codistill.engine.checkpoint import load_peer_state, peer_state
 from codistill.engine.evaluate import evaluate_peers
 from codistill.engine.job import PeerJob, learning_rate
 from codistill.errors import RunError
+from codistill.metrics import IGNORE_INDEX
 from codistill.methods import Signals
 from codistill.models.taps import capture_taps
 
@@ -72,6 +75,28 @@ def _optimizer_step(job: PeerJob) -> None:
         job.peer.optimizer.step()
 
 
+def _rows_kept(signals: Signals, keep: torch.Tensor) -> Signals:
+    """`signals` without the rows whose label is IGNORE_INDEX: the logits, labels and every
+    row-aligned tensor of the peers' and the teacher's payloads (a row per position), so every
+    loss and every KL term of every method leaves them out without knowing of them."""
+    rows = len(signals.labels)
+
+    def cut(value):
+        return value[keep] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows else value
+
+    return replace(signals, outputs=cut(signals.outputs), logits=cut(signals.logits), labels=signals.labels[keep],
+                   peers=[{k: cut(v) for k, v in p.items()} for p in signals.peers],
+                   teacher={k: cut(v) for k, v in signals.teacher.items()} if signals.teacher is not None else None)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The peak memory so far: the device's allocations on a GPU, else the process's resident
+    set (shared by the local runner's peer threads)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def train_step(job: PeerJob, step: int) -> dict:
     """One optimizer step of one peer; returns the record of the step."""
     peer = job.peer
@@ -83,6 +108,8 @@ def train_step(job: PeerJob, step: int) -> dict:
     if job.replicas > 1:
         x, y = x.chunk(job.replicas)[job.replica], y.chunk(job.replicas)[job.replica]
         indices = indices.chunk(job.replicas)[job.replica]
+    # Asked of the labels while they are on the CPU: no device sync for batches without padding.
+    ignored = job.data.input_kind == "tokens" and bool((y == IGNORE_INDEX).any())
     x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
     if job.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -100,6 +127,8 @@ def train_step(job: PeerJob, step: int) -> dict:
         for source in job.sources:
             record.update(source.serve(job, step, x, signals))
             clock.lap(source.timing)
+        if ignored:  # after the sources: what a peer sends covers every row, as its peers' do
+            signals = _rows_kept(signals, y != IGNORE_INDEX)
         loss, terms = job.method.loss(signals)
     peer.optimizer.zero_grad(set_to_none=True)
     clock.lap("forward_ms")
@@ -117,7 +146,8 @@ def train_step(job: PeerJob, step: int) -> dict:
     # `time`: when the step ended (seconds since the epoch), for step rates of peers running apart.
     return {"step": step + 1, "peer": peer.index, "split": "train", "node": None, "time": time.time(), **terms,
             "lr": peer.optimizer.param_groups[0]["lr"], "step_ms": 1000 * (time.perf_counter() - started),
-            "peers_used": len(signals.peers), "workers": job.replicas, **record}
+            "peers_used": len(signals.peers), "workers": job.replicas, "peak_memory_mb": peak_memory_mb(job.device),
+            **record}
 
 
 class NonFiniteLoss(RunError):

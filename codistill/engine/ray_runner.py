@@ -182,6 +182,33 @@ def fit_all(trainers: list[TorchTrainer]):
     return results
 
 
+def check_rounds_fit(cfg: ExperimentConfig, object_store: float) -> None:
+    """Language-model peers that exchange whole distributions in rounds through the object
+    store (`exchange.top_k_above: 0` over a large vocabulary) are refused before anything starts
+    when the rounds they keep cannot fit it: each round holds period × batch × context × vocab
+    fp32 values per peer."""
+    from codistill.data import DATASETS, load_data
+    from codistill.engine.job import exchanged_top_k
+
+    entry = DATASETS[cfg.data.name]
+    if not (cfg.method.exchanges_in_rounds and entry.input_kind == "tokens") or not object_store \
+            or cfg.method.needs.rounds.publish != "predictions":
+        return
+    vocab = load_data(cfg.data).num_classes
+    if exchanged_top_k(cfg, vocab):
+        return
+    rounds = cfg.method.needs.rounds
+    per_round = rounds.period * cfg.data.batch_size * cfg.data.context * vocab * 4
+    kept = per_round * (rounds.max_staleness + 1) * cfg.num_peers
+    if kept > object_store:
+        raise ConfigError("exchange.top_k", (
+            f"whole next-token distributions of {vocab} tokens are {per_round / 1e9:.2f} GB a round per peer "
+            f"({rounds.period} steps × {cfg.data.batch_size} × {cfg.data.context} positions × {vocab} × 4 bytes); "
+            f"{rounds.max_staleness + 1} rounds of {cfg.num_peers} peers ({kept / 1e9:.1f} GB) cannot fit the "
+            f"cluster's object store ({object_store / 1e9:.1f} GB). Send top-k targets (exchange.top_k=64) or "
+            "lower method.period"))
+
+
 def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callbacks=()):
     """Train all peers of `cfg` on the Ray cluster this process is connected to, in the Ray Train
     runs of its layout (`engine/layouts.py`). Tune's callbacks report one run's results, so a
@@ -191,6 +218,7 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     layout = layout_of(cfg, tune_trial=bool(callbacks))
     layout.check_placement(cfg, ray.cluster_resources(), nodes, fixed_size)
+    check_rounds_fit(cfg, ray.cluster_resources().get("object_store_memory", 0))
     progress_mailbox = on_this_node(ProgressMailbox).remote()
     trainers = make_trainers(cfg, storage, progress_mailbox, callbacks, layout)
     stop = threading.Event()

@@ -268,13 +268,13 @@ def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[
           callbacks=(), data=None) -> RunResult:
     """Train the peers of `cfg` on the `local` or the `ray` backend. `data`: your own data
     instead of `cfg.data.name` — an ArrayDataset, or (train, test), each (x, y) tensors or a
-    map-style Dataset (see `codistill.data.given`)."""
+    map-style Dataset, or a Hugging Face `datasets.Dataset` of documents (see `codistill.data.given`)."""
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
     if data is not None:
         from codistill.data.given import register_given
 
-        cfg = replace(cfg, data=replace(cfg.data, name=register_given(data)))  # validated against the peers
+        cfg = replace(cfg, data=replace(cfg.data, name=register_given(data, cfg.data)))  # validated against the peers
     if backend == "ray":
         from codistill.engine.placement import check_shared_storage
 

@@ -31,7 +31,7 @@ def teacher_run_storage(run: str, storage_path: str) -> RunStorage:
 def resolve_teacher_config(teacher: TeacherConfig, storage_path: str) -> TeacherConfig:
     """`teacher` with `model` and `checkpoint` filled in from `run` (its newest complete
     checkpoint). Errors name the teacher's key."""
-    if teacher.checkpoint is not None:
+    if teacher.checkpoint is not None or teacher.run is None:  # a file, or a model with its own weights
         return teacher
     storage = teacher_run_storage(teacher.run, storage_path)
     if not storage.exists(RUN_CONFIG_FILE):
@@ -84,7 +84,10 @@ def resolve_teacher(cfg: ExperimentConfig, stored: TeacherConfig | None = None) 
 def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The teacher's network with its weights, frozen. The file may be a plain state dict of
     `teacher.model` or a codistill peer checkpoint, whose model is the one the file names
-    (`checkpoint.registered_model`)."""
+    (`checkpoint.registered_model`). Without a file, the model brings its own weights (a
+    pretrained folder)."""
+    if teacher.checkpoint is None:
+        return create_model(teacher.model, num_classes, **teacher.model_args).to(device).eval().requires_grad_(False)
     try:
         state = from_bytes(read_uri(teacher.checkpoint))
     except Exception as err:  # noqa: BLE001 — unreadable, truncated, not a weights-only file: all one answer

@@ -16,13 +16,14 @@ from typing import ClassVar
 import torch
 
 from codistill.errors import check
-from codistill.methods.losses import soft_kl, soft_targets
+from codistill.methods.losses import payload_kl
 from codistill.methods.base import Method, MethodConfig, Needs, register_method
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class KDConfig(MethodConfig):
     can_use_teacher: ClassVar[bool] = True
+    takes_top_k: ClassVar[bool] = True  # a large-vocabulary teacher's targets cut to top-k (exchange.top_k)
     temperature: float = 4.0
     """Softmax temperature T of the teacher's soft targets (> 0); 4 is the common CIFAR choice."""
     alpha: float = 0.9
@@ -59,7 +60,8 @@ class KD(Method):
         teacher = s.teacher["logits"]
         if c.noise_std > 0:
             teacher = perturb_logits(teacher, c.noise_std, c.noise_prob, s.generator())
-        kd = soft_kl(s.logits, soft_targets(teacher, c.temperature), c.temperature)
+        # The teacher's soft target as a peer's would travel: whole, or top-k when exchange.top_k asks.
+        kd = payload_kl(s.logits, self.sendable({"logits": teacher}), c.temperature)
         return c.alpha * kd, {"kd": kd.detach()}
 
     def own_loss(self, s):

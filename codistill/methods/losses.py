@@ -232,9 +232,38 @@ def top_k_kl(student_logits: torch.Tensor, target: dict, temperature: float) -> 
     return temperature**2 * (head + tail).mean()
 
 
-def payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float) -> torch.Tensor:
-    """T²·KL(a peer's soft target ‖ softmax(student/T)), from the peer's payload: its whole
-    logits, or its top-k target (`exchange.top_k`)."""
+KL_CHUNK_ELEMENTS = 2**22
+"""A KL over more rows × classes than this (16 MB of fp32) is taken in chunks of rows."""
+
+
+def _payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float) -> torch.Tensor:
     if "topk_ids" in payload:
         return top_k_kl(student_logits, payload, temperature)
     return soft_kl(student_logits, soft_targets(payload["logits"], temperature), temperature)
+
+
+def payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float,
+               chunk_elements: int = KL_CHUNK_ELEMENTS) -> torch.Tensor:
+    """T²·KL(a peer's soft target ‖ softmax(student/T)), from the peer's payload: its whole
+    logits, or its top-k target (`exchange.top_k`), averaged over the rows.
+
+    A language model's rows are positions over a whole vocabulary: 16 × 512 positions × 32,000
+    tokens is 1 GB per fp32 copy, and the KL makes several (log-softmax, softmax, their
+    product), each kept for the backward pass. Above `chunk_elements` the rows are taken in
+    chunks, each under activation checkpointing (recomputed in the backward pass), so only
+    one chunk's copies exist at a time; the value and gradient are the unchunked ones (the
+    chunks' means weighted by their rows). `codistill bench kl` measures the peak memory."""
+    rows, classes = student_logits.shape[0], student_logits.shape[-1]
+    step = max(1, chunk_elements // classes)
+    if rows <= step:
+        return _payload_kl(student_logits, payload, temperature)
+    from torch.utils.checkpoint import checkpoint
+
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows, step):
+        part = {name: value[start:start + step] for name, value in payload.items()}
+        student = student_logits[start:start + step]
+        kl = checkpoint(_payload_kl, student, part, temperature, use_reentrant=False) if student.requires_grad \
+            else _payload_kl(student, part, temperature)
+        total = total + kl * student.shape[0]
+    return total / rows

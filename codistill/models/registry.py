@@ -43,16 +43,23 @@ class ModelEntry:
     """Tap name → the batch norm (dotted path) whose affine output the tap's pre-activation is
     made of, e.g. {"stage3.pre": "features.3.8.body.4"}: its β and |γ| are the mean and spread of
     that pre-activation (the overhaul's margin). Taps with no batch norm before them are absent."""
+    check: Callable[..., str | None] | None = None
+    """What is wrong with a peer's model_args beyond their names (a folder that is not a model),
+    said when the config is read, before anything is built. None: nothing to check."""
+    loads_weights: Callable[[dict], bool] | None = None
+    """Whether the model built with these model_args comes with trained weights of its own (a
+    `from_pretrained` folder): such a model can teach without a checkpoint file."""
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(name: str, input_kind: str, branch_point: int | None = None, taps: dict[str, str] | None = None,
-                   norms: dict[str, str] | None = None):
+                   norms: dict[str, str] | None = None, check: Callable[..., str | None] | None = None,
+                   loads_weights: Callable[[dict], bool] | None = None):
     def decorator(fn: Callable[[int], nn.Module]):
-        MODELS.add(name, ModelEntry(fn, input_kind, branch_point, dict(taps or {}), dict(norms or {})),
-                   getattr(fn, "__module__", ""))
+        MODELS.add(name, ModelEntry(fn, input_kind, branch_point, dict(taps or {}), dict(norms or {}), check,
+                                    loads_weights), getattr(fn, "__module__", ""))
         return fn
     return decorator
 
@@ -71,4 +78,10 @@ def check_model_args(name: str, model_args: dict) -> str | None:
     unknown = [k for k in model_args if k not in accepted]
     if unknown:
         return (f"model {name!r} has no setting {unknown[0]!r}; its settings: {', '.join(accepted) or 'none'}")
-    return None
+    return MODELS[name].check(**model_args) if MODELS[name].check else None
+
+
+def loads_weights(name: str, model_args: dict) -> bool:
+    """Whether model `name` built with `model_args` brings trained weights (see ModelEntry)."""
+    entry = MODELS[name]
+    return bool(entry.loads_weights and entry.loads_weights(model_args))

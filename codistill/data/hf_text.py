@@ -1,0 +1,202 @@
+"""Text through Hugging Face `datasets`: `data: {name: hf_text, path: FILES or DIR, text_field: text}`.
+
+Local JSONL/JSON, Parquet, Arrow or text files (a text file is one document) are read with
+`datasets.load_dataset` — no network: the builders read local files only — or a
+`datasets.Dataset` is given from Python (`train(cfg, data=ds)`). Then, as for the `text`
+corpus (`text.py`):
+
+- documents are split into train and test by the hash of their text (one in TEST_EVERY is
+  test), exact copies dropped first, so no text sits on both sides;
+- the tokenizer is a local folder (`data.tokenizer: {path: DIR}`, `AutoTokenizer`) or a
+  byte-level BPE trained on a bounded sample of the training documents, saved as a tokenizer
+  folder (`AutoTokenizer.from_pretrained` loads it; `codistill export` ships it);
+- each side is tokenized with `Dataset.map` into an Arrow file under `data.root`, named by the
+  corpus's and the tokenizer's hashes: a second load maps nothing and memory-maps the file;
+- documents are packed, each followed by the tokenizer's end-of-text token, into windows of
+  `data.context` tokens; the last window of a side is padded on the right, its padded
+  positions labelled −100 (left out by every loss, KL term and metric).
+
+The windows then come from the same (seed, step) batch schedule as every data set's examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from codistill.data.datasets import ArrayDataset, register_dataset
+from codistill.data.text import SPLIT_RULE, TEST_EVERY, TOKENIZER_SAMPLE_CHARS, train_tokenizer
+from codistill.errors import ConfigError
+from codistill.metrics import IGNORE_INDEX
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text",
+            ".text": "text", ".md": "text"}
+END_OF_TEXT = "<|endoftext|>"  # the separator a BPE trained here ends each document with
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("data.name", "hf_text needs the `datasets` package: pip install 'codistill[hf]'") from None
+    return datasets
+
+
+def data_files(path: str) -> tuple[str, list[str]]:
+    """(the `datasets` builder, the files) of `data.path`: one file, or every file under a folder
+    with a suffix a builder reads. One kind per corpus."""
+    where = Path(os.path.expanduser(path))
+    if not where.exists():
+        raise ConfigError("data.path", f"{path!r} does not exist; name a file or folder of {', '.join(BUILDERS)} files")
+    files = [where] if where.is_file() else sorted(f for f in where.rglob("*") if f.is_file()
+                                                   and f.suffix.lower() in BUILDERS)
+    if not files or files[0].suffix.lower() not in BUILDERS:
+        raise ConfigError("data.path", f"{path!r} holds no file hf_text reads; suffixes read: {', '.join(BUILDERS)}")
+    kinds = sorted({BUILDERS[f.suffix.lower()] for f in files})
+    if len(kinds) > 1:
+        raise ConfigError("data.path", f"{path!r} mixes {' and '.join(kinds)} files; give one kind per corpus")
+    return kinds[0], [str(f) for f in files]
+
+
+def load_files(path: str, root: Path):
+    """The documents of `data.path` as a `datasets.Dataset` (read locally, cached by `datasets`)."""
+    builder, files = data_files(path)
+    extra = {"sample_by": "document"} if builder == "text" else {}  # a text file is one document, not one per line
+    return _datasets().load_dataset(builder, data_files=files, split="train", cache_dir=str(root / "hf_datasets"),
+                                    **extra)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _split(ds, field: str) -> tuple[list[int], list[int], list[str], int]:
+    """(train rows, test rows, every row's digest, duplicates dropped): each distinct text once,
+    at its first row, on the side its hash picks."""
+    if field not in ds.column_names:
+        raise ConfigError("data.text_field", f"{field!r} is not a column of the data; its columns: "
+                                             f"{', '.join(ds.column_names)}")
+    digests = [_digest(t or "") for batch in ds.select_columns([field]).iter(batch_size=1000) for t in batch[field]]
+    first: dict[str, int] = {}
+    for row, digest in enumerate(digests):
+        first.setdefault(digest, row)
+    rows = sorted(first.values())
+    test = [r for r in rows if int(digests[r], 16) % TEST_EVERY == 0]
+    train = [r for r in rows if int(digests[r], 16) % TEST_EVERY != 0]
+    return train, test, digests, len(digests) - len(rows)
+
+
+def _save_folder(tokenizer, folder: Path) -> None:
+    # Several workers of one node may train it at once: written aside, then renamed.
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + "."))
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process's folder is already there: the same tokenizer
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tokenizer_for(settings, ds, field: str, train_rows: list[int], digests: list[str], root: Path, corpus: str):
+    """(the tokenizer, its folder): `data.tokenizer: {path: DIR}`, or a BPE trained on the
+    training documents (at most TOKENIZER_SAMPLE_CHARS characters, whole documents in the order
+    of their hashes) and saved as a folder under `data.root`."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if isinstance(settings.tokenizer, dict):
+        folder = Path(os.path.expanduser(settings.tokenizer["path"]))
+    elif settings.tokenizer == "bpe":
+        key = hashlib.sha256(json.dumps([corpus, settings.vocab_size, TOKENIZER_SAMPLE_CHARS, END_OF_TEXT]).encode())
+        folder = root / f"hf_tokenizer_{key.hexdigest()[:16]}"
+        if not (folder / "tokenizer.json").exists():
+            sample, size = [], 0
+            for row in sorted(train_rows, key=lambda r: digests[r]):
+                if size >= TOKENIZER_SAMPLE_CHARS:
+                    break
+                sample.append((ds[row][field] or "")[:TOKENIZER_SAMPLE_CHARS - size])
+                size += len(sample[-1])
+            bpe = train_tokenizer(sample, settings.vocab_size, special_tokens=[END_OF_TEXT])
+            root.mkdir(parents=True, exist_ok=True)
+            _save_folder(PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=END_OF_TEXT), folder)
+    else:
+        raise ConfigError("data.tokenizer", f"hf_text takes `bpe` or {{path: DIR}} (a tokenizer folder), got "
+                                            f"{settings.tokenizer!r}")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("data.tokenizer", f"the tokenizer at {folder} has no end-of-text (eos) token; hf_text ends "
+                                            "every document with it")
+    return tokenizer, folder
+
+
+def packed_windows(stream: np.ndarray, context: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of `context` tokens over `stream` and their next-token labels; the last window
+    padded on the right with `pad`, its positions with no next token labelled IGNORE_INDEX."""
+    windows = -(-(len(stream) - 1) // context)
+    size = windows * context + 1
+    inputs, labels = np.full(size, pad, dtype=np.int64), np.full(size, IGNORE_INDEX, dtype=np.int64)
+    inputs[:len(stream)], labels[:len(stream)] = stream, stream
+    return (torch.from_numpy(inputs[:-1].reshape(windows, context)),
+            torch.from_numpy(labels[1:].reshape(windows, context)))
+
+
+def _tokens(ds, rows: list[int], tokenizer, field: str, cache: Path) -> np.ndarray:
+    """The token stream of `rows`: each document's ids then end-of-text, through `Dataset.map`
+    into `cache` (an Arrow file; reused, memory-mapped, when it is there)."""
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch[field], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [doc + [eos] for doc in ids]}
+
+    mapped = ds.select(rows).map(encode, batched=True, remove_columns=ds.column_names, cache_file_name=str(cache),
+                                 new_fingerprint=cache.stem, load_from_cache_file=True, desc="tokenizing")
+    column = mapped.data.column("input_ids")
+    parts = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def from_dataset(ds, root: Path, settings) -> ArrayDataset:
+    """A language-model corpus (next-token windows) from the documents of a `datasets.Dataset`."""
+    field = settings.text_field
+    train_rows, test_rows, digests, duplicates = _split(ds, field)
+    corpus = hashlib.sha256("".join(digests).encode()).hexdigest()
+    tokenizer, folder = tokenizer_for(settings, ds, field, train_rows, digests, root, corpus)
+    tokenizer_hash = hashlib.sha256((folder / "tokenizer.json").read_bytes() if (folder / "tokenizer.json").exists()
+                                    else str(folder).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([corpus, tokenizer_hash, SPLIT_RULE]).encode()).hexdigest()[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    unsplit = not train_rows or not test_rows  # one or a few documents: the last tenth of the stream is test
+    train_ids = _tokens(ds, sorted(train_rows + test_rows) if unsplit else train_rows, tokenizer, field,
+                        root / f"hf_text_{key}_train.arrow")
+    if unsplit:
+        cut = len(train_ids) * 9 // 10
+        train_ids, test_ids = train_ids[:cut], train_ids[cut:]
+    else:
+        test_ids = _tokens(ds, test_rows, tokenizer, field, root / f"hf_text_{key}_test.arrow")
+    if len(train_ids) < 2 or len(test_ids) < 2:
+        raise ConfigError("data.path", f"the corpus holds {len(train_ids) + len(test_ids)} tokens; too few for a "
+                                       "training and a test window")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    x, y = packed_windows(train_ids, settings.context, pad)
+    x_test, y_test = packed_windows(test_ids, settings.context, pad)
+    if len(x_test) > settings.test_windows:  # evenly over the test stream, so every part of it counts
+        keep = torch.linspace(0, len(x_test) - 1, settings.test_windows).round().long()
+        x_test, y_test = x_test[keep], y_test[keep]
+    data = ArrayDataset(x, y, x_test, y_test, num_classes=len(tokenizer), input_kind="tokens", augment=False)
+    data.fingerprint = {"corpus_sha256": corpus, "files": len(digests), "duplicates": duplicates, "split": SPLIT_RULE,
+                        "tokenizer": str(settings.tokenizer), "tokenizer_dir": str(folder),
+                        "vocab_size": len(tokenizer), "train_tokens": int(len(train_ids)),
+                        "test_tokens": int(len(test_ids)), "cache": f"hf_text_{key}"}
+    return data
+
+
+@register_dataset("hf_text", input_kind="tokens", num_classes=None, takes_settings=True)
+def hf_text(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
+    """Local JSONL, Parquet, Arrow or text files read by Hugging Face `datasets` (`data.path`, `data.text_field`)."""
+    return from_dataset(load_files(settings.path or "", root), root, settings)

@@ -1,0 +1,223 @@
+"""Hugging Face language-model peers (`-k hf`): `datasets` corpora packed by document, padded
+positions left out of every loss and KL term, vocabularies that differ refused, top-k by default
+above the vocabulary threshold, the chunked KL equal to the unchunked one, and `codistill
+export` round trips — with tiny models built from a config and tokenizers trained here, offline."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from codistill.config import ConfigError, load_config
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is ever downloaded: every model and tokenizer is made here
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven cats sit on warm mats and sing".split()
+LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_corpus")
+    texts = documents(120)
+    texts.append(texts[3])  # an exact copy: dropped before the split
+    with open(folder / "docs.jsonl", "w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": i, "body": text}) + "\n")
+    return folder / "docs.jsonl", texts
+
+
+def hf_config(tmp_path, path, **extra) -> dict:
+    peer = {"model": "hf_causal_lm", "model_args": {"config": LLAMA}, "optimizer": {"name": "adamw", "lr": 0.003}}
+    cfg = {"name": "hf", "method": {"name": "dml"}, "peers": [peer, peer],
+           "data": {"name": "hf_text", "path": str(path), "text_field": "body", "root": str(tmp_path / "cache"),
+                    "vocab_size": 300, "context": 16, "batch_size": 4, "eval_batch_size": 8, "test_windows": 8},
+           "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2}, "ray": {"storage_path": str(tmp_path / "runs")}}
+    for key, value in extra.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def test_hf_text_packs_documents_with_an_end_of_text_and_splits_them_by_content(corpus, tmp_path):
+    from codistill.data import load_data
+
+    path, texts = corpus
+    cfg = load_config(hf_config(tmp_path, path, data={"test_windows": 1000}))  # every test window
+    data = load_data(cfg.data)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(data.fingerprint["tokenizer_dir"])
+    eos = tokenizer.eos_token_id
+    assert data.fingerprint["duplicates"] == 1 and data.fingerprint["vocab_size"] == len(tokenizer) == data.num_classes
+
+    def stream(x, y):  # the token stream back from the windows: the first input, then every real label
+        labels = y.flatten()
+        return [int(x[0, 0])] + labels[labels != -100].tolist()
+
+    def docs(ids):  # the stream cut at each end-of-text, decoded
+        out, current = [], []
+        for token in ids:
+            if token == eos:
+                out.append(tokenizer.decode(current))
+                current = []
+            else:
+                current.append(token)
+        return out
+
+    train_docs, test_docs = docs(stream(data.x_train, data.y_train)), docs(stream(data.x_test, data.y_test))
+    distinct = list(dict.fromkeys(texts))
+    assert sorted(train_docs + test_docs) == sorted(distinct)  # every document once, whole, followed by eos
+    assert not set(train_docs) & set(test_docs) and test_docs  # split by document, not inside one
+    # Next-token labels; the last window padded on the right with −100 after the stream ends.
+    real = data.y_train[:, :-1] != -100
+    assert torch.equal(data.x_train[:, 1:][real], data.y_train[:, :-1][real]) and (data.y_train[-1] == -100).any()
+    assert (data.y_train[:-1] != -100).all()
+    # A second load maps nothing: the tokenized Arrow files are there, and give the same windows.
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("hf_text_*.arrow"))
+    assert len(cached) == 2
+    again = load_data(cfg.data)
+    assert torch.equal(again.x_train, data.x_train) and torch.equal(again.y_test, data.y_test)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("hf_text_*.arrow")) == cached
+    # A datasets.Dataset given from Python is the same corpus as the file it was read from.
+    from codistill.data.given import register_given
+
+    given = datasets.Dataset.from_list([{"id": i, "body": t} for i, t in enumerate(texts)])
+    name = register_given(given, cfg.data)
+    from_python = load_data(load_config(hf_config(tmp_path, path, data={"name": name, "path": None,
+                                                                        "test_windows": 1000})).data)
+    assert torch.equal(from_python.x_train, data.x_train) and torch.equal(from_python.y_train, data.y_train)
+
+
+def test_hf_padded_positions_count_in_no_loss_no_kl_and_no_metric():
+    """Rows labelled −100 are dropped from the logits, the labels and every peer's payload before
+    the method's loss: changing what the student or a peer predicts there changes nothing."""
+    from codistill.engine.loop import _rows_kept
+    from codistill.methods import Signals, create_method
+    from codistill.metrics import evaluation_metrics
+
+    g = torch.Generator().manual_seed(0)
+    rows, vocab = 24, 50
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[-5:] = -100
+    keep = labels != -100
+    method = create_method(load_config({"method": {"name": "dml"}, "peers": [{"model": "mnist1d_mlp"}] * 2}).method)
+
+    def loss(student, peer):
+        s = Signals(network=torch.nn.Linear(1, 1), outputs=student, logits=student, labels=labels, step=0,
+                    peers=[{"logits": peer}])
+        return method.loss(_rows_kept(s, keep))[0]
+
+    student, peer = torch.randn(rows, vocab, generator=g), torch.randn(rows, vocab, generator=g)
+    noisy_student, noisy_peer = student.clone(), peer.clone()
+    noisy_student[~keep] += 5 * torch.randn(5, vocab, generator=g)
+    noisy_peer[~keep] += 5 * torch.randn(5, vocab, generator=g)
+    base = loss(student, peer)
+    assert loss(noisy_student, noisy_peer).item() == pytest.approx(base.item(), rel=1e-6)
+    plain = Signals(network=torch.nn.Linear(1, 1), outputs=student[keep], logits=student[keep], labels=labels[keep],
+                    step=0, peers=[{"logits": peer[keep]}])
+    assert base.item() == pytest.approx(method.loss(plain)[0].item(), rel=1e-6)
+    # The metrics too: bits per token over the real positions only.
+    with_pad = evaluation_metrics([noisy_student], labels, with_bits=True)
+    assert with_pad["peer0_bits"] == pytest.approx(evaluation_metrics([student[keep]], labels[keep], True)["peer0_bits"])
+
+
+def test_hf_peers_with_another_vocabulary_are_refused_naming_both(tmp_path):
+    from codistill.models import create_model
+
+    with pytest.raises(ConfigError, match="vocab_size: is 200, but the tokenizer has 300 tokens"):
+        create_model("hf_causal_lm", 300, config={**LLAMA, "vocab_size": 200})
+    small = create_model("hf_causal_lm", 200, config=LLAMA)
+    small.model.save_pretrained(tmp_path / "small")
+    with pytest.raises(ConfigError, match="predicts 200 tokens but the tokenizer has 300"):
+        create_model("hf_causal_lm", 300, path=str(tmp_path / "small"))
+    with pytest.raises(ConfigError, match="exactly one of `path`"):
+        load_config({"peers": [{"model": "hf_causal_lm", "model_args": {}}]})
+    with pytest.raises(ConfigError, match="not a model folder"):
+        load_config({"peers": [{"model": "hf_causal_lm", "model_args": {"path": str(tmp_path)}}]})
+    # A larger output layer (padded rows) is cut to the tokenizer's vocabulary.
+    assert create_model("hf_causal_lm", 150, path=str(tmp_path / "small"))(torch.zeros(2, 3, dtype=torch.long)).shape \
+        == (6, 150)
+
+
+def test_hf_top_k_targets_are_the_default_above_the_vocabulary_threshold(corpus, tmp_path):
+    from codistill.engine.job import AUTO_TOP_K, exchanged_top_k
+    from codistill.engine.ray_runner import check_rounds_fit
+
+    path, _ = corpus
+    peer = {"model": "hf_causal_lm", "model_args": {"config": LLAMA}}
+    cfg = load_config(hf_config(tmp_path, path, method={"name": "codistill", "period": 2, "max_staleness": 1}))
+    assert cfg.exchange.top_k_above == 16384
+    assert exchanged_top_k(cfg, 32000) == AUTO_TOP_K == 64 and exchanged_top_k(cfg, 16384) == 0
+    assert exchanged_top_k(load_config({**hf_config(tmp_path, path), "exchange": {"top_k": 8}}), 32000) == 8
+    assert exchanged_top_k(load_config({**hf_config(tmp_path, path), "exchange": {"top_k_above": 0}}), 32000) == 0
+    kd = load_config({**hf_config(tmp_path, path), "method": {"name": "kd"}, "peers": [peer],
+                      "teacher": {"model": "hf_causal_lm", "model_args": {"config": LLAMA}, "checkpoint": "t.pt"}})
+    assert exchanged_top_k(kd, 32000) == 0  # a teacher's targets are cut only when asked: nothing travels
+    # Whole distributions forced over a vocabulary whose rounds cannot fit the object store: refused.
+    forced = load_config({**hf_config(tmp_path, path, method={"name": "codistill", "period": 50}),
+                          "exchange": {"top_k_above": 0}})
+    with pytest.raises(ConfigError, match=r"exchange.top_k: whole next-token distributions of \d+ tokens"):
+        check_rounds_fit(forced, object_store=8 * 2**20)  # 2 rounds × 2 peers × 3.8 MB: 15 MB
+    check_rounds_fit(forced, object_store=16 * 2**20)  # fits
+
+
+@pytest.mark.parametrize("payload_kind", ["logits", "top_k"])
+def test_hf_chunked_kl_equals_the_unchunked_kl_and_its_gradient(payload_kind):
+    from codistill.methods.losses import payload_kl, top_k_targets
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(300, 97, generator=g, requires_grad=True)
+    teacher = 3 * torch.randn(300, 97, generator=g)
+    payload = {"logits": teacher} if payload_kind == "logits" else top_k_targets(teacher, 8, 2.0, torch.float32)
+    whole = payload_kl(student, payload, 2.0, chunk_elements=10**9)
+    (grad_whole,) = torch.autograd.grad(whole, student)
+    chunked = payload_kl(student, payload, 2.0, chunk_elements=97 * 64)  # 5 chunks, the last of 44 rows
+    (grad_chunked,) = torch.autograd.grad(chunked, student)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert torch.allclose(grad_chunked, grad_whole, rtol=1e-5, atol=1e-9)
+
+
+def test_hf_peers_train_export_to_a_folder_from_pretrained_loads_and_teach_a_student(corpus, tmp_path):
+    """Two Llama-architecture peers codistil on a JSONL corpus; `codistill export` writes peer 1
+    as a folder whose model gives the run's own test bits per token; that folder then teaches
+    a smaller student by KD with top-k targets (a pretrained local teacher, no checkpoint file)."""
+    from codistill.cli import main
+    from codistill.data import load_data
+    from codistill.engine.run import train
+
+    path, _ = corpus
+    cfg = load_config(hf_config(tmp_path, path, method={"name": "codistill", "period": 2, "burn_in": 0}))
+    train(cfg, backend="local")
+    out = tmp_path / "peer1"
+    assert main(["export", str(tmp_path / "runs" / "hf"), "--peer", "1", "--to", str(out)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    data = load_data(cfg.data)
+    assert len(tokenizer) == data.num_classes and "step: 4" in (out / "README.md").read_text()
+    with torch.no_grad():
+        logits = model(input_ids=data.x_test).logits.reshape(-1, data.num_classes)
+    labels = data.y_test.reshape(-1)
+    keep = labels != -100
+    bits = -logits[keep].log_softmax(-1).gather(-1, labels[keep].view(-1, 1)).mean().item() / math.log(2)
+    recorded = float((out / "README.md").read_text().split("test bits per token: ")[1].split()[0])
+    assert bits == pytest.approx(recorded, abs=1e-4)
+    assert main(["export", str(tmp_path / "runs" / "hf"), "--peer", "1", "--to", str(out)]) == 2  # not over files
+
+    student = {"model": "hf_causal_lm", "model_args": {"config": {**LLAMA, "hidden_size": 16, "intermediate_size": 32}}}
+    kd = load_config({**hf_config(tmp_path, path), "name": "kd", "method": {"name": "kd", "temperature": 1.0},
+                      "peers": [student], "exchange": {"top_k": 8},
+                      "teacher": {"model": "hf_causal_lm", "model_args": {"path": str(out)}}})
+    result = train(kd, backend="local")
+    assert len(result.final["peer_bits"]) == 1 and math.isfinite(result.final["peer_bits"][0])
