@@ -14,6 +14,10 @@ import pytest
 from codistill.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Nothing is ever downloaded: Hugging Face models and tokenizers in tests are built here. Set
+# before Ray starts, so its workers inherit it too.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 # One time scale for every time limit in the tests. A limit is a guard against a hang, never a

@@ -60,9 +60,11 @@ LOCK_STEP_CODISTILL = ("method.burn_in=0", "method.period=20", "method.max_stale
 # different shapes beside the logits (the collective transport packs them).
 AT_BETWEEN_PEERS = ("peers.1.model=mnist1d_cnn_narrow",
                     "method.also=[{name: at, source: peers, taps: [conv2, conv3]}]")
-# Two tiny GPT peers on the stdlib corpus (the config's model, cut down to test speed).
-SMALL_LM = ("peers.*.model_args={width: 32, depth: 1, heads: 2, context: 32}", "data.context=32", "data.batch_size=8",
-            "train.steps=60", "train.eval_every=20", "train.checkpoint_every=20")
+# Two tiny Llama-architecture peers (Hugging Face) on the stdlib corpus, cut down to test speed.
+SMALL_HF_LM = ("peers.*.model_args.config={model_type: llama, hidden_size: 32, intermediate_size: 64, "
+               "num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 32}",
+               "data.context=32", "data.batch_size=8", "train.steps=60", "train.eval_every=20",
+               "train.checkpoint_every=20")
 OVERHAUL_TERM = "{name: overhaul, taps: [conv1.pre, conv2.pre, conv3.pre]}"
 # A method defined in a test file, registered in every worker through `imports`.
 TEST_FILE_METHOD = ("imports=[tests.seam_method]", "method={name: test_tap_agreement, tap: conv3}")
@@ -88,8 +90,9 @@ def teacher_uri(ray_local, tmp_path_factory):
                                                   "peers=[{model: mnist1d_cnn}, {model: mnist1d_mlp}, {model: mnist1d_cnn_narrow}]",
                                                   "ray.resources_per_peer={CPU: 0.5}")),
     ("configs/dml_mnist1d.yaml", "collective", ("method={name: pcl, mean_decay: 0.9}", "peers.1.model=mnist1d_mlp")),
-    # Language-model peers: codistillation in lock-step with top-k targets through the object store.
-    ("configs/codistill_lm_stdlib.yaml", "object_store", (*LOCK_STEP_CODISTILL, *SMALL_LM, "exchange.top_k=8")),
+    # Language-model peers (Hugging Face Llama-architecture models built from a config):
+    # codistillation in lock-step with top-k targets through the object store.
+    ("configs/codistill_hf_stdlib.yaml", "object_store", (*LOCK_STEP_CODISTILL, *SMALL_HF_LM, "exchange.top_k=8")),
     # From a teacher: CRD (its memory banks live in the peer's network) + the overhaul (pre-ReLU
     # maps, connectors) + logit regression; between peers: CRD (features beside logits) + logit
     # regression + the overhaul's maps and margins through the exchange. (Two students, so that
@@ -108,7 +111,7 @@ def teacher_uri(ray_local, tmp_path_factory):
                                                "method={name: ft, student_tap: conv3, teacher_tap: conv3, "
                                                "paraphraser_steps: 20}")),
 ], ids=["codistill-lockstep", "dml+at-between-peers",
-        "test-file-method", "okddip-3-peers", "pcl", "lm-codistill-top-k",
+        "test-file-method", "okddip-3-peers", "pcl", "hf-lm-codistill-top-k",
         "crd+overhaul+logit-regression", "crd+logit-regression+overhaul-between-peers",
         "ft"])
 def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, teacher_uri, base, transport,

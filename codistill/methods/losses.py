@@ -242,6 +242,35 @@ def _payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float)
     return soft_kl(student_logits, soft_targets(payload["logits"], temperature), temperature)
 
 
+class _ChunkedKL(torch.autograd.Function):
+    """The mean KL over rows, taken a chunk of rows at a time with its gradient computed in the
+    forward pass into one (rows, V) buffer (as chunked-loss kernels do): only one chunk's
+    softmaxes exist at a time, and the backward pass only scales the buffer. The targets are
+    constants (a peer's or a teacher's detached payload)."""
+
+    @staticmethod
+    def forward(ctx, student, temperature, step, names, *values):
+        rows = student.shape[0]
+        grad = torch.zeros_like(student) if student.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for start in range(0, rows, step):
+            part = student[start:start + step].detach().requires_grad_(grad is not None)
+            with torch.enable_grad():
+                kl = _payload_kl(part, {n: v[start:start + step] for n, v in zip(names, values)}, temperature)
+                kl = kl * (part.shape[0] / rows)
+                if grad is not None:
+                    grad[start:start + step] = torch.autograd.grad(kl, part)[0]
+            total += kl.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        # In place: the buffer is this backward's alone (a second backward through it is not supported).
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, *[None] * (len(ctx.needs_input_grad) - 4)
+
+
 def payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float,
                chunk_elements: int = KL_CHUNK_ELEMENTS) -> torch.Tensor:
     """T²·KL(a peer's soft target ‖ softmax(student/T)), from the peer's payload: its whole
@@ -250,20 +279,11 @@ def payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float,
     A language model's rows are positions over a whole vocabulary: 16 × 512 positions × 32,000
     tokens is 1 GB per fp32 copy, and the KL makes several (log-softmax, softmax, their
     product), each kept for the backward pass. Above `chunk_elements` the rows are taken in
-    chunks, each under activation checkpointing (recomputed in the backward pass), so only
-    one chunk's copies exist at a time; the value and gradient are the unchunked ones (the
-    chunks' means weighted by their rows). `codistill bench kl` measures the peak memory."""
+    chunks (`_ChunkedKL`), so only one chunk's copies exist at a time; the value and gradient
+    are the unchunked ones. `codistill bench kl` measures the peak memory."""
     rows, classes = student_logits.shape[0], student_logits.shape[-1]
     step = max(1, chunk_elements // classes)
-    if rows <= step:
+    if rows <= step or any(v.requires_grad for v in payload.values()):
         return _payload_kl(student_logits, payload, temperature)
-    from torch.utils.checkpoint import checkpoint
-
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, rows, step):
-        part = {name: value[start:start + step] for name, value in payload.items()}
-        student = student_logits[start:start + step]
-        kl = checkpoint(_payload_kl, student, part, temperature, use_reentrant=False) if student.requires_grad \
-            else _payload_kl(student, part, temperature)
-        total = total + kl * student.shape[0]
-    return total / rows
+    names = tuple(payload)
+    return _ChunkedKL.apply(student_logits, temperature, step, names, *(payload[n] for n in names))
