@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from codistill.config import ConfigError, load_config
+from tests.conftest import REPO
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is ever downloaded: every model and tokenizer is made here
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -221,3 +222,26 @@ def test_hf_peers_train_export_to_a_folder_from_pretrained_loads_and_teach_a_stu
                       "teacher": {"model": "hf_causal_lm", "model_args": {"path": str(out)}}})
     result = train(kd, backend="local")
     assert len(result.final["peer_bits"]) == 1 and math.isfinite(result.final["peer_bits"][0])
+
+
+def test_hf_the_gpu_recipe_loads_with_a_model_folder_a_tokenizer_and_a_corpus_at_its_paths(corpus, tmp_path):
+    """configs/codistill_hf_gpu.yaml (not run here: no GPU) names the user's files; with a model
+    folder, its tokenizer and a corpus made here at those paths, it is a valid config that sends
+    top-64 targets over a real vocabulary."""
+    import yaml
+
+    from codistill.config import dump_config
+    from codistill.data import load_data
+    from codistill.engine.job import exchanged_top_k
+    from codistill.models import create_model
+
+    path, _ = corpus
+    data = load_data(load_config(hf_config(tmp_path, path)).data)
+    folder = tmp_path / "base"
+    create_model("hf_causal_lm", data.num_classes, config=LLAMA).model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(data.fingerprint["tokenizer_dir"]).save_pretrained(folder)
+    cfg = load_config(f"{REPO}/configs/codistill_hf_gpu.yaml", [f"peers.*.model_args.path={folder}", f"data.path={path}",
+                                                       f"data.tokenizer.path={folder}"])
+    assert cfg.num_peers == 2 and cfg.train.precision == "bf16" and cfg.ray.resources_per_peer == {"GPU": 1, "CPU": 4}
+    assert exchanged_top_k(cfg, 49152) == 64
+    assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
