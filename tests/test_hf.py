@@ -134,7 +134,7 @@ def test_hf_padded_positions_count_in_no_loss_no_kl_and_no_metric():
     assert with_pad["peer0_bits"] == pytest.approx(evaluation_metrics([student[keep]], labels[keep], True)["peer0_bits"])
 
 
-def test_hf_peers_with_another_vocabulary_are_refused_naming_both(tmp_path):
+def test_hf_peers_with_another_vocabulary_are_refused_naming_both(corpus, tmp_path):
     from codistill.models import create_model
 
     with pytest.raises(ConfigError, match="vocab_size: is 200, but the tokenizer has 300 tokens"):
@@ -147,6 +147,22 @@ def test_hf_peers_with_another_vocabulary_are_refused_naming_both(tmp_path):
         load_config({"peers": [{"model": "hf_causal_lm", "model_args": {}}]})
     with pytest.raises(ConfigError, match="not a model folder"):
         load_config({"peers": [{"model": "hf_causal_lm", "model_args": {"path": str(tmp_path)}}]})
+    # A folder whose tokenizer is another one of the same size: every shape fits, and it is refused.
+    from codistill.data import load_data
+    from codistill.data.hf_text import END_OF_TEXT
+    from codistill.data.text import train_tokenizer
+    from codistill.engine.run import train
+
+    cfg = hf_config(tmp_path, corpus[0])
+    data = load_data(load_config(cfg).data)
+    other = train_tokenizer(documents(50, seed=9)[::-1] + ["zebra quokka " * 20], data.num_classes, [END_OF_TEXT])
+    folder = tmp_path / "other"
+    create_model("hf_causal_lm", data.num_classes, config=LLAMA).model.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=other, eos_token=END_OF_TEXT).save_pretrained(folder)
+    cfg["peers"][1] = {"model": "hf_causal_lm", "model_args": {"path": str(folder)}}
+    with pytest.raises(ConfigError, match=r"peers.1.model_args: the tokenizer in .*other \(300 tokens\) is not the "
+                                          r"run's tokenizer \(.*, 300 tokens\)"):
+        train(load_config(cfg), backend="local")
     # A larger output layer (padded rows) is cut to the tokenizer's vocabulary.
     assert create_model("hf_causal_lm", 150, path=str(tmp_path / "small"))(torch.zeros(2, 3, dtype=torch.long)).shape \
         == (6, 150)

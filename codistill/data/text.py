@@ -224,6 +224,7 @@ def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str
     data.fingerprint = {"corpus_sha256": str(d["corpus"]), "files": int(d["files"]), "duplicates": duplicates,
                         "split": SPLIT_RULE, "tokenizer": str(tokenizer), "vocab_size": int(d["vocab"]),
                         "tokenizer_dir": str(Path(os.path.expanduser(tokenizer["path"]))) if given else None,
+                        "tokenizer_file": str(cache_root / f"text_{key}.tokenizer.json") if tokenizer == "bpe" else None,
                         "train_tokens": int(len(d["train"])), "test_tokens": int(len(d["test"])), "cache": cache.name}
     return data
 
@@ -253,7 +254,8 @@ def tokenizer_folder(fingerprint: dict, root: str, into: Path) -> bool:
     if fingerprint.get("tokenizer_dir"):
         AutoTokenizer.from_pretrained(fingerprint["tokenizer_dir"], local_files_only=True).save_pretrained(str(into))
         return True
-    trained = Path(os.path.expanduser(root)) / f"{Path(fingerprint.get('cache', '')).stem}.tokenizer.json"
+    trained = Path(fingerprint.get("tokenizer_file") or
+                   Path(os.path.expanduser(root)) / f"{Path(fingerprint.get('cache', '')).stem}.tokenizer.json")
     if not trained.exists():
         return False
     PreTrainedTokenizerFast(tokenizer_file=str(trained)).save_pretrained(str(into))

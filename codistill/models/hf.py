@@ -73,7 +73,34 @@ def load_pretrained(path: str) -> nn.Module:
         raise ConfigError("model_args.path", f"{path}: {str(err).splitlines()[0]}") from None
 
 
-@register_model("hf_causal_lm", input_kind="tokens", check=check_args,
+def _vocabulary(where: str) -> dict[str, int]:
+    """The token → id map of a tokenizer folder or a `tokenizers` JSON file."""
+    if os.path.isdir(where):
+        return _transformers().AutoTokenizer.from_pretrained(where, local_files_only=True).get_vocab()
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(where).get_vocab()
+
+
+def check_tokenizer(model_args: dict, fingerprint: dict) -> str | None:
+    """A pretrained folder that brings a tokenizer must bring the run's: the same tokens with the
+    same ids. Two vocabularies of one size would pass every shape check and teach nonsense."""
+    path = model_args.get("path")
+    ours = fingerprint.get("tokenizer_dir") or fingerprint.get("tokenizer_file")
+    if not path or not ours:
+        return None
+    folder = os.path.expanduser(path)
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None  # a model folder without a tokenizer: its vocabulary size is checked when it is built
+    theirs, mine = _vocabulary(folder), _vocabulary(ours)
+    if theirs != mine:
+        return (f"the tokenizer in {path} ({len(theirs)} tokens) is not the run's tokenizer ({ours}, {len(mine)} "
+                f"tokens): peers and data must share one tokenizer (cross-tokenizer distillation is not supported); "
+                f"set data.tokenizer: {{path: {path}}} to tokenize with the model's")
+    return None
+
+
+@register_model("hf_causal_lm", input_kind="tokens", check=check_args, check_data=check_tokenizer,
                 loads_weights=lambda args: args.get("path") is not None)
 def hf_causal_lm(num_classes: int, path: str | None = None, config: dict | None = None) -> nn.Module:
     """A Hugging Face transformers causal LM: a local folder (`path`) or a config to initialise (`config`)."""
