@@ -134,6 +134,7 @@ def test_hf_padded_positions_count_in_no_loss_no_kl_and_no_metric():
     assert with_pad["peer0_bits"] == pytest.approx(evaluation_metrics([student[keep]], labels[keep], True)["peer0_bits"])
 
 
+@pytest.mark.slow
 def test_hf_peers_with_another_vocabulary_are_refused_naming_both(corpus, tmp_path):
     from codistill.models import create_model
 
@@ -168,6 +169,7 @@ def test_hf_peers_with_another_vocabulary_are_refused_naming_both(corpus, tmp_pa
         == (6, 150)
 
 
+@pytest.mark.slow
 def test_hf_top_k_targets_are_the_default_above_the_vocabulary_threshold(corpus, tmp_path):
     from codistill.engine.job import AUTO_TOP_K, exchanged_top_k
     from codistill.engine.ray_runner import check_rounds_fit
@@ -206,6 +208,7 @@ def test_hf_chunked_kl_equals_the_unchunked_kl_and_its_gradient(payload_kind):
     assert torch.allclose(grad_chunked, grad_whole, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_hf_peers_train_export_to_a_folder_from_pretrained_loads_and_teach_a_student(corpus, tmp_path):
     """Two Llama-architecture peers codistil on a JSONL corpus; `codistill export` writes peer 1
     as a folder whose model gives the run's own test bits per token; that folder then teaches
@@ -261,3 +264,14 @@ def test_hf_the_gpu_recipe_loads_with_a_model_folder_a_tokenizer_and_a_corpus_at
     assert cfg.num_peers == 2 and cfg.train.precision == "bf16" and cfg.ray.resources_per_peer == {"GPU": 1, "CPU": 4}
     assert exchanged_top_k(cfg, 49152) == 64
     assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.slow
+def test_hf_the_stdlib_config_trains_offline_from_the_command_line(tmp_path):
+    """What the README's first HF command does on a fresh clone, cut to 20 steps: offline (the
+    Hub is off in the tests), the BPE trained on the stdlib's source, two Llama peers."""
+    from codistill.cli import main
+
+    assert main(["train", f"{REPO}/configs/codistill_hf_stdlib.yaml", "--backend", "local", "--set", "train.steps=20",
+                 "--set", "train.eval_every=20", "--set", f"ray.storage_path={tmp_path}"]) == 0
+    assert (tmp_path / "codistill_hf_stdlib" / "records.parquet").exists()
