@@ -275,3 +275,25 @@ def test_hf_the_stdlib_config_trains_offline_from_the_command_line(tmp_path):
     assert main(["train", f"{REPO}/configs/codistill_hf_stdlib.yaml", "--backend", "local", "--set", "train.steps=20",
                  "--set", "train.eval_every=20", "--set", f"ray.storage_path={tmp_path}"]) == 0
     assert (tmp_path / "codistill_hf_stdlib" / "records.parquet").exists()
+
+
+def test_hf_a_tokenizer_folder_tokenizes_a_text_corpus_too(corpus, tmp_path):
+    """`data.tokenizer: {path: DIR}` for the `text` corpus: its ids are the folder's tokenizer's."""
+    from codistill.data import load_data
+
+    hf = load_data(load_config(hf_config(tmp_path, corpus[0])).data)
+    folder = hf.fingerprint["tokenizer_dir"]
+    (tmp_path / "texts").mkdir()
+    for i, text in enumerate(documents(30, seed=3)):
+        (tmp_path / "texts" / f"{i}.txt").write_text(text)
+    data = load_data(load_config({**hf_config(tmp_path, corpus[0]), "data": {
+        "name": "text", "path": str(tmp_path / "texts"), "tokenizer": {"path": folder}, "root": str(tmp_path / "cache"),
+        "context": 16, "batch_size": 4}}).data)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert data.num_classes == len(tokenizer) and data.fingerprint["tokenizer_dir"] == folder
+    from codistill.data.text import split_documents
+
+    files = sorted((tmp_path / "texts").iterdir())
+    train_docs, _, _ = split_documents([f.read_text() for f in files])
+    stream = [i for doc in train_docs for i in tokenizer(doc, add_special_tokens=False)["input_ids"]]
+    assert data.x_train.flatten().tolist() == stream[:data.x_train.numel()]  # the folder's ids, document after document
