@@ -170,9 +170,9 @@ def test_hf_peers_with_another_vocabulary_are_refused_naming_both(corpus, tmp_pa
 
 
 @pytest.mark.slow
-def test_hf_top_k_targets_are_the_default_above_the_vocabulary_threshold(corpus, tmp_path):
+def test_hf_top_k_targets_are_the_default_above_the_vocabulary_threshold(corpus, tmp_path, caplog):
     from codistill.engine.job import AUTO_TOP_K, exchanged_top_k
-    from codistill.engine.ray_runner import check_rounds_fit
+    from codistill.engine.ray_runner import check_exchange
 
     path, _ = corpus
     peer = {"model": "hf_causal_lm", "model_args": {"config": LLAMA}}
@@ -188,8 +188,12 @@ def test_hf_top_k_targets_are_the_default_above_the_vocabulary_threshold(corpus,
     forced = load_config({**hf_config(tmp_path, path, method={"name": "codistill", "period": 50}),
                           "exchange": {"top_k_above": 0}})
     with pytest.raises(ConfigError, match=r"exchange.top_k: whole next-token distributions of \d+ tokens"):
-        check_rounds_fit(forced, object_store=8 * 2**20)  # 2 rounds × 2 peers × 3.8 MB: 15 MB
-    check_rounds_fit(forced, object_store=16 * 2**20)  # fits
+        check_exchange(forced, object_store=8 * 2**20)  # 2 rounds × 2 peers × 3.8 MB: 15 MB
+    check_exchange(forced, object_store=16 * 2**20)  # fits
+    # Above the threshold (here set below the corpus's 300 tokens), the driver says so before anything starts.
+    with caplog.at_level("WARNING"):
+        check_exchange(load_config({**hf_config(tmp_path, path), "exchange": {"top_k_above": 100}}), 8 * 2**20)
+    assert "the vocabulary has 300 tokens, more than exchange.top_k_above=100: peers send top-64 targets" in caplog.text
 
 
 @pytest.mark.parametrize("payload_kind", ["logits", "top_k"])

@@ -223,6 +223,13 @@ def exchanged_top_k(cfg: ExperimentConfig, vocab: int) -> int:
     return AUTO_TOP_K if cfg.exchange.top_k_above and vocab > cfg.exchange.top_k_above else 0
 
 
+def top_k_note(cfg: ExperimentConfig, vocab: int, k: int) -> str:
+    """What the run's output says when top-k targets are sent unasked."""
+    return (f"the vocabulary has {vocab} tokens, more than exchange.top_k_above={cfg.exchange.top_k_above}: peers "
+            f"send top-{k} targets (set exchange.top_k for another k, or exchange.top_k_above=0 for whole "
+            "distributions)")
+
+
 def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedules: list[BatchSchedule],
              device: torch.device, exchange: Exchange | None, periodic: PeriodicExchange | None = None,
              replica: int = 0, replicas: int = 1, data_parallel=None, board: Poster | None = None) -> PeerJob:
@@ -231,9 +238,7 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     the evaluations of a peer that swaps nothing every step (then `exchange` may be None)."""
     k = exchanged_top_k(cfg, data.num_classes)
     if k != cfg.exchange.top_k and peer_index == 0 and replica == 0:
-        logger.warning("the vocabulary has %d tokens, more than exchange.top_k_above=%d: peers send top-%d targets "
-                       "(set exchange.top_k for another k, or exchange.top_k_above=0 for whole distributions)",
-                       data.num_classes, cfg.exchange.top_k_above, k)
+        logger.warning(top_k_note(cfg, data.num_classes, k))
     top_k = (k, COMPUTE_DTYPES[cfg.exchange.top_k_dtype] or torch.float32) if k else None
     method = create_method(cfg.method, top_k=top_k)
     needs = method.needs

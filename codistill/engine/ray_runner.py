@@ -182,22 +182,26 @@ def fit_all(trainers: list[TorchTrainer]):
     return results
 
 
-def check_rounds_fit(cfg: ExperimentConfig, object_store: float) -> None:
-    """Language-model peers that exchange whole distributions in rounds through the object
-    store (`exchange.top_k_above: 0` over a large vocabulary) are refused before anything starts
-    when the rounds they keep cannot fit it: each round holds period × batch × context × vocab
-    fp32 values per peer."""
+def check_exchange(cfg: ExperimentConfig, object_store: float) -> None:
+    """Before anything starts, for language-model peers that exchange soft targets: the note that
+    top-k targets are sent unasked (a large vocabulary; the workers' own logs may not reach this
+    terminal), or — whole distributions forced — a refusal when the rounds codistillation keeps
+    cannot fit the object store: each round holds period × batch × context × vocab fp32 values
+    per peer."""
     from codistill.data import DATASETS, load_data
-    from codistill.engine.job import exchanged_top_k
+    from codistill.engine.job import exchanged_top_k, top_k_note
 
-    entry = DATASETS[cfg.data.name]
-    if not (cfg.method.exchanges_in_rounds and entry.input_kind == "tokens") or not object_store \
-            or cfg.method.needs.rounds.publish != "predictions":
+    method = cfg.method
+    if DATASETS[cfg.data.name].input_kind != "tokens" or not method.takes_top_k or cfg.exchange.top_k:
         return
     vocab = load_data(cfg.data).num_classes
-    if exchanged_top_k(cfg, vocab):
+    k = exchanged_top_k(cfg, vocab)
+    if k:
+        logger.warning(top_k_note(cfg, vocab, k))
         return
-    rounds = cfg.method.needs.rounds
+    rounds = method.needs.rounds
+    if rounds is None or rounds.publish != "predictions" or not object_store:
+        return
     per_round = rounds.period * cfg.data.batch_size * cfg.data.context * vocab * 4
     kept = per_round * (rounds.max_staleness + 1) * cfg.num_peers
     if kept > object_store:
@@ -218,7 +222,7 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     layout = layout_of(cfg, tune_trial=bool(callbacks))
     layout.check_placement(cfg, ray.cluster_resources(), nodes, fixed_size)
-    check_rounds_fit(cfg, ray.cluster_resources().get("object_store_memory", 0))
+    check_exchange(cfg, ray.cluster_resources().get("object_store_memory", 0))
     progress_mailbox = on_this_node(ProgressMailbox).remote()
     trainers = make_trainers(cfg, storage, progress_mailbox, callbacks, layout)
     stop = threading.Event()
