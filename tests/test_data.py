@@ -172,7 +172,8 @@ def test_every_registered_data_set_takes_only_models_of_its_input_kind(name, tmp
     fits, misfit = {"image": ("resnet20", "mnist1d_cnn"), "sequence": ("mnist1d_cnn", "resnet20"),
                     "tokens": ("gpt", "mnist1d_cnn")}[kind]
     (tmp_path / "a.txt").write_text("some text\n")
-    config = {"method": {"name": "independent"}, "data": {"name": name, **({"path": str(tmp_path)} if name == "text" else {})}}
+    path = {"path": str(tmp_path)} if name in ("text", "hf_text") else {}  # the corpora of files need one
+    config = {"method": {"name": "independent"}, "data": {"name": name, **path}}
     assert load_config({**config, "peers": [{"model": fits}]}).data.name == name
     with pytest.raises(ConfigError) as info:
         load_config({**config, "peers": [{"model": misfit}]})
@@ -237,14 +238,21 @@ def test_every_text_source_splits_by_content_with_copies_left_out_and_counted(na
 
     folder = _corpus_with_copies(tmp_path / "corpus")
     monkeypatch.setattr(text, "stdlib_files", lambda: text.text_files(str(folder)))  # the stdlib source, in small
+    hf = name == "hf_text"  # read by `datasets`: a BPE with an end-of-text token (not bytes)
     settings = load_config("configs/codistill_lm_stdlib.yaml", [
-        f"data.name={name}", *([f"data.path={folder}"] if name == "text" else []), f"data.root={tmp_path / 'cache'}",
-        "data.tokenizer=bytes",
+        f"data.name={name}", *([f"data.path={folder}"] if name in ("text", "hf_text") else []),
+        f"data.root={tmp_path / 'cache'}", "data.tokenizer=bpe" if hf else "data.tokenizer=bytes", "data.vocab_size=300",
         "data.context=16", "data.test_windows=100000"]).data
     data = load_data(settings)
     assert data.fingerprint["duplicates"] == 39 and data.fingerprint["split"] == "content"
     assert "39 of 70 documents are exact copies" in caplog.text  # said, not silent
-    streams = [bytes(x.flatten().to(torch.uint8).tolist()) for x in (data.x_train, data.x_test)]
+    if hf:
+        from transformers import AutoTokenizer
+
+        decode = AutoTokenizer.from_pretrained(data.tokenizer).decode
+        streams = [decode(x.flatten().tolist()).encode() for x in (data.x_train, data.x_test)]
+    else:
+        streams = [bytes(x.flatten().to(torch.uint8).tolist()) for x in (data.x_train, data.x_test)]
     assert sum(s.count(b"MARKER-README-MARKER") for s in streams) == 1  # once, on one side (by path: 36 + 4)
     assert all(streams)
 

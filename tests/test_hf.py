@@ -59,7 +59,7 @@ def test_hf_text_packs_documents_with_an_end_of_text_and_splits_them_by_content(
     path, texts = corpus
     cfg = load_config(hf_config(tmp_path, path, data={"test_windows": 1000}))  # every test window
     data = load_data(cfg.data)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(data.fingerprint["tokenizer_dir"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(data.tokenizer)
     eos = tokenizer.eos_token_id
     assert data.fingerprint["duplicates"] == 1 and data.fingerprint["vocab_size"] == len(tokenizer) == data.num_classes
 
@@ -262,7 +262,7 @@ def test_hf_the_gpu_recipe_loads_with_a_model_folder_a_tokenizer_and_a_corpus_at
     data = load_data(load_config(hf_config(tmp_path, path)).data)
     folder = tmp_path / "base"
     create_model("hf_causal_lm", data.num_classes, config=LLAMA).model.save_pretrained(folder)
-    transformers.AutoTokenizer.from_pretrained(data.fingerprint["tokenizer_dir"]).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(data.tokenizer).save_pretrained(folder)
     cfg = load_config(f"{REPO}/configs/codistill_hf_gpu.yaml", [f"peers.*.model_args.path={folder}", f"data.path={path}",
                                                        f"data.tokenizer.path={folder}"])
     assert cfg.num_peers == 2 and cfg.train.precision == "bf16" and cfg.ray.resources_per_peer == {"GPU": 1, "CPU": 4}
@@ -286,7 +286,7 @@ def test_hf_a_tokenizer_folder_tokenizes_a_text_corpus_too(corpus, tmp_path):
     from codistill.data import load_data
 
     hf = load_data(load_config(hf_config(tmp_path, corpus[0])).data)
-    folder = hf.fingerprint["tokenizer_dir"]
+    folder = hf.tokenizer
     (tmp_path / "texts").mkdir()
     for i, text in enumerate(documents(30, seed=3)):
         (tmp_path / "texts" / f"{i}.txt").write_text(text)
@@ -294,7 +294,7 @@ def test_hf_a_tokenizer_folder_tokenizes_a_text_corpus_too(corpus, tmp_path):
         "name": "text", "path": str(tmp_path / "texts"), "tokenizer": {"path": folder}, "root": str(tmp_path / "cache"),
         "context": 16, "batch_size": 4}}).data)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    assert data.num_classes == len(tokenizer) and data.fingerprint["tokenizer_dir"] == folder
+    assert data.num_classes == len(tokenizer) and data.tokenizer == folder
     from codistill.data.text import split_documents
 
     files = sorted((tmp_path / "texts").iterdir())

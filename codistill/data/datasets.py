@@ -35,6 +35,10 @@ class ArrayDataset:
     fingerprint: dict | None = None
     """What exactly was loaded, where it is not fixed by the name (a text corpus: its hash, the
     tokenizer). Kept in every checkpoint; a run resumes only on the same data."""
+    tokenizer: str | None = None
+    """Token data: where the tokenizer the ids come from is on this machine — a tokenizer folder
+    or a `tokenizers` JSON file (None: bytes). What `codistill export` ships with a peer, and what
+    a pretrained peer's own tokenizer is checked against. A place, so not in the fingerprint."""
 
     def to(self, device: torch.device) -> "ArrayDataset":
         """A copy whose tensors live on `device`: batches are then gathered, normalised and

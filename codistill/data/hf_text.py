@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ from codistill.metrics import IGNORE_INDEX
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text",
             ".text": "text", ".md": "text"}
 END_OF_TEXT = "<|endoftext|>"  # the separator a BPE trained here ends each document with
+logger = logging.getLogger(__name__)
 
 
 def _datasets():
@@ -188,9 +190,13 @@ def from_dataset(ds, root: Path, settings) -> ArrayDataset:
     if len(x_test) > settings.test_windows:  # evenly over the test stream, so every part of it counts
         keep = torch.linspace(0, len(x_test) - 1, settings.test_windows).round().long()
         x_test, y_test = x_test[keep], y_test[keep]
-    data = ArrayDataset(x, y, x_test, y_test, num_classes=len(tokenizer), input_kind="tokens", augment=False)
+    if duplicates:  # said at every load, as for every text corpus
+        logger.warning("%s: %d of %d documents are exact copies of another and were left out before the train/test "
+                       "split", settings.path or "the given Dataset", duplicates, len(digests))
+    data = ArrayDataset(x, y, x_test, y_test, num_classes=len(tokenizer), input_kind="tokens", augment=False,
+                        tokenizer=str(folder))
     data.fingerprint = {"corpus_sha256": corpus, "files": len(digests), "duplicates": duplicates, "split": SPLIT_RULE,
-                        "tokenizer": str(settings.tokenizer), "tokenizer_dir": str(folder),
+                        "tokenizer": str(settings.tokenizer), "tokenizer_sha256": tokenizer_hash,
                         "vocab_size": len(tokenizer), "train_tokens": int(len(train_ids)),
                         "test_tokens": int(len(test_ids)), "cache": f"hf_text_{key}"}
     return data

@@ -216,15 +216,17 @@ def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str
     if len(x) == 0 or len(x_test) == 0:
         raise ConfigError("data.context", f"{context} tokens per window is more than the corpus holds "
                                           f"({len(d['train'])} training tokens); lower data.context")
-    data = ArrayDataset(x, y, x_test, y_test, num_classes=int(d["vocab"]), input_kind="tokens", augment=False)
+    where = (str(Path(os.path.expanduser(tokenizer["path"]))) if given else
+             str(cache_root / f"text_{key}.tokenizer.json") if tokenizer == "bpe" else None)
+    data = ArrayDataset(x, y, x_test, y_test, num_classes=int(d["vocab"]), input_kind="tokens", augment=False,
+                        tokenizer=where)
     duplicates = int(d["duplicates"])
     if duplicates:  # said at every load, not only the first: a cached corpus is the same corpus
         logger.warning("%s: %d of %d documents are exact copies of another and were left out before the train/test "
                        "split", root, duplicates, int(d["files"]))
     data.fingerprint = {"corpus_sha256": str(d["corpus"]), "files": int(d["files"]), "duplicates": duplicates,
                         "split": SPLIT_RULE, "tokenizer": str(tokenizer), "vocab_size": int(d["vocab"]),
-                        "tokenizer_dir": str(Path(os.path.expanduser(tokenizer["path"]))) if given else None,
-                        "tokenizer_file": str(cache_root / f"text_{key}.tokenizer.json") if tokenizer == "bpe" else None,
+                        **({"tokenizer_sha256": given[1]} if given else {}),
                         "train_tokens": int(len(d["train"])), "test_tokens": int(len(d["test"])), "cache": cache.name}
     return data
 
@@ -245,18 +247,16 @@ def text(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
                         settings.test_windows)
 
 
-def tokenizer_folder(fingerprint: dict, root: str, into: Path) -> bool:
-    """Write the tokenizer a text corpus was tokenized with (its data `fingerprint` says which) into the folder `into`, as
-    `AutoTokenizer.from_pretrained` loads it: the given folder's, or the BPE trained for the
-    corpus (kept beside its cached tokens). False when there is none (`tokenizer: bytes`)."""
+def save_tokenizer(where: str | None, into: Path) -> bool:
+    """Write the tokenizer at `where` (a folder, or the `tokenizers` JSON file of a BPE trained
+    here: `ArrayDataset.tokenizer`) into the folder `into`, as `AutoTokenizer.from_pretrained`
+    loads it. False when there is none (`tokenizer: bytes`)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if fingerprint.get("tokenizer_dir"):
-        AutoTokenizer.from_pretrained(fingerprint["tokenizer_dir"], local_files_only=True).save_pretrained(str(into))
-        return True
-    trained = Path(fingerprint.get("tokenizer_file") or
-                   Path(os.path.expanduser(root)) / f"{Path(fingerprint.get('cache', '')).stem}.tokenizer.json")
-    if not trained.exists():
+    if not where:
         return False
-    PreTrainedTokenizerFast(tokenizer_file=str(trained)).save_pretrained(str(into))
+    if os.path.isdir(where):
+        AutoTokenizer.from_pretrained(where, local_files_only=True).save_pretrained(str(into))
+    else:
+        PreTrainedTokenizerFast(tokenizer_file=where).save_pretrained(str(into))
     return True

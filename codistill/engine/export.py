@@ -34,6 +34,21 @@ def _bits_at(storage: RunStorage, peer: int, step: int) -> float | None:
     return found[-1] if found and found[-1] is not None else None
 
 
+def _tokenizer_of(config: dict, saw: dict) -> tuple[str | None, str]:
+    """(where the run's tokenizer is, or None; why not): the run's data loaded again (its corpus
+    and tokenizer are cached), and only when it is still the corpus the peer was trained on."""
+    from codistill.config import load_config
+    from codistill.data import load_data
+
+    try:
+        data = load_data(load_config(config).data)
+    except ConfigError as err:  # data given from Python (`train(cfg, data=…)`) is not registered here
+        return None, f"the run's data cannot be loaded here ({err}); save its tokenizer beside the model"
+    if (data.fingerprint or {}).get("corpus_sha256") != saw.get("corpus_sha256"):
+        return None, "the corpus changed since the run; save the run's tokenizer beside the model"
+    return data.tokenizer, "the run's tokens were bytes"
+
+
 def export_peer(run_dir: str, peer: int, to: str) -> dict:
     """Write peer `peer` of the run at `run_dir` into the folder `to`; returns what the card says."""
     storage = RunStorage.at(run_dir)
@@ -56,16 +71,17 @@ def export_peer(run_dir: str, peer: int, to: str) -> dict:
     step, (state,) = found
     name, model_args, weights = registered_model(state)
     data = state.get("data") or {}
+    tokenizer, why_not = _tokenizer_of(config, data)
     network = create_model(name, int(data["vocab_size"]), **model_args)
     network.load_state_dict(weights)
     network.model.save_pretrained(str(target))
+    if tokenizer:
+        from codistill.data.text import save_tokenizer
 
-    from codistill.data.text import tokenizer_folder
-
-    has_tokenizer = tokenizer_folder(data, config.get("data", {}).get("root", "~/.cache/codistill"), target)
+        save_tokenizer(tokenizer, target)
     card = {"run": config.get("name"), "method": config.get("method", {}).get("name"), "peer": peer, "step": step,
             "test_bits_per_token": _bits_at(storage, peer, step), "corpus_sha256": data.get("corpus_sha256"),
-            "tokenizer": "included" if has_tokenizer else "none (the run's tokens were bytes)"}
+            "tokenizer": "included" if tokenizer else f"not included: {why_not}"}
     lines = [f"# {card['run']}, peer {peer}", "", "Trained with codistill. Load it with",
              f"`AutoModelForCausalLM.from_pretrained({str(target)!r})`.", ""]
     lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in card.items()]

@@ -26,7 +26,7 @@ from codistill.engine.teacher import load_teacher
 from codistill.exchange import Exchange, PeriodicExchange
 from codistill.methods import Method, create_method
 from codistill.models import MODELS, create_model
-from codistill.models.registry import check_model_on_data
+from codistill.models.registry import check_model_tokenizer
 from codistill.models.taps import tap_shapes
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device
     needs = method.needs
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed(seed, index))
-        check_model_on_data(spec.model, spec.model_args, data.fingerprint, f"peers.{index}.model_args")
+        check_model_tokenizer(spec.model, spec.model_args, data.tokenizer, f"peers.{index}.model_args")
         base = create_model(spec.model, data.num_classes, **spec.model_args)
         shapes = {"own": tap_shapes(base, paths, example),
                   "teacher": teacher.tap_shapes(example) if teacher is not None else {},
@@ -244,7 +244,7 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     needs = method.needs
     teacher = None
     if needs.teacher:
-        network = load_teacher(cfg.teacher, data.num_classes, device, data.fingerprint)
+        network = load_teacher(cfg.teacher, data.num_classes, device, data.tokenizer)
         entry = MODELS[cfg.teacher.model]
         teacher = FrozenTeacher(network, tap_paths_of(cfg.teacher.model, needs.teacher_taps),
                                 {tap: entry.norms[tap] for tap in needs.teacher_norms if tap in entry.norms},

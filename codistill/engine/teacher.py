@@ -16,7 +16,7 @@ from codistill.data import DATASETS
 from codistill.engine.checkpoint import from_bytes, newest_complete, peer_file, registered_model
 from codistill.errors import ConfigError, first_line
 from codistill.models import create_model
-from codistill.models.registry import check_model_on_data
+from codistill.models.registry import check_model_tokenizer
 from codistill.storage import RunStorage, read_uri
 
 RUN_CONFIG_FILE = "config.yaml"
@@ -83,14 +83,13 @@ def resolve_teacher(cfg: ExperimentConfig, stored: TeacherConfig | None = None) 
 
 
 def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device,
-                 fingerprint: dict | None = None) -> nn.Module:
+                 tokenizer: str | None = None) -> nn.Module:
     """The teacher's network with its weights, frozen. The file may be a plain state dict of
     `teacher.model` or a codistill peer checkpoint, whose model is the one the file names
     (`checkpoint.registered_model`). Without a file, the model brings its own weights (a
     pretrained folder)."""
     if teacher.checkpoint is None:
-        if fingerprint is not None:
-            check_model_on_data(teacher.model, teacher.model_args, fingerprint, "teacher.model_args")
+        check_model_tokenizer(teacher.model, teacher.model_args, tokenizer, "teacher.model_args")
         return create_model(teacher.model, num_classes, **teacher.model_args).to(device).eval().requires_grad_(False)
     try:
         state = from_bytes(read_uri(teacher.checkpoint))

@@ -82,11 +82,11 @@ def _vocabulary(where: str) -> dict[str, int]:
     return Tokenizer.from_file(where).get_vocab()
 
 
-def check_tokenizer(model_args: dict, fingerprint: dict) -> str | None:
-    """A pretrained folder that brings a tokenizer must bring the run's: the same tokens with the
-    same ids. Two vocabularies of one size would pass every shape check and teach nonsense."""
+def check_tokenizer(model_args: dict, ours: str | None) -> str | None:
+    """A pretrained folder that brings a tokenizer must bring the run's (`ours`: its folder or
+    file): the same tokens with the same ids. Two vocabularies of one size would pass every
+    shape check and teach nonsense."""
     path = model_args.get("path")
-    ours = fingerprint.get("tokenizer_dir") or fingerprint.get("tokenizer_file")
     if not path or not ours:
         return None
     folder = os.path.expanduser(path)
@@ -100,7 +100,7 @@ def check_tokenizer(model_args: dict, fingerprint: dict) -> str | None:
     return None
 
 
-@register_model("hf_causal_lm", input_kind="tokens", check=check_args, check_data=check_tokenizer,
+@register_model("hf_causal_lm", input_kind="tokens", check=check_args, check_tokenizer=check_tokenizer,
                 loads_weights=lambda args: args.get("path") is not None)
 def hf_causal_lm(num_classes: int, path: str | None = None, config: dict | None = None) -> nn.Module:
     """A Hugging Face transformers causal LM: a local folder (`path`) or a config to initialise (`config`)."""

@@ -46,9 +46,10 @@ class ModelEntry:
     check: Callable[..., str | None] | None = None
     """What is wrong with a peer's model_args beyond their names (a folder that is not a model),
     said when the config is read, before anything is built. None: nothing to check."""
-    check_data: Callable[[dict, dict], str | None] | None = None
-    """What is wrong with this model (built with these model_args) on the data of this
-    fingerprint (None: nothing): a pretrained folder whose tokenizer is not the run's."""
+    check_tokenizer: Callable[[dict, str | None], str | None] | None = None
+    """What is wrong with this model (built with these model_args) on ids from the tokenizer at
+    this place (a folder or a file; None: nothing): a pretrained folder whose own tokenizer is
+    not the run's."""
     loads_weights: Callable[[dict], bool] | None = None
     """Whether the model built with these model_args comes with trained weights of its own (a
     `from_pretrained` folder): such a model can teach without a checkpoint file."""
@@ -59,11 +60,11 @@ MODELS: Registry[ModelEntry] = Registry("model")
 
 def register_model(name: str, input_kind: str, branch_point: int | None = None, taps: dict[str, str] | None = None,
                    norms: dict[str, str] | None = None, check: Callable[..., str | None] | None = None,
-                   check_data: Callable[[dict, dict], str | None] | None = None,
+                   check_tokenizer: Callable[[dict, str | None], str | None] | None = None,
                    loads_weights: Callable[[dict], bool] | None = None):
     def decorator(fn: Callable[[int], nn.Module]):
         MODELS.add(name, ModelEntry(fn, input_kind, branch_point, dict(taps or {}), dict(norms or {}), check,
-                                    check_data, loads_weights), getattr(fn, "__module__", ""))
+                                    check_tokenizer, loads_weights), getattr(fn, "__module__", ""))
         return fn
     return decorator
 
@@ -91,10 +92,11 @@ def loads_weights(name: str, model_args: dict) -> bool:
     return bool(entry.loads_weights and entry.loads_weights(model_args))
 
 
-def check_model_on_data(name: str, model_args: dict, fingerprint: dict | None, key: str) -> None:
-    """A ConfigError naming `key` when model `name` cannot learn from this data (see ModelEntry.check_data)."""
+def check_model_tokenizer(name: str, model_args: dict, tokenizer: str | None, key: str) -> None:
+    """A ConfigError naming `key` when model `name` cannot learn from ids of this tokenizer (see
+    ModelEntry.check_tokenizer)."""
     entry = MODELS[name]
-    problem = entry.check_data(model_args, fingerprint or {}) if entry.check_data else None
+    problem = entry.check_tokenizer(model_args, tokenizer) if entry.check_tokenizer else None
     if problem:
         from codistill.errors import ConfigError
 
