@@ -27,7 +27,7 @@ import os
 import torch
 from torch import nn
 
-from codistill.errors import ConfigError
+from codistill.errors import ConfigError, first_line
 from codistill.models.registry import register_model
 
 
@@ -70,7 +70,7 @@ def load_pretrained(path: str) -> nn.Module:
         return transformers.AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), local_files_only=True,
                                                                  dtype=torch.float32)
     except ImportError as err:  # a model whose code needs a package that is not installed
-        raise ConfigError("model_args.path", f"{path}: {str(err).splitlines()[0]}") from None
+        raise ConfigError("model_args.path", f"{path}: {first_line(err, 200)}") from None
 
 
 def _vocabulary(where: str) -> dict[str, int]:
@@ -115,8 +115,13 @@ def hf_causal_lm(num_classes: int, path: str | None = None, config: dict | None 
         vocab = settings.setdefault("vocab_size", num_classes)
         if vocab < num_classes:
             raise ConfigError("model_args.config.vocab_size", f"is {vocab}, but the tokenizer has {num_classes} tokens")
-        hf_config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
-        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        kind = settings.pop("model_type")
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(kind, **settings))
+        except ImportError as err:  # a model whose code needs a package that is not installed
+            raise ConfigError("model_args.config", f"{kind}: {first_line(err, 200)}") from None
+        except (ValueError, KeyError) as err:  # an unknown model_type (its message lists every known one: cut)
+            raise ConfigError("model_args.config", f"{kind}: {first_line(err, 200)}") from None
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < num_classes:
         raise ConfigError("model_args", f"the model predicts {rows} tokens but the tokenizer has {num_classes}: peers "
