@@ -193,11 +193,17 @@ def test_paired_differences_their_interval_and_wins():
     # differences 2, 1, 0, 3 points: mean 1.5, sd 1.291, t(3) = 3.182 → half-width 2.054
     assert entry["diff_mean"] == pytest.approx(1.5)
     assert entry["diff_mean_low"] == pytest.approx(1.5 - 3.182 * 1.2909944 / 2, abs=1e-4)
-    assert entry["wins_mean"] == 3 and entry["seeds"] == 4
-    assert entry["diff_ensemble"] == 0 and entry["wins_ensemble"] == 0
+    assert entry["diff_wins_mean"] == 3 and entry["seeds"] == 4
+    assert entry["diff_ensemble"] == 0 and entry["diff_wins_ensemble"] == 0
     assert [r["diff_mean"] for r in rows if r["method"] == "dml"] == pytest.approx([2, 1, 0, 3])
     assert t_interval([1.0])[1] == float("-inf")
     assert resolving_seeds([2, 1, 0, 3]) > 4  # ±0.5 needs more seeds than ±2.05
+    # Bits per token (language models): in bits, unscaled, and a win is fewer bits.
+    for r, bits in zip(rows, [8.0, 7.5, 8.1, 7.9, 8.2, 8.3, 8.0, 7.7]):
+        r.update({f"bits_{k}": bits for k in ("mean", "ensemble", "best")})
+    (entry,) = paired_differences(rows, "independent", "bits_{}", scale=1, prefix="bits_diff", lower_is_better=True)
+    assert entry["bits_diff_mean"] == pytest.approx((-0.5 - 0.2 + 0.1 - 0.3) / 4)
+    assert entry["bits_diff_wins_mean"] == 3  # fewer bits on seeds 0, 1 and 3
 
 
 def test_the_same_seed_gives_the_same_initial_weights_and_batches_under_any_two_methods(tmp_path):

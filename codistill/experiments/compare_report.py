@@ -10,7 +10,7 @@ import statistics
 from codistill.config import ExperimentConfig
 from codistill.experiments import speed
 from codistill.experiments.cells import FIGURES, TUNE_SEEDS
-from codistill.experiments.paired import PAIRED, difference_text, resolving_seeds
+from codistill.experiments.paired import PAIRED, difference_text, paired_differences, resolving_seeds
 from codistill.storage import RunStorage
 
 MARKDOWN_FILE, PLOT_FILE = "compare.md", "compare.png"
@@ -68,6 +68,13 @@ def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int, di
             mine = [r for r in rows if r["method"] == method]
             cells = " | ".join(mean_std([r[f"{prefix}_{k}"] for r in mine]) for k in FIGURES)
             lines.append(f"| {method} | {mine[0]['members']} | {cells} |")
+    if any("bits_mean" in r for r in rows) and baseline is not None:
+        lines += ["", f"**paired difference in bits per token to {baseline} at the last step** (test; negative: fewer "
+                  "bits, better; same seeds: mean [95% t-interval over seeds], fewer bits on k of n seeds; an interval "
+                  "that includes 0 is no resolvable effect)", "",
+                  "| method | mean member | ensemble | best member |", "|---|---|---|---|"]
+        for entry in paired_differences(rows, baseline, "bits_{}", scale=1, prefix="bits_diff", lower_is_better=True):
+            lines.append(f"| {entry['method']} | {' | '.join(difference_text(entry, f, digits=3) for f in PAIRED)} |")
     if any("bits_mean" in r for r in rows):
         lines += ["", "**bits per token at the last step** (test; lower is better) and bytes a peer sent per round", "",
                   "| method | first | best | mean | ensemble | bytes / round |", "|---|---|---|---|---|---|"]

@@ -21,24 +21,28 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def paired_differences(rows: list[dict], baseline: str) -> list[dict]:
-    """Per method: the per-seed difference to the baseline on the same seed (percentage points),
-    their mean with a 95% t-interval over seeds, and wins k of n — for the mean member, the
-    ensemble and the best member at the last step. Adds `diff_<figure>` to each row."""
+def paired_differences(rows: list[dict], baseline: str, figure: str = "last_{}", scale: float = 100,
+                       prefix: str = "diff", lower_is_better: bool = False) -> list[dict]:
+    """Per method: the per-seed difference to the baseline on the same seed (accuracy at the last
+    step in percentage points, by default), their mean with a 95% t-interval over seeds, and
+    wins k of n — for the mean member, the ensemble and the best member. Adds `<prefix>_<figure>`
+    to each row. Bits per token (`figure="bits_{}", scale=1, prefix="bits_diff",
+    lower_is_better=True`): a win is fewer bits."""
     base = {r["seed"]: r for r in rows if r["method"] == baseline}
     summary = []
     for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method and r["seed"] in base]
-        entry = {"method": method, "baseline": baseline, "seeds": len(mine)}
-        for figure in PAIRED:
-            diffs = [100 * (r[f"last_{figure}"] - base[r["seed"]][f"last_{figure}"]) for r in mine]
+        mine = [r for r in rows if r["method"] == method and r["seed"] in base and figure.format("mean") in r]
+        entry = {"method": method, "baseline": baseline, "seeds": len(mine), "prefix": prefix}
+        for name in PAIRED:
+            key = figure.format(name)
+            diffs = [scale * (r[key] - base[r["seed"]][key]) for r in mine]
             for r, d in zip(mine, diffs):
-                r[f"diff_{figure}"] = d
+                r[f"{prefix}_{name}"] = d
             if method == baseline or not diffs:
                 continue
             mean, low, high = t_interval(diffs)
-            entry.update({f"diff_{figure}": mean, f"diff_{figure}_low": low, f"diff_{figure}_high": high,
-                          f"wins_{figure}": sum(d > 0 for d in diffs)})
+            entry.update({f"{prefix}_{name}": mean, f"{prefix}_{name}_low": low, f"{prefix}_{name}_high": high,
+                          f"{prefix}_wins_{name}": sum((d < 0) if lower_is_better else (d > 0) for d in diffs)})
         if method != baseline:
             summary.append(entry)
     return summary
@@ -55,9 +59,10 @@ def resolving_seeds(diffs: list[float], half_width: float = 0.5) -> int | None:
     return n
 
 
-def difference_text(entry: dict, figure: str) -> str:
-    mean, low, high = (entry[f"diff_{figure}{s}"] for s in ("", "_low", "_high"))
+def difference_text(entry: dict, figure: str, digits: int = 2) -> str:
+    prefix = entry.get("prefix", "diff")
+    mean, low, high = (entry[f"{prefix}_{figure}{s}"] for s in ("", "_low", "_high"))
     # One seed has no spread, so no interval: never printed as [-inf, +inf], never an effect.
-    interval = f"[{low:+.2f}, {high:+.2f}]" if entry["seeds"] > 1 else "[n/a: 1 seed]"
+    interval = f"[{low:+.{digits}f}, {high:+.{digits}f}]" if entry["seeds"] > 1 else "[n/a: 1 seed]"
     verdict = "" if entry["seeds"] > 1 and (low > 0 or high < 0) else " (no resolvable effect)"
-    return f"{mean:+.2f} {interval} {entry[f'wins_{figure}']}/{entry['seeds']}{verdict}"
+    return f"{mean:+.{digits}f} {interval} {entry[f'{prefix}_wins_{figure}']}/{entry['seeds']}{verdict}"
