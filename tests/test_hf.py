@@ -85,6 +85,9 @@ def test_hf_text_packs_documents_with_an_end_of_text_and_splits_them_by_content(
     real = data.y_train[:, :-1] != -100
     assert torch.equal(data.x_train[:, 1:][real], data.y_train[:, :-1][real]) and (data.y_train[-1] == -100).any()
     assert (data.y_train[:-1] != -100).all()
+    # What the loop asks (on the CPU) before dropping rows: only a batch with the tail window is padded.
+    last = len(data.y_train) - 1
+    assert data.padded_in(torch.tensor([0, last])) and not data.padded_in(torch.arange(last))
     # A second load maps nothing: the tokenized Arrow files are there, and give the same windows.
     cached = sorted(p.name for p in (tmp_path / "cache").glob("hf_text_*.arrow"))
     assert len(cached) == 2

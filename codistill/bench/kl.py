@@ -32,7 +32,6 @@ if target == "logits":
 else:  # built 256 rows at a time: the peak must be the KL's, not the target's making
     parts = [top_k_targets(teacher[i:i + 256], 64, 1.0) for i in range(0, rows, 256)]
     payload = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-if target != "logits":
     del teacher
 student.grad = torch.ones_like(student)  # the gradient's memory counts as an input's (written: resident)
 page = os.sysconf("SC_PAGE_SIZE")

@@ -40,6 +40,19 @@ class ArrayDataset:
     or a `tokenizers` JSON file (None: bytes). What `codistill export` ships with a peer, and what
     a pretrained peer's own tokenizer is checked against. A place, so not in the fingerprint."""
 
+    def padded_in(self, indices: torch.Tensor) -> bool:
+        """Whether any of these training windows holds a position labelled IGNORE_INDEX (a padded
+        tail). Asked of a CPU copy of which windows do, made once per training set: the labels
+        may live on a GPU (`data_on_device`), where asking them every step would wait for the
+        device every step."""
+        if self.input_kind != "tokens":
+            return False
+        labels, padded = getattr(self, "_padded", (None, None))
+        if labels is not self.y_train:  # first asked, or the training set was replaced since
+            padded = (self.y_train == IGNORE_INDEX).reshape(len(self.y_train), -1).any(1).cpu()
+            self._padded = (self.y_train, padded)
+        return bool(padded[indices.cpu()].any())
+
     def to(self, device: torch.device) -> "ArrayDataset":
         """A copy whose tensors live on `device`: batches are then gathered, normalised and
         augmented there (the same batches: the random numbers still come from the CPU generator)."""

@@ -63,16 +63,10 @@ def _register_documents(ds, settings) -> str:
     """A `datasets.Dataset` of documents, registered as an `hf_text` corpus is built (`hf_text.py`:
     split by document, tokenized with `data.tokenizer`, packed into `data.context` windows), under
     the name of its texts' hash."""
-    from codistill.data.hf_text import from_dataset
+    from codistill.data.hf_text import document_digests, from_dataset
 
-    if settings.text_field not in ds.column_names:
-        raise ConfigError("data.text_field", f"{settings.text_field!r} is not a column of the given Dataset; its "
-                                             f"columns: {', '.join(ds.column_names)}")
-    digest = hashlib.sha256(settings.text_field.encode())
-    for batch in ds.select_columns([settings.text_field]).iter(batch_size=1000):
-        for text in batch[settings.text_field]:
-            digest.update(hashlib.sha256((text or "").encode()).digest())
-    name = f"given-{digest.hexdigest()[:12]}"
+    digests = document_digests(ds, settings.text_field)
+    name = f"given-{hashlib.sha256((settings.text_field + ''.join(digests)).encode()).hexdigest()[:12]}"
     if name not in DATASETS:
         DATASETS.add(name, DatasetEntry(lambda root, augment, download, settings, ds=ds: from_dataset(ds, root, settings),
                                         "tokens", None, takes_settings=True), origin="given data")

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from codistill.data.datasets import ArrayDataset, register_dataset
-from codistill.data.text import SPLIT_RULE, TEST_EVERY, TOKENIZER_SAMPLE_CHARS, train_tokenizer
+from codistill.data.text import (SPLIT_RULE, TOKENIZER_SAMPLE_CHARS, _digest, first_chars, folder_hash,
+                                  split_by_digest, train_tokenizer)
 from codistill.errors import ConfigError
 from codistill.metrics import IGNORE_INDEX
 
@@ -75,24 +76,12 @@ def load_files(path: str, root: Path):
                                     **extra)
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _split(ds, field: str) -> tuple[list[int], list[int], list[str], int]:
-    """(train rows, test rows, every row's digest, duplicates dropped): each distinct text once,
-    at its first row, on the side its hash picks."""
+def document_digests(ds, field: str) -> list[str]:
+    """Every row's content hash (of its text in column `field`), read a batch at a time."""
     if field not in ds.column_names:
         raise ConfigError("data.text_field", f"{field!r} is not a column of the data; its columns: "
                                              f"{', '.join(ds.column_names)}")
-    digests = [_digest(t or "") for batch in ds.select_columns([field]).iter(batch_size=1000) for t in batch[field]]
-    first: dict[str, int] = {}
-    for row, digest in enumerate(digests):
-        first.setdefault(digest, row)
-    rows = sorted(first.values())
-    test = [r for r in rows if int(digests[r], 16) % TEST_EVERY == 0]
-    train = [r for r in rows if int(digests[r], 16) % TEST_EVERY != 0]
-    return train, test, digests, len(digests) - len(rows)
+    return [_digest(t or "") for batch in ds.select_columns([field]).iter(batch_size=1000) for t in batch[field]]
 
 
 def _save_folder(tokenizer, folder: Path) -> None:
@@ -117,13 +106,9 @@ def tokenizer_for(settings, ds, field: str, train_rows: list[int], digests: list
         key = hashlib.sha256(json.dumps([corpus, settings.vocab_size, TOKENIZER_SAMPLE_CHARS, END_OF_TEXT]).encode())
         folder = root / f"hf_tokenizer_{key.hexdigest()[:16]}"
         if not (folder / "tokenizer.json").exists():
-            sample, size = [], 0
-            for row in sorted(train_rows, key=lambda r: digests[r]):
-                if size >= TOKENIZER_SAMPLE_CHARS:
-                    break
-                sample.append((ds[row][field] or "")[:TOKENIZER_SAMPLE_CHARS - size])
-                size += len(sample[-1])
-            bpe = train_tokenizer(sample, settings.vocab_size, special_tokens=[END_OF_TEXT])
+            ordered = (ds[row][field] or "" for row in sorted(train_rows, key=digests.__getitem__))
+            bpe = train_tokenizer(first_chars(ordered, TOKENIZER_SAMPLE_CHARS), settings.vocab_size,
+                                  special_tokens=[END_OF_TEXT])
             root.mkdir(parents=True, exist_ok=True)
             _save_folder(PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=END_OF_TEXT), folder)
     else:
@@ -166,11 +151,11 @@ def _tokens(ds, rows: list[int], tokenizer, field: str, cache: Path) -> np.ndarr
 def from_dataset(ds, root: Path, settings) -> ArrayDataset:
     """A language-model corpus (next-token windows) from the documents of a `datasets.Dataset`."""
     field = settings.text_field
-    train_rows, test_rows, digests, duplicates = _split(ds, field)
+    digests = document_digests(ds, field)
+    train_rows, test_rows, duplicates = split_by_digest(digests)
     corpus = hashlib.sha256("".join(digests).encode()).hexdigest()
     tokenizer, folder = tokenizer_for(settings, ds, field, train_rows, digests, root, corpus)
-    tokenizer_hash = hashlib.sha256((folder / "tokenizer.json").read_bytes() if (folder / "tokenizer.json").exists()
-                                    else str(folder).encode()).hexdigest()
+    tokenizer_hash = folder_hash(folder)
     key = hashlib.sha256(json.dumps([corpus, tokenizer_hash, SPLIT_RULE]).encode()).hexdigest()[:16]
     root.mkdir(parents=True, exist_ok=True)
     unsplit = not train_rows or not test_rows  # one or a few documents: the last tenth of the stream is test

@@ -88,14 +88,25 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def split_by_digest(digests: list[str]) -> tuple[list[int], list[int], int]:
+    """(train places, test places, duplicates dropped) of documents with these content hashes:
+    each distinct document once, at its first place, on the side its hash picks (one in
+    TEST_EVERY is test). The rule of every text corpus (`text`, `stdlib`, `hf_text`)."""
+    first: dict[str, int] = {}
+    for place, digest in enumerate(digests):
+        first.setdefault(digest, place)
+    kept = sorted(first.values())
+    test = [p for p in kept if int(digests[p], 16) % TEST_EVERY == 0]
+    train = [p for p in kept if int(digests[p], 16) % TEST_EVERY != 0]
+    return train, test, len(digests) - len(kept)
+
+
 def split_documents(texts: list[str]) -> tuple[list[str], list[str], int]:
     """(train, test, duplicates dropped): each distinct document once, in its first place, on
     the side its content's hash picks. Split by path, identical files with other names fell on
     both sides, and the test figures measured memory."""
-    distinct = {_digest(t): t for t in texts}  # in the order of each one's first copy
-    test = [t for digest, t in distinct.items() if int(digest, 16) % TEST_EVERY == 0]
-    train = [t for digest, t in distinct.items() if int(digest, 16) % TEST_EVERY != 0]
-    return train, test, len(texts) - len(distinct)
+    train, test, dropped = split_by_digest([_digest(t) for t in texts])
+    return [texts[p] for p in train], [texts[p] for p in test], dropped
 
 
 def corpus_hash(root: Path, files: list[Path]) -> str:
@@ -114,8 +125,14 @@ def tokenizer_sample(texts: list[str], limit: int) -> list[str]:
     """At most `limit` characters of `texts`, the same on every machine: whole documents in the
     order of their content's hash (spread over the corpus, not its first folder), the one that
     would pass the limit cut to fit."""
+    return first_chars(sorted(texts, key=_digest), limit)
+
+
+def first_chars(texts, limit: int) -> list[str]:
+    """The documents of the iterable `texts`, in its order, up to `limit` characters in all: the
+    one that would pass the limit cut to fit, none read after it."""
     sample, size = [], 0
-    for text in sorted(texts, key=_digest):
+    for text in texts:
         if size >= limit:
             break
         sample.append(text[:limit - size])
@@ -163,11 +180,17 @@ def folder_tokenizer(tokenizer: dict):
     from transformers import AutoTokenizer
 
     folder = Path(os.path.expanduser(tokenizer["path"]))
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True), folder_hash(folder)
+
+
+def folder_hash(folder: Path) -> str:
+    """A tokenizer folder's identity: the sha256 of its files' names and contents (what names
+    the tokens a corpus was cached under, so another tokenizer at the same path is not reused)."""
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
         if f.is_file():
             h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True), h.hexdigest()
+    return h.hexdigest()
 
 
 def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str | dict, vocab_size: int,

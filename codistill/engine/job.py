@@ -214,11 +214,17 @@ AUTO_TOP_K = 64
 """The k peers send when the vocabulary is above `exchange.top_k_above` and `top_k` is not set."""
 
 
+def vocabulary_decides_top_k(cfg: ExperimentConfig) -> bool:
+    """Whether the vocabulary decides what peers send: `exchange.top_k` unset, and a method whose
+    peers exchange soft targets (not a teacher's targets, which travel nowhere)."""
+    method = cfg.method
+    return not cfg.exchange.top_k and method.takes_top_k and not method.also and not method.uses_teacher
+
+
 def exchanged_top_k(cfg: ExperimentConfig, vocab: int) -> int:
     """The k of the top-k targets peers send (0: whole logits): `exchange.top_k`, or AUTO_TOP_K
-    for peers that exchange (not a teacher's targets) over a vocabulary above `top_k_above`."""
-    method = cfg.method
-    if cfg.exchange.top_k or not method.takes_top_k or method.also or method.uses_teacher:
+    when the vocabulary decides and is above `exchange.top_k_above`."""
+    if not vocabulary_decides_top_k(cfg):
         return cfg.exchange.top_k
     return AUTO_TOP_K if cfg.exchange.top_k_above and vocab > cfg.exchange.top_k_above else 0
 

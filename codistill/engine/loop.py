@@ -108,8 +108,7 @@ def train_step(job: PeerJob, step: int) -> dict:
     if job.replicas > 1:
         x, y = x.chunk(job.replicas)[job.replica], y.chunk(job.replicas)[job.replica]
         indices = indices.chunk(job.replicas)[job.replica]
-    # Asked of the labels while they are on the CPU: no device sync for batches without padding.
-    ignored = job.data.input_kind == "tokens" and bool((y == IGNORE_INDEX).any())
+    ignored = job.data.padded_in(indices)  # a padded tail window in this batch (asked on the CPU)
     x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
     if job.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -189,17 +189,16 @@ def check_exchange(cfg: ExperimentConfig, object_store: float) -> None:
     cannot fit the object store: each round holds period × batch × context × vocab fp32 values
     per peer."""
     from codistill.data import DATASETS, load_data
-    from codistill.engine.job import exchanged_top_k, top_k_note
+    from codistill.engine.job import exchanged_top_k, top_k_note, vocabulary_decides_top_k
 
-    method = cfg.method
-    if DATASETS[cfg.data.name].input_kind != "tokens" or not method.takes_top_k or cfg.exchange.top_k:
-        return
+    if DATASETS[cfg.data.name].input_kind != "tokens" or not vocabulary_decides_top_k(cfg):
+        return  # nothing to say, and no corpus to load on the driver
     vocab = load_data(cfg.data).num_classes
     k = exchanged_top_k(cfg, vocab)
     if k:
         logger.warning(top_k_note(cfg, vocab, k))
         return
-    rounds = method.needs.rounds
+    rounds = cfg.method.needs.rounds
     if rounds is None or rounds.publish != "predictions" or not object_store:
         return
     per_round = rounds.period * cfg.data.batch_size * cfg.data.context * vocab * 4

@@ -118,9 +118,9 @@ def hf_causal_lm(num_classes: int, path: str | None = None, config: dict | None 
         kind = settings.pop("model_type")
         try:
             model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(kind, **settings))
-        except ImportError as err:  # a model whose code needs a package that is not installed
-            raise ConfigError("model_args.config", f"{kind}: {first_line(err, 200)}") from None
-        except (ValueError, KeyError) as err:  # an unknown model_type (its message lists every known one: cut)
+        # A package the model's code needs is not installed, or the model_type is unknown (that
+        # message lists every known one: cut).
+        except (ImportError, ValueError, KeyError) as err:
             raise ConfigError("model_args.config", f"{kind}: {first_line(err, 200)}") from None
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < num_classes:

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from codistill.errors import ConfigError
 from codistill.registry import Registry
 
 
@@ -98,6 +99,4 @@ def check_model_tokenizer(name: str, model_args: dict, tokenizer: str | None, ke
     entry = MODELS[name]
     problem = entry.check_tokenizer(model_args, tokenizer) if entry.check_tokenizer else None
     if problem:
-        from codistill.errors import ConfigError
-
         raise ConfigError(key, problem)
