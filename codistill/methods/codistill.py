@@ -1,12 +1,17 @@
 """Codistillation (Anil et al. 2018, "Large scale distributed neural network training through
 online distillation").
 
-Peer i minimises CE(z_i, y) + w(step) · T²·KL(mean_{j≠i} softmax(z̃_j/T) ‖ softmax(z_i/T)),
-where z̃_j are predictions of peer j's parameters from at most `period` steps (plus
-`max_staleness` rounds) ago, and w = 0 for the first `burn_in` steps. Peers exchange only
-every `period` steps, through the Ray object store, and need not run in lock-step: the method
-declares its rounds (`Needs.rounds`) and the engine serves the stale predictions
-(`engine/stale_peers.py`).
+Peer i minimises CE(z_i, y) + w(step) · T²·KL(p̄ ‖ softmax(z_i/T)), p̄ = mean_{j≠i} softmax(z̃_j/T):
+the KL to the mean of the other peers' distributions, where z̃_j are peer j's predictions from its
+weights at the start of a round at most `max_staleness` rounds back (each round `period` steps),
+and w = 0 for the first `burn_in` steps. With top-k targets (`exchange.top_k`) p̄ is the mean of
+the peers' top-k distributions, each peer's tail mass spread evenly over the tokens it did not
+send, and the KL is over the union of the sent tokens plus one bucket for the rest
+(`losses.mean_top_k_kl`): with k = V exactly the whole-logit objective, with one other peer the
+top-k KL of that peer. (DML takes the mean of the KLs to each peer, another objective for K ≥ 3.)
+Peers exchange once a round, through the runner's round exchange (a round board on Ray, in memory
+on the local runner), and need not run in lock-step: the method declares its rounds
+(`Needs.rounds`) and the engine serves the stale predictions (`engine/stale_peers.py`).
 """
 
 from dataclasses import dataclass
@@ -15,7 +20,7 @@ from typing import ClassVar, Literal
 import torch
 
 from codistill.errors import check
-from codistill.methods.losses import mean_payload_kl, soft_kl, soft_targets
+from codistill.methods.losses import mean_target_kl
 from codistill.methods.base import DistillConfig, Method, Needs, RoundSpec, register_method, weighted_kl
 
 
@@ -61,12 +66,7 @@ class Codistill(Method):
         if weight == 0.0 or not s.peers:
             kl = torch.zeros((), device=s.logits.device)
         else:
-            T = self.config.temperature
-            if "topk_ids" in s.peers[0]:
-                # Top-k targets of several peers hold different tokens: the mean of the KLs to
-                # each (with one other peer, the same thing).
-                kl = mean_payload_kl(s.logits, s.peers, T)
-            else:
-                target = torch.stack([soft_targets(p["logits"], T) for p in s.peers]).mean(0)
-                kl = soft_kl(s.logits, target, T)
+            # Toward the mean of the peers' distributions, from whole logits or top-k targets
+            # alike (the mean of the KLs to each, DML's objective, is another one for K >= 3).
+            kl = mean_target_kl(s.logits, s.peers, self.config.temperature)
         return weighted_kl(kl, weight)

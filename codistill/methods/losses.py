@@ -214,6 +214,14 @@ def top_k_targets(logits: torch.Tensor, k: int, temperature: float, dtype: torch
     return {"topk_logp": values.to(dtype), "topk_ids": ids.to(torch.int32), "tail_logp": tail.to(dtype)}
 
 
+def _renormalised(log_p: torch.Tensor, tail_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sent top-k target's log-probabilities and tail, renormalised to sum to one (the values
+    travel in fp16/bf16, whose rounding leaves the sum off by up to ~1e-3)."""
+    log_p, tail_p = log_p.float(), tail_p.float()
+    norm = torch.logsumexp(torch.cat([log_p, tail_p], dim=-1), dim=-1, keepdim=True)
+    return log_p - norm, tail_p - norm
+
+
 def top_k_kl(student_logits: torch.Tensor, target: dict, temperature: float) -> torch.Tensor:
     """T² · KL over the k sent tokens plus the tail bucket, averaged over rows:
         Σ_{j∈top-k} p_j log(p_j / q_j) + p_tail log(p_tail / q_tail),  q_tail = 1 − Σ_{j∈top-k} q_j.
@@ -221,9 +229,7 @@ def top_k_kl(student_logits: torch.Tensor, target: dict, temperature: float) -> 
     k = V it is the full KL. The sent target is renormalised (values travel in fp16/bf16)."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     ids = target["topk_ids"].long()
-    log_p, tail_p = target["topk_logp"].float(), target["tail_logp"].float()
-    norm = torch.logsumexp(torch.cat([log_p, tail_p], dim=-1), dim=-1, keepdim=True)
-    log_p, tail_p = log_p - norm, tail_p - norm
+    log_p, tail_p = _renormalised(target["topk_logp"], target["tail_logp"])
     log_q_top = log_q.gather(-1, ids)
     q_tail = (1 - log_q_top.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
     head = (log_p.exp() * (log_p - log_q_top)).sum(-1)
@@ -232,11 +238,44 @@ def top_k_kl(student_logits: torch.Tensor, target: dict, temperature: float) -> 
     return temperature**2 * (head + tail).mean()
 
 
+def mean_top_k_kl(student_logits: torch.Tensor, target: dict, temperature: float) -> torch.Tensor:
+    """T²·KL(p̄ ‖ softmax(student/T)) toward the mean p̄ of M peers' top-k targets (`peers_topk_logp`,
+    `peers_topk_ids`: (N, M, k); `peers_tail_logp`: (N, M, 1)), averaged over rows. p̄ is the mean of
+    the peers' distributions, each peer's tail mass spread evenly over the V − k tokens it did not send:
+        p̄_v = (1/M) Σ_j (p_jv if peer j sent v, else p_j,tail / (V − k)).
+    The KL is taken over the union U of the tokens the peers sent, plus one bucket for the rest:
+        Σ_{v∈U} p̄_v log(p̄_v / q_v) + p̄_rest log(p̄_rest / q_rest),  p̄_rest = Σ_{v∉U} p̄_v.
+    With M = 1 it is `top_k_kl` (U is the k sent tokens); with k = V it is the KL to the mean of the
+    whole distributions, codistillation's teacher (Anil et al.) — where the mean of the KLs to each
+    peer (`mean_payload_kl`, DML's objective) is another objective. Dense over the vocabulary: a
+    token's mean needs every peer's share of it; `payload_kl` takes it a chunk of rows at a time."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    rows, vocab = log_q.shape
+    log_p, tail_p = _renormalised(target["peers_topk_logp"], target["peers_tail_logp"])
+    peers, k = log_p.shape[1], log_p.shape[2]
+    ids = target["peers_topk_ids"].long().flatten(1)  # (N, M·k); a token two peers sent appears twice
+    spread = tail_p.exp() / max(vocab - k, 1)  # (N, M, 1): a peer's tail per token it did not send
+    everyone = spread.sum(1)  # (N, 1): Σ_j spread_j, every token's mass before the sent tokens replace theirs
+    p = everyone.expand(rows, vocab).clone().scatter_add_(-1, ids, (log_p.exp() - spread).flatten(1))
+    p = (p / peers).clamp(min=0)  # rounding in the sum can leave an unsent-by-all token at −1e-12
+    sent = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, ids, True)
+    head = torch.where(sent, torch.xlogy(p, p) - p * log_q, 0).sum(-1)
+    p_rest = (everyone.squeeze(-1) / peers) * (vocab - sent.sum(-1))
+    # Σ of the student's own rest, not 1 − Σ_U q, which loses the small rest to rounding.
+    q_rest = torch.where(sent, 0, log_q.exp()).sum(-1).clamp(min=1e-12)
+    rest = torch.where(p_rest > 0, torch.xlogy(p_rest, p_rest) - p_rest * q_rest.log(), 0)
+    return temperature**2 * (head + rest).mean()
+
+
 KL_CHUNK_ELEMENTS = 2**22
 """A KL over more rows × classes than this (16 MB of fp32) is taken in chunks of rows."""
 
 
 def _payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float) -> torch.Tensor:
+    if "peers_topk_ids" in payload:
+        return mean_top_k_kl(student_logits, payload, temperature)
+    if "peers_logits" in payload:
+        return soft_kl(student_logits, soft_targets(payload["peers_logits"], temperature).mean(1), temperature)
     if "topk_ids" in payload:
         return top_k_kl(student_logits, payload, temperature)
     return soft_kl(student_logits, soft_targets(payload["logits"], temperature), temperature)
@@ -282,8 +321,23 @@ def payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float,
     chunks (`_ChunkedKL`), so only one chunk's copies exist at a time; the value and gradient
     are the unchunked ones. `codistill bench kl` measures the peak memory."""
     rows, classes = student_logits.shape[0], student_logits.shape[-1]
+    if "peers_logits" in payload:  # every peer's softmax of a chunk exists at once
+        classes *= payload["peers_logits"].shape[1]
     step = max(1, chunk_elements // classes)
     if rows <= step or any(v.requires_grad for v in payload.values()):
         return _payload_kl(student_logits, payload, temperature)
     names = tuple(payload)
     return _ChunkedKL.apply(student_logits, temperature, step, names, *(payload[n] for n in names))
+
+
+def mean_target_kl(student_logits: torch.Tensor, payloads: list[dict], temperature: float,
+                   chunk_elements: int = KL_CHUNK_ELEMENTS) -> torch.Tensor:
+    """T²·KL(mean_j p_j ‖ softmax(student/T)): toward the mean of the peers' distributions
+    (codistillation's teacher), whether they sent whole logits or top-k targets
+    (`mean_top_k_kl`), chunked as `payload_kl`. With one peer, that peer's `payload_kl`."""
+    if len(payloads) == 1:
+        return payload_kl(student_logits, payloads[0], temperature, chunk_elements)
+    names = ("topk_logp", "topk_ids", "tail_logp") if "topk_ids" in payloads[0] else ("logits",)
+    # Stacked on dim 1: the rows stay first, so a chunk of rows holds every peer's part of them.
+    stacked = {f"peers_{n}": torch.stack([p[n] for p in payloads], 1) for n in names}
+    return payload_kl(student_logits, stacked, temperature, chunk_elements)
