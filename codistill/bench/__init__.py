@@ -1,6 +1,7 @@
-"""`codistill bench dml | codistill | step | bare | kl`: where the cost of distillation goes, and what
-the framework itself costs over bare PyTorch, measured side by side (one module per benchmark):
-ratios are medians of paired blocks with a bootstrap interval."""
+"""`codistill bench dml | codistill | step | bare | kl | noise-scale`: where the cost of distillation
+goes, and what the framework itself costs over bare PyTorch, measured side by side (one module per
+benchmark): ratios are medians of paired blocks with a bootstrap interval. `noise-scale` measures
+the task instead: the gradient noise scale, where data parallelism stops paying."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("which", choices=["dml", "codistill", "step", "bare", "kl"], help="what to measure")
+    parser.add_argument("which", choices=["dml", "codistill", "step", "bare", "kl", "noise-scale"], help="what to measure")
+    parser.add_argument("source", nargs="?", metavar="CONFIG|RUN",
+                        help="noise-scale: a config (a fresh run of one peer) or a run folder (its checkpoints)")
     parser.add_argument("--config", help="step, bare: the config whose step is measured (default: the demo's)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="step, bare: override a config value")
     parser.add_argument("--model", default="resnet20", help="peer model for the step-time ratio (default resnet20: ~50+ ms steps on CPU)")
@@ -23,9 +26,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=16 * 256, help="kl: positions in the batch (default 16 × 256)")
     parser.add_argument("--vocab", type=int, default=32000, help="kl: vocabulary size (default 32,000)")
     parser.add_argument("--out", help="also write the figures as JSON here")
+    noise = parser.add_argument_group("noise-scale")
+    noise.add_argument("--steps", help="steps to measure at, e.g. 0,500,1000 (default: a spread over train.steps; "
+                       "of a run: its checkpoints)")
+    noise.add_argument("--small", type=int, help="the small batch, in examples (tokens for a language model; "
+                       "default: the config's batch)")
+    noise.add_argument("--big", type=int, help="the big batch, same unit (default: 10 × --small)")
+    noise.add_argument("--repeats", type=int, default=100, help="pairs of batches per step (default 100)")
+    noise.add_argument("--peer", type=int, default=0, help="which peer of the config or run (default 0)")
+    noise.add_argument("--to", metavar="DIR", help="the output folder (default: <storage_path>/<name>.noise_scale, "
+                       "or <run>.noise_scale)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.source and args.which != "noise-scale":
+        from codistill.errors import ConfigError
+
+        raise ConfigError("bench", f"{args.which} takes no CONFIG|RUN argument (give --config); got {args.source!r}")
+    if args.which == "noise-scale":
+        from codistill.bench.noise_scale import main as run
+
+        return run(args)
     if args.which == "codistill":
         from codistill.bench.codistill import main as run
     elif args.which == "step":
