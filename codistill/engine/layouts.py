@@ -25,21 +25,19 @@ data-parallel model on the same workers) would be a third subclass.
 
 from __future__ import annotations
 
-import functools
 import os
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from codistill.config import ConfigError, ExperimentConfig
 from codistill.data import DATASETS
 from codistill.engine.checkpoint import CHECKPOINT_DIR, peer_run_dir
 from codistill.engine.evaluate import GROUP_FIELDS, group_figures
+from codistill.engine.mesh import MeshPlace, PeerMesh
 from codistill.engine.placement import check_placement, check_placement_per_peer, resources_per_worker
 from codistill.exchange.base import Exchange, Payload, PeriodicExchange
 from codistill.exchange.collective import CollectiveExchange
@@ -71,24 +69,16 @@ class RunSpec:
 
 @dataclass
 class WorkerLinks:
-    """What one Ray Train worker trains with besides its data: its place among the peers, and
-    how it meets them."""
+    """What one Ray Train worker trains with besides its data: its peer, its place in the mesh,
+    and how it meets the other peers."""
 
     peer: int
-    replica: int
-    replicas: int
+    place: MeshPlace
     exchange: Exchange | None = None
     """Every step's all-gather (and the evaluations'), for peers in one group."""
     board: "BoardPoster | None" = None
     """Where a peer that evaluates alone posts its test logits."""
     periodic: PeriodicExchange | None = None
-    data_parallel: Callable | None = field(default=None, repr=False)
-    """Wraps the peer's network for DDP over its replicas."""
-
-
-def _ddp(device: torch.device, process_group=None):
-    return functools.partial(torch.nn.parallel.DistributedDataParallel, process_group=process_group,
-                             device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class Layout:
@@ -140,17 +130,15 @@ class OneGroup(Layout):
                         resources_per_worker(cfg, ray.cluster_resources()), cfg.name, storage.storage_path)]
 
     def links(self, cfg, loop_config, device):
-        replicas = cfg.ray.workers_per_peer
-        peer, replica = divmod(ray.train.get_context().get_world_rank(), replicas)
-        peer_group, exchange_group = _data_parallel_groups(cfg.num_peers, replicas, peer, replica) if replicas > 1 else (None, None)
+        place = PeerMesh(cfg.num_peers, cfg.ray.workers_per_peer).build(device)
+        peer = place.peer
         if cfg.exchange.transport == "collective":
-            exchange = CollectiveExchange(peer, cfg.num_peers, exchange_group, device)
+            exchange = CollectiveExchange(peer, cfg.num_peers, place.peer_group, device)
         else:
-            exchange = ObjectStoreExchange(loop_config["gather_coordinators"][replica], peer, cfg.num_peers)
+            exchange = ObjectStoreExchange(loop_config["gather_coordinators"][place.replica], peer, cfg.num_peers)
         periodic = (ObjectStorePeriodicExchange(loop_config["round_board"], peer)
                     if loop_config["round_board"] is not None else None)
-        return WorkerLinks(peer, replica, replicas, exchange=exchange, periodic=periodic,
-                           data_parallel=_ddp(device, peer_group) if replicas > 1 else None)
+        return WorkerLinks(peer, place, exchange=exchange, periodic=periodic)
 
     def checkpoint_parent(self, peer):
         return ""
@@ -186,12 +174,10 @@ class Apart(Layout):
                         peer_run_dir(k), storage.uri) for k in range(cfg.num_peers)]
 
     def links(self, cfg, loop_config, device):
-        context = ray.train.get_context()
-        peer, replica, replicas = loop_config["peer"], context.get_world_rank(), context.get_world_size()
-        return WorkerLinks(peer, replica, replicas,
-                           board=BoardPoster(loop_config["evaluation_board"], peer),
-                           periodic=ObjectStorePeriodicExchange(loop_config["round_board"], peer, restarts_alone=True),
-                           data_parallel=_ddp(device) if replicas > 1 else None)  # DDP over this run's workers
+        peer = loop_config["peer"]
+        place = PeerMesh(1, cfg.workers_of(peer)).build(device)  # this peer's run is a mesh of one peer
+        return WorkerLinks(peer, place, board=BoardPoster(loop_config["evaluation_board"], peer),
+                           periodic=ObjectStorePeriodicExchange(loop_config["round_board"], peer, restarts_alone=True))
 
     def checkpoint_parent(self, peer):
         return peer_run_dir(peer)
@@ -224,15 +210,6 @@ def layout_of(cfg: ExperimentConfig, tune_trial: bool = False) -> Layout:
                               "run reports to Tune), so peers cannot have sizes of their own there: use "
                               "ray.workers_per_peer")
     return LAYOUTS["apart" if cfg.own_run_per_peer and not tune_trial else "one_group"]
-
-
-def _data_parallel_groups(num_peers: int, replicas: int, peer: int, replica: int):
-    """Process groups for K peers × M replicas: this worker's peer (DDP) and its column
-    (replica m of every peer: they hold the same slice of the batch, so they exchange).
-    Every rank creates every group, in the same order, as torch.distributed requires."""
-    peer_groups = [dist.new_group([p * replicas + r for r in range(replicas)]) for p in range(num_peers)]
-    columns = [dist.new_group([p * replicas + r for p in range(num_peers)]) for r in range(replicas)]
-    return peer_groups[peer], columns[replica]
 
 
 @ray.remote(num_cpus=0)

@@ -105,9 +105,7 @@ def train_step(job: PeerJob, step: int) -> dict:
     clock = _Clock(record, job.device if job.sync_timing else None)
     indices = job.schedule.indices(step)
     x, y = job.data.train_batch(indices, job.schedule.generator(step))
-    if job.replicas > 1:
-        x, y = x.chunk(job.replicas)[job.replica], y.chunk(job.replicas)[job.replica]
-        indices = indices.chunk(job.replicas)[job.replica]
+    x, y, indices = (job.place.batch_slice(t) for t in (x, y, indices))  # this replica's slice
     ignored = job.data.padded_in(indices)  # a padded tail window in this batch (asked on the CPU)
     x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
     if job.channels_last:

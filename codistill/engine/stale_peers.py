@@ -162,9 +162,7 @@ class StalePredictions(StalePeers):
         shard = job.peer.index if len(self.schedules) > 1 else 0
         here = {}
         for name, t in publication.items():
-            z = t[shard, step - published_round * self.spec.period]
-            if job.replicas > 1:  # this worker trains on one slice of the batch
-                z = z.chunk(job.replicas)[job.replica]
+            z = job.place.batch_slice(t[shard, step - published_round * self.spec.period])  # this replica's rows
             here[name] = z.to(x.device)
         return here
 
