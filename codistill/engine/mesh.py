@@ -71,7 +71,8 @@ class PeerMesh:
 @dataclass(frozen=True)
 class MeshPlace:
     """One worker's place in its `PeerMesh`: its coordinates, and its groups of the device mesh
-    (None without one, or where a dimension holds this worker alone)."""
+    (None without one). A dimension that holds this worker alone still has its group: one peer's
+    exchange gathers over it, not over the world of its replicas."""
 
     mesh: PeerMesh
     peer: int
@@ -88,7 +89,7 @@ class MeshPlace:
         return self.replica == 0
 
     def _group(self, dim: str):
-        if self.device_mesh is None or self.device_mesh[dim].size() == 1:
+        if self.device_mesh is None:
             return None
         return self.device_mesh.get_group(dim)
 
