@@ -1,7 +1,7 @@
 """One peer's job, built in one place for every runner and benchmark: `make_job`.
 
 A job holds the peer's network and optimizer, the method, its data and batch schedule, the
-exchange its evaluation gathers through (or the board it posts its evaluations to), and the
+exchange, where its evaluations go (the layout's evaluation sink), and the
 signal sources its method declared it needs (peers every step, stale peers per round, a frozen
 teacher). It is complete when built."""
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ from torch import nn
 from codistill.config import ExperimentConfig, OptimizerConfig, PeerSpec, TrainConfig
 from codistill.data import ArrayDataset, BatchSchedule
 from codistill.errors import ConfigError, first_line
+from codistill.engine.evaluate import EvaluationSink, Gathered
 from codistill.engine.mesh import MeshPlace, PeerMesh
 from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
 from codistill.engine.seeds import init_seed
@@ -31,13 +31,6 @@ from codistill.models.registry import check_model_tokenizer
 from codistill.models.taps import tap_shapes
 
 logger = logging.getLogger(__name__)
-
-
-class Poster(Protocol):
-    """Where a peer that swaps nothing every step posts its test logits (and labels) of an
-    evaluation step; the board writes the group's figures once every peer has posted it."""
-
-    def post(self, step: int, payload: dict[str, torch.Tensor]) -> None: ...
 
 
 @dataclass
@@ -63,7 +56,8 @@ class PeerJob:
     train: TrainConfig
     device: torch.device
     exchange: Exchange | None
-    """The every-step all-gather (methods that need peers, and evaluations), None with a `board`."""
+    """The every-step all-gather (methods that need peers, and evaluations in one group); None
+    for peers apart, which post their evaluations instead."""
     sources: tuple[SignalSource, ...]
     tap_paths: dict[str, str]
     seed: int = 0
@@ -72,8 +66,8 @@ class PeerJob:
     place: MeshPlace | None = None
     scaler: torch.amp.GradScaler | None = None
     """fp16 only: the gradient scaler (checkpointed with the peer)."""
-    board: Poster | None = None
-    """Where this peer posts its evaluations instead of swapping them through `exchange`."""
+    evaluations: EvaluationSink | None = None
+    """Where this peer's evaluations go (`evaluate.Gathered` through `exchange` by default)."""
     channels_last: bool = False
     sync_timing: bool = False
     """Wait for the device at each part of a step, so a step's parts are their own (benchmarks)."""
@@ -242,11 +236,11 @@ def top_k_note(cfg: ExperimentConfig, vocab: int, k: int) -> str:
 
 def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedules: list[BatchSchedule],
              device: torch.device, exchange: Exchange | None, periodic: PeriodicExchange | None = None,
-             place: MeshPlace | None = None, board: Poster | None = None) -> PeerJob:
+             place: MeshPlace | None = None, evaluations: EvaluationSink | None = None) -> PeerJob:
     """The job of peer `peer_index` at `place` in the mesh (default: the only replica of a mesh
     without a device mesh, as the local runner's threads are). `periodic` serves a method that
-    exchanges in rounds; `board` takes the evaluations of a peer that swaps nothing every step
-    (then `exchange` may be None)."""
+    exchanges in rounds; `evaluations` (the layout's) where evaluations go, by default the
+    all-gather through `exchange` (which a peer that posts them elsewhere may lack)."""
     place = place or PeerMesh(cfg.num_peers).place(peer_index)
     k = exchanged_top_k(cfg, data.num_classes)
     if k != cfg.exchange.top_k and peer_index == 0 and place.is_leader:
@@ -285,4 +279,5 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
                    tap_paths=tap_paths_of(peer.spec.model, needs.taps), seed=cfg.seed,
                    train_model=train_model, place=place,
                    scaler=torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None,
-                   channels_last=channels_last, board=board)
+                   channels_last=channels_last,
+                   evaluations=evaluations or Gathered())

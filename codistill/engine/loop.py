@@ -178,9 +178,7 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
     state = run.restore(job.peer.index)
     start = load_peer_state(job, state) if state is not None else 0
     loop = PeerLoop(job, run, start, resumed=state is not None, eval_batch_size=eval_batch_size)
-    if start == job.train.steps and job.board is not None:
-        # A peer that had finished while another failed, re-run to resume that one: the group's
-        # figures of the last step need every peer's test logits on this run's board.
+    if start == job.train.steps and job.evaluations.evaluates_when_finished:
         loop.metrics, _ = evaluate_peers(job, eval_batch_size, start)
     for step in range(start, job.train.steps):
         loop.step(step)
