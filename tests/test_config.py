@@ -290,7 +290,7 @@ def test_a_methods_needs_are_declared_once_by_its_config_and_the_traits_follow_f
         assert create_method(cfg).needs == cfg.needs, name
         assert cfg.exchanges_in_rounds == (cfg.needs.rounds is not None), name
         checked += 1
-    assert checked >= 5 and load_config(os.path.join(REPO, "configs/codistill_mnist1d.yaml")).own_run_per_peer
+    assert checked >= 5 and load_config(os.path.join(REPO, "configs/codistill_mnist1d.yaml")).layout == "apart"
     assert registered_with("exchanges_in_rounds") == ["codistill"]
     # The traits follow the settings: AT reads taps; from a teacher it uses one, between peers not.
     at = load_config(os.path.join(REPO, "configs/dml_mnist1d.yaml"),

@@ -345,10 +345,11 @@ class ExperimentConfig:
               f"method that does ({', '.join(registered_with('can_use_teacher'))}), alone or in `method.also`")
 
     @property
-    def own_run_per_peer(self) -> bool:
-        """Whether the Ray runner runs each peer as its own Ray Train run (see `ray.layout`, and
-        the layouts in `engine/layouts.py`)."""
-        return self.method.exchanges_in_rounds and self.ray.layout == "auto"
+    def layout(self) -> str:
+        """`ray.layout` resolved: `apart` (each peer its own Ray Train run) for a method that
+        exchanges in rounds under `auto`, else `one_group`; the Ray runner's layout of that name
+        (`engine/layouts.py`) is what acts on it."""
+        return "apart" if self.method.exchanges_in_rounds and self.ray.layout == "auto" else "one_group"
 
     def workers_of(self, peer: int) -> int:
         """Peer `peer`'s data-parallel workers on the Ray runner."""
@@ -358,7 +359,7 @@ class ExperimentConfig:
         """Per-peer sizes need a Ray Train run per peer: one Ray Train group has one size for all."""
         for i, peer in enumerate(self.peers):
             for key, value in (("workers", peer.workers), ("resources", peer.resources)):
-                if value is None or self.own_run_per_peer:
+                if value is None or self.layout == "apart":
                     continue
                 why = ("ray.layout: one_group runs its peers as one group" if self.method.exchanges_in_rounds else
                        f"method {self.method.name!r} exchanges every step, so its peers run as one group")

@@ -2,17 +2,41 @@
 then the peers swap test logits so each reports every peer's accuracy, the ensemble's and
 churn, and the group's members (peers, or one network's branches) for comparisons.
 
-Peers that swap nothing every step may instead each post their test logits to a board (the
-job's `board`, a `Poster`), which writes the group's figures once every peer has posted that
-step; each then reports only its own figures."""
+Where the figures come from is the job's evaluation sink, which the layout hands over: the
+all-gather of peers in one group (`Gathered`), or — peers that swap nothing every step — a
+board each posts its test logits to (`Posted`, around a `Poster`), which writes the group's
+figures once every peer has posted that step; each then reports only its own figures."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 import torch
 
-from codistill.engine.job import PeerJob
 from codistill.errors import RunError
 from codistill.metrics import accuracy, evaluation_metrics
+
+if TYPE_CHECKING:  # the job holds its sink: a type only, not an import at run time
+    from codistill.engine.job import PeerJob
+
+
+class Poster(Protocol):
+    """Where a peer that swaps nothing every step posts its test logits (and labels) of an
+    evaluation step; the board writes the group's figures once every peer has posted it."""
+
+    def post(self, step: int, payload: dict[str, torch.Tensor]) -> None: ...
+
+
+class EvaluationSink:
+    """Where a peer's evaluation goes and the group's figures come from, as the layout decides
+    (`evaluate.Gathered`, `evaluate.Posted`): its one verb gives (metrics, test record) of a
+    step from this peer's test heads, what it sends (`sent`) and the labels."""
+
+    evaluates_when_finished: bool = False
+    """Whether a peer that had already finished evaluates its last step again when re-run."""
+
+    def figures(self, job: PeerJob, heads: dict, sent: dict, labels: torch.Tensor, step: int) -> tuple[dict, dict]:
+        raise NotImplementedError
 
 
 class NonFiniteLogits(RunError):
@@ -62,10 +86,7 @@ def evaluate_peers(job: PeerJob, batch_size: int, step: int) -> tuple[dict, dict
     # test logits are tens of MB: sent once).
     sent = {"logits": heads[primary]} if names == [primary] else {
         "logits": heads[primary], "members": torch.stack([heads[name] for name in names])}
-    if job.board is None:
-        metrics, record = _evaluate_together(job, heads, sent, labels, step)
-    else:
-        metrics, record = _evaluate_on_the_board(job, heads, sent, labels, step)
+    metrics, record = job.evaluations.figures(job, heads, sent, labels, step)
     if len(heads) > 1:  # e.g. branches beside their ensemble
         record.update({f"{name}_accuracy": accuracy(z, labels) for name, z in heads.items() if name != primary})
     return metrics, record
@@ -88,19 +109,41 @@ def _evaluate_together(job: PeerJob, heads: dict, sent: dict, labels: torch.Tens
     return metrics, record
 
 
-def _evaluate_on_the_board(job: PeerJob, heads: dict, sent: dict, labels: torch.Tensor,
-                           step: int) -> tuple[dict, dict]:
+def _evaluate_on_the_board(job: PeerJob, heads: dict, sent: dict, labels: torch.Tensor, step: int,
+                           board: Poster) -> tuple[dict, dict]:
     """A peer with a board evaluates alone: its own figures now; the group's (`GROUP_FIELDS`)
     come from the board once every peer has posted this step."""
     check_finite([(job.peer.index, heads)], step)
     if job.is_leader:
-        job.board.post(step, {**sent, "labels": labels})
+        board.post(step, {**sent, "labels": labels})
     lm = job.data.input_kind == "tokens"
     own = evaluation_metrics([sent["logits"]], labels, with_bits=lm)
     metrics = {"step": step, f"peer{job.peer.index}_accuracy": own["peer0_accuracy"]}
     record = {"step": step, "peer": job.peer.index, "split": "test", "accuracy": own["peer0_accuracy"],
               **({"bits": own["peer0_bits"]} if lm else {})}
     return metrics, record
+
+
+class Gathered(EvaluationSink):
+    """Peers in one group: the figures through the job's every-step all-gather."""
+
+    def figures(self, job, heads, sent, labels, step):
+        return _evaluate_together(job, heads, sent, labels, step)
+
+
+class Posted(EvaluationSink):
+    """Peers apart: each reports its own figures and posts its test logits to `board`, which
+    writes the group's. A peer that had finished while another failed, re-run to resume that
+    one, posts its last evaluation again: the group's figures of the last step need every
+    peer's test logits on this run's board."""
+
+    evaluates_when_finished = True
+
+    def __init__(self, board: Poster):
+        self.board = board
+
+    def figures(self, job, heads, sent, labels, step):
+        return _evaluate_on_the_board(job, heads, sent, labels, step, self.board)
 
 
 # What a test record takes from the group's figures beside the peer's own accuracy.

@@ -1,7 +1,7 @@
 """One peer's job, built in one place for every runner and benchmark: `make_job`.
 
 A job holds the peer's network and optimizer, the method, its data and batch schedule, the
-exchange its evaluation gathers through (or the board it posts its evaluations to), and the
+exchange, where its evaluations go (the layout's evaluation sink), and the
 signal sources its method declared it needs (peers every step, stale peers per round, a frozen
 teacher). It is complete when built."""
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -18,6 +17,8 @@ from torch import nn
 from codistill.config import ExperimentConfig, OptimizerConfig, PeerSpec, TrainConfig
 from codistill.data import ArrayDataset, BatchSchedule
 from codistill.errors import ConfigError, first_line
+from codistill.engine.evaluate import EvaluationSink, Gathered
+from codistill.engine.mesh import MeshPlace, PeerMesh
 from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
 from codistill.engine.seeds import init_seed
 from codistill.engine.stages import load_stages
@@ -30,13 +31,6 @@ from codistill.models.registry import check_model_tokenizer
 from codistill.models.taps import tap_shapes
 
 logger = logging.getLogger(__name__)
-
-
-class Poster(Protocol):
-    """Where a peer that swaps nothing every step posts its test logits (and labels) of an
-    evaluation step; the board writes the group's figures once every peer has posted it."""
-
-    def post(self, step: int, payload: dict[str, torch.Tensor]) -> None: ...
 
 
 @dataclass
@@ -52,8 +46,8 @@ class Peer:
 
 @dataclass(frozen=True)
 class PeerJob:
-    """Everything one worker trains with. `replica`/`replicas`: this worker's position among
-    the data-parallel workers of its peer (each takes one slice of the shared batch)."""
+    """Everything one worker trains with. `place`: this worker's place in the mesh of peers ×
+    replicas (a replica trains on its slice of the shared batch)."""
 
     peer: Peer
     method: Method
@@ -62,25 +56,29 @@ class PeerJob:
     train: TrainConfig
     device: torch.device
     exchange: Exchange | None
-    """The every-step all-gather (methods that need peers, and evaluations), None with a `board`."""
+    """The every-step all-gather (methods that need peers, and evaluations in one group); None
+    for peers apart, which post their evaluations instead."""
     sources: tuple[SignalSource, ...]
     tap_paths: dict[str, str]
     seed: int = 0
     train_model: nn.Module | None = None
     """What the forward pass runs: the network, or its DDP wrapper when replicas > 1."""
-    replica: int = 0
-    replicas: int = 1
+    place: MeshPlace | None = None
     scaler: torch.amp.GradScaler | None = None
     """fp16 only: the gradient scaler (checkpointed with the peer)."""
-    board: Poster | None = None
-    """Where this peer posts its evaluations instead of swapping them through `exchange`."""
+    evaluations: EvaluationSink | None = None
+    """Where this peer's evaluations go (`evaluate.Gathered` through `exchange` by default)."""
     channels_last: bool = False
     sync_timing: bool = False
     """Wait for the device at each part of a step, so a step's parts are their own (benchmarks)."""
 
     @property
     def is_leader(self) -> bool:
-        return self.replica == 0
+        return self.place.is_leader
+
+    @property
+    def replicas(self) -> int:
+        return self.place.replicas
 
     def autocast(self):
         """The forward pass's (and the loss's) compute dtype: `train.precision`."""
@@ -238,12 +236,14 @@ def top_k_note(cfg: ExperimentConfig, vocab: int, k: int) -> str:
 
 def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedules: list[BatchSchedule],
              device: torch.device, exchange: Exchange | None, periodic: PeriodicExchange | None = None,
-             replica: int = 0, replicas: int = 1, data_parallel=None, board: Poster | None = None) -> PeerJob:
-    """The job of peer `peer_index` (worker `replica` of its `replicas`). `periodic` serves a
-    method that exchanges in rounds; `data_parallel` wraps the network for DDP; `board` takes
-    the evaluations of a peer that swaps nothing every step (then `exchange` may be None)."""
+             place: MeshPlace | None = None, evaluations: EvaluationSink | None = None) -> PeerJob:
+    """The job of peer `peer_index` at `place` in the mesh (default: the only replica of a mesh
+    without a device mesh, as the local runner's threads are). `periodic` serves a method that
+    exchanges in rounds; `evaluations` (the layout's) where evaluations go, by default the
+    all-gather through `exchange` (which a peer that posts them elsewhere may lack)."""
+    place = place or PeerMesh(cfg.num_peers).place(peer_index)
     k = exchanged_top_k(cfg, data.num_classes)
-    if k != cfg.exchange.top_k and peer_index == 0 and replica == 0:
+    if k != cfg.exchange.top_k and peer_index == 0 and place.is_leader:
         logger.warning(top_k_note(cfg, data.num_classes, k))
     top_k = (k, COMPUTE_DTYPES[cfg.exchange.top_k_dtype] or torch.float32) if k else None
     method = create_method(cfg.method, top_k=top_k)
@@ -258,7 +258,7 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     if cfg.train.data_on_device:
         data = data.to(device)  # once; every batch is then cut and augmented where it trains
     peer = build_peer(peer_index, cfg.peers[peer_index], data, cfg.seed, device, method, teacher,
-                      batch_size=cfg.data.batch_size // replicas,
+                      batch_size=cfg.data.batch_size // place.replicas,
                       other_peers=tuple(p for k, p in enumerate(cfg.peers) if k != peer_index))
     # channels_last: the layout tensor cores want for convolutions; on a CPU it only costs.
     channels_last = device.type == "cuda" and data.input_kind == "image"
@@ -271,12 +271,13 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
         sources.append(PeerPayloads())
     if needs.rounds is not None:
         sources.append(stale_peers_source(periodic, needs.rounds, cfg.peers, schedules))
-    train_model = data_parallel(peer.network) if data_parallel else peer.network
+    train_model = place.replicated(peer.network, device)
     if cfg.train.compile:
         train_model = torch.compile(train_model)  # evaluation runs the plain network
     return PeerJob(peer=peer, method=method, data=data, schedule=schedules[peer_index if cfg.data.shard else 0],
                    train=cfg.train, device=device, exchange=exchange, sources=tuple(sources),
                    tap_paths=tap_paths_of(peer.spec.model, needs.taps), seed=cfg.seed,
-                   train_model=train_model, replica=replica, replicas=replicas,
+                   train_model=train_model, place=place,
                    scaler=torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None,
-                   channels_last=channels_last, board=board)
+                   channels_last=channels_last,
+                   evaluations=evaluations or Gathered())

@@ -1,51 +1,55 @@
 """How the Ray runner lays the peers out over Ray Train runs: one object per layout, owning how
 its peers are placed and launched, what each worker exchanges through, where a restart resumes
-from, and how evaluations reach the group's figures. Nothing outside these classes asks which
-layout a run has.
+from, and how evaluations reach the group's figures. What differs reaches the loop as objects a
+worker's `links` hands over — its place in the mesh (`engine/mesh.py`), an evaluation sink
+(`evaluate.Gathered` or `evaluate.Posted`) and a round handle that knows what it keeps for a
+restart — so the loop, the signal sources and the transports never ask which layout they are in;
+the config only resolves `ray.layout` to a layout's name (`ExperimentConfig.layout`).
 
 - `OneGroup` (every-step methods, and `ray.layout: one_group`): K peers × M data-parallel workers
-  per peer = K·M workers of a single Ray Train run; world rank r belongs to peer r // M as its replica
-  r % M. The peers live and die together: one `FailureConfig`, one checkpoint folder per step
-  (peer 0 completes it), a restart of the whole group from Ray's newest committed checkpoint.
+  per peer = K·M workers of a single Ray Train run, one `PeerMesh(K, M)`. The peers live and
+  die together: one `FailureConfig`, one checkpoint folder per step (peer 0 completes it), the
+  group's round board and the all-gather of evaluations, a restart of the whole group from Ray's newest committed checkpoint.
 - `Apart` (methods that exchange in rounds — codistillation — with `ray.layout: auto`): one Ray
-  Train run per peer (`<run>/peer<k>`), each of its own size (`peers.<k>.workers`), failing,
+  Train run per peer (`<run>/peer<k>`, a `PeerMesh(1, workers)` each), each of its own size (`peers.<k>.workers`), failing,
   checkpointing and restarting on its own, as Anil et al. (2018) intend: peers that meet only
   every `period` steps need not live and die together. What they share outlives them all and
   lives on the driver's node: the round board (`LastingRoundBoard`, the only state of the
   training they share: an away peer costs each other peer one wait of `wait_timeout_s`, then it
   is left out, recorded as `missing_peers`, until it has a usable round again) and the
-  evaluation board (`EvaluationBoard`: peers evaluate alone; once every peer has evaluated a
+  evaluation board (`engine/evaluation_board.py`: peers evaluate alone; once every peer has evaluated a
   step, the board writes the group's figures of that step, which the records fill into the
   peers' test rows).
 
 The layout is chosen from the method's declared traits (`exchanges_in_rounds`), never from its
-name; a Tune trial keeps one group (one Ray Train run reports to Tune). A third layout (one
-data-parallel model on the same workers) would be a third subclass.
+name; a Tune trial keeps one group (one Ray Train run reports to Tune). The data-parallel
+baseline is no layout of its own: it is one peer on the K·M workers (`config.data_parallel`), a
+one-group run of one peer.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from codistill.config import ConfigError, ExperimentConfig
 from codistill.data import DATASETS
 from codistill.engine.checkpoint import CHECKPOINT_DIR, peer_run_dir
-from codistill.engine.evaluate import GROUP_FIELDS, group_figures
+from codistill.engine.evaluate import Posted
+from codistill.engine.evaluation_board import BoardPoster, EvaluationBoard
+from codistill.engine.job import EvaluationSink
+from codistill.engine.mesh import MeshPlace, PeerMesh
 from codistill.engine.placement import check_placement, check_placement_per_peer, resources_per_worker
-from codistill.exchange.base import Exchange, Payload, PeriodicExchange
+from codistill.exchange.base import Exchange, PeriodicExchange
 from codistill.exchange.collective import CollectiveExchange
 from codistill.exchange.object_store import GatherCoordinator, ObjectStoreExchange
-from codistill.exchange.round_board import GroupRoundBoard, LastingRoundBoard, ObjectStorePeriodicExchange
-from codistill.records import write_group_row
+from codistill.exchange.round_board import (GroupRoundBoard, LastingRoundBoard, LastingRoundHandle,
+                                            ObjectStorePeriodicExchange)
 from codistill.storage import RunStorage
 
 
@@ -71,24 +75,16 @@ class RunSpec:
 
 @dataclass
 class WorkerLinks:
-    """What one Ray Train worker trains with besides its data: its place among the peers, and
-    how it meets them."""
+    """What one Ray Train worker trains with besides its data: its peer, its place in the mesh,
+    and how it meets the other peers."""
 
     peer: int
-    replica: int
-    replicas: int
+    place: MeshPlace
     exchange: Exchange | None = None
     """Every step's all-gather (and the evaluations'), for peers in one group."""
-    board: "BoardPoster | None" = None
-    """Where a peer that evaluates alone posts its test logits."""
+    evaluations: EvaluationSink | None = None
+    """Where the worker's evaluations go (None: the all-gather through `exchange`)."""
     periodic: PeriodicExchange | None = None
-    data_parallel: Callable | None = field(default=None, repr=False)
-    """Wraps the peer's network for DDP over its replicas."""
-
-
-def _ddp(device: torch.device, process_group=None):
-    return functools.partial(torch.nn.parallel.DistributedDataParallel, process_group=process_group,
-                             device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class Layout:
@@ -140,17 +136,15 @@ class OneGroup(Layout):
                         resources_per_worker(cfg, ray.cluster_resources()), cfg.name, storage.storage_path)]
 
     def links(self, cfg, loop_config, device):
-        replicas = cfg.ray.workers_per_peer
-        peer, replica = divmod(ray.train.get_context().get_world_rank(), replicas)
-        peer_group, exchange_group = _data_parallel_groups(cfg.num_peers, replicas, peer, replica) if replicas > 1 else (None, None)
+        place = PeerMesh(cfg.num_peers, cfg.ray.workers_per_peer).build(device)
+        peer = place.peer
         if cfg.exchange.transport == "collective":
-            exchange = CollectiveExchange(peer, cfg.num_peers, exchange_group, device)
+            exchange = CollectiveExchange(peer, cfg.num_peers, place.peer_group, device)
         else:
-            exchange = ObjectStoreExchange(loop_config["gather_coordinators"][replica], peer, cfg.num_peers)
+            exchange = ObjectStoreExchange(loop_config["gather_coordinators"][place.replica], peer, cfg.num_peers)
         periodic = (ObjectStorePeriodicExchange(loop_config["round_board"], peer)
                     if loop_config["round_board"] is not None else None)
-        return WorkerLinks(peer, replica, replicas, exchange=exchange, periodic=periodic,
-                           data_parallel=_ddp(device, peer_group) if replicas > 1 else None)
+        return WorkerLinks(peer, place, exchange=exchange, periodic=periodic)
 
     def checkpoint_parent(self, peer):
         return ""
@@ -186,12 +180,10 @@ class Apart(Layout):
                         peer_run_dir(k), storage.uri) for k in range(cfg.num_peers)]
 
     def links(self, cfg, loop_config, device):
-        context = ray.train.get_context()
-        peer, replica, replicas = loop_config["peer"], context.get_world_rank(), context.get_world_size()
-        return WorkerLinks(peer, replica, replicas,
-                           board=BoardPoster(loop_config["evaluation_board"], peer),
-                           periodic=ObjectStorePeriodicExchange(loop_config["round_board"], peer, restarts_alone=True),
-                           data_parallel=_ddp(device) if replicas > 1 else None)  # DDP over this run's workers
+        peer = loop_config["peer"]
+        place = PeerMesh(1, cfg.workers_of(peer)).build(device)  # this peer's run is a mesh of one peer
+        return WorkerLinks(peer, place, evaluations=Posted(BoardPoster(loop_config["evaluation_board"], peer)),
+                           periodic=LastingRoundHandle(loop_config["round_board"], peer))
 
     def checkpoint_parent(self, peer):
         return peer_run_dir(peer)
@@ -216,53 +208,11 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (OneGroup(), Apa
 
 def layout_of(cfg: ExperimentConfig, tune_trial: bool = False) -> Layout:
     """The layout of `cfg`'s peers on Ray: apart for a method that exchanges in rounds under
-    `ray.layout: auto` (`cfg.own_run_per_peer`), one group otherwise and in a Tune trial."""
-    if cfg.own_run_per_peer and tune_trial:
+    `ray.layout: auto` (`cfg.layout`), one group otherwise and in a Tune trial."""
+    if cfg.layout == "apart" and tune_trial:
         sized = [i for i, p in enumerate(cfg.peers) if p.workers or p.resources]
         if sized:
             raise ConfigError(f"peers.{sized[0]}.workers", "a Tune trial trains its peers as one group (one Ray Train "
                               "run reports to Tune), so peers cannot have sizes of their own there: use "
                               "ray.workers_per_peer")
-    return LAYOUTS["apart" if cfg.own_run_per_peer and not tune_trial else "one_group"]
-
-
-def _data_parallel_groups(num_peers: int, replicas: int, peer: int, replica: int):
-    """Process groups for K peers × M replicas: this worker's peer (DDP) and its column
-    (replica m of every peer: they hold the same slice of the batch, so they exchange).
-    Every rank creates every group, in the same order, as torch.distributed requires."""
-    peer_groups = [dist.new_group([p * replicas + r for r in range(replicas)]) for p in range(num_peers)]
-    columns = [dist.new_group([p * replicas + r for p in range(num_peers)]) for r in range(replicas)]
-    return peer_groups[peer], columns[replica]
-
-
-@ray.remote(num_cpus=0)
-class EvaluationBoard:
-    """Every peer's test logits of an evaluation step, until all have posted it; then the group's
-    figures of that step go to the run's records and the logits are dropped."""
-
-    def __init__(self, num_peers: int, run_uri: str, with_bits: bool):
-        self.num_peers = num_peers
-        self.storage = RunStorage.at(run_uri)
-        self.with_bits = with_bits
-        self.pending: dict[int, dict[int, Payload]] = {}
-
-    def post(self, step: int, peer: int, payload: Payload) -> None:
-        posted = self.pending.setdefault(step, {})
-        posted[peer] = payload
-        if len(posted) < self.num_peers:
-            return
-        del self.pending[step]
-        payloads = [posted[k] for k in range(self.num_peers)]
-        figures = group_figures(payloads, payloads[0]["labels"], with_bits=self.with_bits)
-        write_group_row(self.storage, {"step": step, **{k: figures[k] for k in GROUP_FIELDS if k in figures}})
-
-
-class BoardPoster:
-    """A peer's handle on the evaluation board (`evaluate.Poster`)."""
-
-    def __init__(self, board: "ray.actor.ActorHandle", peer: int):
-        self.board, self.peer = board, peer
-
-    def post(self, step: int, payload: Payload) -> None:
-        # Waited for: the figures are written before the peer's checkpoint of this step is.
-        ray.get(self.board.post.remote(step, self.peer, {name: t.detach().cpu() for name, t in payload.items()}))
+    return LAYOUTS["one_group" if tune_trial else cfg.layout]

@@ -105,9 +105,7 @@ def train_step(job: PeerJob, step: int) -> dict:
     clock = _Clock(record, job.device if job.sync_timing else None)
     indices = job.schedule.indices(step)
     x, y = job.data.train_batch(indices, job.schedule.generator(step))
-    if job.replicas > 1:
-        x, y = x.chunk(job.replicas)[job.replica], y.chunk(job.replicas)[job.replica]
-        indices = indices.chunk(job.replicas)[job.replica]
+    x, y, indices = (job.place.batch_slice(t) for t in (x, y, indices))  # this replica's slice
     ignored = job.data.padded_in(indices)  # a padded tail window in this batch (asked on the CPU)
     x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
     if job.channels_last:
@@ -180,9 +178,7 @@ def train_peer(job: PeerJob, run: RunContext, eval_batch_size: int = 1000) -> di
     state = run.restore(job.peer.index)
     start = load_peer_state(job, state) if state is not None else 0
     loop = PeerLoop(job, run, start, resumed=state is not None, eval_batch_size=eval_batch_size)
-    if start == job.train.steps and job.board is not None:
-        # A peer that had finished while another failed, re-run to resume that one: the group's
-        # figures of the last step need every peer's test logits on this run's board.
+    if start == job.train.steps and job.evaluations.evaluates_when_finished:
         loop.metrics, _ = evaluate_peers(job, eval_batch_size, start)
     for step in range(start, job.train.steps):
         loop.step(step)

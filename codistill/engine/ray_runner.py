@@ -117,8 +117,7 @@ def ray_train_loop(loop_config: dict) -> None:
     data = load_data(cfg.data)
     links = layout.links(cfg, loop_config, device)
     job = make_job(cfg, links.peer, data, peer_schedules(cfg, len(data.y_train)), device, links.exchange,
-                   links.periodic, replica=links.replica, replicas=links.replicas, data_parallel=links.data_parallel,
-                   board=links.board)
+                   links.periodic, place=links.place, evaluations=links.evaluations)
     storage = RunStorage(cfg.ray.storage_path, cfg.name)
     run = RayRunContext(storage, links.peer, job.is_leader, loop_config["progress_mailbox"], loop_config["experiment"],
                         cfg.num_peers, layout)

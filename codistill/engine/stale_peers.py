@@ -105,14 +105,10 @@ class StalePeers(SignalSource):
 
     def _keep(self, job) -> int:
         """The rounds of this peer the board keeps: a reader is at most max_staleness rounds
-        behind (it waits), so 2·max_staleness + 2 suffice; peers that restart alone add the rounds of two
-        checkpoint spans, which a peer that restarts reads again: it restarts from its newest
-        complete checkpoint, up to a span back, or from the one before when it died while
-        writing that one."""
-        keep = 2 * self.spec.max_staleness + 2
-        if self.periodic.restarts_alone:
-            keep += 2 * -(-(job.train.checkpoint_every or job.train.steps) // self.spec.period)
-        return keep
+        behind (it waits), so 2·max_staleness + 2 suffice, and what the round handle keeps for a
+        peer that restarts (`PeriodicExchange.rounds_kept_for_restart`)."""
+        span = job.train.checkpoint_every or job.train.steps
+        return 2 * self.spec.max_staleness + 2 + self.periodic.rounds_kept_for_restart(self.spec.period, span)
 
     def max_round(self, round_id: int) -> int | None:
         """The newest round of another peer this round may use: this one (its publication must
@@ -162,9 +158,7 @@ class StalePredictions(StalePeers):
         shard = job.peer.index if len(self.schedules) > 1 else 0
         here = {}
         for name, t in publication.items():
-            z = t[shard, step - published_round * self.spec.period]
-            if job.replicas > 1:  # this worker trains on one slice of the batch
-                z = z.chunk(job.replicas)[job.replica]
+            z = job.place.batch_slice(t[shard, step - published_round * self.spec.period])  # this replica's rows
             here[name] = z.to(x.device)
         return here
 
@@ -173,9 +167,9 @@ class StaleWeights(StalePeers):
     """A round publishes this peer's weights; the others predict with a stale copy each step."""
 
     def max_round(self, round_id):
-        # Weights serve any batch: a peer that restarts alone and fell behind (it restarted, or
-        # joined late) distils from the others' newest weights, even rounds ahead of its own.
-        return None if self.periodic.restarts_alone else round_id
+        # Weights serve any batch: where the handle says so, a peer that fell behind distils from
+        # the others' newest weights, even rounds ahead of its own.
+        return None if self.periodic.weights_from_newer_rounds else round_id
 
     def publication(self, job, round_id):
         # A copy: the live tensors keep training while the others read this snapshot.

@@ -33,9 +33,16 @@ class Exchange:
 class PeriodicExchange:
     """One peer's handle on the round publications of its group."""
 
-    restarts_alone: bool = False
-    """True when each peer fails and restarts on its own (its own Ray Train run): none waits for
-    a peer that is away, and a peer that comes back replaces the rounds it publishes again."""
+    weights_from_newer_rounds: bool = False
+    """Whether weights published rounds ahead of the reader's serve it: where each peer restarts
+    on its own, a peer that fell behind (it restarted, or joined late) distils from the others'
+    newest weights; where peers live and die together, none falls behind."""
+
+    def rounds_kept_for_restart(self, period: int, checkpoint_span: int) -> int:
+        """The rounds of a peer kept beyond what its readers need in step (at most max_staleness
+        behind), so that a peer that restarts on its own reads again what it read: none where
+        the peers restart together (the group forgets every round)."""
+        return 0
 
     def publish(self, round_id: int, peer: int, payload, keep: int = 0) -> int:
         """Publish this peer's payload of round `round_id`; returns the number of bytes sent.

@@ -32,7 +32,8 @@ from codistill.exchange.object_store import PeerGroupGenerations
 class _Rounds(PeerGroupGenerations):
     """What both boards do: keep each peer's newest rounds and answer for the newest usable one."""
 
-    restarts_alone = False
+    leaves_out_the_away = False
+    """Whether a reader that waited for a peer once stops waiting for it (peers that restart alone)."""
 
     def __init__(self, num_peers: int):
         super().__init__(num_peers)
@@ -76,7 +77,7 @@ class _Rounds(PeerGroupGenerations):
                 try:
                     await asyncio.wait_for(self.changed.wait_for(settled), timeout)
                 except asyncio.TimeoutError:
-                    if self.restarts_alone:
+                    if self.leaves_out_the_away:
                         self.away.add((reader, peer))
             found = usable()
             if found is None:
@@ -107,27 +108,24 @@ class GroupRoundBoard(_Rounds):
 class LastingRoundBoard(_Rounds):
     """The round board of peers that each restart alone (see the module's docstring)."""
 
-    restarts_alone = True
+    leaves_out_the_away = True
 
     async def join(self, peer: int) -> int:
         return self.generation  # never waits for the others: they start and restart on their own
 
 
 class ObjectStorePeriodicExchange(PeriodicExchange):
-    """A peer's handle on a round board."""
+    """A peer's handle on a group's round board (`GroupRoundBoard`)."""
 
-    def __init__(self, board: "ray.actor.ActorHandle", peer: int, restarts_alone: bool = False):
+    def __init__(self, board: "ray.actor.ActorHandle", peer: int):
         self.board = board
-        self.restarts_alone = restarts_alone
         self.generation = ray.get(board.join.remote(peer))
         self.rejoin = True  # this process's first publication replaces what a lost training published
 
     def _put(self, payload) -> list:
-        """The payload as it goes to the board: a reference (this worker's object), or, where peers
-        restart alone, the payload itself, which the board stores as its own object — a round must
-        outlive the peer that published it, so the others keep distilling from it while that
-        peer is away."""
-        return [payload] if self.restarts_alone else [ray.put(payload)]
+        """The payload as it goes to the board: a reference (this worker's object; the group dies
+        with it anyway)."""
+        return [ray.put(payload)]
 
     def publish(self, round_id: int, peer: int, payload, keep: int = 0) -> int:
         ray.get(self.board.publish.remote(self.generation, round_id, peer, self._put(payload), keep, self.rejoin))
@@ -149,3 +147,20 @@ class ObjectStorePeriodicExchange(PeriodicExchange):
         fetched = ray.get([boxed[0] for _, boxed in found.values()])  # every peer's block at once
         payloads = {p: (found[p][0], value) for p, value in zip(found, fetched)}
         return payload_bytes(payload), {p: payloads.get(p) for p in others}
+
+
+class LastingRoundHandle(ObjectStorePeriodicExchange):
+    """A peer's handle on the `LastingRoundBoard` of peers that each restart alone: what it
+    publishes outlives it, and the board keeps what a restart of it reads again."""
+
+    weights_from_newer_rounds = True
+
+    def _put(self, payload) -> list:
+        # The payload itself, which the board stores as its own object: a round must outlive the
+        # peer that published it, so the others keep distilling from it while that peer is away.
+        return [payload]
+
+    def rounds_kept_for_restart(self, period: int, checkpoint_span: int) -> int:
+        # A peer restarts from its newest complete checkpoint, up to a span back, or from the one
+        # before when it died while writing that one: two spans of rounds it reads again.
+        return 2 * -(-checkpoint_span // period)
