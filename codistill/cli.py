@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from codistill.config import ConfigError, dump_config, load_config
+from codistill.config import ConfigError, dump_config, load_config, load_yaml
 from codistill.errors import RunError, first_line
 
 
@@ -118,9 +118,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     storage = RunStorage.at(args.run_dir)
     if not storage.exists(CONFIG_FILE):
-        raise SystemExit(f"error: {storage.uri} is not a codistill run (no {CONFIG_FILE})")
+        raise SystemExit(f"error: {storage.uri} is not a codistill run (no {CONFIG_FILE}){_what_else_it_is(storage)}")
     try:
-        config = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())
+        config = load_yaml(storage.read_bytes(CONFIG_FILE).decode())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
@@ -134,10 +134,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     except RecordsError as err:  # a part damaged or missing: the report cannot be made; one line
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FileNotFoundError:  # stopped (or refused) before its first step was recorded
+        print(f"error: {storage.uri} has no records yet: the run stopped before its first step was recorded; "
+              "re-run its command to train it", file=sys.stderr)
+        return 2
     models = [str(p.get("model", "")) if isinstance(p, dict) else "" for p in config.get("peers", [])]
     print(summary_text(table, models, unfinished_line(storage, table, config.get("train"), len(models))))
     print(f"plot: {plot_accuracy(table, storage)}")
     return 0
+
+
+def _what_else_it_is(storage) -> str:
+    """Where to look instead, when the folder is a comparison's or a sweep's, not a run's."""
+    from codistill.experiments.compare_report import MARKDOWN_FILE
+    from codistill.experiments.tune import SWEEP_FILE, TRIALS_FILE
+
+    if storage.exists(MARKDOWN_FILE):
+        return f"; it is a comparison: its table is {storage.uri}/{MARKDOWN_FILE}, each cell a run beside it"
+    if storage.exists(TRIALS_FILE) or storage.exists(SWEEP_FILE):
+        return f"; it is a sweep: its trials are {storage.uri}/{TRIALS_FILE}, each trial a run under runs/"
+    return ""
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

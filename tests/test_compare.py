@@ -60,16 +60,40 @@ def test_an_unfinished_cell_resumes_from_its_checkpoint(tmp_path):
     cfg = tiny(tmp_path, "peers.*.optimizer.schedule=constant")
     from codistill.engine.run import train
 
-    partial = small_config(tmp_path, "train.steps=30", "train.eval_every=30", "train.checkpoint_every=30",
+    partial = small_config(tmp_path, "train.steps=60", "train.eval_every=30", "train.checkpoint_every=30",
                            "method={name: dml}", "seed=0", "name=compare_mnist1d.dml.seed0",
                            "peers.*.optimizer.schedule=constant", base=RECIPE)
-    train(partial, "local")
+
+    def crash(step, metrics):  # interrupted after its checkpoint at step 30: unfinished
+        if step >= 40:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(partial, "local", on_progress=crash)
     logs = []
     result = compare(cfg, ["dml"], [0], log=logs.append)
     rows = read_records(RunStorage(str(tmp_path), "compare_mnist1d.dml.seed0")).to_pylist()
     steps = [r["step"] for r in rows if r["split"] == "train" and r["peer"] == 0]
     assert steps == list(range(1, 61))  # 1..30 from the first run, 31..60 resumed: none twice
     assert result.table.to_pylist()[0]["last_step"] == 60
+
+
+def test_a_finished_cell_is_never_extended_by_a_rerun_with_more_steps(tmp_path, capsys):
+    # A constant schedule, so `train` itself would allow the resume: compare must refuse it.
+    args = ["compare", f"{REPO}/{RECIPE}", "--methods", "independent", "--seeds", "0", "--set",
+            f"ray.storage_path={tmp_path}", "--set", "train.eval_every=30", "--set", "train.checkpoint_every=30",
+            "--set", "peers.*.optimizer.schedule=constant", "--set", "peers.*.model=mnist1d_mlp"]
+    assert main([*args, "--set", "train.steps=60"]) == 0
+    cell = tmp_path / "compare_mnist1d.independent.seed0"
+    before = {p: p.stat().st_mtime_ns for p in cell.rglob("*") if p.is_file()}
+    table = (tmp_path / "compare_mnist1d" / "compare.md").read_text()
+    capsys.readouterr()
+    assert main([*args, "--set", "train.steps=80"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("config error: train.steps: cell independent seed 0 in "), err
+    assert "finished its 60 steps; this command asks 80" in err[0] and "never extended" in err[0]
+    assert {p: p.stat().st_mtime_ns for p in cell.rglob("*") if p.is_file()} == before  # no cell changed
+    assert (tmp_path / "compare_mnist1d" / "compare.md").read_text() == table
 
 
 def test_method_specs_and_their_errors():

@@ -16,6 +16,8 @@ import statistics
 import subprocess
 import sys
 
+TOP_K = 64
+
 # One arm, in a fresh process: the inputs made first, the resident set measured, then the KL
 # forward and backward, then the peak. Linux: ru_maxrss in KiB, the current set from statm.
 ARM = """
@@ -45,15 +47,32 @@ print(json.dumps({"extra_mb": (peak - before) / 2**20, "inputs_mb": before / 2**
 
 
 def _arm(rows: int, vocab: int, chunk: int, target: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", ARM, str(rows), str(vocab), str(chunk), target], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    from codistill.errors import RunError
+
+    done = subprocess.run([sys.executable, "-c", ARM, str(rows), str(vocab), str(chunk), target],
+                          capture_output=True, text=True)
+    if done.returncode != 0:  # out of memory, say: the arm's own last line, not a CalledProcessError
+        said = done.stderr.strip().splitlines()
+        raise RunError(f"bench kl: the {target} arm ({rows} rows × {vocab} tokens) failed with exit code "
+                       f"{done.returncode}: {said[-1][:300] if said else 'no message'}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Sizes a KL can be measured at: the top-64 arm needs more than 64 tokens to choose from."""
+    from codistill.errors import check
+
+    check(args.rows >= 1, "--rows", f"is the positions in the batch, at least 1; got {args.rows}")
+    check(args.vocab > TOP_K, "--vocab", f"is the vocabulary size, above {TOP_K} (the top-{TOP_K} arm keeps "
+                                         f"{TOP_K} of its tokens); got {args.vocab}")
+    check(args.rounds >= 1, "--rounds", f"is how many times each arm runs, at least 1; got {args.rounds}")
 
 
 def main(args: argparse.Namespace) -> int:
     from codistill.bench.common import write_json
     from codistill.methods.losses import KL_CHUNK_ELEMENTS
 
+    check_arguments(args)
     rows, vocab = args.rows, args.vocab
     arms = [(target, name, chunk) for target in ("logits", "top64")
             for name, chunk in (("whole", 2**62), ("chunked", KL_CHUNK_ELEMENTS))]

@@ -6,8 +6,9 @@ from codistill.config.builder import (apply_override, build_dataclass, dump_conf
                                       load_config, set_path, to_dict)
 from codistill.config.schema import (BornAgainSettings, DataConfig, ExchangeConfig, ExperimentConfig, OptimizerConfig, PeerSpec,
                                      RaySettings, TeacherConfig, TrainConfig, TuneSettings)
+from codistill.config.strict_yaml import load_yaml
 from codistill.errors import ConfigError
 
 __all__ = ["BornAgainSettings", "ConfigError", "DataConfig", "ExchangeConfig", "ExperimentConfig", "OptimizerConfig", "PeerSpec",
            "RaySettings", "TeacherConfig", "TrainConfig", "TuneSettings", "apply_override", "build_dataclass",
-           "dump_config", "first_difference", "load_config", "set_path", "to_dict"]
+           "dump_config", "first_difference", "load_config", "load_yaml", "set_path", "to_dict"]

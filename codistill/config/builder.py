@@ -20,6 +20,7 @@ import yaml
 
 from codistill.config.schema import ExperimentConfig, TuneSettings
 from codistill.config.search_space import distribution_values, parse_distribution
+from codistill.config.strict_yaml import load_yaml
 from codistill.errors import ConfigError, first_line
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -146,7 +147,7 @@ def apply_override(data: dict, assignment: str) -> dict:
         return data
     key, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(key.strip(), f"cannot read {raw!r} as a YAML value ({_yaml_problem(err)})") from None
     set_path(data, key.strip(), value)
@@ -195,7 +196,7 @@ def load_config(source: str | Path | dict, overrides: typing.Sequence[str] = ())
         if not path.is_file():  # read before this check, /dev/zero would be read forever
             raise ConfigError("", f"config file {str(path)!r} {_not_a_file(path)}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except UnicodeDecodeError:
             raise ConfigError("", f"config file {str(path)!r} is not a text file (YAML expected)") from None
         except yaml.YAMLError as err:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import yaml
 
+from codistill.config.strict_yaml import load_yaml
 from codistill.errors import ConfigError
 
 
@@ -28,7 +29,7 @@ def parse_distribution(text: str, key: str) -> tuple[str, list]:
     if name not in DISTRIBUTIONS or not rest.endswith(")"):
         raise ConfigError(key, f"malformed distribution {text!r}; allowed: {allowed}")
     try:
-        args = yaml.safe_load(f"[{rest[:-1]}]")
+        args = load_yaml(f"[{rest[:-1]}]")
     except yaml.YAMLError:
         raise ConfigError(key, f"cannot read the arguments of {text!r}; allowed: {allowed}") from None
     count, what = DISTRIBUTIONS[name]

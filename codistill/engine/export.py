@@ -14,8 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-import yaml
-
+from codistill.config import load_yaml
 from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, peer_file, registered_model
 from codistill.engine.run import CONFIG_FILE
 from codistill.errors import ConfigError
@@ -49,21 +48,38 @@ def _tokenizer_of(config: dict, saw: dict) -> tuple[str | None, str]:
     return data.tokenizer, "the run's tokens were bytes"
 
 
+def _new_or_empty_folder(to: str) -> Path:
+    """The folder `--to` names, made now (so a path that cannot be a folder is one line before
+    anything is written): a file there, a file on the way, or no permission is refused."""
+    target = Path(os.path.expanduser(to))
+    if target.exists() and not target.is_dir():
+        raise ConfigError("--to", f"{to} is a file, not a folder; name a new or empty folder (nothing was written)")
+    if target.is_dir() and any(target.iterdir()):
+        raise ConfigError("--to", f"{to} holds files already; name a new or empty folder (nothing was written)")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        on_the_way = next((p for p in target.parents if p.exists()), None)
+        why = (f"{on_the_way} is a file" if on_the_way is not None and not on_the_way.is_dir()
+               else err.strerror or type(err).__name__)
+        raise ConfigError("--to", f"{to} cannot be made a folder: {why}; name a folder that can be written "
+                                  "(nothing was written)") from None
+    return target
+
+
 def export_peer(run_dir: str, peer: int, to: str) -> dict:
     """Write peer `peer` of the run at `run_dir` into the folder `to`; returns what the card says."""
     storage = RunStorage.at(run_dir)
     if not storage.exists(CONFIG_FILE):
         raise ConfigError("run_dir", f"{storage.uri} is not a codistill run (no {CONFIG_FILE})")
-    config = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())
+    config = load_yaml(storage.read_bytes(CONFIG_FILE).decode())
     peers = config.get("peers", [])
     if not 0 <= peer < len(peers):
         raise ConfigError("--peer", f"the run has {len(peers)} peers (0..{len(peers) - 1}), got {peer}")
     if peers[peer].get("model") != "hf_causal_lm":
         raise ConfigError("--peer", f"peer {peer} is model {peers[peer].get('model')!r}; export writes transformers "
                                     "folders of hf_causal_lm peers")
-    target = Path(os.path.expanduser(to))
-    if target.exists() and any(target.iterdir()):
-        raise ConfigError("--to", f"{to} holds files already; name a new or empty folder (nothing was written)")
+    target = _new_or_empty_folder(to)
     found = newest_loadable(storage, [f for f in checkpoint_folders(storage)
                                       if storage.exists(f"{f[1]}/{peer_file(peer)}")], [peer])
     if found is None:

@@ -30,6 +30,11 @@ SETTLE_S = 0.5
 logger = logging.getLogger(__name__)
 
 
+HELD_ELSEWHERE = "is being written by another process"
+"""The words of every refusal on a live lease: how a sweep recognises a trial that erred only
+because another driver held its run (`experiments/tune.py` retries those on a resume)."""
+
+
 class RunLocked(RunError):
     pass
 
@@ -64,7 +69,7 @@ class RunLease:
         return False
 
     def _refuse(self, held: dict) -> RunLocked:
-        return RunLocked(f"run {self.storage.uri} is being written by another process (host {held.get('host')}, "
+        return RunLocked(f"run {self.storage.uri} {HELD_ELSEWHERE} (host {held.get('host')}, "
                          f"pid {held.get('pid')}, started {held.get('started')}, lease renewed "
                          f"{time.time() - held.get('renewed', 0):.0f} s ago); wait for it to end, or choose another name")
 
@@ -102,6 +107,17 @@ class RunLease:
         except Exception as err:  # noqa: BLE001 — must not hide the run's own error; the lease goes stale
             logger.warning("could not release the lease of %s (%s); it goes stale in %.0f s", self.storage.uri,
                            first_line(err), TTL_S)
+
+    def renew(self) -> None:
+        """Write the lease again now (after its folder was moved away with the lease in it)."""
+        self._write()
+
+    def refuse_if_held(self) -> None:
+        """RunLocked when a live process holds the lease: a cheap early check (taking the lease
+        is what guards)."""
+        held = self.live_holder()
+        if held is not None and held.get("token") != self.holder["token"]:
+            raise self._refuse(held)
 
     def live_holder(self) -> dict | None:
         """Who holds the run's lease now (host, pid, started), or None: no live process writes it."""

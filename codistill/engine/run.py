@@ -13,7 +13,7 @@ from typing import Callable
 import pyarrow as pa
 import yaml
 
-from codistill.config import ConfigError, ExperimentConfig, dump_config, first_difference, to_dict
+from codistill.config import ConfigError, ExperimentConfig, dump_config, first_difference, load_yaml, to_dict
 from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, peer_run_dir
 from codistill.engine.lease import RunLease
 from codistill.engine.resume import check_ray_resume
@@ -59,7 +59,7 @@ def _stored_teacher(cfg: ExperimentConfig, storage: RunStorage):
     try:
         if not checkpoint_folders(storage):
             return None
-        return load_config(yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())).teacher
+        return load_config(load_yaml(storage.read_bytes(CONFIG_FILE).decode())).teacher
     except Exception:  # noqa: BLE001 — no stored teacher to keep; store_config names what differs
         return None
 
@@ -72,7 +72,7 @@ def store_config(cfg: ExperimentConfig, storage: RunStorage) -> None:
     trained = [step for step, _ in checkpoint_folders(storage)]
     if trained and storage.exists(CONFIG_FILE):
         try:
-            stored = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())
+            stored = load_yaml(storage.read_bytes(CONFIG_FILE).decode())
         except (UnicodeDecodeError, yaml.YAMLError) as err:
             stored = f"{type(err).__name__}: {first_line(err)}"
         if not isinstance(stored, dict):

@@ -8,10 +8,9 @@ import os
 from dataclasses import replace
 
 import torch
-import yaml
 from torch import nn
 
-from codistill.config import ExperimentConfig, TeacherConfig
+from codistill.config import ExperimentConfig, TeacherConfig, load_yaml
 from codistill.data import DATASETS
 from codistill.engine.checkpoint import from_bytes, newest_complete, peer_file, registered_model
 from codistill.errors import ConfigError, first_line
@@ -38,7 +37,7 @@ def resolve_teacher_config(teacher: TeacherConfig, storage_path: str) -> Teacher
     if not storage.exists(RUN_CONFIG_FILE):
         raise ConfigError("teacher.run", f"no codistill run at {storage.uri} (no {RUN_CONFIG_FILE}); "
                           "give a run name under ray.storage_path, or the run folder's path or URI")
-    peers = yaml.safe_load(storage.read_bytes(RUN_CONFIG_FILE).decode()).get("peers", [])
+    peers = load_yaml(storage.read_bytes(RUN_CONFIG_FILE).decode()).get("peers", [])
     if teacher.peer >= len(peers):
         raise ConfigError("teacher.peer", f"run {storage.uri} has {len(peers)} peers (0..{len(peers) - 1}), "
                           f"got {teacher.peer}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from codistill.config import ExperimentConfig, build_dataclass, first_difference, load_config, set_path, to_dict
+from codistill.config import ExperimentConfig, build_dataclass, first_difference, load_config, load_yaml, set_path, to_dict
 from codistill.config.method import METHOD_CONFIGS, MethodConfig
 from codistill.errors import ConfigError
 from codistill.experiments.speed import curve
@@ -30,6 +30,10 @@ the same arithmetic in one process (the gradient of the mean over the global bat
 with the cross-entropy alone (`independent`), with peer 0's model and optimizer; its recipe's
 learning rate is the peers' scaled by the group size K (`DATA_PARALLEL_LR_RULE`), and `--tune`
 searches around that point exactly as around every method's."""
+
+DATA_PARALLEL_SECTIONS = ("train", "data", "peers", "ray")
+"""The config sections a `data_parallel:` setting may change: what one model trained with the
+cross-entropy alone reads."""
 
 DATA_PARALLEL_LR_RULE = {"adam": "sqrt", "adamw": "sqrt", "sgd": "linear"}
 """How the recipe's learning rate grows with the K-fold batch: √K for the adaptive optimizers
@@ -64,7 +68,7 @@ def parse_method(text: str) -> MethodSpec:
         if not eq or not key:
             raise ConfigError("--methods", f"{text!r}: settings are key=value pairs after `name:`, e.g. kdcl:variant=mean")
         try:
-            settings[key.strip()] = yaml.safe_load(value)
+            settings[key.strip()] = load_yaml(value)
         except yaml.YAMLError as err:
             problem = str(getattr(err, "problem", None) or "not valid YAML")
             raise ConfigError("--methods", f"{text!r}: the value of {key.strip()!r} is not valid YAML ({problem}): "
@@ -72,6 +76,12 @@ def parse_method(text: str) -> MethodSpec:
     if name == DATA_PARALLEL and any("." not in key for key in settings):
         raise ConfigError("--methods", f"{text!r}: {DATA_PARALLEL} is not a method and has no method settings; "
                                        "it takes dotted config settings only, e.g. data_parallel:train.label_smoothing=0.1")
+    unusable = [key for key in settings if name == DATA_PARALLEL and key.split(".")[0] not in DATA_PARALLEL_SECTIONS]
+    if unusable:  # e.g. method.temperature: the arm trains with the cross-entropy alone, nothing would read it
+        raise ConfigError("--methods", f"{text!r}: {DATA_PARALLEL} cannot use {unusable[0]!r} (one model, the "
+                                       "cross-entropy alone: no method, exchange or teacher); it takes settings under "
+                                       f"{', '.join(s + '.' for s in DATA_PARALLEL_SECTIONS)} e.g. "
+                                       "data_parallel:train.label_smoothing=0.1")
     return MethodSpec(text, name, settings)
 
 
@@ -217,7 +227,7 @@ def stored_cell_difference(cell: ExperimentConfig, storage: RunStorage) -> tuple
 
     if not storage.exists(CONFIG_FILE):
         return None
-    stored = stored_as_of_today(yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode()))
+    stored = stored_as_of_today(load_yaml(storage.read_bytes(CONFIG_FILE).decode()))
     return first_difference(what_it_trains(to_dict(cell)), what_it_trains(stored))
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -105,6 +106,18 @@ def tune_method(spec: MethodSpec, asked: dict, storage: RunStorage) -> dict:
 # The comparison
 
 
+def check_target(target: float, data_name: str) -> None:
+    """`--target` in the unit the data scores in: an accuracy as a fraction in (0, 1], or (token
+    data: language models) bits per token above 0; a finite number either way."""
+    from codistill.data import DATASETS
+
+    tokens = DATASETS.get(data_name, "data.name").input_kind == "tokens"
+    allowed = "bits per token, a finite number above 0" if tokens else "an accuracy as a fraction in (0, 1], e.g. 0.9 for 90%"
+    if not (math.isfinite(target) and target > 0 and (tokens or target <= 1)):
+        raise ConfigError("--target", f"got {target:g}; data set {data_name!r} is scored in "
+                                      f"{'bits per token' if tokens else 'accuracy'}: the target is {allowed}")
+
+
 @dataclass
 class Comparison:
     table: pa.Table
@@ -128,6 +141,8 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
     baseline = baseline or specs[0].label
     if baseline not in [s.label for s in specs]:
         raise ConfigError("--baseline", f"{baseline!r} is not among --methods: {', '.join(s.label for s in specs)}")
+    if target is not None:
+        check_target(target, cfg.data.name)
     base = to_dict(dataclasses.replace(cfg, tune=None))
     storage_path = resolve_storage_path(cfg.ray.storage_path)
     base["ray"]["storage_path"] = storage_path
@@ -156,8 +171,18 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
                 continue
             cell = cell_config(base, spec, tuning, seed, cfg.name)
             difference = stored_cell_difference(cell, run_storage)
-            if difference and difference[0] == "train.steps" and run_figures(run_storage, cell.train.steps) is None:
-                continue  # an unfinished cell goes on to the steps asked, where its schedule allows (train checks)
+            if difference and difference[0] == "train.steps" and isinstance(difference[2], int):
+                # Only a cell that never finished the steps it was started with may go on to the steps
+                # asked (where its schedule allows: train checks). A finished cell extended would not
+                # be the cell asked for: resuming inside a round is not an uninterrupted run.
+                if run_figures(run_storage, difference[2]) is None:
+                    continue
+                if not fresh:
+                    raise ConfigError("train.steps", f"cell {spec.label} seed {seed} in {run_storage.uri} finished "
+                                      f"its {difference[2]} steps; this command asks {cell.train.steps}, and a finished "
+                                      "cell is never extended (it would not be what an uninterrupted run of that many "
+                                      "steps gives); nothing was run. Use another `name` (--set name=…) to keep both, "
+                                      "or --fresh to run the cells again")
             if difference:
                 refuse_or_forget(f"cell {spec.label} seed {seed}", run_storage, "", difference, fresh, log)
 

@@ -28,9 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from codistill.config import (ConfigError, ExperimentConfig, dump_config, first_difference, load_config, set_path,
-                              to_dict)
+from codistill.config import (ConfigError, ExperimentConfig, dump_config, first_difference, load_config, load_yaml,
+                              set_path, to_dict)
 from codistill.config.search_space import parse_distribution
+from codistill.engine.lease import LEASE_FILE
 from codistill.storage import RunStorage, resolve_storage_path
 
 logger = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def _stored_sweep_differs(cfg: ExperimentConfig, storage: RunStorage) -> str | N
     """The first setting in which `cfg` differs from the sweep stored under its name (None: the
     same sweep). Where it runs (`ray`) may change; what it trains and searches may not."""
     try:
-        stored = to_dict(load_config(yaml.safe_load(storage.read_bytes(SWEEP_FILE).decode())))
+        stored = to_dict(load_config(load_yaml(storage.read_bytes(SWEEP_FILE).decode())))
     except Exception as err:  # noqa: BLE001 — missing or unreadable: it cannot be shown to be the same sweep
         return f"{SWEEP_FILE} (it cannot be read: {type(err).__name__})"
     found = first_difference(*({k: v for k, v in d.items() if k not in ("ray", "name")} for d in (to_dict(cfg), stored)))
@@ -197,11 +198,15 @@ def _stored_sweep_differs(cfg: ExperimentConfig, storage: RunStorage) -> str | N
 
 
 def refuse_a_changed_sweep(cfg: ExperimentConfig) -> None:
-    """The CLI's rule, checked before Ray starts: a sweep stored under `cfg.name` that differs from
-    `cfg` is refused in one line (`run_sweep` checks again, where compare's tuning restarts it)."""
+    """The CLI's rules, checked before Ray starts: a sweep another live driver runs, and a sweep
+    stored under `cfg.name` that differs from `cfg`, are refused in one line (`run_sweep` takes
+    the lease and checks again, where compare's tuning restarts a changed sweep)."""
     import ray.tune
 
+    from codistill.engine.lease import RunLease
+
     storage = RunStorage(resolve_storage_path(cfg.ray.storage_path), cfg.name)
+    RunLease(storage).refuse_if_held()
     if ray.tune.Tuner.can_restore(storage.uri):
         _refuse_if_changed(cfg, storage)
 
@@ -216,7 +221,7 @@ def _refuse_if_changed(cfg: ExperimentConfig, storage: RunStorage) -> bool:
     return True
 
 
-def _resume_or_start(cfg: ExperimentConfig, storage: RunStorage, experiment: str, on_change: str) -> bool:
+def _resume_or_start(cfg: ExperimentConfig, storage: RunStorage, experiment: str, on_change: str, lease) -> bool:
     """True when the sweep stored under the name is the one asked for and resumes. A different
     one is refused (`on_change="refuse"`, the CLI) or moved aside to start anew ("restart",
     compare's tuning, which has already decided that the stored tuning is not the one asked)."""
@@ -232,37 +237,34 @@ def _resume_or_start(cfg: ExperimentConfig, storage: RunStorage, experiment: str
     aside = f"{cfg.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     logger.warning("the sweep stored as %s differs in %s: moved to %s, starting anew", storage.uri, changed, aside)
     RunStorage(storage.storage_path, "").move(cfg.name, aside)
+    lease.renew()  # the lease went aside with the folder: held again where the new sweep runs
+    RunStorage(storage.storage_path, aside).delete(LEASE_FILE)
     return False
-
-
-def _clear_dead_leases(runs: RunStorage) -> None:
-    """A sweep killed with its whole machine can leave a lease in a trial's run that had written
-    its results but not yet released it; a resumed sweep never visits that finished trial again,
-    so it clears the leases no live process holds (`RunLease.live_holder`)."""
-    from codistill.engine.lease import LEASE_FILE, RunLease
-
-    for name in runs.list("."):
-        trial = RunStorage.at(f"{runs.uri}/{name}")
-        if trial.exists(LEASE_FILE) and RunLease(trial).live_holder() is None:
-            logger.warning("clearing the lease a killed process left in %s", trial.uri)
-            trial.delete(LEASE_FILE)
 
 
 def run_sweep(cfg: ExperimentConfig, on_change: str = "refuse") -> SweepResult:
     """Run the sweep described by `cfg.tune` on the connected Ray cluster, or resume the one
     stored under its name (see the module's docstring; `on_change`: see `_resume_or_start`)."""
+    from codistill.engine.lease import RunLease
+    from codistill.engine.placement import check_shared_storage
+
+    if cfg.tune is None or not cfg.tune.space:
+        raise ValueError("the config has no `tune.space` to search")
+    storage_path = resolve_storage_path(cfg.ray.storage_path)
+    storage = RunStorage(storage_path, cfg.name)
+    with RunLease(storage) as lease:  # one driver per sweep name (`sweep_lease.py`)
+        check_shared_storage(storage_path)  # before any trial writes: every node must see the runs
+        return _run_sweep(cfg, storage, on_change, lease)
+
+
+def _run_sweep(cfg: ExperimentConfig, storage: RunStorage, on_change: str, lease) -> SweepResult:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    settings = cfg.tune
-    if settings is None or not settings.space:
-        raise ValueError("the config has no `tune.space` to search")
-    from codistill.engine.placement import check_shared_storage
     from codistill.engine.registrations import user_registrations
+    from codistill.experiments.sweep_lease import clear_dead_leases, retry_lease_refusals
 
-    storage_path = resolve_storage_path(cfg.ray.storage_path)
-    check_shared_storage(storage_path)  # before any trial writes: every node must see the runs
-    storage = RunStorage(storage_path, cfg.name)
+    settings, storage_path = cfg.tune, storage.storage_path
     base = to_dict(replace(cfg, tune=None))
     base["ray"]["storage_path"] = storage_path
     objective = settings.objective
@@ -280,13 +282,15 @@ def run_sweep(cfg: ExperimentConfig, on_change: str = "refuse") -> SweepResult:
                    "backend": settings.backend, "seeds_per_trial": settings.seeds_per_trial,
                    "params": {key: to_tune_domain(text, key) for key, text in settings.space.items()}}
     experiment = storage.uri
-    if _resume_or_start(cfg, storage, experiment, on_change):
+    if _resume_or_start(cfg, storage, experiment, on_change, lease):
         logger.warning("resuming sweep %s: finished trials are kept, unfinished ones resume their runs", experiment)
-        # Errored trials stay as they ended (Ray's default): a re-run is not a retry of a failure.
+        # Errored trials stay as they ended (Ray's default): a re-run is not a retry of a failure —
+        # but a trial refused only because another process held its run failed nothing of its own.
+        retry_lease_refusals(storage)
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
                                        param_space=param_space)
         grid = tuner.fit()
-        _clear_dead_leases(RunStorage.at(storage.uri + "/runs"))
+        clear_dead_leases(RunStorage.at(storage.uri + "/runs"))
         return collect_results(grid, cfg, storage)
     storage.write_bytes(SWEEP_FILE, dump_config(cfg).encode())
     tuner = ray.tune.Tuner(
