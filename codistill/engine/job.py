@@ -17,6 +17,7 @@ from torch import nn
 
 from codistill.config import ExperimentConfig, OptimizerConfig, PeerSpec, TrainConfig
 from codistill.data import ArrayDataset, BatchSchedule
+from codistill.data.task import Task
 from codistill.errors import ConfigError, first_line
 from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
 from codistill.engine.seeds import init_seed
@@ -210,10 +211,6 @@ def check_training_output(network: nn.Module, method: Method, model: str, index:
                           f"{batch_size}; a peer must return logits [rows, num_classes] = [{rows}, {data.num_classes}]")
 
 
-AUTO_TOP_K = 64
-"""The k peers send when the vocabulary is above `exchange.top_k_above` and `top_k` is not set."""
-
-
 def vocabulary_decides_top_k(cfg: ExperimentConfig) -> bool:
     """Whether the vocabulary decides what peers send: `exchange.top_k` unset, and a method whose
     peers exchange soft targets (not a teacher's targets, which travel nowhere)."""
@@ -221,12 +218,12 @@ def vocabulary_decides_top_k(cfg: ExperimentConfig) -> bool:
     return not cfg.exchange.top_k and method.takes_top_k and not method.also and not method.uses_teacher
 
 
-def exchanged_top_k(cfg: ExperimentConfig, vocab: int) -> int:
-    """The k of the top-k targets peers send (0: whole logits): `exchange.top_k`, or AUTO_TOP_K
-    when the vocabulary decides and is above `exchange.top_k_above`."""
+def exchanged_top_k(cfg: ExperimentConfig, task: Task) -> int:
+    """The k of the top-k targets peers send (0: whole logits): `exchange.top_k`, or the task's
+    default when the vocabulary decides (`NextToken`: AUTO_TOP_K above `exchange.top_k_above`)."""
     if not vocabulary_decides_top_k(cfg):
         return cfg.exchange.top_k
-    return AUTO_TOP_K if cfg.exchange.top_k_above and vocab > cfg.exchange.top_k_above else 0
+    return task.default_top_k(cfg.exchange.top_k_above)
 
 
 def top_k_note(cfg: ExperimentConfig, vocab: int, k: int) -> str:
@@ -242,7 +239,7 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     """The job of peer `peer_index` (worker `replica` of its `replicas`). `periodic` serves a
     method that exchanges in rounds; `data_parallel` wraps the network for DDP; `board` takes
     the evaluations of a peer that swaps nothing every step (then `exchange` may be None)."""
-    k = exchanged_top_k(cfg, data.num_classes)
+    k = exchanged_top_k(cfg, data.task)
     if k != cfg.exchange.top_k and peer_index == 0 and replica == 0:
         logger.warning(top_k_note(cfg, data.num_classes, k))
     top_k = (k, COMPUTE_DTYPES[cfg.exchange.top_k_dtype] or torch.float32) if k else None

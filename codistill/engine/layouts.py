@@ -38,6 +38,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from codistill.config import ConfigError, ExperimentConfig
 from codistill.data import DATASETS
+from codistill.data.task import Task
 from codistill.engine.checkpoint import CHECKPOINT_DIR, peer_run_dir
 from codistill.engine.evaluate import GROUP_FIELDS, group_figures
 from codistill.engine.placement import check_placement, check_placement_per_peer, resources_per_worker
@@ -179,8 +180,7 @@ class Apart(Layout):
     def runs(self, cfg, storage, shared):
         cluster = ray.cluster_resources()
         rounds = on_this_node(LastingRoundBoard).remote(cfg.num_peers)
-        board = on_this_node(EvaluationBoard).remote(cfg.num_peers, storage.uri,
-                                                    DATASETS[cfg.data.name].input_kind == "tokens")
+        board = on_this_node(EvaluationBoard).remote(cfg.num_peers, storage.uri, DATASETS[cfg.data.name].task)
         loop_config = {**shared, "round_board": rounds, "evaluation_board": board}
         return [RunSpec({**loop_config, "peer": k}, cfg.workers_of(k), resources_per_worker(cfg, cluster, k),
                         peer_run_dir(k), storage.uri) for k in range(cfg.num_peers)]
@@ -240,10 +240,10 @@ class EvaluationBoard:
     """Every peer's test logits of an evaluation step, until all have posted it; then the group's
     figures of that step go to the run's records and the logits are dropped."""
 
-    def __init__(self, num_peers: int, run_uri: str, with_bits: bool):
+    def __init__(self, num_peers: int, run_uri: str, task: type[Task]):
         self.num_peers = num_peers
         self.storage = RunStorage.at(run_uri)
-        self.with_bits = with_bits
+        self.task = task  # the data set's kind of task: how the group is scored
         self.pending: dict[int, dict[int, Payload]] = {}
 
     def post(self, step: int, peer: int, payload: Payload) -> None:
@@ -253,7 +253,7 @@ class EvaluationBoard:
             return
         del self.pending[step]
         payloads = [posted[k] for k in range(self.num_peers)]
-        figures = group_figures(payloads, payloads[0]["labels"], with_bits=self.with_bits)
+        figures = group_figures(payloads, payloads[0]["labels"], self.task)
         write_group_row(self.storage, {"step": step, **{k: figures[k] for k in GROUP_FIELDS if k in figures}})
 
 
