@@ -91,3 +91,27 @@ def test_tokens_cached_under_another_packing_rule_are_rebuilt(tmp_path, monkeypa
     second = text.build_corpus(root, files, tmp_path / "cache", "bytes", 256, 16, 4)
     assert len(list((tmp_path / "cache").glob("text_*.npz"))) == 2  # not the old tokens
     assert second.fingerprint.packing == "another rule" and first.fingerprint.difference(second.fingerprint)
+
+
+def test_the_group_figures_of_next_tokens_count_no_padded_row_and_records_name_their_score():
+    import pyarrow as pa
+
+    from codistill.engine.evaluate import group_figures
+    from codistill.records import final_metrics, summary_text
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 5, (30,), generator=g)
+    labels[-10:] = -100
+    payloads = [{"logits": torch.randn(30, 5, generator=g)} for _ in range(2)]
+    figures = group_figures(payloads, labels, NextToken)
+    # The members (here the peers) are scored over the same rows as the peers: padded rows count for nothing.
+    assert figures["member_mean_accuracy"] == pytest.approx(figures["mean_accuracy"])
+    assert figures["member_churn"] == pytest.approx(figures["churn"]) and "ensemble_bits" in figures
+    rows = [{"step": 10, "peer": k, "split": "test", "accuracy": figures[f"peer{k}_accuracy"],
+             "ensemble_accuracy": figures["ensemble_accuracy"], "churn": figures["churn"],
+             "ensemble_bits": figures["ensemble_bits"], **NextToken.peer_record(figures, k)} for k in range(2)]
+    final = final_metrics(pa.Table.from_pylist(rows))
+    assert final["score"] == "bits" and final["peer_bits"] == [figures["peer0_bits"], figures["peer1_bits"]]
+    assert "bits/token" in summary_text(pa.Table.from_pylist(rows))
+    plain = [{k: v for k, v in r.items() if k not in ("metric", "bits", "ensemble_bits")} for r in rows]
+    assert "score" not in final_metrics(pa.Table.from_pylist(plain))  # accuracy alone
