@@ -1,10 +1,11 @@
 """Evaluation metrics from the peers' test logits: accuracy, the ensemble's accuracy, churn
-(the share of test samples on which two peers disagree, Anil et al. 2018) and, for language
-models, bits per token."""
+(the share of test samples on which two peers disagree, Anil et al. 2018), bits per token, and
+the `Score` a task's records are read by (its name, its direction, how it is shown)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,16 +37,54 @@ def bits(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     return (-log_probs.gather(-1, labels.view(-1, 1)).mean() / math.log(2)).item()
 
 
-def evaluation_metrics(peer_logits: list[torch.Tensor], labels: torch.Tensor, with_bits: bool = False) -> dict[str, float]:
-    if with_bits and bool((labels == IGNORE_INDEX).any()):  # padded positions of token windows count for nothing
-        keep = labels != IGNORE_INDEX
-        peer_logits, labels = [z[keep] for z in peer_logits], labels[keep]
+def evaluation_metrics(peer_logits: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
+    """Each peer's accuracy, their mean and best, the ensemble's, and churn (of rows that count:
+    a task that ignores rows drops them first, `data/task.py`)."""
     accs = [accuracy(z, labels) for z in peer_logits]
     metrics = {f"peer{k}_accuracy": a for k, a in enumerate(accs)}
     metrics.update(mean_accuracy=sum(accs) / len(accs), best_accuracy=max(accs),
                    ensemble_accuracy=ensemble_accuracy(peer_logits, labels), churn=churn(peer_logits))
-    if with_bits:  # language models: test loss in bits per token, each peer's and the ensemble's
-        metrics.update({f"peer{k}_bits": bits(z.float().log_softmax(-1), labels) for k, z in enumerate(peer_logits)})
-        mixture = torch.stack([z.float().log_softmax(-1) for z in peer_logits]).logsumexp(0) - math.log(len(peer_logits))
-        metrics["ensemble_bits"] = bits(mixture, labels)
     return metrics
+
+
+def bits_metrics(peer_logits: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
+    """Test loss in bits per token, each peer's and the ensemble's (the mean of their probabilities)."""
+    metrics = {f"peer{k}_bits": bits(z.float().log_softmax(-1), labels) for k, z in enumerate(peer_logits)}
+    mixture = torch.stack([z.float().log_softmax(-1) for z in peer_logits]).logsumexp(0) - math.log(len(peer_logits))
+    metrics["ensemble_bits"] = bits(mixture, labels)
+    return metrics
+
+
+@dataclass(frozen=True)
+class Score:
+    """How a task's group is scored, as every reader of its records shows and compares it: the
+    record column (`name`), which way is better, and how it is printed."""
+
+    name: str
+    label: str
+    """What it is, in words ("bits per token")."""
+    title: str
+    """A plot's axis: the group's figure a curve follows."""
+    lower_is_better: bool
+    scale: float
+    """Shown as scale × value (accuracy as a percentage)."""
+    digits: int
+    column: str
+    """The summary table's column heading."""
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether `a` is at least as good as `b`."""
+        return a <= b if self.lower_is_better else a >= b
+
+
+ACCURACY = Score("accuracy", "accuracy", "mean member test accuracy (%)", False, 100, 2, "test acc")
+BITS = Score("bits", "bits per token", "mean bits per token", True, 1, 3, "bits/token")
+SCORES = {s.name: s for s in (ACCURACY, BITS)}
+
+
+def score_of(record: dict) -> Score:
+    """The score a test record (or a comparison's row) was made under: its `metric` column, or —
+    records written before it was kept — bits when it has them."""
+    if record.get("metric") in SCORES:
+        return SCORES[record["metric"]]
+    return BITS if record.get("bits") is not None or record.get("bits_mean") is not None else ACCURACY

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from codistill.errors import RunError, first_line
+from codistill.metrics import ACCURACY, SCORES, score_of
 from codistill.storage import RunStorage
 
 RECORDS_FILE = "records.parquet"
@@ -237,8 +238,10 @@ def final_metrics(table: pa.Table) -> dict:
         "head_accuracy": {k[:-len("_accuracy")]: [r[k] for r in final] for k in head_columns},
         # The group's members (the peers, or one network's branches): first, mean, best, ensemble, churn.
         "members": {k[len("member_"):]: v for k, v in final[0].items() if k.startswith("member_") and v is not None},
-        **({"peer_bits": [r["bits"] for r in final], "ensemble_bits": final[0]["ensemble_bits"]}
-           if final[0].get("bits") is not None else {}),
+        # The task's own score beside accuracy (bits per token for next tokens), per peer and the ensemble's.
+        **({"score": score.name, f"peer_{score.name}": [r[score.name] for r in final],
+            f"ensemble_{score.name}": final[0].get(f"ensemble_{score.name}")}
+           if (score := score_of(final[0])) is not ACCURACY else {}),
     }
 
 
@@ -257,13 +260,17 @@ def summary_text(table: pa.Table, peer_models: list[str] | None = None, unfinish
     final = final_metrics(table)
     if not final:
         return "\n".join([*([unfinished] if unfinished else []), "no evaluation recorded"])
-    lm = "peer_bits" in final  # a language model: top-1 next-token accuracy and bits per token
+    score = SCORES.get(final.get("score"))  # the task's score beside accuracy (bits per token), if any
+
+    def scored(values: list, k: int) -> str:
+        return f"{score.scale * values[k]:>13.{score.digits}f}" if score and values[k] is not None else ""
+
     lines = [*([unfinished] if unfinished else []),
              f"{'last' if unfinished else 'final'} evaluation at step {final['step']}",
-             f"{'peer':<6}{'model':<22}{'test acc':>10}" + ("   bits/token" if lm else "")]
+             f"{'peer':<6}{'model':<22}{'test acc':>10}" + (f"{score.column:>13}" if score else "")]
     for k, acc in enumerate(final["peer_accuracy"]):
         model = peer_models[k] if peer_models else ""
-        lines.append(f"{k:<6}{model:<22}{100 * acc:>9.2f}%" + (f"{final['peer_bits'][k]:>13.3f}" if lm else ""))
+        lines.append(f"{k:<6}{model:<22}{100 * acc:>9.2f}%" + (scored(final[f"peer_{score.name}"], k) if score else ""))
     for head, values in final["head_accuracy"].items():
         for k, acc in enumerate(values):
             lines.append(f"{k:<6}{'  ' + head:<22}{100 * acc:>9.2f}%")
@@ -273,7 +280,7 @@ def summary_text(table: pa.Table, peer_models: list[str] | None = None, unfinish
         lines.append(f"{'ensemble, churn':<28}{'n/a':>10}  (not every peer evaluated step {final['step']})")
     else:
         lines.append(f"{'ensemble':<28}{100 * final['ensemble_accuracy']:>9.2f}%"
-                     + (f"{final['ensemble_bits']:>13.3f}" if lm else ""))
+                     + (scored([final[f"ensemble_{score.name}"]], 0) if score else ""))
         lines.append(f"{'churn':<28}{100 * final['churn']:>9.2f}%")
     lines.extend(peer_run_lines(table))
     if "skipped" in table.column_names:

@@ -317,7 +317,7 @@ def test_steps_to_target_are_the_first_evaluation_past_it_paired_by_seed_and_a_m
 
     def row(method, seed, metric, models=2, batch=100):
         return {"method": method, "seed": seed, "curve_step": [100, 200, 300], "curve_metric": metric,
-                "curve_seconds": [1.0, 2.0, 3.0], "curve_lower_is_better": False, "examples_per_step": batch,
+                "curve_seconds": [1.0, 2.0, 3.0], "curve_score": "accuracy", "examples_per_step": batch,
                 "models": models}
     rows = [row("data_parallel", 0, [0.5, 0.8, 0.9], 1, 200), row("data_parallel", 1, [0.6, 0.85, 0.88], 1, 200),
             row("codistill", 0, [0.7, 0.9, 0.95]), row("codistill", 1, [0.5, 0.6, 0.7])]
@@ -332,7 +332,7 @@ def test_steps_to_target_are_the_first_evaluation_past_it_paired_by_seed_and_a_m
     text = "\n".join(speed.markdown_section(rows, target, "test", "data_parallel"))
     assert "| codistill | 1/2 | 200 | 20,000 | 40,000 | 2.0 | -100 [n/a: 1 seed] over 1 seeds (no resolvable effect) |" in text
     # Lower is better for bits per token.
-    bits = [{**row("a", 0, [3.0, 2.5, 2.0]), "curve_lower_is_better": True}]
+    bits = [{**row("a", 0, [3.0, 2.5, 2.0]), "curve_score": "bits"}]
     speed.reach(bits, 2.4)
     assert bits[0]["target_step"] == 300
 

@@ -252,7 +252,7 @@ def test_every_text_source_splits_by_content_with_copies_left_out_and_counted(na
         decode = AutoTokenizer.from_pretrained(data.tokenizer).decode
         streams = [decode(x.flatten().tolist()).encode() for x in (data.x_train, data.x_test)]
     else:
-        streams = [bytes(x.flatten().to(torch.uint8).tolist()) for x in (data.x_train, data.x_test)]
+        streams = [bytes(i for i in x.flatten().tolist() if i < 256) for x in (data.x_train, data.x_test)]  # 256: end
     assert sum(s.count(b"MARKER-README-MARKER") for s in streams) == 1  # once, on one side (by path: 36 + 4)
     assert all(streams)
 

@@ -133,8 +133,12 @@ def test_hf_padded_positions_count_in_no_loss_no_kl_and_no_metric():
                     step=0, peers=[{"logits": peer[keep]}])
     assert base.item() == pytest.approx(method.loss(plain)[0].item(), rel=1e-6)
     # The metrics too: bits per token over the real positions only.
-    with_pad = evaluation_metrics([noisy_student], labels, with_bits=True)
-    assert with_pad["peer0_bits"] == pytest.approx(evaluation_metrics([student[keep]], labels[keep], True)["peer0_bits"])
+    from codistill.data.task import NextToken
+    from codistill.metrics import bits_metrics
+
+    with_pad = NextToken.score_group([noisy_student], labels)
+    assert with_pad["peer0_bits"] == pytest.approx(bits_metrics([student[keep]], labels[keep])["peer0_bits"])
+    assert with_pad["peer0_accuracy"] == pytest.approx(evaluation_metrics([student[keep]], labels[keep])["peer0_accuracy"])
 
 
 @pytest.mark.slow
@@ -174,19 +178,22 @@ def test_hf_peers_with_another_vocabulary_are_refused_naming_both(corpus, tmp_pa
 
 @pytest.mark.slow
 def test_hf_top_k_targets_are_the_default_above_the_vocabulary_threshold(corpus, tmp_path, caplog):
-    from codistill.engine.job import AUTO_TOP_K, exchanged_top_k
+    from codistill.data.task import AUTO_TOP_K, Classes, NextToken
+    from codistill.engine.job import exchanged_top_k
     from codistill.engine.ray_runner import check_exchange
 
     path, _ = corpus
     peer = {"model": "hf_causal_lm", "model_args": {"config": LLAMA}}
     cfg = load_config(hf_config(tmp_path, path, method={"name": "codistill", "period": 2, "max_staleness": 1}))
     assert cfg.exchange.top_k_above == 16384
-    assert exchanged_top_k(cfg, 32000) == AUTO_TOP_K == 64 and exchanged_top_k(cfg, 16384) == 0
-    assert exchanged_top_k(load_config({**hf_config(tmp_path, path), "exchange": {"top_k": 8}}), 32000) == 8
-    assert exchanged_top_k(load_config({**hf_config(tmp_path, path), "exchange": {"top_k_above": 0}}), 32000) == 0
+    big = NextToken(32000)
+    assert exchanged_top_k(cfg, big) == AUTO_TOP_K == 64 and exchanged_top_k(cfg, NextToken(16384)) == 0
+    assert exchanged_top_k(cfg, Classes(32000)) == 0  # classes are not a vocabulary: the task decides
+    assert exchanged_top_k(load_config({**hf_config(tmp_path, path), "exchange": {"top_k": 8}}), big) == 8
+    assert exchanged_top_k(load_config({**hf_config(tmp_path, path), "exchange": {"top_k_above": 0}}), big) == 0
     kd = load_config({**hf_config(tmp_path, path), "method": {"name": "kd"}, "peers": [peer],
                       "teacher": {"model": "hf_causal_lm", "model_args": {"config": LLAMA}, "checkpoint": "t.pt"}})
-    assert exchanged_top_k(kd, 32000) == 0  # a teacher's targets are cut only when asked: nothing travels
+    assert exchanged_top_k(kd, big) == 0  # a teacher's targets are cut only when asked: nothing travels
     # Whole distributions forced over a vocabulary whose rounds cannot fit the object store: refused.
     forced = load_config({**hf_config(tmp_path, path, method={"name": "codistill", "period": 50}),
                           "exchange": {"top_k_above": 0}})
@@ -269,7 +276,9 @@ def test_hf_the_gpu_recipe_loads_with_a_model_folder_a_tokenizer_and_a_corpus_at
     cfg = load_config(f"{REPO}/configs/codistill_hf_gpu.yaml", [f"peers.*.model_args.path={folder}", f"data.path={path}",
                                                        f"data.tokenizer.path={folder}"])
     assert cfg.num_peers == 2 and cfg.train.precision == "bf16" and cfg.ray.resources_per_peer == {"GPU": 1, "CPU": 4}
-    assert exchanged_top_k(cfg, 49152) == 64
+    from codistill.data.task import NextToken
+
+    assert exchanged_top_k(cfg, NextToken(49152)) == 64
     assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
 
 
@@ -284,23 +293,31 @@ def test_hf_the_stdlib_config_trains_offline_from_the_command_line(tmp_path):
     assert (tmp_path / "codistill_hf_stdlib" / "records.parquet").exists()
 
 
-def test_hf_a_tokenizer_folder_tokenizes_a_text_corpus_too(corpus, tmp_path):
-    """`data.tokenizer: {path: DIR}` for the `text` corpus: its ids are the folder's tokenizer's."""
+def test_hf_one_packing_rule_text_and_hf_text_make_the_same_windows_of_the_same_documents(corpus, tmp_path):
+    """`data.tokenizer: {path: DIR}` for the `text` corpus too: the same documents as text files
+    (`text`) and as JSONL rows (`hf_text`), tokenized by one folder, give the same windows —
+    end-of-text after each document, the tail padded with −100 — on both sides of the split."""
     from codistill.data import load_data
 
-    hf = load_data(load_config(hf_config(tmp_path, corpus[0])).data)
-    folder = hf.tokenizer
+    folder = load_data(load_config(hf_config(tmp_path, corpus[0])).data).tokenizer
+    texts = documents(30, seed=3)
     (tmp_path / "texts").mkdir()
-    for i, text in enumerate(documents(30, seed=3)):
-        (tmp_path / "texts" / f"{i}.txt").write_text(text)
-    data = load_data(load_config({**hf_config(tmp_path, corpus[0]), "data": {
-        "name": "text", "path": str(tmp_path / "texts"), "tokenizer": {"path": folder}, "root": str(tmp_path / "cache"),
-        "context": 16, "batch_size": 4}}).data)
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i, text in enumerate(texts):
+            (tmp_path / "texts" / f"{i:03d}.txt").write_text(text)  # in the rows' order, by name
+            f.write(json.dumps({"body": text}) + "\n")
+    settings = {"tokenizer": {"path": folder}, "root": str(tmp_path / "cache"), "context": 16, "batch_size": 4,
+                "test_windows": 1000}
+    plain = load_data(load_config(hf_config(tmp_path, corpus[0], data={
+        **settings, "name": "text", "path": str(tmp_path / "texts")})).data)
+    hf = load_data(load_config(hf_config(tmp_path, tmp_path / "docs.jsonl", data=settings)).data)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    assert data.num_classes == len(tokenizer) and data.tokenizer == folder
-    from codistill.data.text import split_documents
-
-    files = sorted((tmp_path / "texts").iterdir())
-    train_docs, _, _ = split_documents([f.read_text() for f in files])
-    stream = [i for doc in train_docs for i in tokenizer(doc, add_special_tokens=False)["input_ids"]]
-    assert data.x_train.flatten().tolist() == stream[:data.x_train.numel()]  # the folder's ids, document after document
+    assert plain.num_classes == hf.num_classes == len(tokenizer) and plain.tokenizer == hf.tokenizer == folder
+    for a, b in ((plain.x_train, hf.x_train), (plain.y_train, hf.y_train), (plain.x_test, hf.x_test),
+                 (plain.y_test, hf.y_test)):
+        assert torch.equal(a, b)
+    assert plain.fingerprint.tokenizer_sha256 == hf.fingerprint.tokenizer_sha256 and plain.fingerprint.packing \
+        == hf.fingerprint.packing
+    eos = tokenizer.eos_token_id
+    assert int((plain.y_train == eos).sum()) + int((plain.y_test == eos).sum()) == len(texts)  # one per document
+    assert (plain.y_train[-1] == -100).any() and (plain.y_test[-1] == -100).any()

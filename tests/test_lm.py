@@ -84,7 +84,8 @@ def test_corpus_split_and_tokenizer_are_deterministic(tmp_path):
     saved = [sorted((tmp_path / c).glob("*.tokenizer.json")) for c in ("cache_a", "cache_b")]
     assert len(saved[0]) == 1 and saved[0][0].read_bytes() == saved[1][0].read_bytes()  # the same BPE, byte for byte
     assert a.num_classes == 300 and a.input_kind == "tokens"
-    assert torch.equal(a.x_train[:, 1:], a.y_train[:, :-1])  # the labels are the next tokens
+    real = a.y_train[:, :-1] != -100  # the labels are the next tokens (the padded tail's count for nothing)
+    assert torch.equal(a.x_train[:, 1:][real], a.y_train[:, :-1][real]) and (a.y_train[-1] == -100).any()
     # One more file changes the hash (a run records exactly what it saw), and test files are test by name
     (folder / "extra.py").write_text("x = 1\n")
     assert corpus_hash(*text_files(str(folder))) != a.fingerprint["corpus_sha256"]
@@ -93,7 +94,8 @@ def test_corpus_split_and_tokenizer_are_deterministic(tmp_path):
 def test_bytes_tokenizer_needs_no_training(tmp_path):
     root, files = text_files(str(corpus_folder(tmp_path, 5)))
     data = build_corpus(root, files, tmp_path / "cache", "bytes", 1024, 16, 4)
-    assert data.num_classes == 256 and int(data.x_train.max()) < 256
+    assert data.num_classes == 257 and int(data.x_train.max()) == 256  # the bytes, and 256 ending each document
+    assert int((data.x_train == 256).sum()) >= 3  # five files, at least three of them on the training side
 
 
 @pytest.mark.parametrize("make,message", [

@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from codistill.data.task import TOKENS, Classes, Fingerprint, NextToken, Task, task_of
 from codistill.errors import ConfigError
-from codistill.metrics import IGNORE_INDEX
 from codistill.registry import Registry
 
 
@@ -26,30 +26,50 @@ class ArrayDataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
-    input_kind: str
-    """'sequence' (N, 1, L) float or 'image' (N, 3, H, W) uint8."""
+    input_kind: str | None = None
+    """'sequence' (N, 1, L) float, 'image' (N, 3, H, W) uint8, or 'tokens' (N, T) int64 windows
+    (labels (N, T): the next tokens). None: the task's (`NextToken`: tokens)."""
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     augment: bool = False
     """Random crop (pad 4) and horizontal flip, the standard CIFAR augmentation."""
-    fingerprint: dict | None = None
-    """What exactly was loaded, where it is not fixed by the name (a text corpus: its hash, the
-    tokenizer). Kept in every checkpoint; a run resumes only on the same data."""
-    tokenizer: str | None = None
-    """Token data: where the tokenizer the ids come from is on this machine — a tokenizer folder
-    or a `tokenizers` JSON file (None: bytes). What `codistill export` ships with a peer, and what
-    a pretrained peer's own tokenizer is checked against. A place, so not in the fingerprint."""
+    task: Task | None = None
+    """What the data asks (`data/task.py`): `Classes(num_classes)`, or `NextToken(vocab, …)` for
+    token windows. None: the one its input kind implies."""
+
+    def __post_init__(self):
+        if self.task is None:
+            self.task = task_of(self.input_kind, self.num_classes)
+        if self.input_kind is None:
+            if self.task.input_kind is None:
+                raise ValueError("name the input kind ('sequence' or 'image') of data whose task is Classes")
+            self.input_kind = self.task.input_kind
+        if self.task.size != self.num_classes:
+            raise ValueError(f"the task has {self.task.size} outputs but num_classes is {self.num_classes}")
+
+    @property
+    def fingerprint(self) -> Fingerprint | None:
+        """What exactly was loaded, where it is not fixed by the name (a text corpus: its hash, the
+        split, the packing, the tokenizer). Kept in every checkpoint; a run resumes only on the same data."""
+        return self.task.fingerprint
+
+    @property
+    def tokenizer(self) -> str | None:
+        """Token data: where the tokenizer the ids come from is on this machine — a tokenizer folder
+        or a `tokenizers` JSON file (None: bytes, or no tokens). What a pretrained peer's own
+        tokenizer is checked against."""
+        return self.task.tokenizer
 
     def padded_in(self, indices: torch.Tensor) -> bool:
-        """Whether any of these training windows holds a position labelled IGNORE_INDEX (a padded
-        tail). Asked of a CPU copy of which windows do, made once per training set: the labels
-        may live on a GPU (`data_on_device`), where asking them every step would wait for the
-        device every step."""
-        if self.input_kind != "tokens":
+        """Whether any of these training windows holds a position whose label counts for nothing
+        (a padded tail). Asked of a CPU copy of which windows do, made once per training set: the
+        labels may live on a GPU (`data_on_device`), where asking them every step would wait for
+        the device every step."""
+        if self.task.ignore_index is None:
             return False
         labels, padded = getattr(self, "_padded", (None, None))
         if labels is not self.y_train:  # first asked, or the training set was replaced since
-            padded = (self.y_train == IGNORE_INDEX).reshape(len(self.y_train), -1).any(1).cpu()
+            padded = (self.y_train == self.task.ignore_index).reshape(len(self.y_train), -1).any(1).cpu()
             self._padded = (self.y_train, padded)
         return bool(padded[indices.cpu()].any())
 
@@ -68,9 +88,7 @@ class ArrayDataset:
         return (x - mean) / std
 
     def _labels(self, y: torch.Tensor) -> torch.Tensor:
-        # Tokens: a label per position, flattened as the model flattens its logits (B·T rows),
-        # so every loss and metric of a classifier applies per position unchanged.
-        return y.reshape(-1) if self.input_kind == "tokens" else y
+        return self.task.labels(y)
 
     def train_batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         indices = indices.to(self.x_train.device)
@@ -86,11 +104,7 @@ class ArrayDataset:
     def rows(self, batch: torch.Tensor) -> int:
         """How many predictions (rows of logits) a batch of inputs makes: one per example, or
         one per position of a token window."""
-        return batch.shape[0] * batch.shape[1] if self.input_kind == "tokens" else batch.shape[0]
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+        return self.task.rows(batch)
 
 
 def _crop_and_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -124,15 +138,30 @@ class DatasetEntry:
     set of that size from the same distribution (`data.test_examples`), for figures with less
     evaluation noise, and a training set of that size (`data.train_examples`), for runs that see
     each example about once."""
+    task: type[Task] | None = None
+    """The kind of task the data declares (`Classes`, `NextToken`); None: the one its input kind
+    implies. Asked before anything is loaded (how a group is scored, whether a vocabulary may
+    decide top-k)."""
+
+    def __post_init__(self):
+        if self.task is None:
+            object.__setattr__(self, "task", NextToken if self.input_kind == TOKENS else Classes)
 
 
 DATASETS: Registry[DatasetEntry] = Registry("data set")
 
 
-def register_dataset(name: str, input_kind: str, num_classes: int | None, train_examples: int | None = None,
-                     takes_settings: bool = False, generates: bool = False):
+def register_dataset(name: str, input_kind: str | None = None, num_classes: int | None = None,
+                     train_examples: int | None = None, takes_settings: bool = False, generates: bool = False,
+                     task: type[Task] | None = None):
+    """Register a data set's loader. `task`: the kind of task it declares (`NextToken` for a text
+    corpus: its input kind is then tokens); `input_kind="tokens"` alone says the same."""
+    input_kind = input_kind or (task.input_kind if task else None)
+    if input_kind is None:
+        raise ValueError(f"data set {name!r}: name its input_kind ('sequence' or 'image') or a task that fixes it")
+
     def decorator(fn):
-        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes, train_examples, takes_settings, generates),
+        DATASETS.add(name, DatasetEntry(fn, input_kind, num_classes, train_examples, takes_settings, generates, task),
                      getattr(fn, "__module__", ""))
         return fn
     return decorator
@@ -173,8 +202,8 @@ def load_dataset(name: str, root: str = "~/.cache/codistill", augment: bool = Tr
         data.x_test, data.y_test = data.x_train[held], data.y_train[held]
         data.x_train, data.y_train = data.x_train[kept], data.y_train[kept]
     for split, labels in (("training", data.y_train), ("test", data.y_test)):
-        if data.input_kind == "tokens":  # padded positions of token windows: IGNORE_INDEX, counted by no loss
-            labels = labels[labels != IGNORE_INDEX]
+        keep = data.task.counted(labels)  # e.g. padded positions of token windows, counted by no loss
+        labels = labels if keep is None else labels[keep]
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= data.num_classes):
             raise ConfigError("data.name", f"data set {name!r} has {split} labels from {int(labels.min())} to "
                               f"{int(labels.max())}, but {data.num_classes} classes (labels 0..{data.num_classes - 1})")

@@ -1,6 +1,7 @@
 """Your own data from Python, without a registry entry: `train(cfg, data=…)`.
 
-`data` is an `ArrayDataset`, or `(train, test)` where each is `(x, y)` tensors or a map-style
+`data` is an `ArrayDataset` (which carries its task: `Classes`, or `NextToken` for token
+windows, `data/task.py`), or `(train, test)` where each is `(x, y)` tensors or a map-style
 `torch.utils.data.Dataset` of `(x, y)` pairs (materialised into memory once), or a Hugging
 Face `datasets.Dataset` of documents (a language-model corpus, built as `hf_text` builds one). It is registered
 under a name made of its content's hash, `given-<sha256[:12]>`, which the run's config records:
@@ -16,6 +17,7 @@ import hashlib
 import torch
 
 from codistill.data.datasets import DATASETS, ArrayDataset, DatasetEntry
+from codistill.data.task import NextToken
 from codistill.errors import ConfigError
 
 
@@ -69,7 +71,8 @@ def _register_documents(ds, settings) -> str:
     name = f"given-{hashlib.sha256((settings.text_field + ''.join(digests)).encode()).hexdigest()[:12]}"
     if name not in DATASETS:
         DATASETS.add(name, DatasetEntry(lambda root, augment, download, settings, ds=ds: from_dataset(ds, root, settings),
-                                        "tokens", None, takes_settings=True), origin="given data")
+                                        NextToken.input_kind, None, takes_settings=True, task=NextToken),
+                    origin="given data")
     return name
 
 
@@ -90,6 +93,6 @@ def register_given(data, settings=None) -> str:
             dataset.augment = augment and dataset.input_kind == "image"
             return dataset
 
-        DATASETS.add(name, DatasetEntry(load, dataset.input_kind, dataset.num_classes, len(dataset.y_train)),
-                     origin="given data")
+        DATASETS.add(name, DatasetEntry(load, dataset.input_kind, dataset.num_classes, len(dataset.y_train),
+                                        task=type(dataset.task)), origin="given data")
     return name

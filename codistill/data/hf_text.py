@@ -2,8 +2,8 @@
 
 Local JSONL/JSON, Parquet, Arrow or text files (a text file is one document) are read with
 `datasets.load_dataset` — no network: the builders read local files only — or a
-`datasets.Dataset` is given from Python (`train(cfg, data=ds)`). Then, as for the `text`
-corpus (`text.py`):
+`datasets.Dataset` is given from Python (`train(cfg, data=ds)`). Then, as for every text
+corpus (`text.py`, `task.pack`):
 
 - documents are split into train and test by the hash of their text (one in TEST_EVERY is
   test), exact copies dropped first, so no text sits on both sides;
@@ -12,9 +12,10 @@ corpus (`text.py`):
   folder (`AutoTokenizer.from_pretrained` loads it; `codistill export` ships it);
 - each side is tokenized with `Dataset.map` into an Arrow file under `data.root`, named by the
   corpus's and the tokenizer's hashes: a second load maps nothing and memory-maps the file;
-- documents are packed, each followed by the tokenizer's end-of-text token, into windows of
-  `data.context` tokens; the last window of a side is padded on the right, its padded
-  positions labelled −100 (left out by every loss, KL term and metric).
+- documents are packed by the one rule of every text corpus (`task.pack`), each followed by the
+  tokenizer's end-of-text token, into windows of `data.context` tokens; the last window of a
+  side is padded on the right, its padded positions labelled −100 (left out by every loss, KL
+  term and metric).
 
 The windows then come from the same (seed, step) batch schedule as every data set's examples.
 """
@@ -23,25 +24,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from codistill.data.datasets import ArrayDataset, register_dataset
-from codistill.data.text import (SPLIT_RULE, TOKENIZER_SAMPLE_CHARS, _digest, first_chars, folder_hash,
-                                  split_by_digest, train_tokenizer)
+from codistill.data.task import PACKING, NextToken, stream_of_flat
+from codistill.data.text import (END_OF_TEXT, SPLIT_RULE, TOKENIZER_SAMPLE_CHARS, _digest, end_of_text_id, first_chars,
+                                  folder_hash, next_token_data, split_by_digest, train_tokenizer)
 from codistill.errors import ConfigError
-from codistill.metrics import IGNORE_INDEX
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text",
             ".text": "text", ".md": "text"}
-END_OF_TEXT = "<|endoftext|>"  # the separator a BPE trained here ends each document with
-logger = logging.getLogger(__name__)
 
 
 def _datasets():
@@ -114,37 +111,21 @@ def tokenizer_for(settings, ds, field: str, train_rows: list[int], digests: list
     else:
         raise ConfigError("data.tokenizer", f"hf_text takes `bpe` or {{path: DIR}} (a tokenizer folder), got "
                                             f"{settings.tokenizer!r}")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("data.tokenizer", f"the tokenizer at {folder} has no end-of-text (eos) token; hf_text ends "
-                                            "every document with it")
-    return tokenizer, folder
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True), folder
 
 
-def packed_windows(stream: np.ndarray, context: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of `context` tokens over `stream` and their next-token labels; the last window
-    padded on the right with `pad`, its positions with no next token labelled IGNORE_INDEX."""
-    windows = -(-(len(stream) - 1) // context)
-    size = windows * context + 1
-    inputs, labels = np.full(size, pad, dtype=np.int64), np.full(size, IGNORE_INDEX, dtype=np.int64)
-    inputs[:len(stream)], labels[:len(stream)] = stream, stream
-    return (torch.from_numpy(inputs[:-1].reshape(windows, context)),
-            torch.from_numpy(labels[1:].reshape(windows, context)))
-
-
-def _tokens(ds, rows: list[int], tokenizer, field: str, cache: Path) -> np.ndarray:
-    """The token stream of `rows`: each document's ids then end-of-text, through `Dataset.map`
-    into `cache` (an Arrow file; reused, memory-mapped, when it is there)."""
-    eos = tokenizer.eos_token_id
+def _tokens(ds, rows: list[int], tokenizer, field: str, cache: Path, end_of_text: int) -> np.ndarray:
+    """The token stream of `rows` (`task.token_stream`: each document's ids then end-of-text); the
+    ids through `Dataset.map` into `cache` (an Arrow file; reused, memory-mapped, when it is there)."""
 
     def encode(batch):
-        ids = tokenizer(batch[field], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [doc + [eos] for doc in ids]}
+        return {"input_ids": tokenizer(batch[field], add_special_tokens=False)["input_ids"]}
 
     mapped = ds.select(rows).map(encode, batched=True, remove_columns=ds.column_names, cache_file_name=str(cache),
                                  new_fingerprint=cache.stem, load_from_cache_file=True, desc="tokenizing")
-    column = mapped.data.column("input_ids")
-    parts = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    parts = [stream_of_flat(chunk.flatten().to_numpy(zero_copy_only=False),
+                            chunk.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64), end_of_text)
+             for chunk in mapped.data.column("input_ids").chunks]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -155,39 +136,21 @@ def from_dataset(ds, root: Path, settings) -> ArrayDataset:
     train_rows, test_rows, duplicates = split_by_digest(digests)
     corpus = hashlib.sha256("".join(digests).encode()).hexdigest()
     tokenizer, folder = tokenizer_for(settings, ds, field, train_rows, digests, root, corpus)
-    tokenizer_hash = folder_hash(folder)
-    key = hashlib.sha256(json.dumps([corpus, tokenizer_hash, SPLIT_RULE]).encode()).hexdigest()[:16]
+    end = end_of_text_id(tokenizer, folder)
+    # Tokens cached by another split or packing rule, or another tokenizer, are other tokens.
+    key = hashlib.sha256(json.dumps([corpus, folder_hash(folder), SPLIT_RULE, PACKING]).encode()).hexdigest()[:16]
     root.mkdir(parents=True, exist_ok=True)
     unsplit = not train_rows or not test_rows  # one or a few documents: the last tenth of the stream is test
     train_ids = _tokens(ds, sorted(train_rows + test_rows) if unsplit else train_rows, tokenizer, field,
-                        root / f"hf_text_{key}_train.arrow")
-    if unsplit:
-        cut = len(train_ids) * 9 // 10
-        train_ids, test_ids = train_ids[:cut], train_ids[cut:]
-    else:
-        test_ids = _tokens(ds, test_rows, tokenizer, field, root / f"hf_text_{key}_test.arrow")
-    if len(train_ids) < 2 or len(test_ids) < 2:
-        raise ConfigError("data.path", f"the corpus holds {len(train_ids) + len(test_ids)} tokens; too few for a "
-                                       "training and a test window")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    x, y = packed_windows(train_ids, settings.context, pad)
-    x_test, y_test = packed_windows(test_ids, settings.context, pad)
-    if len(x_test) > settings.test_windows:  # evenly over the test stream, so every part of it counts
-        keep = torch.linspace(0, len(x_test) - 1, settings.test_windows).round().long()
-        x_test, y_test = x_test[keep], y_test[keep]
-    if duplicates:  # said at every load, as for every text corpus
-        logger.warning("%s: %d of %d documents are exact copies of another and were left out before the train/test "
-                       "split", settings.path or "the given Dataset", duplicates, len(digests))
-    data = ArrayDataset(x, y, x_test, y_test, num_classes=len(tokenizer), input_kind="tokens", augment=False,
-                        tokenizer=str(folder))
-    data.fingerprint = {"corpus_sha256": corpus, "files": len(digests), "duplicates": duplicates, "split": SPLIT_RULE,
-                        "tokenizer": str(settings.tokenizer), "tokenizer_sha256": tokenizer_hash,
-                        "vocab_size": len(tokenizer), "train_tokens": int(len(train_ids)),
-                        "test_tokens": int(len(test_ids)), "cache": f"hf_text_{key}"}
-    return data
+                        root / f"hf_text_{key}_train.arrow", end)
+    test_ids = None if unsplit else _tokens(ds, test_rows, tokenizer, field, root / f"hf_text_{key}_test.arrow", end)
+    return next_token_data(train_ids, test_ids, context=settings.context, test_windows=settings.test_windows,
+                           end_of_text=end, vocab=len(tokenizer), corpus=corpus, files=len(digests),
+                           duplicates=duplicates, tokenizer=str(settings.tokenizer), tokenizer_place=str(folder),
+                           cache=f"hf_text_{key}", where=settings.path or "the given Dataset")
 
 
-@register_dataset("hf_text", input_kind="tokens", num_classes=None, takes_settings=True)
+@register_dataset("hf_text", task=NextToken, takes_settings=True)
 def hf_text(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
     """Local JSONL, Parquet, Arrow or text files read by Hugging Face `datasets` (`data.path`, `data.text_field`)."""
     return from_dataset(load_files(settings.path or "", root), root, settings)

@@ -5,9 +5,13 @@ corpus it saw, and split into train and test *by document content*: exact duplic
 dropped first (and counted), and a document's test membership is a hash of its text — so a
 text and its copies (40 symlinks to one README) never sit on both sides, and adding a file
 moves no other. The tokenizer — a byte-level BPE trained on a bounded sample of the training
-split with the `tokenizers` library, or plain bytes — is saved beside the cached tokens. The token stream is cut into windows of `context + 1` tokens: a window's
-first `context` tokens are the input, its last `context` the next-token labels. So a batch
-is B windows, chosen by the same (seed, step) schedule as every other data set's examples.
+split with the `tokenizers` library (its `<|endoftext|>` a special token), plain bytes (ids
+0..255, and 256 for end-of-text), or a tokenizer folder (its eos token) — is saved beside the
+cached tokens. Every text corpus (`hf_text` too) is packed by one rule, `task.pack`: each
+document followed by end-of-text, the stream cut into windows of `context` inputs whose labels
+are the next tokens, the last window padded, its padded positions labelled −100; `next_token_data`
+builds the data set from the two streams as every text corpus does. So a batch is B windows,
+chosen by the same (seed, step) schedule as every other data set's examples.
 
 - `stdlib`: the Python standard library's own source files of the running interpreter
   (`sysconfig`'s stdlib folder, *.py, without site-packages and the test suites).
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 
 from codistill.data.datasets import ArrayDataset, _save_atomically, register_dataset
+from codistill.data.task import PACKING, Fingerprint, NextToken, token_stream, windows
 from codistill.errors import ConfigError
 
 TEST_EVERY = 10  # one document in ten (by its content's hash) is test
@@ -39,6 +44,8 @@ SPLIT_RULE = "content"
 # with the text it counts (0.84 GB for 20 MB of Python source, and on), and a few MB give a
 # vocabulary of 1024 (docs/language-models.md has the measurements).
 TOKENIZER_SAMPLE_CHARS = 8_000_000
+END_OF_TEXT = "<|endoftext|>"  # the special token a BPE trained here ends each document with
+BYTES_END_OF_TEXT = 256  # `tokenizer: bytes`: ids 0..255 are the bytes, 256 ends a document
 ENCODE_CHARS = 4_000_000  # text encoded at a time: only that much of the tokenizer's Encodings is held
 logger = logging.getLogger(__name__)
 
@@ -168,13 +175,6 @@ def _chunks(texts: list[str], chars: int = ENCODE_CHARS):
         yield chunk
 
 
-def _windows(stream: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = (len(stream) - 1) // context
-    x = stream[:n * context].reshape(n, context)
-    y = stream[1:n * context + 1].reshape(n, context)
-    return torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
-
-
 def folder_tokenizer(tokenizer: dict):
     """(the tokenizer of a folder `{path: DIR}`, the hash of its files): `AutoTokenizer`, local."""
     from transformers import AutoTokenizer
@@ -193,68 +193,97 @@ def folder_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
+def tokenizer_hash(place: str | None) -> str | None:
+    """The identity of the tokenizer at `place` (a folder, or a `tokenizers` JSON file; None: bytes)."""
+    if place is None:
+        return None
+    where = Path(place)
+    return folder_hash(where) if where.is_dir() else hashlib.sha256(where.read_bytes()).hexdigest()
+
+
+def end_of_text_id(tokenizer, where) -> int:
+    """The id a transformers tokenizer ends each document with (its eos token): refused without one."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("data.tokenizer", f"the tokenizer at {where} has no end-of-text (eos) token; every text "
+                                            "corpus ends each document with it")
+    return int(tokenizer.eos_token_id)
+
+
+def next_token_data(train: np.ndarray, test: np.ndarray | None, *, context: int, test_windows: int,
+                    end_of_text: int, vocab: int, corpus: str, files: int, duplicates: int, tokenizer: str,
+                    tokenizer_place: str | None, cache: str, where) -> ArrayDataset:
+    """A language-model data set from the token streams of its training and test documents
+    (`task.token_stream`: end-of-text after each), as every text corpus builds it: `test` None
+    (one or a few documents, all on one side) takes the last tenth of the stream; both packed
+    into windows (`task.windows`, the rule of `task.pack`); the test windows thinned evenly to
+    `test_windows`; the duplicates left out said; the fingerprint."""
+    if test is None:  # one or a few documents: the last tenth of the stream is the test part
+        cut = len(train) * 9 // 10
+        train, test = train[:cut], train[cut:]
+    if len(train) < context + 1 or len(test) < 2:
+        raise ConfigError("data.context", f"the corpus holds {len(train)} training and {len(test)} test tokens: too "
+                                          f"few for a training window of {context} tokens and a test window; lower "
+                                          "data.context or give more text")
+    x, y = windows(train, context, end_of_text)
+    x_test, y_test = windows(test, context, end_of_text)
+    if len(x_test) > test_windows:  # evenly over the test stream, so every part of it counts
+        keep = torch.linspace(0, len(x_test) - 1, test_windows).round().long()
+        x_test, y_test = x_test[keep], y_test[keep]
+    if duplicates:  # said at every load, not only the first: a cached corpus is the same corpus
+        logger.warning("%s: %d of %d documents are exact copies of another and were left out before the train/test "
+                       "split", where, duplicates, files)
+    fingerprint = Fingerprint(corpus_sha256=corpus, split=SPLIT_RULE, packing=PACKING,
+                              tokenizer_sha256=tokenizer_hash(tokenizer_place), vocab_size=vocab,
+                              train_tokens=int(len(train)), test_tokens=int(len(test)), files=files,
+                              duplicates=duplicates, tokenizer=tokenizer, tokenizer_place=tokenizer_place, cache=cache)
+    return ArrayDataset(x, y, x_test, y_test, num_classes=vocab, augment=False,
+                        task=NextToken(vocab, fingerprint, end_of_text))
+
+
 def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str | dict, vocab_size: int,
                  context: int, test_windows: int) -> ArrayDataset:
     digest = corpus_hash(root, files)
     given = folder_tokenizer(tokenizer) if isinstance(tokenizer, dict) else None
-    rule = [SPLIT_RULE, TOKENIZER_SAMPLE_CHARS if tokenizer == "bpe" else None]  # tokens cached by another rule differ
+    # Tokens cached by another split, packing or BPE sample are other tokens.
+    rule = [SPLIT_RULE, PACKING, TOKENIZER_SAMPLE_CHARS if tokenizer == "bpe" else None]
     named = given[1] if given else tokenizer  # a folder's tokenizer is named by its files' hash
     key = hashlib.sha256(json.dumps([digest, named, vocab_size, *rule], sort_keys=True).encode()).hexdigest()[:16]
     cache = cache_root / f"text_{key}.npz"
+    place = (str(Path(os.path.expanduser(tokenizer["path"]))) if given else
+             str(cache_root / f"text_{key}.tokenizer.json") if tokenizer == "bpe" else None)
     if not cache.exists():
         train_text, test_text, duplicates = split_documents(_read(files))
         unsplit = not train_text or not test_text  # one or a few documents: the stream is split instead
         if unsplit:
-            train_text = train_text + test_text
+            train_text, test_text = train_text + test_text, []
         if given:
-            vocab = len(given[0])
+            vocab, end = len(given[0]), end_of_text_id(given[0], place)
             encode = lambda texts: [np.array(ids, dtype=np.int32)  # noqa: E731
                                     for ids in given[0](texts, add_special_tokens=False)["input_ids"]]
         elif tokenizer == "bytes":
-            vocab = 256
+            vocab, end = 257, BYTES_END_OF_TEXT
             encode = lambda texts: [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]  # noqa: E731
         else:
-            bpe = train_tokenizer(train_text, vocab_size)
-            vocab = bpe.get_vocab_size()
+            bpe = train_tokenizer(train_text, vocab_size, special_tokens=[END_OF_TEXT])
+            vocab, end = bpe.get_vocab_size(), bpe.token_to_id(END_OF_TEXT)
             cache_root.mkdir(parents=True, exist_ok=True)
-            bpe.save(str(cache_root / f"text_{key}.tokenizer.json"))
+            bpe.save(place)
             encode = lambda texts: [np.array(e.ids, dtype=np.int32) for e in bpe.encode_batch(texts)]  # noqa: E731
 
         def stream(texts: list[str]) -> np.ndarray:  # a chunk at a time: its Encodings are freed as it goes
-            return np.concatenate([ids.astype(np.int32) for chunk in _chunks(texts) for ids in encode(chunk)])
+            return token_stream([ids.astype(np.int32) for chunk in _chunks(texts) for ids in encode(chunk)], end)
 
-        train_ids = stream(train_text)
-        test_ids = train_ids if unsplit else stream(test_text)
-        if unsplit:  # the last tenth of the stream is the test part
-            cut = len(train_ids) * 9 // 10
-            train_ids, test_ids = train_ids[:cut], train_ids[cut:]
-        _save_atomically(cache, train=train_ids, test=test_ids, vocab=np.array(vocab), corpus=np.array(digest),
+        _save_atomically(cache, train=stream(train_text), test=stream(test_text), unsplit=np.array(unsplit),
+                         vocab=np.array(vocab), end_of_text=np.array(end), corpus=np.array(digest),
                          files=np.array(len(files)), duplicates=np.array(duplicates))
     d = np.load(cache)
-    x, y = _windows(d["train"], context)
-    x_test, y_test = _windows(d["test"], context)
-    if len(x_test) > test_windows:  # evenly over the test stream, so every part of it counts
-        keep = torch.linspace(0, len(x_test) - 1, test_windows).round().long()
-        x_test, y_test = x_test[keep], y_test[keep]
-    if len(x) == 0 or len(x_test) == 0:
-        raise ConfigError("data.context", f"{context} tokens per window is more than the corpus holds "
-                                          f"({len(d['train'])} training tokens); lower data.context")
-    where = (str(Path(os.path.expanduser(tokenizer["path"]))) if given else
-             str(cache_root / f"text_{key}.tokenizer.json") if tokenizer == "bpe" else None)
-    data = ArrayDataset(x, y, x_test, y_test, num_classes=int(d["vocab"]), input_kind="tokens", augment=False,
-                        tokenizer=where)
-    duplicates = int(d["duplicates"])
-    if duplicates:  # said at every load, not only the first: a cached corpus is the same corpus
-        logger.warning("%s: %d of %d documents are exact copies of another and were left out before the train/test "
-                       "split", root, duplicates, int(d["files"]))
-    data.fingerprint = {"corpus_sha256": str(d["corpus"]), "files": int(d["files"]), "duplicates": duplicates,
-                        "split": SPLIT_RULE, "tokenizer": str(tokenizer), "vocab_size": int(d["vocab"]),
-                        **({"tokenizer_sha256": given[1]} if given else {}),
-                        "train_tokens": int(len(d["train"])), "test_tokens": int(len(d["test"])), "cache": cache.name}
-    return data
+    return next_token_data(d["train"], None if bool(d["unsplit"]) else d["test"], context=context,
+                           test_windows=test_windows, end_of_text=int(d["end_of_text"]), vocab=int(d["vocab"]),
+                           corpus=str(d["corpus"]), files=int(d["files"]), duplicates=int(d["duplicates"]),
+                           tokenizer=str(tokenizer), tokenizer_place=place, cache=cache.name, where=root)
 
 
-@register_dataset("stdlib", input_kind="tokens", num_classes=None, takes_settings=True)
+@register_dataset("stdlib", task=NextToken, takes_settings=True)
 def stdlib(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
     """The Python standard library's source as a language-model corpus: next-token windows."""
     corpus_root, files = stdlib_files()
@@ -262,7 +291,7 @@ def stdlib(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
                         settings.test_windows)
 
 
-@register_dataset("text", input_kind="tokens", num_classes=None, takes_settings=True)
+@register_dataset("text", task=NextToken, takes_settings=True)
 def text(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
     """Your text file or folder of text files (`data.path`) as a language-model corpus."""
     corpus_root, files = text_files(settings.path or "")
@@ -280,6 +309,6 @@ def save_tokenizer(where: str | None, into: Path) -> bool:
         return False
     if os.path.isdir(where):
         AutoTokenizer.from_pretrained(where, local_files_only=True).save_pretrained(str(into))
-    else:
-        PreTrainedTokenizerFast(tokenizer_file=where).save_pretrained(str(into))
+    else:  # a BPE trained here: its end-of-text token is the eos the loaded tokenizer names
+        PreTrainedTokenizerFast(tokenizer_file=where, eos_token=END_OF_TEXT).save_pretrained(str(into))
     return True

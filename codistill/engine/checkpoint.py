@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from codistill.data.task import Fingerprint
 from codistill.errors import RunError, first_line
 from codistill.storage import RunStorage
 
@@ -78,7 +79,7 @@ def peer_state(job, step: int) -> dict:
             "base_prefix": base_prefix(peer.network, peer.base), "step": step,
             "model": peer.network.state_dict(), "optimizer": peer.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            **({"data": job.data.fingerprint} if job.data.fingerprint else {}),
+            **({"data": job.data.fingerprint.as_dict()} if job.data.fingerprint else {}),
             **({"grad_scaler": job.scaler.state_dict()} if job.scaler is not None else {})}
 
 
@@ -128,17 +129,10 @@ def load_peer_state(job, state: dict) -> int:
                        f"config asks for {peer.spec.model!r} with {dict(peer.spec.model_args)}: a run resumes only "
                        "with the models it trained; start a new run (another name) for other models.")
     saw, sees = state.get("data"), job.data.fingerprint
-    if saw and sees and saw.get("corpus_sha256") != sees.get("corpus_sha256"):
-        raise DataChanged(f"peer {peer.index}'s checkpoint was trained on corpus {saw['corpus_sha256'][:12]} "
-                          f"({saw['files']} files), but the data is now corpus {sees['corpus_sha256'][:12]} "
-                          f"({sees['files']} files): the files changed since. Resume refused; start a new run "
-                          "(another name) to train on them.")
-    # A corpus split by path (checkpoints from before the split was recorded) tests on other documents.
-    if saw and sees and saw.get("split", "path") != sees.get("split", "path"):
-        raise DataChanged(f"peer {peer.index}'s checkpoint was trained on corpus {saw['corpus_sha256'][:12]} split "
-                          f"into train and test by {saw.get('split', 'path')}, but it is now split by "
-                          f"{sees['split']}: the test documents differ. Resume refused; start a new run "
-                          "(another name) to train on this split.")
+    difference = sees.difference(Fingerprint.from_dict(saw)) if saw and sees else None
+    if difference:  # the whole fingerprint: corpus, split, packing, tokenizer, token counts
+        raise DataChanged(f"peer {peer.index}'s checkpoint {difference}. Resume refused; start a new run (another "
+                          "name) to train on this data.")
     peer.network.load_state_dict(state["model"])
     peer.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])

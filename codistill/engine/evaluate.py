@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from codistill.data.task import Classes, Task
 from codistill.errors import RunError
 from codistill.metrics import accuracy, evaluation_metrics
 
@@ -100,12 +101,11 @@ def _evaluate_together(job: PeerJob, heads: dict, sent: dict, labels: torch.Tens
     check_finite(list(enumerate(received)), step)
     primary = next(iter(heads))
     check_finite([(job.peer.index, {name: z for name, z in heads.items() if name != primary})], step)
-    lm = job.data.input_kind == "tokens"
-    metrics = {"step": step, **group_figures(received, labels, with_bits=lm)}
+    task = job.data.task
+    metrics = {"step": step, **group_figures(received, labels, task)}
     record = {"step": step, "peer": job.peer.index, "split": "test",
               "accuracy": metrics[f"peer{job.peer.index}_accuracy"],
-              **{k: metrics[k] for k in GROUP_FIELDS if k in metrics},
-              **({"bits": metrics[f"peer{job.peer.index}_bits"]} if lm else {})}
+              **{k: metrics[k] for k in GROUP_FIELDS if k in metrics}, **task.peer_record(metrics, job.peer.index)}
     return metrics, record
 
 
@@ -116,11 +116,10 @@ def _evaluate_on_the_board(job: PeerJob, heads: dict, sent: dict, labels: torch.
     check_finite([(job.peer.index, heads)], step)
     if job.is_leader:
         board.post(step, {**sent, "labels": labels})
-    lm = job.data.input_kind == "tokens"
-    own = evaluation_metrics([sent["logits"]], labels, with_bits=lm)
+    own = job.data.task.score_group([sent["logits"]], labels)
     metrics = {"step": step, f"peer{job.peer.index}_accuracy": own["peer0_accuracy"]}
     record = {"step": step, "peer": job.peer.index, "split": "test", "accuracy": own["peer0_accuracy"],
-              **({"bits": own["peer0_bits"]} if lm else {})}
+              **job.data.task.peer_record(own, 0)}
     return metrics, record
 
 
@@ -151,13 +150,17 @@ GROUP_FIELDS = ("ensemble_accuracy", "churn", "member_first_accuracy", "member_m
                 "member_ensemble_accuracy", "member_churn", "ensemble_bits")
 
 
-def group_figures(payloads: list[dict], labels: torch.Tensor, with_bits: bool = False) -> dict:
+def group_figures(payloads: list[dict], labels: torch.Tensor, task: Task | type[Task] = Classes) -> dict:
     """From every peer's test logits (and members), in peer order: each peer's accuracy, the
-    mean, best, ensemble and churn (bits for a language model), and the group's members' —
-    the peers, or the branches of a network that holds several: what a comparison of methods
-    reports, whichever form a method takes."""
-    metrics = evaluation_metrics([p["logits"] for p in payloads], labels, with_bits=with_bits)
-    group = evaluation_metrics([z for p in payloads for z in p.get("members", p["logits"][None])], labels)
+    mean, best, ensemble and churn (and the task's score: bits for next tokens), and the group's
+    members' — the peers, or the branches of a network that holds several: what a comparison of
+    methods reports, whichever form a method takes. Over the rows the task counts."""
+    metrics = task.score_group([p["logits"] for p in payloads], labels)
+    members = [z for p in payloads for z in p.get("members", p["logits"][None])]
+    keep = task.counted(labels)
+    if keep is not None:
+        members, labels = [z[keep] for z in members], labels[keep]
+    group = evaluation_metrics(members, labels)
     metrics.update({"member_first_accuracy": group["peer0_accuracy"],
                     **{f"member_{k}": group[k] for k in ("mean_accuracy", "best_accuracy", "ensemble_accuracy", "churn")}})
     return metrics

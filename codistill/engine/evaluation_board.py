@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ray
 
+from codistill.data.task import Task
 from codistill.engine.evaluate import GROUP_FIELDS, group_figures
 from codistill.exchange.base import Payload
 from codistill.records import write_group_row
@@ -17,10 +18,10 @@ class EvaluationBoard:
     """Every peer's test logits of an evaluation step, until all have posted it; then the group's
     figures of that step go to the run's records and the logits are dropped."""
 
-    def __init__(self, num_peers: int, run_uri: str, with_bits: bool):
+    def __init__(self, num_peers: int, run_uri: str, task: type[Task]):
         self.num_peers = num_peers
         self.storage = RunStorage.at(run_uri)
-        self.with_bits = with_bits
+        self.task = task  # the data set's kind of task: how the group is scored
         self.pending: dict[int, dict[int, Payload]] = {}
 
     def post(self, step: int, peer: int, payload: Payload) -> None:
@@ -30,7 +31,7 @@ class EvaluationBoard:
             return
         del self.pending[step]
         payloads = [posted[k] for k in range(self.num_peers)]
-        figures = group_figures(payloads, payloads[0]["labels"], with_bits=self.with_bits)
+        figures = group_figures(payloads, payloads[0]["labels"], self.task)
         write_group_row(self.storage, {"step": step, **{k: figures[k] for k in GROUP_FIELDS if k in figures}})
 
 

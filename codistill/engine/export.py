@@ -3,7 +3,8 @@
 The peer's newest checkpoint that loads (a finished or an interrupted run) becomes a folder
 `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load: the model's
 `save_pretrained`, the tokenizer the run's data was tokenized with (a given folder's, or the BPE
-trained for the corpus), and a README card naming the run, the method, the step and the peer's
+trained for the corpus: found through the checkpoint's data fingerprint, the corpus not loaded;
+refused when its files changed since, left out and said when it is gone), and a README card naming the run, the method, the step and the peer's
 bits per token on the test split at that step. Only `hf_causal_lm` peers export this way: their
 weights are a `transformers` model's own.
 """
@@ -17,35 +18,46 @@ from pathlib import Path
 from codistill.config import load_yaml
 from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, peer_file, registered_model
 from codistill.engine.run import CONFIG_FILE
+from codistill.data.task import Fingerprint
+from codistill.data.text import tokenizer_hash
 from codistill.errors import ConfigError
+from codistill.metrics import BITS, Score, score_of
 from codistill.models import create_model
 from codistill.storage import RunStorage
 
 
-def _bits_at(storage: RunStorage, peer: int, step: int) -> float | None:
+def _score_at(storage: RunStorage, peer: int, step: int) -> tuple[Score, float | None]:
+    """(the score the run's test records carry, peer `peer`'s value of it at `step`, or None)."""
     from codistill.records import RecordsError, read_records
 
     try:
         rows = read_records(storage).to_pylist()
     except RecordsError:
-        return None
-    found = [r.get("bits") for r in rows if r["split"] == "test" and r["peer"] == peer and r["step"] == step]
-    return found[-1] if found and found[-1] is not None else None
+        return BITS, None
+    found = [r for r in rows if r["split"] == "test" and r["peer"] == peer and r["step"] == step]
+    if not found:
+        return BITS, None
+    score = score_of(found[-1])
+    return score, found[-1].get(score.name)
 
 
-def _tokenizer_of(config: dict, saw: dict) -> tuple[str | None, str]:
-    """(where the run's tokenizer is, or None; why not): the run's data loaded again (its corpus
-    and tokenizer are cached), and only when it is still the corpus the peer was trained on."""
-    from codistill.config import load_config
-    from codistill.data import load_data
-
-    try:
-        data = load_data(load_config(config).data)
-    except ConfigError as err:  # data given from Python (`train(cfg, data=…)`) is not registered here
-        return None, f"the run's data cannot be loaded here ({err}); save its tokenizer beside the model"
-    if (data.fingerprint or {}).get("corpus_sha256") != saw.get("corpus_sha256"):
-        return None, "the corpus changed since the run; save the run's tokenizer beside the model"
-    return data.tokenizer, "the run's tokens were bytes"
+def _tokenizer_of(saw: Fingerprint) -> tuple[str | None, str]:
+    """(where the run's tokenizer is, or None; why not), from the checkpoint's fingerprint alone —
+    the corpus is not loaded. A tokenizer that is no longer what the run's ids were made with is
+    refused: shipped beside the model, it would read its ids as other text."""
+    place = saw.tokenizer_place
+    if place is None:
+        if saw.tokenizer == "bytes":
+            return None, "the run's tokens were bytes"
+        return None, "the checkpoint does not say where its tokenizer is (written before it did); save it beside the model"
+    if not os.path.exists(place):
+        return None, "gone"
+    now = tokenizer_hash(place)
+    if now != saw.tokenizer_sha256:
+        raise ConfigError("run_dir", f"the tokenizer at {place} is now {now[:16]}, but the run's ids were made with "
+                                     f"{(saw.tokenizer_sha256 or 'another')[:16]}: it changed since the run; nothing "
+                                     "was written (put the run's tokenizer back, or save it beside the model yourself)")
+    return place, ""
 
 
 def _new_or_empty_folder(to: str) -> Path:
@@ -86,18 +98,22 @@ def export_peer(run_dir: str, peer: int, to: str) -> dict:
         raise ConfigError("run_dir", f"{storage.uri} has no checkpoint of peer {peer} that loads yet")
     step, (state,) = found
     name, model_args, weights = registered_model(state)
-    data = state.get("data") or {}
-    tokenizer, why_not = _tokenizer_of(config, data)
-    network = create_model(name, int(data["vocab_size"]), **model_args)
+    if not state.get("data"):
+        raise ConfigError("run_dir", f"peer {peer}'s checkpoint holds no data fingerprint: it was not trained on a "
+                                     "text corpus")
+    saw = Fingerprint.from_dict(state["data"])
+    tokenizer, why_not = _tokenizer_of(saw)
+    network = create_model(name, saw.vocab_size, **model_args)
     network.load_state_dict(weights)
     network.model.save_pretrained(str(target))
     if tokenizer:
         from codistill.data.text import save_tokenizer
 
         save_tokenizer(tokenizer, target)
+    score, value = _score_at(storage, peer, step)
     card = {"run": config.get("name"), "method": config.get("method", {}).get("name"), "peer": peer, "step": step,
-            "test_bits_per_token": _bits_at(storage, peer, step), "corpus_sha256": data.get("corpus_sha256"),
-            "tokenizer": "included" if tokenizer else f"not included: {why_not}"}
+            f"test_{score.label.replace(' ', '_')}": value, "corpus_sha256": saw.corpus_sha256,
+            "tokenizer_sha256": saw.tokenizer_sha256, "tokenizer": "included" if tokenizer else f"not included ({why_not})"}
     lines = [f"# {card['run']}, peer {peer}", "", "Trained with codistill. Load it with",
              f"`AutoModelForCausalLM.from_pretrained({str(target)!r})`.", ""]
     lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in card.items()]
@@ -107,7 +123,9 @@ def export_peer(run_dir: str, peer: int, to: str) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     card = export_peer(args.run_dir, args.peer, args.to)
-    bits = card["test_bits_per_token"]
+    key = next(k for k in card if k.startswith("test_"))  # the task's score: test_bits_per_token
+    value = card[key]
     print(f"wrote {args.to}: peer {card['peer']} of {card['run']} at step {card['step']}"
-          + (f", {bits:.4f} bits per token on the test split" if bits is not None else ""))
+          + (f", {value:.4f} {key[len('test_'):].replace('_', ' ')} on the test split" if value is not None else "")
+          + f"; tokenizer: {card['tokenizer']}")
     return 0

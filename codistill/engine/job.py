@@ -16,6 +16,7 @@ from torch import nn
 
 from codistill.config import ExperimentConfig, OptimizerConfig, PeerSpec, TrainConfig
 from codistill.data import ArrayDataset, BatchSchedule
+from codistill.data.task import Task
 from codistill.errors import ConfigError, first_line
 from codistill.engine.evaluate import EvaluationSink, Gathered
 from codistill.engine.mesh import MeshPlace, PeerMesh
@@ -208,10 +209,6 @@ def check_training_output(network: nn.Module, method: Method, model: str, index:
                           f"{batch_size}; a peer must return logits [rows, num_classes] = [{rows}, {data.num_classes}]")
 
 
-AUTO_TOP_K = 64
-"""The k peers send when the vocabulary is above `exchange.top_k_above` and `top_k` is not set."""
-
-
 def vocabulary_decides_top_k(cfg: ExperimentConfig) -> bool:
     """Whether the vocabulary decides what peers send: `exchange.top_k` unset, and a method whose
     peers exchange soft targets (not a teacher's targets, which travel nowhere)."""
@@ -219,12 +216,12 @@ def vocabulary_decides_top_k(cfg: ExperimentConfig) -> bool:
     return not cfg.exchange.top_k and method.takes_top_k and not method.also and not method.uses_teacher
 
 
-def exchanged_top_k(cfg: ExperimentConfig, vocab: int) -> int:
-    """The k of the top-k targets peers send (0: whole logits): `exchange.top_k`, or AUTO_TOP_K
-    when the vocabulary decides and is above `exchange.top_k_above`."""
+def exchanged_top_k(cfg: ExperimentConfig, task: Task) -> int:
+    """The k of the top-k targets peers send (0: whole logits): `exchange.top_k`, or the task's
+    default when the vocabulary decides (`NextToken`: AUTO_TOP_K above `exchange.top_k_above`)."""
     if not vocabulary_decides_top_k(cfg):
         return cfg.exchange.top_k
-    return AUTO_TOP_K if cfg.exchange.top_k_above and vocab > cfg.exchange.top_k_above else 0
+    return task.default_top_k(cfg.exchange.top_k_above)
 
 
 def top_k_note(cfg: ExperimentConfig, vocab: int, k: int) -> str:
@@ -242,7 +239,7 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     exchanges in rounds; `evaluations` (the layout's) where evaluations go, by default the
     all-gather through `exchange` (which a peer that posts them elsewhere may lack)."""
     place = place or PeerMesh(cfg.num_peers).place(peer_index)
-    k = exchanged_top_k(cfg, data.num_classes)
+    k = exchanged_top_k(cfg, data.task)
     if k != cfg.exchange.top_k and peer_index == 0 and place.is_leader:
         logger.warning(top_k_note(cfg, data.num_classes, k))
     top_k = (k, COMPUTE_DTYPES[cfg.exchange.top_k_dtype] or torch.float32) if k else None

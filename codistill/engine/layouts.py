@@ -173,8 +173,7 @@ class Apart(Layout):
     def runs(self, cfg, storage, shared):
         cluster = ray.cluster_resources()
         rounds = on_this_node(LastingRoundBoard).remote(cfg.num_peers)
-        board = on_this_node(EvaluationBoard).remote(cfg.num_peers, storage.uri,
-                                                    DATASETS[cfg.data.name].input_kind == "tokens")
+        board = on_this_node(EvaluationBoard).remote(cfg.num_peers, storage.uri, DATASETS[cfg.data.name].task)
         loop_config = {**shared, "round_board": rounds, "evaluation_board": board}
         return [RunSpec({**loop_config, "peer": k}, cfg.workers_of(k), resources_per_worker(cfg, cluster, k),
                         peer_run_dir(k), storage.uri) for k in range(cfg.num_peers)]

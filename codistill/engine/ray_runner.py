@@ -190,10 +190,10 @@ def check_exchange(cfg: ExperimentConfig, object_store: float) -> None:
     from codistill.data import DATASETS, load_data
     from codistill.engine.job import exchanged_top_k, top_k_note, vocabulary_decides_top_k
 
-    if DATASETS[cfg.data.name].input_kind != "tokens" or not vocabulary_decides_top_k(cfg):
+    if not DATASETS[cfg.data.name].task.size_decides_top_k or not vocabulary_decides_top_k(cfg):
         return  # nothing to say, and no corpus to load on the driver
-    vocab = load_data(cfg.data).num_classes
-    k = exchanged_top_k(cfg, vocab)
+    task = load_data(cfg.data).task
+    vocab, k = task.size, exchanged_top_k(cfg, task)
     if k:
         logger.warning(top_k_note(cfg, vocab, k))
         return

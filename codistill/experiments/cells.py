@@ -17,6 +17,7 @@ from codistill.config import ExperimentConfig, build_dataclass, first_difference
 from codistill.config.method import METHOD_CONFIGS, MethodConfig
 from codistill.errors import ConfigError
 from codistill.experiments.speed import curve
+from codistill.metrics import ACCURACY, score_of
 from codistill.records import read_records
 from codistill.storage import RunStorage
 
@@ -196,11 +197,13 @@ def run_figures(storage: RunStorage, steps: int, cell: ExperimentConfig | None =
 
     last = by_step[max(by_step)]
     best = max(by_step.values(), key=lambda r: (r["member_mean_accuracy"], -r["step"]))
-    extra = {}
-    if last.get("bits") is not None:  # language models: bits per token, each peer's and the ensemble's
-        bits = [r["bits"] for r in records if r["split"] == "test" and r["step"] == last["step"]]
-        extra.update(bits_first=last["bits"], bits_best=min(bits), bits_mean=statistics.mean(bits),
-                     bits_ensemble=last["ensemble_bits"])
+    score = score_of(last)
+    extra = {"metric": score.name}
+    if score is not ACCURACY:  # the task's own score (bits per token), each peer's and the ensemble's
+        name = score.name
+        values = [r[name] for r in records if r["split"] == "test" and r["step"] == last["step"]]
+        extra.update({f"{name}_first": last[name], f"{name}_best": min(values) if score.lower_is_better else max(values),
+                      f"{name}_mean": statistics.mean(values), f"{name}_ensemble": last[f"ensemble_{name}"]})
     sent = [r["bytes_sent"] for r in records if r["split"] == "train" and r.get("bytes_sent")]
     if sent:
         extra["bytes_per_round"] = statistics.mean(sent)

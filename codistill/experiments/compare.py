@@ -107,15 +107,17 @@ def tune_method(spec: MethodSpec, asked: dict, storage: RunStorage) -> dict:
 
 
 def check_target(target: float, data_name: str) -> None:
-    """`--target` in the unit the data scores in: an accuracy as a fraction in (0, 1], or (token
-    data: language models) bits per token above 0; a finite number either way."""
+    """`--target` in the unit the data's task scores in: an accuracy as a fraction in (0, 1], or
+    (a score where fewer is better: bits per token) a number above 0; finite either way."""
     from codistill.data import DATASETS
 
-    tokens = DATASETS.get(data_name, "data.name").input_kind == "tokens"
-    allowed = "bits per token, a finite number above 0" if tokens else "an accuracy as a fraction in (0, 1], e.g. 0.9 for 90%"
-    if not (math.isfinite(target) and target > 0 and (tokens or target <= 1)):
+    score = DATASETS.get(data_name, "data.name").task.score
+    bounded = not score.lower_is_better  # accuracy cannot pass 1; bits have no upper bound
+    allowed = (f"{score.label}, a finite number above 0" if not bounded
+               else f"{score.label} as a fraction in (0, 1], e.g. 0.9 for 90%")
+    if not (math.isfinite(target) and target > 0 and (not bounded or target <= 1)):
         raise ConfigError("--target", f"got {target:g}; data set {data_name!r} is scored in "
-                                      f"{'bits per token' if tokens else 'accuracy'}: the target is {allowed}")
+                                      f"{score.label}: the target is {allowed}")
 
 
 @dataclass

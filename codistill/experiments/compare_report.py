@@ -11,6 +11,7 @@ from codistill.config import ExperimentConfig
 from codistill.experiments import speed
 from codistill.experiments.cells import FIGURES, TUNE_SEEDS
 from codistill.experiments.paired import PAIRED, difference_text, paired_differences, resolving_seeds
+from codistill.metrics import ACCURACY, score_of
 from codistill.storage import RunStorage
 
 MARKDOWN_FILE, PLOT_FILE = "compare.md", "compare.png"
@@ -68,19 +69,27 @@ def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int, di
             mine = [r for r in rows if r["method"] == method]
             cells = " | ".join(mean_std([r[f"{prefix}_{k}"] for r in mine]) for k in FIGURES)
             lines.append(f"| {method} | {mine[0]['members']} | {cells} |")
-    if any("bits_mean" in r for r in rows) and baseline is not None:
-        lines += ["", f"**paired difference in bits per token to {baseline} at the last step** (test; negative: fewer "
-                  "bits, better; same seeds: mean [95% t-interval over seeds], fewer bits on k of n seeds; an interval "
-                  "that includes 0 is no resolvable effect)", "",
-                  "| method | mean member | ensemble | best member |", "|---|---|---|---|"]
-        for entry in paired_differences(rows, baseline, "bits_{}", scale=1, prefix="bits_diff", lower_is_better=True):
-            lines.append(f"| {entry['method']} | {' | '.join(difference_text(entry, f, digits=3) for f in PAIRED)} |")
-    if any("bits_mean" in r for r in rows):
-        lines += ["", "**bits per token at the last step** (test; lower is better) and bytes a peer sent per round", "",
+    score = score_of(rows[0]) if rows else ACCURACY
+    if score is not ACCURACY:  # the task's own score (bits per token), in its own direction
+        name, label = score.name, score.label
+        better = "fewer" if score.lower_is_better else "more"
+        sign = "negative" if score.lower_is_better else "positive"
+        if baseline is not None:
+            lines += ["", f"**paired difference in {label} to {baseline} at the last step** (test; {sign}: {better} "
+                      f"{label}, better; same seeds: mean [95% t-interval over seeds], {better} on k of n seeds; an "
+                      "interval that includes 0 is no resolvable effect)", "",
+                      "| method | mean member | ensemble | best member |", "|---|---|---|---|"]
+            for entry in paired_differences(rows, baseline, f"{name}_{{}}", scale=score.scale, prefix=f"{name}_diff",
+                                            lower_is_better=score.lower_is_better):
+                lines.append(f"| {entry['method']} | "
+                             f"{' | '.join(difference_text(entry, f, digits=score.digits) for f in PAIRED)} |")
+        lines += ["", f"**{label} at the last step** (test; {'lower' if score.lower_is_better else 'higher'} is "
+                  "better) and bytes a peer sent per round", "",
                   "| method | first | best | mean | ensemble | bytes / round |", "|---|---|---|---|---|---|"]
         for method in methods:
             mine = [r for r in rows if r["method"] == method]
-            cells = " | ".join(mean_std([r[f"bits_{k}"] for r in mine], scale=1, digits=3) for k in ("first", "best", "mean", "ensemble"))
+            cells = " | ".join(mean_std([r[f"{name}_{k}"] for r in mine], scale=score.scale, digits=score.digits)
+                               for k in ("first", "best", "mean", "ensemble"))
             sent = [r["bytes_per_round"] for r in mine if r.get("bytes_per_round")]
             lines.append(f"| {method} | {cells} | {f'{statistics.mean(sent):,.0f}' if sent else '—'} |")
     if reaching is not None and all(r.get("curve_step") for r in rows):

@@ -3,8 +3,9 @@ seconds (its curve), and the steps, examples and seconds each cell took to reach
 by default the `data_parallel` arm's own final quality — with the paired difference in
 steps-to-target to the baseline and its 95% interval.
 
-- The metric is the group's mean member accuracy for classifiers (higher is better) and the
-  peers' mean bits per token for language models (lower is better).
+- The metric is the task's score (`metrics.Score`, which its test records name): the group's
+  mean member accuracy for classes (higher is better), the peers' mean bits per token for next
+  tokens (lower is better).
 - Examples: per model, steps × the model's batch; in total, × the models that train (K peers,
   or the one `data_parallel` model whose batch is the K peers' together: the same total).
 - Seconds: training time, the sum of the slowest model's step times up to that step
@@ -20,18 +21,19 @@ from __future__ import annotations
 import statistics
 
 from codistill.experiments.paired import t_interval
+from codistill.metrics import ACCURACY, SCORES, score_of
 
 
 def curve(records: list[dict], batch_size: int, models: int) -> dict:
     """The run's test metric at each evaluation, with the steps, examples and seconds behind it."""
     tests = [r for r in records if r["split"] == "test"]
-    lm = any(r.get("bits") is not None for r in tests)
+    score = score_of(tests[0]) if tests else ACCURACY
     steps = sorted({r["step"] for r in tests})
-    if lm:
-        metric = [statistics.mean(r["bits"] for r in tests if r["step"] == s) for s in steps]
-    else:
+    if score is ACCURACY:  # the group's mean member: the peers, or one network's branches
         by_step = {r["step"]: r for r in tests if r["peer"] == 0}
         metric = [by_step[s]["member_mean_accuracy"] for s in steps]
+    else:  # the task's own score (bits per token): the peers' mean
+        metric = [statistics.mean(r[score.name] for r in tests if r["step"] == s) for s in steps]
     # Seconds: each model's cumulative step time; the group is as far as its slowest model.
     per_peer: dict[int, dict[int, float]] = {}
     for r in sorted((r for r in records if r["split"] == "train" and r.get("step_ms") is not None),
@@ -41,7 +43,7 @@ def curve(records: list[dict], batch_size: int, models: int) -> dict:
     seconds = [max((done.get(s, max(done.values(), default=0.0)) for done in per_peer.values()), default=0.0)
                for s in steps]
     return {"curve_step": steps, "curve_metric": metric, "curve_seconds": seconds,
-            "curve_lower_is_better": lm, "examples_per_step": batch_size, "models": models}
+            "curve_score": score.name, "examples_per_step": batch_size, "models": models}
 
 
 def default_target(rows: list[dict], arm: str) -> float | None:
@@ -54,8 +56,8 @@ def reach(rows: list[dict], target: float) -> None:
     """Adds to each row the step, examples (per model, total) and seconds of its first
     evaluation at or past `target` (None: never reached)."""
     for r in rows:
-        lower = r["curve_lower_is_better"]
-        hit = next((i for i, m in enumerate(r["curve_metric"]) if (m <= target if lower else m >= target)), None)
+        score = SCORES[r["curve_score"]]
+        hit = next((i for i, m in enumerate(r["curve_metric"]) if score.better(m, target)), None)
         step = r["curve_step"][hit] if hit is not None else None
         r["target_step"] = step
         r["target_seconds"] = r["curve_seconds"][hit] if hit is not None else None
@@ -90,8 +92,9 @@ def _mean_std(values: list, digits: int = 0, scale: float = 1.0) -> str:
 
 
 def markdown_section(rows: list[dict], target: float, source: str, baseline: str) -> list[str]:
-    lm = rows[0]["curve_lower_is_better"]
-    shown = f"{target:.3f} bits per token" if lm else f"{100 * target:.2f}% mean member accuracy"
+    score = SCORES[rows[0]["curve_score"]]
+    shown = (f"{target:.3f} {score.label}" if score is not ACCURACY else
+             f"{100 * target:.2f}% mean member accuracy")
     lines = ["", f"**steps to reach {shown}** ({source}; the first evaluation at or past it; mean ± std over the "
              f"seeds that reached it; paired difference in steps to {baseline}: mean [95% t-interval] over the "
              "seeds where both reached it; seconds: training time on the machine that ran the cells)", "",
@@ -117,8 +120,8 @@ def markdown_section(rows: list[dict], target: float, source: str, baseline: str
 def plot_curves(axes, rows: list[dict], target: float | None) -> None:
     """Three panels: the metric against steps, examples in total and seconds; per method the
     mean over seeds at each evaluation with a band from the lowest to the highest seed."""
-    lm = rows[0]["curve_lower_is_better"]
-    scale = 1 if lm else 100
+    score = SCORES[rows[0]["curve_score"]]
+    scale = score.scale
     for k, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         mine = [r for r in rows if r["method"] == method]
         steps = mine[0]["curve_step"]
@@ -134,7 +137,7 @@ def plot_curves(axes, rows: list[dict], target: float | None) -> None:
             ax.fill_between(x, low, high, color=f"C{k}", alpha=0.2)
     for ax, label in zip(axes, ("steps", "examples seen in total", "training seconds (this machine)")):
         ax.set_xlabel(label)
-        ax.set_ylabel("mean bits per token" if lm else "mean member test accuracy (%)")
+        ax.set_ylabel(score.title)
         if target is not None:
             ax.axhline(scale * target, color="black", linewidth=0.8, linestyle="--")
         ax.grid(alpha=0.3)

@@ -27,6 +27,7 @@ import os
 import torch
 from torch import nn
 
+from codistill.data.task import TOKENS
 from codistill.errors import ConfigError, first_line
 from codistill.models.registry import register_model
 
@@ -100,7 +101,7 @@ def check_tokenizer(model_args: dict, ours: str | None) -> str | None:
     return None
 
 
-@register_model("hf_causal_lm", input_kind="tokens", check=check_args, check_tokenizer=check_tokenizer,
+@register_model("hf_causal_lm", input_kind=TOKENS, check=check_args, check_tokenizer=check_tokenizer,
                 loads_weights=lambda args: args.get("path") is not None)
 def hf_causal_lm(num_classes: int, path: str | None = None, config: dict | None = None) -> nn.Module:
     """A Hugging Face transformers causal LM: a local folder (`path`) or a config to initialise (`config`)."""
