@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,23 @@ def packed_windows(stream: np.ndarray, context: int, pad: int) -> tuple[torch.Te
             torch.from_numpy(labels[1:].reshape(windows, context)))
 
 
+ABANDONED_S = 15 * 60
+"""A temporary file of `Dataset.map` in `data.root` untouched this long was left by a killed
+process (a live writer adds a record batch every 1,000 documents): it is deleted."""
+
+
+def _clear_abandoned_writes(root: Path) -> None:
+    """`Dataset.map` writes a cache aside (`tmpXXXXXXXX`, then a rename); a kill -9 mid-write left
+    one for good. Others may be tokenizing into the same root now, so only old ones go."""
+    for path in root.glob("tmp????????"):
+        try:
+            if path.is_file() and time.time() - path.stat().st_mtime > ABANDONED_S:
+                path.unlink()
+                logger.warning("deleted %s, a tokens cache a killed process left half written", path)
+        except OSError:  # gone already (another process cleared it), or not ours to delete
+            pass
+
+
 def _tokens(ds, rows: list[int], tokenizer, field: str, cache: Path) -> np.ndarray:
     """The token stream of `rows`: each document's ids then end-of-text, through `Dataset.map`
     into `cache` (an Arrow file; reused, memory-mapped, when it is there)."""
@@ -141,6 +159,7 @@ def _tokens(ds, rows: list[int], tokenizer, field: str, cache: Path) -> np.ndarr
         ids = tokenizer(batch[field], add_special_tokens=False)["input_ids"]
         return {"input_ids": [doc + [eos] for doc in ids]}
 
+    _clear_abandoned_writes(cache.parent)
     mapped = ds.select(rows).map(encode, batched=True, remove_columns=ds.column_names, cache_file_name=str(cache),
                                  new_fingerprint=cache.stem, load_from_cache_file=True, desc="tokenizing")
     column = mapped.data.column("input_ids")
