@@ -310,8 +310,12 @@ def test_a_late_peer_joins_a_running_codistillation_and_a_killed_one_costs_only_
     assert len(alone) >= every, "the late peer started before the early one's checkpoint released the node"
     assert (alone.missing_peers == str(late_peer)).all() and (alone.peers_used == 0).all()
     assert (late.peers_used == 1).any()  # the late peer distilled from the early one's newer weights
-    # ...while the early peer never took the late one (too far behind for the window) as a teacher,
-    assert (early.peers_used == 0).all()
+    # ...while the early peer took the late one as a teacher only within the 4-round window — what
+    # the round board guarantees (it serves no round older than that). Whether the late one ever
+    # comes within it is a matter of speed: while the early peer restarts, it may catch up, and
+    # the restarted early peer then rightly uses it (issue 43).
+    used = early[early.peers_used > 0]
+    assert used.missing_peers.isna().all() and (early.staleness_rounds.dropna() <= 4).all()
     # and waited for it once (wait_timeout_s, its first round), not once per round, nor again
     # after its own restart: the board remembers that the late peer is away for it.
     assert (waited["early"] >= 0.9 * WAIT_S).sum() == 1, waited["early"].nlargest(3).tolist()

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,8 @@ from codistill.data.task import PACKING, NextToken, stream_of_flat
 from codistill.data.text import (END_OF_TEXT, SPLIT_RULE, TOKENIZER_SAMPLE_CHARS, _digest, end_of_text_id, first_chars,
                                   folder_hash, next_token_data, split_by_digest, train_tokenizer)
 from codistill.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text",
             ".text": "text", ".md": "text"}
@@ -114,6 +118,23 @@ def tokenizer_for(settings, ds, field: str, train_rows: list[int], digests: list
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True), folder
 
 
+ABANDONED_S = 15 * 60
+"""A temporary file of `Dataset.map` in `data.root` untouched this long was left by a killed
+process (a live writer adds a record batch every 1,000 documents): it is deleted."""
+
+
+def _clear_abandoned_writes(root: Path) -> None:
+    """`Dataset.map` writes a cache aside (`tmpXXXXXXXX`, then a rename); a kill -9 mid-write left
+    one for good. Others may be tokenizing into the same root now, so only old ones go."""
+    for path in root.glob("tmp????????"):
+        try:
+            if path.is_file() and time.time() - path.stat().st_mtime > ABANDONED_S:
+                path.unlink()
+                logger.warning("deleted %s, a tokens cache a killed process left half written", path)
+        except OSError:  # gone already (another process cleared it), or not ours to delete
+            pass
+
+
 def _tokens(ds, rows: list[int], tokenizer, field: str, cache: Path, end_of_text: int) -> np.ndarray:
     """The token stream of `rows` (`task.token_stream`: each document's ids then end-of-text); the
     ids through `Dataset.map` into `cache` (an Arrow file; reused, memory-mapped, when it is there)."""
@@ -121,6 +142,7 @@ def _tokens(ds, rows: list[int], tokenizer, field: str, cache: Path, end_of_text
     def encode(batch):
         return {"input_ids": tokenizer(batch[field], add_special_tokens=False)["input_ids"]}
 
+    _clear_abandoned_writes(cache.parent)
     mapped = ds.select(rows).map(encode, batched=True, remove_columns=ds.column_names, cache_file_name=str(cache),
                                  new_fingerprint=cache.stem, load_from_cache_file=True, desc="tokenizing")
     parts = [stream_of_flat(chunk.flatten().to_numpy(zero_copy_only=False),

@@ -218,14 +218,19 @@ def vocabulary_decides_top_k(cfg: ExperimentConfig) -> bool:
 
 def exchanged_top_k(cfg: ExperimentConfig, task: Task) -> int:
     """The k of the top-k targets peers send (0: whole logits): `exchange.top_k`, or the task's
-    default when the vocabulary decides (`NextToken`: AUTO_TOP_K above `exchange.top_k_above`)."""
+    default when the vocabulary decides (`NextToken`: AUTO_TOP_K above `exchange.top_k_above`).
+    A `top_k` not below the task's outputs keeps them all: that is the whole distribution, which
+    whole logits send in fewer bytes."""
     if not vocabulary_decides_top_k(cfg):
-        return cfg.exchange.top_k
+        return cfg.exchange.top_k if cfg.exchange.top_k < task.size else 0
     return task.default_top_k(cfg.exchange.top_k_above)
 
 
 def top_k_note(cfg: ExperimentConfig, vocab: int, k: int) -> str:
-    """What the run's output says when top-k targets are sent unasked."""
+    """What the run's output says when what peers send is not `exchange.top_k`."""
+    if cfg.exchange.top_k and not k:
+        return (f"exchange.top_k={cfg.exchange.top_k} is not below the {vocab} classes (the vocabulary): peers send "
+                "whole logits, the same distribution in fewer bytes")
     return (f"the vocabulary has {vocab} tokens, more than exchange.top_k_above={cfg.exchange.top_k_above}: peers "
             f"send top-{k} targets (set exchange.top_k for another k, or exchange.top_k_above=0 for whole "
             "distributions)")

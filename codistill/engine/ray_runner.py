@@ -190,6 +190,9 @@ def check_exchange(cfg: ExperimentConfig, object_store: float) -> None:
     from codistill.data import DATASETS, load_data
     from codistill.engine.job import exchanged_top_k, top_k_note, vocabulary_decides_top_k
 
+    classes = DATASETS[cfg.data.name].num_classes  # known without loading the data: a classifier's
+    if cfg.exchange.top_k and classes and cfg.exchange.top_k >= classes:
+        logger.warning(top_k_note(cfg, classes, 0))
     if not DATASETS[cfg.data.name].task.size_decides_top_k or not vocabulary_decides_top_k(cfg):
         return  # nothing to say, and no corpus to load on the driver
     task = load_data(cfg.data).task
@@ -200,13 +203,16 @@ def check_exchange(cfg: ExperimentConfig, object_store: float) -> None:
     rounds = cfg.method.needs.rounds
     if rounds is None or rounds.publish != "predictions" or not object_store:
         return
+    if (cfg.train.steps // rounds.period + 1) * rounds.period <= rounds.burn_in:
+        return  # the run ends inside burn_in: no round is ever sent, none is kept
     per_round = rounds.period * cfg.data.batch_size * cfg.data.context * vocab * 4
     kept = per_round * (rounds.max_staleness + 1) * cfg.num_peers
     if kept > object_store:
         raise ConfigError("exchange.top_k", (
             f"whole next-token distributions of {vocab} tokens are {per_round / 1e9:.2f} GB a round per peer "
             f"({rounds.period} steps × {cfg.data.batch_size} × {cfg.data.context} positions × {vocab} × 4 bytes); "
-            f"{rounds.max_staleness + 1} rounds of {cfg.num_peers} peers ({kept / 1e9:.1f} GB) cannot fit the "
+            f"{rounds.max_staleness + 1} round{'s' * (rounds.max_staleness > 0)} of {cfg.num_peers} peers "
+            f"({kept / 1e9:.1f} GB) cannot fit the "
             f"cluster's object store ({object_store / 1e9:.1f} GB). Send top-k targets (exchange.top_k=64) or "
             "lower method.period"))
 

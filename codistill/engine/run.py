@@ -20,7 +20,7 @@ from codistill.engine.resume import check_ray_resume
 from codistill.engine.stages import prepare_stages
 from codistill.engine.stale_peers import warn_of_checkpoints_inside_rounds
 from codistill.engine.teacher import resolve_teacher
-from codistill.errors import first_line
+from codistill.errors import RunError, first_line
 from codistill.records import consolidate_records, final_metrics, plot_accuracy, summary_text, trained_step
 from codistill.storage import RunStorage, StorageError, open_run_storage, resolve_storage_path, storage_errors
 
@@ -198,8 +198,13 @@ def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
             raise
     else:
         with _loopback_only(), private_instance_env():
-            ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver,
-                     _node_ip_address="127.0.0.1")
+            try:
+                ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver,
+                         _node_ip_address="127.0.0.1")
+            except Exception as err:  # noqa: BLE001 — Ray raises a bare Exception when its start-up times out
+                ray.shutdown()  # what did start of the instance
+                raise RunError(f"the private Ray instance did not start: {first_line(err, 200)} (an overloaded "
+                               "machine does this: retry when it is quieter, or use --backend local)") from None
 
 
 # Ray Train's controller polls its workers every 2 s (Ray's default): a run's end and each

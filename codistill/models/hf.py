@@ -47,8 +47,13 @@ class CausalLM(nn.Module):
         super().__init__()
         self.model = model
         self.vocab = vocab
+        config = getattr(model, "config", None)
+        self.positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.positions and x.shape[-1] > self.positions:  # else "index out of range in self", deep inside
+            raise ValueError(f"the model has {self.positions} positions, fewer than the {x.shape[-1]} tokens of a "
+                             f"window (data.context={x.shape[-1]}): lower data.context or give the model more positions")
         logits = self.model(input_ids=x, use_cache=False).logits
         return logits[..., :self.vocab].reshape(-1, self.vocab)
 
