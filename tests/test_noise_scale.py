@@ -162,3 +162,13 @@ def test_token_batch_sizes_must_be_whole_windows():
     assert _sizes(Namespace(small=None, big=None), cfg, 128, "tokens") == (512, 5120)
     with pytest.raises(ConfigError, match="--big: is in tokens, a multiple of the 128 positions"):
         _sizes(Namespace(small=256, big=1000), cfg, 128, "tokens")
+
+
+def test_checkpoints_of_another_config_are_not_measured_as_this_ones(tmp_path, capsys):
+    assert main(_tiny(tmp_path)) == 0
+    capsys.readouterr()
+    assert main(_tiny(tmp_path, "--set", "peers.0.optimizer.lr=0.02")) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints of another config (peers.0.optimizer.lr: 0.01 there, 0.02 now)" in err
+    assert main(["bench", "kl", "configs/dml_mnist1d.yaml"]) == 2  # only noise-scale takes a CONFIG|RUN
+    assert "kl takes no CONFIG|RUN argument" in capsys.readouterr().err
