@@ -122,3 +122,53 @@ def test_a_run_folder_measures_only_the_steps_it_has(tmp_path, capsys):
     folder = tmp_path / "dp_vs_codistill_mnist1d.noise_scale"
     assert main(["bench", "noise-scale", str(folder), "--steps", "0,5"]) == 2
     assert "--steps: [5] have no checkpoint" in capsys.readouterr().err
+
+
+class _TokenModel(torch.nn.Module):
+    """Logits [windows × positions, vocab], as a language-model peer returns them."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(vocab, 6), torch.nn.Linear(6, vocab)
+
+    def forward(self, x):
+        return self.head(self.embed(x)).reshape(-1, self.head.out_features)
+
+
+def test_a_language_models_gradient_is_per_token_leaving_out_ignored_positions_whatever_the_chunks():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(11, (30, 8), generator=generator)
+    y = torch.randint(11, (30, 8), generator=generator)
+    y[::4, 5:] = -100  # padded tails
+    data = ArrayDataset(x, y, x[:2], y[:2], num_classes=11, input_kind="tokens")
+    torch.manual_seed(0)
+    model = _TokenModel(11)
+    whole = model_gradient(model, data, chunk=1000)(64, torch.Generator().manual_seed(5))
+    chunked = model_gradient(model, data, chunk=3)(64, torch.Generator().manual_seed(5))  # 8 windows: 64 tokens
+    windows = torch.randint(30, (8,), generator=torch.Generator().manual_seed(5))
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[windows]), y[windows].reshape(-1), ignore_index=-100).backward()
+    direct = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.allclose(whole, direct, atol=1e-6) and torch.allclose(chunked, direct, atol=1e-6)
+
+
+def test_token_batch_sizes_must_be_whole_windows():
+    from argparse import Namespace
+
+    from codistill.bench.noise_scale import _sizes
+    from codistill.errors import ConfigError
+
+    cfg = Namespace(data=Namespace(batch_size=4))
+    assert _sizes(Namespace(small=None, big=None), cfg, 128, "tokens") == (512, 5120)
+    with pytest.raises(ConfigError, match="--big: is in tokens, a multiple of the 128 positions"):
+        _sizes(Namespace(small=256, big=1000), cfg, 128, "tokens")
+
+
+def test_checkpoints_of_another_config_are_not_measured_as_this_ones(tmp_path, capsys):
+    assert main(_tiny(tmp_path)) == 0
+    capsys.readouterr()
+    assert main(_tiny(tmp_path, "--set", "peers.0.optimizer.lr=0.02")) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints of another config (peers.0.optimizer.lr: 0.01 there, 0.02 now)" in err
+    assert main(["bench", "kl", "configs/dml_mnist1d.yaml"]) == 2  # only noise-scale takes a CONFIG|RUN
+    assert "kl takes no CONFIG|RUN argument" in capsys.readouterr().err

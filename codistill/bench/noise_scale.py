@@ -308,7 +308,7 @@ def plot_png(rows: list[dict], unit: str, title: str) -> bytes:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(f"B_simple ({unit})")
-    ax.set_title(f"{title}: gradient noise scale (95% interval)")
+    ax.set_title(f"{title}\ngradient noise scale, 95% interval", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     buffer = io.BytesIO()
     fig.tight_layout()

@@ -3,13 +3,16 @@ figures at the last step and at the best evaluation, bits per token) and `compar
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import re
 import statistics
 
 from codistill.config import ExperimentConfig
 from codistill.experiments import speed
-from codistill.experiments.cells import FIGURES, TUNE_SEEDS
+from codistill.config import to_dict
+from codistill.experiments.cells import DATA_PARALLEL, FIGURES, TUNE_SEEDS, parse_method, search_space
 from codistill.experiments.paired import PAIRED, difference_text, paired_differences, resolving_seeds
 from codistill.metrics import ACCURACY, score_of
 from codistill.storage import RunStorage
@@ -34,6 +37,56 @@ def _tuned_text(tuned: str) -> str:
     return " ".join(parts)
 
 
+SHORT_KEYS = {"peers.*.optimizer.lr": "lr", "peers.*.optimizer.schedule": "schedule", "method.temperature": "T",
+              "method.weight": "w", "train.label_smoothing": "ls"}
+
+
+def _searched(space: dict[str, str]) -> str:
+    """A search space in a few words: `lr 0.0025–0.04 (log), schedule {constant, cosine}, ls 0–0.2`."""
+    parts = []
+    for key, text in space.items():
+        found = re.fullmatch(r"(log)?uniform\(([^,]+),\s*([^)]+)\)", text)
+        choice = re.fullmatch(r"choice\(\[(.*)\]\)", text)
+        what = (f"{float(found[2]):.3g}–{float(found[3]):.3g}" + (" (log)" if found[1] else "") if found
+                else "{" + choice[1].replace("'", "") + "}" if choice else text)
+        parts.append(f"{SHORT_KEYS.get(key, key)} {what}")
+    return ", ".join(parts)
+
+
+def protocol_text(rows: list[dict], cfg: ExperimentConfig, tune_trials: int,
+                  reaching: tuple[str, float] | None) -> str:
+    """Which comparison this was, in one paragraph: at equal workers or not (is one data-parallel
+    model on the group's workers an arm), judged by steps to a target or by final quality alone,
+    and which arms were tuned and over what — so an Anil et al. (2018) style result (equal workers,
+    steps to a target) is not read as a Sinha et al. (2021) style one (final quality, every arm
+    tuned with the regularisation baselines), or the other way round."""
+    specs = [parse_method(label) for label in dict.fromkeys(r["method"] for r in rows)]
+    k, b = cfg.num_peers, cfg.data.batch_size
+    arm = next((s.label for s in specs if s.name == DATA_PARALLEL), None)
+    workers = (f"equal workers — {arm} trains one model on the workers of the {k} peers (batch {k * b}) against "
+               f"{k} peers of batch {b} each" if arm else
+               f"not at equal workers — no {DATA_PARALLEL} arm: every arm trains its {k} peers of batch {b}, compared "
+               "with each other, not with one model on the same workers")
+    if reaching is not None:
+        source, target = reaching
+        shown = f"{target:.3f} bits per token" if rows[0].get("curve_lower_is_better") else f"{100 * target:.2f}%"
+        outcome = (f"steps to a target, {shown} ({'given by --target' if source == '--target' else source}), beside "
+                   f"the final quality at step {cfg.train.steps}")
+    else:
+        outcome = f"final quality at step {cfg.train.steps} (no target: no --target and no {DATA_PARALLEL} arm)"
+    if tune_trials:
+        base = to_dict(dataclasses.replace(cfg, tune=None))
+        tuning = (f"every arm tuned alike, {tune_trials} trial{'s' * (tune_trials > 1)} each (the first at its "
+                  f"recipe's setting, the rest random; {TUNE_SEEDS} seeds per trial on a validation split), searching "
+                  + "; ".join(f"{s.label}: {_searched(search_space(s, base))}" for s in specs))
+    else:
+        tuning = ("untuned — every arm at its recipe's setting" + (f" ({arm}'s learning rate by the √K or linear rule, "
+                                                                   "not a search)" if arm else ""))
+    style = ("Anil et al. 2018's protocol" if arm and reaching is not None
+             else "a final-quality comparison, not Anil et al.'s equal-workers protocol")
+    return f"**Protocol** ({style}): {workers}; outcome: {outcome}; {tuning}."
+
+
 def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int, differences: list[dict] | None = None,
                    baseline: str | None = None, reaching: tuple[str, float] | None = None) -> str:
     """`reaching`: (where the target came from, the target) for the steps-to-target table."""
@@ -42,7 +95,8 @@ def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int, di
     peers = " + ".join(p.model for p in cfg.peers)
     test = (f"a generated test set of {cfg.data.test_examples} examples" if cfg.data.test_examples
             else "the data set's test split")
-    lines = [f"Peers {peers}; {cfg.train.steps} steps; seeds {', '.join(map(str, seeds))}; {test}; test accuracy (%) "
+    lines = [protocol_text(rows, cfg, tune_trials, reaching), "",
+             f"Peers {peers}; {cfg.train.steps} steps; seeds {', '.join(map(str, seeds))}; {test}; test accuracy (%) "
              "of the group's members (peers, or branches of one network)."
              + (f" Each method tuned alike: {tune_trials} trials on a validation split (the first at its recipe's "
                 f"setting), each trial the mean of {TUNE_SEEDS} seeds." if tune_trials else "")]
