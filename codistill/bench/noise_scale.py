@@ -84,7 +84,7 @@ def model_gradient(model: torch.nn.Module, data, chunk: int):
     """`batch_gradient` of `model` on `data`'s training set: `size` examples (tokens for a
     language model: size ÷ positions windows) drawn uniformly with replacement, in chunks of
     `chunk` examples (the sum of the chunks' losses over the whole batch's count: the same gradient)."""
-    positions = data.x_train.shape[1] if data.input_kind == "tokens" else 1
+    positions = data.rows(data.x_train[:1])  # rows of logits an example makes: a window's positions
     params = [p for p in model.parameters() if p.requires_grad]
 
     def batch_gradient(size: int, generator: torch.Generator) -> torch.Tensor:
@@ -239,9 +239,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--peer", f"is a peer of the run, 0..{cfg.num_peers - 1}; got {peer}")
     steps = parse_steps(args.steps, cfg.train.steps)
     data = load_data(cfg.data)
-    tokens = data.input_kind == "tokens"
-    positions = data.x_train.shape[1] if tokens else 1
-    unit = "tokens" if tokens else "examples"
+    positions = data.rows(data.x_train[:1])  # a language model's batch is counted in tokens
+    unit = data.task.row_unit
     small, big = _sizes(args, cfg, positions, unit)
     if fresh:
         fresh_checkpoints(cfg, data, run, steps or default_steps(cfg.train.steps), lambda text: print(text, flush=True))

@@ -116,6 +116,8 @@ class Task:
     """Whether a large output (a vocabulary) makes peers send top-k targets unasked: the driver
     then loads the data to say so before anything starts."""
     fingerprint: Fingerprint | None = None
+    row_unit: ClassVar[str] = "examples"
+    """What a row of logits is, in words: what a batch is counted in (a gradient noise scale)."""
 
     @property
     def size(self) -> int:
@@ -182,6 +184,7 @@ class NextToken(Task):
     """The id that ends each document (None: data made elsewhere, packed by its maker)."""
 
     input_kind: ClassVar[str] = TOKENS
+    row_unit: ClassVar[str] = TOKENS
     score: ClassVar[Score] = BITS
     ignore_index: ClassVar[int] = IGNORE_INDEX
     size_decides_top_k: ClassVar[bool] = True
