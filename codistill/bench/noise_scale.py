@@ -252,7 +252,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--steps", f"{missing} have no checkpoint in {run.uri}; it has {sorted(folders) or 'none'} "
                                      "(and 0, the initial weights)")
     print(f"# codistill bench noise-scale — peer {peer} ({cfg.peers[peer].model}) of {cfg.name}, "
-          f"{len(data.y_train)} training {'windows' if tokens else 'examples'}; B_simple in {unit}, from batches of "
+          f"{len(data.y_train)} training {'windows' if positions > 1 else 'examples'}; B_simple in {unit}, from batches of "
           f"{small} and {big} {unit} drawn with replacement, {args.repeats} repetitions, 95% bootstrap interval",
           flush=True)
     rows = []
