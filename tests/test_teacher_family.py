@@ -279,6 +279,24 @@ def test_a_checkpoint_resumes_only_into_the_model_it_holds(teacher_run):
         load_peer_state(other, state)
 
 
+def test_a_checkpoint_of_branches_is_refused_as_a_teacher_by_its_error_type(tmp_path):
+    """A network of branches is the file's fault (`teacher.checkpoint`), another model the model's
+    (`teacher.model`): told apart by the error's type, not by its wording."""
+    from codistill.engine.checkpoint import BranchedNetwork, NotOneModel, registered_model
+
+    branched = {"model": {"trunk.weight": torch.zeros(1)}, "step": 1, "base_prefix": None}
+    with pytest.raises(BranchedNetwork):
+        registered_model(branched)
+    with pytest.raises(NotOneModel) as info:
+        registered_model({"weight": torch.zeros(1)})  # a plain state dict, no model named
+    assert not isinstance(info.value, BranchedNetwork)
+    torch.save(branched, tmp_path / "branches.pt")
+    with pytest.raises(ConfigError) as info:
+        train(short(tmp_path, "name=branched", f"teacher={{model: mnist1d_cnn, checkpoint: {tmp_path}/branches.pt}}"),
+              "local")
+    assert info.value.path == "teacher.checkpoint" and "network of branches" in info.value.message
+
+
 def test_a_method_defined_outside_codistill_trains_through_the_seam(tmp_path):
     cfg = load_config(f"{REPO}/configs/dml_mnist1d.yaml", [
         "name=seam", "imports=[tests.seam_method]", "method={name: test_tap_agreement, tap: conv2}",

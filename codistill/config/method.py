@@ -6,12 +6,15 @@ The config knows no method. A method file defines its config as a subclass of
 `MethodConfig`; `register_method` (in `codistill.methods`) puts that class in
 `METHOD_CONFIGS` under the method's name, and the builder picks the class from there by
 `method.name`. The traits are class attributes (fixed per method) or properties (where the
-answer depends on the settings, e.g. `branches`).
+answer depends on the settings, e.g. `trains_one_network`, which follows a peer method's
+`branches`).
 
 What a method consumes (`Needs`) is declared here too, once, by its config (`own_needs`): the
-driver reads it from the config (does a run exchange in rounds, train a teacher stage first?)
-without building the method, and the traits that follow from it (`exchanges_in_rounds`,
-`reads_taps`, `uses_teacher`) are derived from it, not declared beside it.
+driver reads it from the config (does a run exchange in rounds, read feature taps, train
+teacher stages first?) without building the method. `exchanges_in_rounds`, `reads_taps` and
+`learns_from_teacher` are derived from the needs of the method and its `also` terms, and
+`uses_teacher` from the method's own — except where a setting decides it: a sourced term's
+`source` (`methods/sourced.py`) gives `uses_teacher`, and its `own_needs` follow from that.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class MethodConfig:
     @property
     def trains_one_network(self) -> bool:
         """True when the method trains one network whose branches are the group's members
-        (ONE, KDCL, OKDDip, PCL with `branches ≥ 2`): such a run has exactly one peer."""
+        (DML, ONE, KDCL, OKDDip, PCL with `branches ≥ 2`): such a run has exactly one peer."""
         return False
 
     def learns_from_teacher(self) -> bool:

@@ -87,29 +87,39 @@ class DataChanged(RunError):
     pass
 
 
+class NotOneModel(ValueError):
+    """A checkpoint file that cannot be read as one registered model: no model named, or another
+    model than the one asked for (the model is what is wrong)."""
+
+
+class BranchedNetwork(NotOneModel):
+    """A checkpoint of a network of branches (`method.branches >= 2`): the file itself is what
+    is wrong, whatever model is asked for."""
+
+
 def registered_model(state: dict, model: str | None = None, model_args: dict | None = None) -> tuple[str, dict, dict]:
     """(model name, model args, weights) of the registered model a checkpoint file holds. A peer
     file (`peer_state`'s) names its model and how it was built — the file alone rebuilds it — and
     of its network's weights the registered model's own are kept (a gate head or a regressor a
     method put around it are left out). A plain state dict is `model`'s, built with `model_args`.
-    ValueError when the file cannot be one model: a network of branches, no model named, or a
-    model named other than the one the file holds."""
+    `NotOneModel` when the file cannot be one model: no model named, or a model named other than
+    the one the file holds; `BranchedNetwork` (one of them) for a network of branches."""
     if not (isinstance(state.get("model"), dict) and "step" in state):  # a plain state dict
         if model is None:
-            raise ValueError("a plain state dict does not say which model it holds: name the model")
+            raise NotOneModel("a plain state dict does not say which model it holds: name the model")
         return model, dict(model_args or {}), state
     weights = state["model"]
     # Files written before `base_prefix` existed: a wrapped model sat under "model.".
     prefix = state.get("base_prefix", "model." if all(k.startswith("model.") for k in weights) else "")
     if prefix is None:
-        raise ValueError("it holds a network of branches, not one model's weights")
+        raise BranchedNetwork("it holds a network of branches, not one model's weights")
     if prefix:
         weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     name, args = saved_model(state, model, model_args)
     if name is None:
-        raise ValueError("the file does not say which model it holds: name the model")
+        raise NotOneModel("the file does not say which model it holds: name the model")
     if model is not None and (model, dict(model_args or {})) != (name, args):
-        raise ValueError(f"it holds model {name!r} built with {args}, not {model!r} with {dict(model_args or {})}")
+        raise NotOneModel(f"it holds model {name!r} built with {args}, not {model!r} with {dict(model_args or {})}")
     return name, args, weights
 
 

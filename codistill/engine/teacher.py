@@ -12,7 +12,8 @@ from torch import nn
 
 from codistill.config import ExperimentConfig, TeacherConfig, load_yaml
 from codistill.data import DATASETS
-from codistill.engine.checkpoint import from_bytes, newest_complete, peer_file, registered_model
+from codistill.engine.checkpoint import (BranchedNetwork, NotOneModel, from_bytes, newest_complete, peer_file,
+                                        registered_model)
 from codistill.errors import ConfigError, first_line
 from codistill.models import create_model
 from codistill.models.registry import check_model_tokenizer
@@ -97,8 +98,8 @@ def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device,
                           f"{first_line(err, 200)}") from None
     try:
         model, model_args, weights = registered_model(state, teacher.model, teacher.model_args)
-    except ValueError as err:
-        raise ConfigError("teacher.checkpoint" if "branches" in str(err) else "teacher.model",
+    except NotOneModel as err:
+        raise ConfigError("teacher.checkpoint" if isinstance(err, BranchedNetwork) else "teacher.model",
                           f"{teacher.checkpoint}: {err}; a teacher is one model (a peer trained across workers)") from None
     network = create_model(model, num_classes, **model_args)
     expected = network.state_dict()

@@ -26,7 +26,8 @@ class DML(PeerMethod):
 
     def distill_terms(self, s):
         # Peer logits arrive detached: each peer's own CE, not its peers' KL, trains it. A peer's
-        # payload holds its logits, or its top-k soft target (`exchange.top_k`).
+        # payload holds its logits, or its top-k soft target (`exchange.top_k`): the mean of the
+        # KLs to each peer either way, the paper's objective (codistillation's is the KL to their mean).
         kl = mean_payload_kl(s.logits, s.peers, self.config.temperature)
         weight = self.config.weight_at(s.step)
         return weighted_kl(kl, weight)

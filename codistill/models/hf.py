@@ -13,7 +13,11 @@ of scope.
 
 Windows are packed without padding inside a window; the last window of a split is padded on
 the right, and a causal model's logits at real positions do not depend on the padding after
-them, so no attention mask is passed. The padded positions carry label −100, which every loss
+them, so no attention mask is passed. A model that is not causal is refused when it is built
+(`check_causal`): `AutoModelForCausalLM` also builds encoders (BERT's `BertLMHeadModel`, RoBERTa,
+ELECTRA, …) whose attention is bidirectional unless `is_decoder: true` — each position would see
+the next token, its own label — and a folder whose model type has no causal-LM class at all
+(DistilBERT, T5) is refused before transformers lists every model type it knows. The padded positions carry label −100, which every loss
 and metric leaves out (the engine drops those rows before the method sees them).
 
 `transformers` is imported only when such a model is built (installing: the `hf` extra).
@@ -69,12 +73,59 @@ def check_args(path: str | None = None, config: dict | None = None) -> str | Non
     return None
 
 
+def check_has_causal_head(config, key: str, folder: str | None = None) -> None:
+    """Refuse a model type no `AutoModelForCausalLM` class takes (DistilBERT, T5, …): transformers'
+    own error lists every model type it knows, hundreds of them."""
+    transformers = _transformers()
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        what = f"{folder} holds a {config.model_type!r} model, which has" if folder else f"{config.model_type!r} has"
+        raise ConfigError(key, f"{what} no causal-LM head in transformers (no AutoModelForCausalLM class): give a "
+                          "decoder such as llama, gpt2 or qwen2")
+
+
+def _sees_later_tokens(model: nn.Module, vocab: int, length: int = 6) -> bool:
+    """Whether changing the last token of a short random sequence changes an earlier position's
+    logits: what no causal model does. Two forward passes of a few tokens, in eval mode (no
+    dropout), on a generator of its own (the run's random numbers are untouched)."""
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    device = next(model.parameters()).device
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            before, after = (model(input_ids=t.to(device), use_cache=False).logits[0, :-1].float() for t in (ids, changed))
+    finally:
+        model.train(training)
+    return not torch.allclose(before, after, rtol=1e-4, atol=1e-5)
+
+
+def check_causal(model: nn.Module, vocab: int, key: str, folder: str | None = None) -> None:
+    """Refuse a model whose positions see the tokens after them: an encoder architecture (it has a
+    masked-LM head) whose config is not a decoder (`is_decoder` false), or any model the probe
+    `_sees_later_tokens` catches. Trained as a next-token model, such a model reads its labels."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = model.config
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if encoder or _sees_later_tokens(model, vocab):
+        why = ("an encoder whose config is not a decoder (is_decoder: false)" if encoder else
+               "its logits at a position change with a later token")
+        where = f"{folder} ({config.model_type})" if folder else f"the {config.model_type} model of model_args.config"
+        raise ConfigError(key, f"{where} is not a causal language model: {why}, so each position "
+                          "would see the next token, its own label; give a decoder (llama, gpt2, qwen2, …) or set "
+                          "is_decoder: true in its config")
+
+
 def load_pretrained(path: str) -> nn.Module:
     transformers = _transformers()
+    folder = os.path.expanduser(path)
     try:
+        check_has_causal_head(transformers.AutoConfig.from_pretrained(folder, local_files_only=True), "model_args.path",
+                              path)
         # fp32 master weights whatever the folder's dtype; the run's precision is autocast's.
-        return transformers.AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), local_files_only=True,
-                                                                 dtype=torch.float32)
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     except ImportError as err:  # a model whose code needs a package that is not installed
         raise ConfigError("model_args.path", f"{path}: {first_line(err, 200)}") from None
 
@@ -123,7 +174,11 @@ def hf_causal_lm(num_classes: int, path: str | None = None, config: dict | None 
             raise ConfigError("model_args.config.vocab_size", f"is {vocab}, but the tokenizer has {num_classes} tokens")
         kind = settings.pop("model_type")
         try:
-            model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(kind, **settings))
+            model_config = transformers.AutoConfig.for_model(kind, **settings)
+            check_has_causal_head(model_config, "model_args.config")
+            model = transformers.AutoModelForCausalLM.from_config(model_config)
+        except ConfigError:
+            raise
         # A package the model's code needs is not installed, or the model_type is unknown (that
         # message lists every known one: cut).
         except (ImportError, ValueError, KeyError) as err:
@@ -132,4 +187,5 @@ def hf_causal_lm(num_classes: int, path: str | None = None, config: dict | None 
     if rows < num_classes:
         raise ConfigError("model_args", f"the model predicts {rows} tokens but the tokenizer has {num_classes}: peers "
                           "and the data must share one vocabulary (cross-tokenizer distillation is not supported)")
+    check_causal(model, num_classes, "model_args", path)
     return CausalLM(model, num_classes)

@@ -1,7 +1,8 @@
 """Multi-branch network shapes, built from any registered model that declares a
-`branch_point`. Every peer method can train its peers as branches of one network
-(`method.branches >= 2`: DML, KDCL, OKDDip, PCL, codistillation and ONE alike); the gate is
-ONE's (Lan et al., NeurIPS 2018):
+`branch_point`. Every every-step peer method (`PeerMethodConfig`) can train its peers as branches
+of one network (`method.branches >= 2`: DML, KDCL, OKDDip, PCL and ONE alike) — not
+codistillation, whose peers meet once a round, each its own network; the gate is ONE's (Lan et
+al., NeurIPS 2018):
 
 - `MultiBranchModel`: a shared low-level trunk, m branches (copies of the high-level layers
   and classifier, each initialised differently) and a gate on the pooled trunk features.
