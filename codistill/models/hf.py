@@ -66,7 +66,8 @@ def check_args(path: str | None = None, config: dict | None = None) -> str | Non
 def load_pretrained(path: str) -> nn.Module:
     transformers = _transformers()
     try:
-        # fp32 master weights whatever the folder's dtype; the run's precision is autocast's.
+        # fp32 master weights whatever the folder's dtype; the run's precision is the forward
+        # pass's compute dtype (engine/precision.py).
         return transformers.AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), local_files_only=True,
                                                                  dtype=torch.float32)
     except ImportError as err:  # a model whose code needs a package that is not installed
