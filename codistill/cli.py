@@ -7,8 +7,9 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import replace
 
-from codistill.config import ConfigError, dump_config, load_config, load_yaml
+from codistill.config import ConfigError, data_parallel, dump_config, load_config, load_yaml
 from codistill.errors import RunError, first_line
 
 
@@ -41,6 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.address:
         overrides.append(f"ray.address={args.address}")
     cfg = load_config(args.config, overrides)
+    if args.data_parallel:  # compare's data_parallel arm, as a run of its own beside the peers' run
+        cfg = replace(data_parallel(cfg), name=f"{cfg.name}.data_parallel")
     print(f"# resolved config ({args.backend} backend)\n{dump_config(cfg)}", flush=True)
     if args.backend == "ray":
         # Worker logs stay in Ray's session folder; on the terminal they would bury the summary.
@@ -274,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set method.temperature=3 --set peers.*.optimizer.lr=0.05")
     p.add_argument("--backend", choices=["ray", "local"], default="ray",
                    help="ray: one Ray Train worker per peer (default); local: peers as threads in this process")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="train ONE model on all the peers' workers instead (their summed batch, peer 0's model, the "
+                        "lr scaled by the group size): compare's data_parallel arm, run as <name>.data_parallel")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--ray-logs", action="store_true", help="stream Ray worker logs to this terminal")
     p.set_defaults(func=cmd_train)

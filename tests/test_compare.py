@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from codistill.cli import main
-from codistill.experiments.cells import parse_method, search_space
+from codistill.experiments.cells import cell_recipe, parse_method, search_space
 from codistill.experiments.compare import compare
 from codistill.config import ConfigError
 from codistill.data import load_dataset
@@ -109,16 +109,21 @@ def test_method_specs_and_their_errors():
 
 def test_every_method_is_tuned_over_the_same_kind_of_space():
     base = {"peers": [{"model": "mnist1d_cnn", "optimizer": {"lr": 0.01}}] * 2, "data": {"batch_size": 100}}
+
+    def space_of(label):
+        spec = parse_method(label)
+        return search_space(spec, cell_recipe(base, spec))
+
     every = {"peers.*.optimizer.lr", "peers.*.optimizer.schedule", "train.label_smoothing"}
-    assert set(search_space(parse_method("independent"), base)) == every
+    assert set(space_of("independent")) == every
     for method in ("dml", "kdcl", "okddip", "pcl", "one", "codistill"):
-        assert set(search_space(parse_method(method), base)) == every | {"method.temperature", "method.weight"}
+        assert set(space_of(method)) == every | {"method.temperature", "method.weight"}
     # data_parallel: the same space, around its own recipe point (Adam: the peers' lr × √K)
-    space = search_space(parse_method("data_parallel"), base)
+    space = space_of("data_parallel")
     assert set(space) == every and space["peers.*.optimizer.lr"] == f"loguniform({0.01 * 2 ** 0.5 / 4:.6g}, {0.01 * 2 ** 0.5 * 4:.6g})"
     # a value fixed on the command line is not searched
-    assert "method.temperature" not in search_space(parse_method("dml:temperature=1"), base)
-    assert "train.label_smoothing" not in search_space(parse_method("data_parallel:train.label_smoothing=0.1"), base)
+    assert "method.temperature" not in space_of("dml:temperature=1")
+    assert "train.label_smoothing" not in space_of("data_parallel:train.label_smoothing=0.1")
 
 
 def test_the_validation_split_is_held_out_of_training_and_the_same_every_time():

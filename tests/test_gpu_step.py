@@ -71,7 +71,7 @@ def test_a_run_with_data_on_the_device_equals_the_default_run(tmp_path):
 def test_bf16_payloads_are_bf16_and_soft_targets_fp32(tmp_path):
     (peer, _) = one_step(small_config(tmp_path, "train.precision=bf16"))
     job = peer["job"]
-    with job.autocast():
+    with job.precision.forward():
         outputs = job.peer.network(load_dataset("mnist1d").x_test[:8])
         payload = job.method.payload(outputs, {})
         assert payload["logits"].dtype == torch.bfloat16  # half the bytes of fp32 on the wire

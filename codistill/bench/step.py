@@ -55,7 +55,7 @@ def _run(jobs: dict[str, list], rounds: int, block: int) -> dict[str, dict]:
 
     def run(k: int) -> None:
         step = 0
-        for name in names:  # warm-up: allocator, autocast caches, first exchange
+        for name in names:  # warm-up: allocator, mixed-precision caches, first exchange
             for _ in range(2):
                 train_step(jobs[name][k], step)
                 step += 1

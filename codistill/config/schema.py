@@ -184,9 +184,9 @@ class TrainConfig:
     written; every good one is kept), or `skip_step` (drop that step's update and go on; this
     checks every step, a GPU sync per step)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """The compute dtype of the forward pass and the payloads (autocast): `bf16` halves the
-    bytes a peer sends; `fp16` adds a gradient scaler. Soft targets and KL terms are computed
-    in fp32 whatever the precision."""
+    """The compute dtype of the forward pass and the payloads (mixed precision: the engine's
+    `Precision`): `bf16` halves the bytes a peer sends; `fp16` adds a gradient scaler. Soft
+    targets and KL terms are computed in fp32 whatever the precision."""
     compile: bool = False
     """Wrap each peer's network in `torch.compile` for training (not with feature taps)."""
     data_on_device: bool = False

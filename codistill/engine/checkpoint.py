@@ -10,7 +10,7 @@ A peer file (`peer{k}.pt`, written by `peer_state`) holds:
   base_prefix                          where the registered model's own tensors sit in `model`
                                        ("" when unwrapped; None when the network is not one
                                        model, e.g. a trunk with branches)
-  optimizer, torch_rng, [grad_scaler], [data]"""
+  optimizer, torch_rng, [data], and the precision's state ([grad_scaler] for fp16)"""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def peer_state(job, step: int) -> dict:
             "model": peer.network.state_dict(), "optimizer": peer.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             **({"data": job.data.fingerprint.as_dict()} if job.data.fingerprint else {}),
-            **({"grad_scaler": job.scaler.state_dict()} if job.scaler is not None else {})}
+            **job.precision.state_dict()}
 
 
 class DataChanged(RunError):
@@ -146,8 +146,7 @@ def load_peer_state(job, state: dict) -> int:
     peer.network.load_state_dict(state["model"])
     peer.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
-    if job.scaler is not None and "grad_scaler" in state:  # (absent when the run was not fp16 before)
-        job.scaler.load_state_dict(state["grad_scaler"])
+    job.precision.load_state_dict(state)
     return state["step"]
 
 

@@ -68,7 +68,7 @@ def predict_test(job: PeerJob, batch_size: int) -> tuple[dict[str, torch.Tensor]
     heads: dict[str, list[torch.Tensor]] = {}
     labels = []
     for x, y in job.data.test_batches(batch_size):
-        with job.autocast():
+        with job.precision.forward():
             outputs = network(x.to(job.device))
         for name, logits in job.method.evaluation_heads(outputs).items():
             heads.setdefault(name, []).append(logits.float().cpu())

@@ -20,6 +20,7 @@ from codistill.data.task import Task
 from codistill.errors import ConfigError, first_line
 from codistill.engine.evaluate import EvaluationSink, Gathered
 from codistill.engine.mesh import MeshPlace, PeerMesh
+from codistill.engine.precision import COMPUTE_DTYPES, Precision
 from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
 from codistill.engine.seeds import init_seed
 from codistill.engine.stages import load_stages
@@ -65,8 +66,8 @@ class PeerJob:
     train_model: nn.Module | None = None
     """What the forward pass runs: the network, or its DDP wrapper when replicas > 1."""
     place: MeshPlace | None = None
-    scaler: torch.amp.GradScaler | None = None
-    """fp16 only: the gradient scaler (checkpointed with the peer)."""
+    precision: Precision | None = None
+    """`train.precision`: the forward pass's compute dtype, backward and the optimizer step."""
     evaluations: EvaluationSink | None = None
     """Where this peer's evaluations go (`evaluate.Gathered` through `exchange` by default)."""
     channels_last: bool = False
@@ -80,14 +81,6 @@ class PeerJob:
     @property
     def replicas(self) -> int:
         return self.place.replicas
-
-    def autocast(self):
-        """The forward pass's (and the loss's) compute dtype: `train.precision`."""
-        dtype = COMPUTE_DTYPES[self.train.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
-
-COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
@@ -280,6 +273,6 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
                    train=cfg.train, device=device, exchange=exchange, sources=tuple(sources),
                    tap_paths=tap_paths_of(peer.spec.model, needs.taps), seed=cfg.seed,
                    train_model=train_model, place=place,
-                   scaler=torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None,
+                   precision=Precision(cfg.train.precision, device),
                    channels_last=channels_last,
                    evaluations=evaluations or Gathered())

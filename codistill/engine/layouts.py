@@ -9,17 +9,18 @@ the config only resolves `ray.layout` to a layout's name (`ExperimentConfig.layo
 - `OneGroup` (every-step methods, and `ray.layout: one_group`): K peers × M data-parallel workers
   per peer = K·M workers of a single Ray Train run, one `PeerMesh(K, M)`. The peers live and
   die together: one `FailureConfig`, one checkpoint folder per step (peer 0 completes it), the
-  group's round board and the all-gather of evaluations, a restart of the whole group from Ray's newest committed checkpoint.
+  group's round board and the all-gather of evaluations, a restart of the whole group from
+  Ray's newest committed checkpoint.
 - `Apart` (methods that exchange in rounds — codistillation — with `ray.layout: auto`): one Ray
-  Train run per peer (`<run>/peer<k>`, a `PeerMesh(1, workers)` each), each of its own size (`peers.<k>.workers`), failing,
-  checkpointing and restarting on its own, as Anil et al. (2018) intend: peers that meet only
-  every `period` steps need not live and die together. What they share outlives them all and
-  lives on the driver's node: the round board (`LastingRoundBoard`, the only state of the
-  training they share: an away peer costs each other peer one wait of `wait_timeout_s`, then it
-  is left out, recorded as `missing_peers`, until it has a usable round again) and the
-  evaluation board (`engine/evaluation_board.py`: peers evaluate alone; once every peer has evaluated a
-  step, the board writes the group's figures of that step, which the records fill into the
-  peers' test rows).
+  Train run per peer (`<run>/peer<k>`, a `PeerMesh(1, workers)` each), each of its own size
+  (`peers.<k>.workers`), failing, checkpointing and restarting on its own, as Anil et al.
+  (2018) intend: peers that meet only every `period` steps need not live and die together.
+  What they share outlives them all and lives on the driver's node: the round board
+  (`LastingRoundBoard`, the only state of the training they share: an away peer costs each
+  other peer one wait of `wait_timeout_s`, then it is left out, recorded as `missing_peers`,
+  until it has a usable round again) and the evaluation board (`engine/evaluation_board.py`:
+  peers evaluate alone; once every peer has evaluated a step, the board writes the group's
+  figures of that step, which the records fill into the peers' test rows).
 
 The layout is chosen from the method's declared traits (`exchanges_in_rounds`), never from its
 name; a Tune trial keeps one group (one Ray Train run reports to Tune). The data-parallel
@@ -40,9 +41,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from codistill.config import ConfigError, ExperimentConfig
 from codistill.data import DATASETS
 from codistill.engine.checkpoint import CHECKPOINT_DIR, peer_run_dir
-from codistill.engine.evaluate import Posted
+from codistill.engine.evaluate import EvaluationSink, Posted
 from codistill.engine.evaluation_board import BoardPoster, EvaluationBoard
-from codistill.engine.job import EvaluationSink
 from codistill.engine.mesh import MeshPlace, PeerMesh
 from codistill.engine.placement import check_placement, check_placement_per_peer, resources_per_worker
 from codistill.exchange.base import Exchange, PeriodicExchange

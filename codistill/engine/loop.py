@@ -63,18 +63,6 @@ class _Clock:
         self.last = now
 
 
-def _backward(job: PeerJob, loss: torch.Tensor) -> None:
-    (job.scaler.scale(loss) if job.scaler is not None else loss).backward()
-
-
-def _optimizer_step(job: PeerJob) -> None:
-    if job.scaler is not None:  # fp16: skips the step when the scaled gradients overflowed
-        job.scaler.step(job.peer.optimizer)
-        job.scaler.update()
-    else:
-        job.peer.optimizer.step()
-
-
 def _rows_kept(signals: Signals, keep: torch.Tensor) -> Signals:
     """`signals` without the rows whose label is IGNORE_INDEX: the logits, labels and every
     row-aligned tensor of the peers' and the teacher's payloads (a row per position), so every
@@ -114,7 +102,7 @@ def train_step(job: PeerJob, step: int) -> dict:
         group["lr"] = learning_rate(peer.spec.optimizer, step, job.train.steps)
     clock.lap("data_ms")
 
-    with job.autocast():
+    with job.precision.forward():
         with capture_taps(peer.base, job.tap_paths) as taps:
             outputs = job.train_model(x)
         signals = Signals(network=peer.network, outputs=outputs, logits=job.method.logits(outputs), labels=y,
@@ -134,9 +122,9 @@ def train_step(job: PeerJob, step: int) -> dict:
         record["skipped"] = True  # this step's update is dropped; the run goes on
     else:
         if loss.requires_grad:
-            _backward(job, loss)
+            job.precision.backward(loss)
         clock.lap("backward_ms")
-        _optimizer_step(job)
+        job.precision.optimizer_step(peer.optimizer)
         job.method.after_update(peer.network, step)
         clock.lap("optimizer_ms")
     # A record's step counts the updates done once it is written: this update is number step + 1.

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import statistics
 from dataclasses import dataclass
 
 import yaml
 
-from codistill.config import ExperimentConfig, build_dataclass, first_difference, load_config, load_yaml, set_path, to_dict
+from codistill.config import ExperimentConfig, build_dataclass, data_parallel, first_difference, load_config, load_yaml, set_path, to_dict
 from codistill.config.method import METHOD_CONFIGS, MethodConfig
 from codistill.errors import ConfigError
 from codistill.experiments.speed import curve
@@ -24,22 +23,13 @@ from codistill.storage import RunStorage
 FIGURES = ("first", "best", "mean", "ensemble", "churn")
 
 DATA_PARALLEL = "data_parallel"
-"""Not a method but the alternative its workers have: ONE model trained on all the workers of
-the group (K peers × each peer's workers), its batch the sum of the peers' batches. On Ray that
-is one Ray Train run doing DDP over those workers; on the local runner one peer with that batch,
-the same arithmetic in one process (the gradient of the mean over the global batch). It learns
-with the cross-entropy alone (`independent`), with peer 0's model and optimizer; its recipe's
-learning rate is the peers' scaled by the group size K (`DATA_PARALLEL_LR_RULE`), and `--tune`
-searches around that point exactly as around every method's."""
+"""Not a method but the alternative its workers have: one model on all the group's workers, the
+config transformed by `config.data_parallel.data_parallel`; `--tune` searches around its
+learning rate exactly as around every method's recipe."""
 
 DATA_PARALLEL_SECTIONS = ("train", "data", "peers", "ray")
 """The config sections a `data_parallel:` setting may change: what one model trained with the
 cross-entropy alone reads."""
-
-DATA_PARALLEL_LR_RULE = {"adam": "sqrt", "adamw": "sqrt", "sgd": "linear"}
-"""How the recipe's learning rate grows with the K-fold batch: √K for the adaptive optimizers
-(the square-root rule: the gradient noise's scale falls as √K), K for SGD (the linear rule of
-Goyal et al., 2017)."""
 
 
 @dataclass(frozen=True)
@@ -107,16 +97,25 @@ def method_section(spec: MethodSpec, tuned: dict) -> dict:
     return section
 
 
-def cell_data(base: dict, spec: MethodSpec, tuned: dict) -> dict:
-    """The base config with the method (and its tuned values) in place. A method that trains
+def cell_recipe(base: dict, spec: MethodSpec) -> dict:
+    """The base config with the method in place at its recipe's point (nothing tuned or set yet):
+    the `data_parallel` arm the config transformed (`config.data_parallel`); a method that trains
     one network of branches gets one peer, peer 0's."""
     data = copy.deepcopy(base)
-    data["method"] = method_section(spec, tuned)
+    data["method"] = method_section(spec, {})
     data.pop("tune", None)
     if spec.name == DATA_PARALLEL:
-        data = one_model_on_all_workers(data)
-    elif one_network_method(data):
+        return to_dict(data_parallel(load_config(data)))
+    if one_network_method(data):
         data["peers"] = data["peers"][:1]
+    return data
+
+
+def cell_data(base: dict, spec: MethodSpec, tuned: dict, recipe: dict | None = None) -> dict:
+    """The cell's config: its recipe (`cell_recipe`, or `recipe` when already made) with the
+    method's tuned values and the label's dotted settings in place."""
+    data = copy.deepcopy(recipe if recipe is not None else cell_recipe(base, spec))
+    data["method"] = method_section(spec, tuned)
     for key, value in [*tuned.items(), *((k, v) for k, v in spec.settings.items() if "." in k)]:
         if not key.startswith("method."):
             set_path(data, key, value)  # a tuned value, or a dotted setting of the recipe: codistill:exchange.top_k=8
@@ -128,41 +127,17 @@ def method_name(spec: MethodSpec) -> str:
     return "independent" if spec.name == DATA_PARALLEL else spec.name
 
 
-def one_model_on_all_workers(data: dict) -> dict:
-    """The `data_parallel` arm of a config (see `DATA_PARALLEL`): its K peers' workers, batches
-    and resources given to one model, peer 0's."""
-    peers, ray = data["peers"], data.get("ray") or {}
-    if len({(p["model"], yaml.safe_dump(p.get("model_args") or {})) for p in peers}) > 1:
-        raise ConfigError("peers", f"{DATA_PARALLEL} trains one model on all the workers: the peers must be one "
-                                   f"model, got {', '.join(p['model'] for p in peers)}")
-    k = len(peers)
-    workers = [p.get("workers") or ray.get("workers_per_peer", 1) for p in peers]
-    resources: dict[str, float] = {}
-    for p in peers:
-        for name, amount in (p.get("resources") or ray.get("resources_per_peer") or {}).items():
-            resources[name] = resources.get(name, 0) + amount
-    one = copy.deepcopy(peers[0])
-    one["workers"], one["resources"] = None, None
-    optimizer = one.setdefault("optimizer", {})
-    rule = DATA_PARALLEL_LR_RULE[optimizer.get("name", "adam")]
-    optimizer["lr"] = optimizer.get("lr", 1e-2) * (math.sqrt(k) if rule == "sqrt" else k)
-    data["peers"] = [one]
-    data["data"]["batch_size"] = data["data"].get("batch_size", 100) * k
-    data["ray"] = {**ray, "workers_per_peer": sum(workers), "resources_per_peer": resources or None}
-    return data
-
-
 def one_network_method(data: dict) -> bool:
     """Whether the method section trains one network of branches: the method's config says."""
     return build_dataclass(MethodConfig, data["method"], "method").trains_one_network
 
 
-def search_space(spec: MethodSpec, base: dict) -> dict[str, str]:
+def search_space(spec: MethodSpec, recipe: dict) -> dict[str, str]:
     """The same kind of space for every method: learning rate (÷4 … ×4 the config's), schedule
     and label smoothing (0 … 0.2: the regularisation baseline, Sinha et al. 2021, so a gain that
     is only regularisation shows as such) for all; temperature and weight where the method has
-    them. What the command line fixes is not searched."""
-    lr = (one_model_on_all_workers(copy.deepcopy(base)) if spec.name == DATA_PARALLEL else base)["peers"][0]["optimizer"]["lr"]
+    them, around the method's recipe (`cell_recipe`). What the command line fixes is not searched."""
+    lr = recipe["peers"][0]["optimizer"]["lr"]
     space = {"peers.*.optimizer.lr": f"loguniform({lr / 4:.6g}, {lr * 4:.6g})",
              "peers.*.optimizer.schedule": "choice(['constant', 'cosine'])"}
     if "train.label_smoothing" not in spec.settings:

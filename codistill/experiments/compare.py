@@ -40,8 +40,8 @@ import pyarrow.parquet as pq
 from codistill.config import ExperimentConfig, first_difference, load_config, to_dict
 from codistill.errors import ConfigError, RunError
 from codistill.experiments import speed
-from codistill.experiments.cells import (DATA_PARALLEL, TUNE_SEEDS, MethodSpec, cell_config, cell_data, cell_name, one_network_method,
-                                         parse_method, refuse_or_forget, run_figures, search_space,
+from codistill.experiments.cells import (DATA_PARALLEL, TUNE_SEEDS, MethodSpec, cell_config, cell_data, cell_name,
+                                         cell_recipe, one_network_method, parse_method, refuse_or_forget, run_figures, search_space,
                                          stored_cell_difference, what_it_trains)
 from codistill.experiments.compare_report import MARKDOWN_FILE, markdown_table, plot_comparison
 from codistill.experiments.paired import paired_differences
@@ -56,11 +56,12 @@ VALIDATION = 0.2
 
 
 def tuning_data(spec: MethodSpec, base: dict, name: str, trials: int) -> dict:
-    data = cell_data(base, spec, {})
+    recipe = cell_recipe(base, spec)  # once: the data_parallel arm's transform is not run twice
+    data = cell_data(base, spec, {}, recipe)
     data["name"] = f"{name}.{spec.slug}.tune"
     data["data"]["validation"] = VALIDATION
     data["data"]["test_examples"] = 0  # the validation split replaces the test set
-    data["tune"] = {"space": search_space(spec, base), "objective": "member_mean_accuracy", "num_samples": trials,
+    data["tune"] = {"space": search_space(spec, recipe), "objective": "member_mean_accuracy", "num_samples": trials,
                     "max_concurrent": 1, "scheduler": "fifo", "search": "random", "backend": "local",
                     "start_at_config": True, "seeds_per_trial": TUNE_SEEDS}
     return to_dict(load_config(data))

@@ -124,7 +124,8 @@ def load_pretrained(path: str) -> nn.Module:
     try:
         check_has_causal_head(transformers.AutoConfig.from_pretrained(folder, local_files_only=True), "model_args.path",
                               path)
-        # fp32 master weights whatever the folder's dtype; the run's precision is autocast's.
+        # fp32 master weights whatever the folder's dtype; the run's precision is the forward
+        # pass's compute dtype (engine/precision.py).
         return transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     except ImportError as err:  # a model whose code needs a package that is not installed
         raise ConfigError("model_args.path", f"{path}: {first_line(err, 200)}") from None
