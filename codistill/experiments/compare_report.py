@@ -9,10 +9,10 @@ import json
 import re
 import statistics
 
-from codistill.config import ExperimentConfig
+from codistill.config import ExperimentConfig, to_dict
+from codistill.data import DATASETS
 from codistill.experiments import speed
-from codistill.config import to_dict
-from codistill.experiments.cells import DATA_PARALLEL, FIGURES, TUNE_SEEDS, parse_method, search_space
+from codistill.experiments.cells import DATA_PARALLEL, FIGURES, TUNE_SEEDS, cell_recipe, parse_method, search_space
 from codistill.experiments.paired import PAIRED, difference_text, paired_differences, resolving_seeds
 from codistill.metrics import ACCURACY, score_of
 from codistill.storage import RunStorage
@@ -69,7 +69,8 @@ def protocol_text(rows: list[dict], cfg: ExperimentConfig, tune_trials: int,
                "with each other, not with one model on the same workers")
     if reaching is not None:
         source, target = reaching
-        shown = f"{target:.3f} bits per token" if rows[0].get("curve_lower_is_better") else f"{100 * target:.2f}%"
+        score = DATASETS.get(cfg.data.name, "data.name").task.score  # what the data is scored in
+        shown = f"{target:.3f} {score.label}" if score.lower_is_better else f"{100 * target:.2f}%"
         outcome = (f"steps to a target, {shown} ({'given by --target' if source == '--target' else source}), beside "
                    f"the final quality at step {cfg.train.steps}")
     else:
@@ -78,7 +79,7 @@ def protocol_text(rows: list[dict], cfg: ExperimentConfig, tune_trials: int,
         base = to_dict(dataclasses.replace(cfg, tune=None))
         tuning = (f"every arm tuned alike, {tune_trials} trial{'s' * (tune_trials > 1)} each (the first at its "
                   f"recipe's setting, the rest random; {TUNE_SEEDS} seeds per trial on a validation split), searching "
-                  + "; ".join(f"{s.label}: {_searched(search_space(s, base))}" for s in specs))
+                  + "; ".join(f"{s.label}: {_searched(search_space(s, cell_recipe(base, s)))}" for s in specs))
     else:
         tuning = ("untuned — every arm at its recipe's setting" + (f" ({arm}'s learning rate by the √K or linear rule, "
                                                                    "not a search)" if arm else ""))
