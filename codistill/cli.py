@@ -36,7 +36,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from codistill.engine.run import connect_ray, train
+    from codistill.engine.ray.connect import connect_ray
+    from codistill.engine.run import train
 
     overrides = _overrides(args)
     if args.address:
@@ -92,7 +93,7 @@ def _leave_after_interrupt(code: int) -> None:
     the process and hide the exit code; so stop the Ray instance this process started, flush, go."""
     try:
         if "ray" in sys.modules:  # else this process runs no Ray
-            from codistill.engine.run import disconnect_ray
+            from codistill.engine.ray.connect import disconnect_ray
 
             disconnect_ray()
     finally:
@@ -160,7 +161,7 @@ def _what_else_it_is(storage) -> str:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from codistill.engine.run import connect_ray
+    from codistill.engine.ray.connect import connect_ray
     from codistill.experiments.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, refuse_a_changed_sweep, run_sweep
 
     overrides = _overrides(args)
@@ -190,7 +191,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from codistill.experiments.compare import TABLE_FILE, compare
     from codistill.experiments.compare_report import MARKDOWN_FILE, PLOT_FILE
-    from codistill.engine.run import connect_ray
+    from codistill.engine.ray.connect import connect_ray
 
     cfg = load_config(args.config, _overrides(args) + ([f"ray.address={args.address}"] if args.address else []))
     if args.tune is not None and args.tune < 1:
@@ -213,7 +214,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_born_again(args: argparse.Namespace) -> int:
     from codistill.experiments.born_again import GENERATIONS_FILE, run_generations
-    from codistill.engine.run import connect_ray
+    from codistill.engine.ray.connect import connect_ray
 
     overrides = _overrides(args)
     if args.generations is not None:
@@ -252,7 +253,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from codistill.engine.export import main as export
+    from codistill.export import main as export
 
     return export(args)
 

@@ -113,7 +113,7 @@ def ray_local():
         # The dashboard hosts Ray's state API, which Ray Train's placement-group cleaner needs:
         # without it, a trial that Tune's ASHA stops leaks its peers' reserved CPUs and the
         # next trial waits for them forever.
-        from codistill.engine.run import private_instance_env
+        from codistill.engine.ray.connect import private_instance_env
 
         with private_instance_env():  # as codistill starts its own private instance
             ray.init("local", num_cpus=2, include_dashboard=True, object_store_memory=150 * 2**20,
@@ -149,6 +149,6 @@ def make_config(tmp_path):
 def quick_lease(monkeypatch):
     """In-process runs take their lease with a short settle wait (one process cannot race itself);
     the test of two real processes starting at once runs subprocesses with the real wait."""
-    from codistill.engine import lease
+    from codistill import lease
 
     monkeypatch.setattr(lease, "SETTLE_S", 0.02)

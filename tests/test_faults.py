@@ -115,7 +115,7 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch
     import json
     import time
 
-    from codistill.engine import lease as lease_module
+    from codistill import lease as lease_module
 
     monkeypatch.setattr(lease_module, "SETTLE_S", 0.01)
     cfg = small_config(tmp_path, "name=leased", "train.steps=20", "train.eval_every=10", "train.checkpoint_every=10")

@@ -180,7 +180,7 @@ def test_hf_peers_with_another_vocabulary_are_refused_naming_both(corpus, tmp_pa
 def test_hf_top_k_targets_are_the_default_above_the_vocabulary_threshold(corpus, tmp_path, caplog):
     from codistill.data.task import AUTO_TOP_K, Classes, NextToken
     from codistill.engine.job import exchanged_top_k
-    from codistill.engine.ray_runner import check_exchange
+    from codistill.engine.ray.runner import check_exchange
 
     path, _ = corpus
     peer = {"model": "hf_causal_lm", "model_args": {"config": LLAMA}}

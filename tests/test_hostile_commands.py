@@ -33,6 +33,28 @@ def test_export_to_a_path_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, 
     assert (tmp_path / "afile").read_text() == "not a folder"
 
 
+def test_export_of_a_model_without_an_export_capability_names_the_models_that_have_one(tmp_path, capsys):
+    """Whether a model exports is its registry entry's (`ModelEntry.export`), not a name compared."""
+    from codistill.models import MODELS, register_model
+
+    run = tmp_path / "cnn"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: cnn\npeers:\n- model: mnist1d_cnn\n")
+    assert main(["export", str(run), "--to", str(tmp_path / "out")]) == 2
+    last = _last_err_line(capsys)
+    assert "peer 0 is model 'mnist1d_cnn', which has no folder to export" in last and "hf_causal_lm" in last, last
+    assert not (tmp_path / "out").exists()
+
+    @register_model("exports_for_a_test", input_kind="sequence", export=lambda network, folder: None)
+    def exports_for_a_test(num_classes):
+        raise AssertionError("not built: the refusal comes first")
+
+    (run / "config.yaml").write_text("name: cnn\npeers:\n- model: exports_for_a_test\n")
+    assert main(["export", str(run), "--to", str(tmp_path / "out")]) == 2  # passes the model check ...
+    assert "no checkpoint" in _last_err_line(capsys)  # ... and stops at the checkpoints it lacks
+    assert MODELS["exports_for_a_test"].export is not None
+
+
 # -- 10, 11: compare's data_parallel settings and --target ------------------------------------
 
 @pytest.mark.parametrize("setting", ["method.temperature=3", "method.bogus=1", "exchange.top_k=8", "teacher.run=x"])
@@ -131,7 +153,7 @@ def test_bench_kl_sizes_it_cannot_measure_are_one_line(capsys, flag, value):
 # -- 12: one driver per sweep name ------------------------------------------------------------
 
 def test_a_second_driver_of_a_sweep_is_refused_in_one_line_before_ray_starts(tmp_path, capsys):
-    from codistill.engine.lease import RunLease, RunLocked
+    from codistill.lease import RunLease, RunLocked
     from codistill.experiments.tune import run_sweep
     from codistill.storage import RunStorage
 
@@ -154,7 +176,7 @@ def test_a_resume_retries_the_trials_refused_only_by_another_drivers_lease(tmp_p
     from codistill.storage import RunStorage
 
     sweep = tmp_path / "sweep"
-    trials = {"a_00000": ("TERMINATED", None), "a_00001": ("ERROR", "codistill.engine.lease.RunLocked: run "
+    trials = {"a_00000": ("TERMINATED", None), "a_00001": ("ERROR", "codistill.lease.RunLocked: run "
                                                                        "/x/runs/a_00001 is being written by another "
                                                                        "process (host h, pid 1)"),
               "a_00002": ("ERROR", "RuntimeError: diverged")}

@@ -42,7 +42,7 @@ def test_the_private_ray_instance_is_asked_for_the_loopback_address_and_a_cluste
     import ray
     from ray._private import ray_constants
 
-    from codistill.engine import run
+    from codistill.engine.ray import connect as run
 
     calls = []
 
@@ -74,7 +74,7 @@ def test_the_private_ray_instance_listens_on_loopback_only():
 
     script = """
 import subprocess, psutil, ray
-from codistill.engine.run import connect_ray
+from codistill.engine.ray.connect import connect_ray
 connect_ray(None, log_to_driver=False)
 session = ray._private.worker._global_node.get_session_dir_path()
 pids = {p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"]) if session in " ".join(p.info["cmdline"] or [])}

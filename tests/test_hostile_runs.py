@@ -20,7 +20,7 @@ from tests.test_hostile_inputs import _last_err_line
 def test_a_top_k_not_below_the_classes_sends_whole_logits_and_says_so(tmp_path, caplog):
     from codistill.data.task import Classes
     from codistill.engine.job import exchanged_top_k, top_k_note
-    from codistill.engine.ray_runner import check_exchange
+    from codistill.engine.ray.runner import check_exchange
 
     cfg = small_config(tmp_path, "exchange.top_k=64", base="configs/codistill_mnist1d.yaml")
     assert exchanged_top_k(cfg, Classes(10)) == 0  # top-64 of 10 classes is all of them: 124,000 bytes a round, not 80,000
@@ -103,7 +103,7 @@ def test_hf_the_object_store_refusal_counts_rounds_and_a_run_inside_burn_in_is_n
     pytest.importorskip("transformers")
     from tests.test_hf import hf_config
 
-    from codistill.engine.ray_runner import check_exchange
+    from codistill.engine.ray.runner import check_exchange
 
     path = corpus_file(tmp_path)
 

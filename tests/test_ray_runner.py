@@ -172,7 +172,7 @@ def test_a_private_instance_polls_its_workers_more_often_and_leaves_the_drivers_
     # instance starts; the driver's own environment is as it was.
     import ray
 
-    from codistill.engine.run import PRIVATE_INSTANCE_ENV
+    from codistill.engine.ray.connect import PRIVATE_INSTANCE_ENV
 
     @ray.remote(num_cpus=0)
     def environment():
@@ -303,7 +303,7 @@ def test_cli_trains_on_a_local_ray_instance_and_reports(tmp_path):
     ({"CPU": 2}, 3, 1, {"CPU": 1.0}),                          # no GPU at all: one CPU per peer
 ])
 def test_automatic_resources_put_one_worker_on_each_gpu(make_config, cluster, peers, replicas, expected):
-    from codistill.engine.placement import resources_per_worker
+    from codistill.engine.ray.placement import resources_per_worker
 
     cfg = make_config("peers=[" + ", ".join(["{model: mnist1d_cnn}"] * peers) + "]", f"ray.workers_per_peer={replicas}")
     assert cfg.num_peers == peers
@@ -312,7 +312,7 @@ def test_automatic_resources_put_one_worker_on_each_gpu(make_config, cluster, pe
 
 def test_too_few_gpus_is_an_error_not_a_silent_cpu_run(make_config):
     from codistill.config import ConfigError
-    from codistill.engine.placement import resources_per_worker
+    from codistill.engine.ray.placement import resources_per_worker
 
     with pytest.raises(ConfigError, match=r"ray\.resources_per_peer: .* 1 GPUs for 2 peers .*\{CPU: 1\}"):
         resources_per_worker(make_config(), {"CPU": 8, "GPU": 1})
@@ -321,7 +321,7 @@ def test_too_few_gpus_is_an_error_not_a_silent_cpu_run(make_config):
 
 
 def test_trainer_asks_ray_for_the_configured_placement(ray_local, make_config):
-    from codistill.engine.ray_runner import ProgressMailbox, make_trainers
+    from codistill.engine.ray.runner import ProgressMailbox, make_trainers
     from codistill.storage import RunStorage
 
     cfg = make_config("ray.resources_per_peer={GPU: 1, CPU: 2}", "ray.placement_strategy=PACK")
@@ -340,7 +340,7 @@ def test_trainer_asks_ray_for_the_configured_placement(ray_local, make_config):
     ({"CPU": 0.5}, [{"CPU": 2.0}], 4),
 ])
 def test_workers_that_fit_count_whole_workers_per_node(per_worker, nodes, fits):
-    from codistill.engine.placement import workers_that_fit
+    from codistill.engine.ray.placement import workers_that_fit
 
     assert workers_that_fit(per_worker, nodes) == fits
 
@@ -380,7 +380,7 @@ def test_a_diverging_ray_run_stops_with_the_peer_step_and_term_and_keeps_its_che
 def test_peers_apart_that_do_not_fit_at_once_are_an_error_on_a_fixed_instance_and_late_on_a_cluster(
         make_config, caplog, fixed_size):
     from codistill.config import ConfigError
-    from codistill.engine.placement import check_placement_per_peer
+    from codistill.engine.ray.placement import check_placement_per_peer
 
     cfg = make_config("peers.0.workers=2", base="configs/codistill_mnist1d.yaml")  # 3 workers, 1 CPU each
     nodes = [{"CPU": 2.0}]

@@ -161,8 +161,8 @@ def summarise(times: dict[str, list[float]]) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from codistill.engine.ray_workers import run_on_workers
-    from codistill.engine.run import connect_ray, disconnect_ray
+    from codistill.engine.ray.workers import run_on_workers
+    from codistill.engine.ray.connect import connect_ray, disconnect_ray
 
     overrides = [*NO_EVALUATION, *(args.set or [])]
     spec = {"config": args.config or DEMO_CONFIG, "overrides": overrides, "peers": 2, "rounds": args.rounds,

@@ -129,7 +129,7 @@ def _bytes_per_round() -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from codistill.engine.run import connect_ray, disconnect_ray
+    from codistill.engine.ray.connect import connect_ray, disconnect_ray
 
     print("# codistill bench codistill — 2 MNIST-1D CNN peers (threads), object-store round board on local Ray", flush=True)
     periods = [1, 10, 50]

@@ -113,7 +113,7 @@ def _local_bench(spec: dict) -> tuple[dict, list[float]]:
 
 
 def _ray_bench(spec: dict) -> dict:
-    from codistill.engine.ray_workers import run_on_workers
+    from codistill.engine.ray.workers import run_on_workers
     from codistill.exchange.object_store import GatherCoordinator
 
     spec = {**spec, "coordinator": GatherCoordinator.remote(spec["peers"])}
@@ -147,7 +147,7 @@ def _summarise_steps(steps: dict[str, list[float]]) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from codistill.engine.run import connect_ray, disconnect_ray
+    from codistill.engine.ray.connect import connect_ray, disconnect_ray
 
     with tempfile.TemporaryDirectory() as folder:
         image_model = MODELS[args.model].input_kind == "image"

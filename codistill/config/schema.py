@@ -357,7 +357,7 @@ class ExperimentConfig:
     def layout(self) -> str:
         """`ray.layout` resolved: `apart` (each peer its own Ray Train run) for a method that
         exchanges in rounds under `auto`, else `one_group`; the Ray runner's layout of that name
-        (`engine/layouts.py`) is what acts on it."""
+        (`engine/ray/layouts.py`) is what acts on it."""
         return "apart" if self.method.exchanges_in_rounds and self.ray.layout == "auto" else "one_group"
 
     def workers_of(self, peer: int) -> int:

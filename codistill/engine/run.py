@@ -5,8 +5,6 @@ gathers the records into one Parquet table, draws the accuracy plot and prints t
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -15,12 +13,12 @@ import yaml
 
 from codistill.config import ConfigError, ExperimentConfig, dump_config, first_difference, load_yaml, to_dict
 from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, peer_run_dir
-from codistill.engine.lease import RunLease
+from codistill.lease import RunLease
 from codistill.engine.resume import check_ray_resume
 from codistill.engine.stages import prepare_stages
 from codistill.engine.stale_peers import warn_of_checkpoints_inside_rounds
 from codistill.engine.teacher import resolve_teacher
-from codistill.errors import RunError, first_line
+from codistill.errors import first_line
 from codistill.records import consolidate_records, final_metrics, plot_accuracy, summary_text, trained_step
 from codistill.storage import RunStorage, StorageError, open_run_storage, resolve_storage_path, storage_errors
 
@@ -93,7 +91,7 @@ def forget_refused_start(storage: RunStorage) -> None:
 
     import pyarrow.fs as pafs
 
-    from codistill.engine.lease import LEASE_FILE
+    from codistill.lease import LEASE_FILE
 
     try:
         found = storage.fs.get_file_info(pafs.FileSelector(storage.run_dir, recursive=True, allow_not_found=True))
@@ -158,117 +156,6 @@ def stored_as_of_today(stored: dict) -> dict:
         return stored
 
 
-def _refused_for_token(err: BaseException | None) -> bool:
-    """Ray reports a rejected token only as text inside the chain of connection errors."""
-    while err is not None:
-        if "InvalidAuthToken" in str(err) or "AuthenticationError" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
-    """Join `address` (or RAY_ADDRESS), else start a private local instance — never a cluster
-    that happens to run on this machine — listening on the loopback address only. The local
-    instance runs the dashboard: it hosts the state API that Ray Train's placement-group cleanup
-    needs (without it, a trial stopped by ASHA keeps its peers' resources)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # `ray job submit --working-dir .` runs this driver from Ray's unpacked copy of the project,
-    # and Ray (2.60) unpacks that copy again when the driver connects: for a moment the folder
-    # is gone and a lazy `import codistill.…` fails. The Ray runner imports everything a driver
-    # needs later at its top level (exchange, coordinators, checkpoints), so importing it first
-    # is enough; `codistill tune` has imported `codistill.experiments.tune` before it connects.
-    import codistill.engine.ray_runner  # noqa: F401
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        try:
-            ray.init(address=address, log_to_driver=log_to_driver)
-        except ConnectionError as err:
-            if _refused_for_token(err):
-                # Ray never sends a token to an address given explicitly unless told to.
-                raise ConnectionError(
-                    f"the Ray cluster at {address} uses token authentication and refused this "
-                    "connection: export RAY_AUTH_MODE=token, and make the cluster's token readable here "
-                    "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; `ray get-auth-token` on "
-                    "the head prints it)") from err
-            raise
-    else:
-        with _loopback_only(), private_instance_env():
-            try:
-                ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver,
-                         _node_ip_address="127.0.0.1")
-            except Exception as err:  # noqa: BLE001 — Ray raises a bare Exception when its start-up times out
-                ray.shutdown()  # what did start of the instance
-                raise RunError(f"the private Ray instance did not start: {first_line(err, 200)} (an overloaded "
-                               "machine does this: retry when it is quieter, or use --backend local)") from None
-
-
-# Ray Train's controller polls its workers every 2 s (Ray's default): a run's end and each
-# checkpoint are seen up to 2 s late, ~5 s of every short run on this machine. A private
-# instance has a handful of workers on one machine, so it polls 4× as often; a cluster keeps
-# Ray's default (the controller polls every worker of every peer). Ray also starts its workers
-# at nice 15, below every ordinary process: on a machine where anything else runs (one busy core
-# was enough here), the peers then get a sliver of a core — a 2-core machine with a busy core ran
-# a codistillation step ~20× slower. A private instance runs the user's own training, so its
-# workers get an ordinary share (niceness 0), as the same training has on the local runner.
-PRIVATE_INSTANCE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_worker_niceness": "0"}
-
-
-@contextmanager
-def _environment_put_back(keys):
-    """Whatever the block does to the environment variables `keys`, they are as before after it."""
-    before = {key: os.environ.get(key) for key in keys}
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextmanager
-def private_instance_env():
-    """While a private Ray instance starts: the environment its processes inherit gets
-    `PRIVATE_INSTANCE_ENV` (a value the user set wins); put back after."""
-    with _environment_put_back(PRIVATE_INSTANCE_ENV):
-        for key, value in PRIVATE_INSTANCE_ENV.items():
-            os.environ.setdefault(key, value)
-        yield
-
-
-@contextmanager
-def _loopback_only():
-    """While a private Ray instance starts: its node address is the loopback one, so its servers
-    (GCS, raylet, workers, object manager) listen on 127.0.0.1 only, not on every interface —
-    token authentication is then not the only thing between them and the network. Ray (2.60)
-    keeps a loopback node address only where it thinks clusters are off (macOS, Windows); on
-    Linux it swaps 127.0.0.1 for the node's outward address. Its switch for that is read by this
-    process (the constant) and by the processes it starts (the environment); both are put back
-    after, so joining a cluster later in this process still works."""
-    from ray._private import ray_constants
-
-    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    constant_before = ray_constants.ENABLE_RAY_CLUSTER
-    with _environment_put_back([key]):
-        os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
-        try:
-            yield
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = constant_before
-
-
-def disconnect_ray() -> None:
-    import ray
-
-    ray.shutdown()
-
-
 def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[int, dict], None] | None = None,
           callbacks=(), data=None) -> RunResult:
     """Train the peers of `cfg` on the `local` or the `ray` backend. `data`: your own data
@@ -281,7 +168,9 @@ def train(cfg: ExperimentConfig, backend: str = "local", on_progress: Callable[[
 
         cfg = replace(cfg, data=replace(cfg.data, name=register_given(data, cfg.data)))  # validated against the peers
     if backend == "ray":
-        from codistill.engine.placement import check_shared_storage
+        from codistill.engine.ray.placement import check_shared_storage
+
+        from codistill.engine.ray.connect import connect_ray
 
         connect_ray(cfg.ray.address)
         # Before anything is written: a run the cluster cannot store must not start.
@@ -310,7 +199,7 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
             run_local(cfg, storage, on_progress)
         else:
             check_ray_resume(storage, cfg.num_peers)  # records that cannot be gathered: refused before training
-            from codistill.engine.ray_runner import run_ray
+            from codistill.engine.ray.runner import run_ray
 
             run_ray(cfg, storage, on_progress, callbacks)
         return finish_run(cfg, storage)

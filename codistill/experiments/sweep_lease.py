@@ -1,6 +1,6 @@
 """One driver per sweep name, and what a second driver left behind (`experiments/tune.py`).
 
-A sweep's driver takes the run lease of its folder (`engine/lease.py`, as `train` does for a
+A sweep's driver takes the run lease of its folder (`lease.py`, as `train` does for a
 run and every cell of a `compare` for its own): a second `codistill tune` on the name is refused
 in one line before anything is written. Sweeps run before that lease existed — or a trial whose
 run a process that outlived its driver still held — could end a trial in ERROR only because
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 
-from codistill.engine.lease import HELD_ELSEWHERE, LEASE_FILE, RunLease
+from codistill.lease import HELD_ELSEWHERE, LEASE_FILE, RunLease
 from codistill.storage import RunStorage
 
 logger = logging.getLogger(__name__)

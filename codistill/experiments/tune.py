@@ -31,7 +31,7 @@ import yaml
 from codistill.config import (ConfigError, ExperimentConfig, dump_config, first_difference, load_config, load_yaml,
                               set_path, to_dict)
 from codistill.config.search_space import parse_distribution
-from codistill.engine.lease import LEASE_FILE
+from codistill.lease import LEASE_FILE
 from codistill.storage import RunStorage, resolve_storage_path
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def run_trial(trial: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from codistill.engine.registrations import adopt_registrations
+    from codistill.engine.ray.registrations import adopt_registrations
     from codistill.engine.run import train_connected
 
     adopt_registrations(trial["registrations"])  # a trial's process imports codistill afresh
@@ -203,7 +203,7 @@ def refuse_a_changed_sweep(cfg: ExperimentConfig) -> None:
     the lease and checks again, where compare's tuning restarts a changed sweep)."""
     import ray.tune
 
-    from codistill.engine.lease import RunLease
+    from codistill.lease import RunLease
 
     storage = RunStorage(resolve_storage_path(cfg.ray.storage_path), cfg.name)
     RunLease(storage).refuse_if_held()
@@ -245,8 +245,8 @@ def _resume_or_start(cfg: ExperimentConfig, storage: RunStorage, experiment: str
 def run_sweep(cfg: ExperimentConfig, on_change: str = "refuse") -> SweepResult:
     """Run the sweep described by `cfg.tune` on the connected Ray cluster, or resume the one
     stored under its name (see the module's docstring; `on_change`: see `_resume_or_start`)."""
-    from codistill.engine.lease import RunLease
-    from codistill.engine.placement import check_shared_storage
+    from codistill.lease import RunLease
+    from codistill.engine.ray.placement import check_shared_storage
 
     if cfg.tune is None or not cfg.tune.space:
         raise ValueError("the config has no `tune.space` to search")
@@ -261,7 +261,7 @@ def _run_sweep(cfg: ExperimentConfig, storage: RunStorage, on_change: str, lease
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from codistill.engine.registrations import user_registrations
+    from codistill.engine.ray.registrations import user_registrations
     from codistill.experiments.sweep_lease import clear_dead_leases, retry_lease_refusals
 
     settings, storage_path = cfg.tune, storage.storage_path

@@ -158,8 +158,14 @@ def check_tokenizer(model_args: dict, ours: str | None) -> str | None:
     return None
 
 
+def save_pretrained(network: nn.Module, folder: str) -> None:
+    """The peer as the folder `AutoModelForCausalLM.from_pretrained` loads: its weights are the
+    transformers model's own, so transformers writes them."""
+    network.model.save_pretrained(folder)
+
+
 @register_model("hf_causal_lm", input_kind=TOKENS, check=check_args, check_tokenizer=check_tokenizer,
-                loads_weights=lambda args: args.get("path") is not None)
+                loads_weights=lambda args: args.get("path") is not None, export=save_pretrained)
 def hf_causal_lm(num_classes: int, path: str | None = None, config: dict | None = None) -> nn.Module:
     """A Hugging Face transformers causal LM: a local folder (`path`) or a config to initialise (`config`)."""
     problem = check_args(path, config)

@@ -54,6 +54,10 @@ class ModelEntry:
     loads_weights: Callable[[dict], bool] | None = None
     """Whether the model built with these model_args comes with trained weights of its own (a
     `from_pretrained` folder): such a model can teach without a checkpoint file."""
+    export: Callable[[nn.Module, str], None] | None = None
+    """How a trained network of this model is written as a folder another library loads
+    (`hf_causal_lm`: the transformers model's `save_pretrained`), which `codistill export` calls.
+    None: the model has no such folder (its weights stay in the run's checkpoints)."""
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
@@ -62,10 +66,11 @@ MODELS: Registry[ModelEntry] = Registry("model")
 def register_model(name: str, input_kind: str, branch_point: int | None = None, taps: dict[str, str] | None = None,
                    norms: dict[str, str] | None = None, check: Callable[..., str | None] | None = None,
                    check_tokenizer: Callable[[dict, str | None], str | None] | None = None,
-                   loads_weights: Callable[[dict], bool] | None = None):
+                   loads_weights: Callable[[dict], bool] | None = None,
+                   export: Callable[[nn.Module, str], None] | None = None):
     def decorator(fn: Callable[[int], nn.Module]):
         MODELS.add(name, ModelEntry(fn, input_kind, branch_point, dict(taps or {}), dict(norms or {}), check,
-                                    check_tokenizer, loads_weights), getattr(fn, "__module__", ""))
+                                    check_tokenizer, loads_weights, export), getattr(fn, "__module__", ""))
         return fn
     return decorator
 

@@ -18,7 +18,7 @@ the config only resolves `ray.layout` to a layout's name (`ExperimentConfig.layo
   What they share outlives them all and lives on the driver's node: the round board
   (`LastingRoundBoard`, the only state of the training they share: an away peer costs each
   other peer one wait of `wait_timeout_s`, then it is left out, recorded as `missing_peers`,
-  until it has a usable round again) and the evaluation board (`engine/evaluation_board.py`:
+  until it has a usable round again) and the evaluation board (`engine/ray/evaluation_board.py`:
   peers evaluate alone; once every peer has evaluated a step, the board writes the group's
   figures of that step, which the records fill into the peers' test rows).
 
@@ -42,9 +42,9 @@ from codistill.config import ConfigError, ExperimentConfig
 from codistill.data import DATASETS
 from codistill.engine.checkpoint import CHECKPOINT_DIR, peer_run_dir
 from codistill.engine.evaluate import EvaluationSink, Posted
-from codistill.engine.evaluation_board import BoardPoster, EvaluationBoard
+from codistill.engine.ray.evaluation_board import BoardPoster, EvaluationBoard
 from codistill.engine.mesh import MeshPlace, PeerMesh
-from codistill.engine.placement import check_placement, check_placement_per_peer, resources_per_worker
+from codistill.engine.ray.placement import check_placement, check_placement_per_peer, resources_per_worker
 from codistill.exchange.base import Exchange, PeriodicExchange
 from codistill.exchange.collective import CollectiveExchange
 from codistill.exchange.object_store import GatherCoordinator, ObjectStoreExchange

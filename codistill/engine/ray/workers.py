@@ -12,7 +12,7 @@ import ray.train
 import ray.train.torch
 from ray.train.torch import TorchTrainer
 
-from codistill.engine.ray_runner import ProgressMailbox
+from codistill.engine.ray.runner import ProgressMailbox
 
 
 def _worker_of(fn, spec: dict, mailbox) -> None:

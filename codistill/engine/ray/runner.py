@@ -3,7 +3,7 @@
 Ray Train gives placement (one GPU per peer on a workstation), the process group (gloo on CPU,
 NCCL on GPU), checkpoints in `storage_path` and restarts from the newest checkpoint after a
 failure (`FailureConfig`). How the peers are spread over Ray Train runs — one group, or one run
-per peer — is the layout's business (`engine/layouts.py`): this module runs whatever it asks for.
+per peer — is the layout's business (`engine/ray/layouts.py`): this module runs whatever it asks for.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from codistill.data import load_data
 from codistill.engine.checkpoint import (META_FILE, checkpoint_folders, checkpoint_name, meta_state, newest_loadable,
                                          past_damaged, peer_file, to_bytes)
 from codistill.engine.job import make_job, peer_schedules
-from codistill.engine.layouts import LAYOUTS, Layout, RunSpec, layout_of, on_this_node
+from codistill.engine.ray.layouts import LAYOUTS, Layout, RunSpec, layout_of, on_this_node
 from codistill.engine.loop import RunContext, train_peer
-from codistill.engine.registrations import adopt_registrations, user_registrations
+from codistill.engine.ray.registrations import adopt_registrations, user_registrations
 from codistill.engine.threads import run_in_threads
 from codistill.errors import RunError, first_line
 from codistill.records import drop_records_after, write_record_part
@@ -219,7 +219,7 @@ def check_exchange(cfg: ExperimentConfig, object_store: float) -> None:
 
 def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callbacks=()):
     """Train all peers of `cfg` on the Ray cluster this process is connected to, in the Ray Train
-    runs of its layout (`engine/layouts.py`). Tune's callbacks report one run's results, so a
+    runs of its layout (`engine/ray/layouts.py`). Tune's callbacks report one run's results, so a
     Tune trial keeps one group."""
     # A private local instance (no address given) has the size it was started with.
     fixed_size = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")

@@ -5,8 +5,9 @@ The peer's newest checkpoint that loads (a finished or an interrupted run) becom
 `save_pretrained`, the tokenizer the run's data was tokenized with (a given folder's, or the BPE
 trained for the corpus: found through the checkpoint's data fingerprint, the corpus not loaded;
 refused when its files changed since, left out and said when it is gone), and a README card naming the run, the method, the step and the peer's
-bits per token on the test split at that step. Only `hf_causal_lm` peers export this way: their
-weights are a `transformers` model's own.
+bits per token on the test split at that step. What a model is written as is the model's own
+capability, declared in its registry entry (`ModelEntry.export`; `hf_causal_lm`: `save_pretrained`):
+a model without one is refused naming those that have it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from codistill.data.task import Fingerprint
 from codistill.data.text import tokenizer_hash
 from codistill.errors import ConfigError
 from codistill.metrics import BITS, Score, score_of
-from codistill.models import create_model
+from codistill.models import MODELS, create_model
 from codistill.storage import RunStorage
 
 
@@ -88,9 +89,11 @@ def export_peer(run_dir: str, peer: int, to: str) -> dict:
     peers = config.get("peers", [])
     if not 0 <= peer < len(peers):
         raise ConfigError("--peer", f"the run has {len(peers)} peers (0..{len(peers) - 1}), got {peer}")
-    if peers[peer].get("model") != "hf_causal_lm":
-        raise ConfigError("--peer", f"peer {peer} is model {peers[peer].get('model')!r}; export writes transformers "
-                                    "folders of hf_causal_lm peers")
+    model = peers[peer].get("model")
+    if model not in MODELS or MODELS[model].export is None:
+        exportable = ", ".join(n for n, entry in MODELS.items() if entry.export is not None)
+        raise ConfigError("--peer", f"peer {peer} is model {model!r}, which has no folder to export; models that "
+                                    f"export: {exportable}")
     target = _new_or_empty_folder(to)
     found = newest_loadable(storage, [f for f in checkpoint_folders(storage)
                                       if storage.exists(f"{f[1]}/{peer_file(peer)}")], [peer])
@@ -105,7 +108,7 @@ def export_peer(run_dir: str, peer: int, to: str) -> dict:
     tokenizer, why_not = _tokenizer_of(saw)
     network = create_model(name, saw.vocab_size, **model_args)
     network.load_state_dict(weights)
-    network.model.save_pretrained(str(target))
+    MODELS[name].export(network, str(target))
     if tokenizer:
         from codistill.data.text import save_tokenizer
 
