@@ -1,12 +1,14 @@
 """The local runner: learning, checkpoints, resume after a crash, records."""
 
 import collections
+import io
 import threading
 
 import pytest
+import torch
 
 from codistill.config import ExperimentConfig, build_dataclass
-from codistill.engine.checkpoint import LocalCheckpoints, from_bytes
+from codistill.engine.checkpoint import CHECKPOINT_FORMAT, LocalCheckpoints, from_bytes, peer_file
 from codistill.engine.run import train
 from codistill.methods import METHODS
 
@@ -79,6 +81,8 @@ def test_checkpoints_are_self_describing_and_load_with_weights_only(make_config)
     state = checkpoints.load_peer(120, 1)  # torch.load(weights_only=True) inside
     assert state["step"] == 120 and state["peer"] == 1 and state["model_name"] == "mnist1d_cnn"
     assert {"model", "optimizer", "torch_rng"} <= set(state)
+    raw = torch.load(io.BytesIO(result.storage.read_bytes(f"checkpoints/step_00000120/{peer_file(1)}")), weights_only=True)
+    assert raw["format"] == CHECKPOINT_FORMAT  # written with its format: read back without a guess
     meta = from_bytes(result.storage.read_bytes("checkpoints/step_00000120/meta.pt"))
     assert build_dataclass(ExperimentConfig, meta["config"]) == result.config
 

@@ -59,8 +59,48 @@ def to_bytes(state: dict) -> bytes:
     return buffer.getvalue()
 
 
+CHECKPOINT_FORMAT = 2
+"""The format of a peer's checkpoint file, written into it (`format`). Format 1 (no `format`
+written) is every file from before: some without `base_prefix` (a wrapped model sat under
+"model."), the model's name and args, or a data fingerprint of today's fields. `upgrade` reads
+any older file as today's, so no other reader guesses what an old file meant."""
+
+
 def from_bytes(data: bytes) -> dict:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    """A checkpoint file (a peer's, a run's `meta.pt`, or a plain state dict), peer files
+    upgraded to `CHECKPOINT_FORMAT`: the one reader every loader goes through."""
+    return upgrade(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+
+def is_peer_file(state: dict) -> bool:
+    """A peer's checkpoint file (`peer_state`'s), not a plain state dict or a run's meta file."""
+    return isinstance(state.get("model"), dict) and "step" in state and "optimizer" in state
+
+
+def upgrade(state: dict) -> dict:
+    """A peer file of any earlier format as one of `CHECKPOINT_FORMAT` (other files as they are).
+    What format 1 left unsaid is said here, once: a missing `base_prefix` is "model." when every
+    weight sits under it (a wrapped model) and "" otherwise; an unrecorded model is None (the
+    reader's config names it, `saved_model`); a fingerprint gets its fields' defaults
+    (`Fingerprint.from_dict`). A file of a newer format than this codistill's is refused."""
+    if not is_peer_file(state):
+        return state
+    version = state.get("format", 1)
+    if version > CHECKPOINT_FORMAT:
+        raise RunError(f"a checkpoint of format {version} was written by a newer codistill than this one (which "
+                       f"reads up to format {CHECKPOINT_FORMAT}): upgrade codistill to resume it")
+    if version == CHECKPOINT_FORMAT:
+        return state
+    state = dict(state)
+    weights = state["model"]
+    if "base_prefix" not in state:
+        state["base_prefix"] = "model." if weights and all(k.startswith("model.") for k in weights) else ""
+    state.setdefault("model_name", None)
+    state.setdefault("model_args", None)
+    if state.get("data"):
+        state["data"] = Fingerprint.from_dict(state["data"]).as_dict()
+    state["format"] = CHECKPOINT_FORMAT
+    return state
 
 
 def base_prefix(network: torch.nn.Module, base: torch.nn.Module) -> str | None:
@@ -75,7 +115,7 @@ def peer_state(job, step: int) -> dict:
     """What a checkpoint holds of a peer (`job`: its `PeerJob`): its network (never a teacher),
     optimizer and RNG, and what rebuilds its model."""
     peer = job.peer
-    return {"peer": peer.index, "model_name": peer.spec.model, "model_args": dict(peer.spec.model_args),
+    return {"format": CHECKPOINT_FORMAT, "peer": peer.index, "model_name": peer.spec.model, "model_args": dict(peer.spec.model_args),
             "base_prefix": base_prefix(peer.network, peer.base), "step": step,
             "model": peer.network.state_dict(), "optimizer": peer.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -108,9 +148,7 @@ def registered_model(state: dict, model: str | None = None, model_args: dict | N
         if model is None:
             raise NotOneModel("a plain state dict does not say which model it holds: name the model")
         return model, dict(model_args or {}), state
-    weights = state["model"]
-    # Files written before `base_prefix` existed: a wrapped model sat under "model.".
-    prefix = state.get("base_prefix", "model." if all(k.startswith("model.") for k in weights) else "")
+    weights, prefix = state["model"], upgrade(state)["base_prefix"]
     if prefix is None:
         raise BranchedNetwork("it holds a network of branches, not one model's weights")
     if prefix:
@@ -124,9 +162,12 @@ def registered_model(state: dict, model: str | None = None, model_args: dict | N
 
 
 def saved_model(state: dict, model: str | None, model_args: dict | None) -> tuple[str | None, dict]:
-    """(model name, model args) a peer file says it holds; files written before they were
-    recorded are taken to hold `model` built with `model_args`."""
-    return state.get("model_name", model), dict(state.get("model_args", model_args or {}))
+    """(model name, model args) a peer file says it holds; a file of format 1 that did not record
+    them (None after `upgrade`) is taken to hold `model` built with `model_args`, the config's."""
+    state = upgrade(state)
+    name = state["model_name"] if state["model_name"] is not None else model
+    args = state["model_args"] if state["model_args"] is not None else (model_args or {})
+    return name, dict(args)
 
 
 def load_peer_state(job, state: dict) -> int:
