@@ -99,10 +99,19 @@ def committed_step(run_dir) -> int:
 def pytest_collection_modifyitems(items):
     """A test is a Ray test when it uses the shared Ray instance, wherever it lives: marked per
     test, so the Ray-free tests of a file about Ray still run in `make test-fast`. Tests that
-    start Ray some other way (the CLI in a subprocess) carry `@pytest.mark.ray` themselves."""
+    start Ray some other way (the CLI in a subprocess) carry `@pytest.mark.ray` themselves. A
+    `gpu` test is skipped where there is no CUDA device."""
+    cuda = None
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("gpu") is not None:
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device (pytest -m gpu on a GPU machine)"))
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,7 @@ def test_bench_step_reports_every_variant_and_parts_that_add_up(tmp_path, capsys
 
 
 def test_a_steps_parts_partition_its_time(tmp_path):
-    from tests.test_gpu_step import one_step
+    from tests.test_device_step import one_step
     from tests.conftest import small_config
 
     for peer in one_step(small_config(tmp_path)):

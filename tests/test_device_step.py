@@ -1,6 +1,6 @@
 """The step a GPU user pays for, tested on the CPU: the device data path gives the same batches, bf16 trains as well as fp32 (its
 payloads half the bytes, its soft targets still fp32), fp16's grad scaler is checkpointed,
-and `train.compile` trains."""
+and `train.compile` trains. What needs CUDA itself is in `test_gpu.py` (`pytest -m gpu`)."""
 
 import threading
 
@@ -17,13 +17,13 @@ from codistill.methods.losses import soft_kl, soft_targets
 from tests.conftest import small_config
 
 
-def one_step(cfg, step: int = 5) -> list[dict]:
+def one_step(cfg, step: int = 5, device: str = "cpu") -> list[dict]:
     """Every peer's gradients (by parameter name) and record after one `train_step`, the K
     peers as threads, as the local runner runs them."""
     data = load_dataset(cfg.data.name, augment=cfg.data.augment)
     hub = LocalGatherHub(cfg.num_peers)
     schedules = peer_schedules(cfg, len(data.y_train))
-    jobs = [make_job(cfg, k, data, schedules, torch.device("cpu"), hub.exchange_for(k)) for k in range(cfg.num_peers)]
+    jobs = [make_job(cfg, k, data, schedules, torch.device(device), hub.exchange_for(k)) for k in range(cfg.num_peers)]
     out: dict[int, dict] = {}
 
     def run(k: int) -> None:
