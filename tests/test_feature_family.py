@@ -310,7 +310,7 @@ FT = "method={name: ft, student_tap: conv3, teacher_tap: conv3, paraphraser_step
 
 
 def test_a_crash_in_the_paraphraser_stage_leaves_nothing_behind(tmp_path, teacher_run, monkeypatch):
-    from codistill.engine.run import prepare_run
+    from codistill.engine.run import resolve_run
     from codistill.engine.stages import prepare_stages
     from codistill.methods.ft import ParaphraserStage
 
@@ -324,7 +324,7 @@ def test_a_crash_in_the_paraphraser_stage_leaves_nothing_behind(tmp_path, teache
 
     original = ParaphraserStage.loss
     monkeypatch.setattr(ParaphraserStage, "loss", crashing_loss)
-    cfg, storage = prepare_run(student(tmp_path, teacher_run, "name=crashed", FT))
+    cfg, storage = resolve_run(student(tmp_path, teacher_run, "name=crashed", FT))
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare_stages(cfg, storage)
     assert storage.list("stages") == []  # written only when done: the next start trains it from the start

@@ -181,10 +181,10 @@ def test_the_teacher_gets_no_gradient_and_is_not_in_the_optimizer(tmp_path, teac
     from codistill.data import load_dataset
     from codistill.engine.job import make_job, peer_schedules
     from codistill.engine.loop import train_step
-    from codistill.engine.run import prepare_run
+    from codistill.engine.run import resolve_run
     from codistill.exchange import LocalGatherHub
 
-    cfg, _ = prepare_run(short(tmp_path, "name=grad", f"teacher.run={teacher_run.storage.uri}",
+    cfg, _ = resolve_run(short(tmp_path, "name=grad", f"teacher.run={teacher_run.storage.uri}",
                                "method.also=[{name: at, taps: [conv2]}]"))
     data = load_dataset("mnist1d")
     job = make_job(cfg, 0, data, peer_schedules(cfg, len(data.y_train)), torch.device("cpu"),

@@ -102,13 +102,6 @@ def forget_refused_start(storage: RunStorage) -> None:
         pass
 
 
-def prepare_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunStorage]:
-    """`resolve_run`, then `store_config` (without the lease `train` holds around both)."""
-    cfg, storage = resolve_run(cfg)
-    store_config(cfg, storage)
-    return cfg, storage
-
-
 def check_resumable(cfg: ExperimentConfig, stored: dict, trained: int, uri: str) -> None:
     """A run resumes only with what it trained with: the same method, peers, data, seed and
     teacher. `train.steps` may change only where no learning rate depends on it (a constant

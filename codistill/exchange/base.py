@@ -72,6 +72,13 @@ class PeriodicExchange:
 KEEP_ROUNDS = 8
 
 
+def keep_newest_rounds(rounds: dict[int, object], round_id: int, keep: int = 0) -> None:
+    """Drop a peer's rounds that no reader can use once it published `round_id`: all but the
+    newest `keep` (0: `KEEP_ROUNDS`). One rule for every transport that keeps rounds."""
+    for old in [r for r in rounds if r <= round_id - (keep or KEEP_ROUNDS)]:
+        del rounds[old]
+
+
 def pick_round(published: dict[int, object], min_round: int, max_round: int | None) -> int | None:
     """The newest round in [min_round, max_round] (max_round None: no upper bound)."""
     usable = [r for r in published if min_round <= r and (max_round is None or r <= max_round)]

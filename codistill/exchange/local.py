@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from codistill.exchange.base import KEEP_ROUNDS, Exchange, Payload, PeriodicExchange, payload_bytes, pick_round
+from codistill.exchange.base import Exchange, Payload, PeriodicExchange, keep_newest_rounds, payload_bytes, pick_round
 
 
 class LocalGatherHub:
@@ -69,8 +69,7 @@ class LocalPeriodicExchange(PeriodicExchange):
         with store.changed:
             rounds = store.published.setdefault(peer, {})
             rounds[round_id] = payload
-            for old in [r for r in rounds if r <= round_id - (keep or KEEP_ROUNDS)]:
-                del rounds[old]
+            keep_newest_rounds(rounds, round_id, keep)
             store.changed.notify_all()
         return payload_bytes(payload)
 

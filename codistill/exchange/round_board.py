@@ -25,7 +25,7 @@ import asyncio
 
 import ray
 
-from codistill.exchange.base import KEEP_ROUNDS, PeriodicExchange, payload_bytes, pick_round
+from codistill.exchange.base import PeriodicExchange, keep_newest_rounds, payload_bytes, pick_round
 from codistill.exchange.object_store import PeerGroupGenerations
 
 
@@ -57,8 +57,7 @@ class _Rounds(PeerGroupGenerations):
                 for later in [r for r in rounds if r >= round_id]:
                     del rounds[later]
             rounds[round_id] = ref
-            for old in [r for r in rounds if r <= round_id - (keep or KEEP_ROUNDS)]:
-                del rounds[old]
+            keep_newest_rounds(rounds, round_id, keep)
             self.changed.notify_all()
 
     async def newest(self, generation: int, peer: int, min_round: int, max_round: int | None, timeout: float,
@@ -126,18 +125,6 @@ class ObjectStorePeriodicExchange(PeriodicExchange):
         """The payload as it goes to the board: a reference (this worker's object; the group dies
         with it anyway)."""
         return [ray.put(payload)]
-
-    def publish(self, round_id: int, peer: int, payload, keep: int = 0) -> int:
-        ray.get(self.board.publish.remote(self.generation, round_id, peer, self._put(payload), keep, self.rejoin))
-        self.rejoin = False
-        return payload_bytes(payload)
-
-    def newest(self, peer: int, min_round: int, max_round: int | None, timeout: float):
-        answer = ray.get(self.board.newest.remote(self.generation, peer, min_round, max_round, timeout))
-        if answer is None:
-            return None
-        round_id, boxed = answer
-        return round_id, ray.get(boxed[0])
 
     def round_trip(self, round_id, peer, payload, others, min_round, max_round, timeout, keep=0):
         answers = ray.get(self.board.round_trip.remote(self.generation, round_id, peer, self._put(payload), others,
