@@ -106,7 +106,7 @@ def cell_recipe(base: dict, spec: MethodSpec) -> dict:
     data.pop("tune", None)
     if spec.name == DATA_PARALLEL:
         return to_dict(data_parallel(load_config(data)))
-    if one_network_method(data):
+    if trains_one_network(data):
         data["peers"] = data["peers"][:1]
     return data
 
@@ -127,7 +127,7 @@ def method_name(spec: MethodSpec) -> str:
     return "independent" if spec.name == DATA_PARALLEL else spec.name
 
 
-def one_network_method(data: dict) -> bool:
+def trains_one_network(data: dict) -> bool:
     """Whether the method section trains one network of branches: the method's config says."""
     return build_dataclass(MethodConfig, data["method"], "method").trains_one_network
 

@@ -41,7 +41,7 @@ from codistill.config import ExperimentConfig, first_difference, load_config, to
 from codistill.errors import ConfigError, RunError
 from codistill.experiments import speed
 from codistill.experiments.cells import (DATA_PARALLEL, TUNE_SEEDS, MethodSpec, cell_config, cell_data, cell_name,
-                                         cell_recipe, one_network_method, parse_method, refuse_or_forget, run_figures, search_space,
+                                         cell_recipe, trains_one_network, parse_method, refuse_or_forget, run_figures, search_space,
                                          stored_cell_difference, what_it_trains)
 from codistill.experiments.compare_report import MARKDOWN_FILE, markdown_table, plot_comparison
 from codistill.experiments.paired import paired_differences
@@ -157,7 +157,7 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
     plan = []
     for spec in specs:
         probe = cell_data(base, spec, {})
-        one_network = one_network_method(probe)
+        one_network = trains_one_network(probe)
         if one_network and not same_models:
             log(f"{spec.label}: n/a — one network of branches needs peers of one model")
             continue

@@ -53,19 +53,19 @@ class ONE(PeerMethod):
         return gated_ensemble(outputs.logits, outputs.gate_logits)
 
     def members(self, outputs):
-        return list(outputs.logits) if self.branched else [outputs]
+        return list(outputs.logits) if self.trains_one_network else [outputs]
 
     def peer_logits(self, outputs):
-        return outputs if self.branched else outputs.logits
+        return outputs if self.trains_one_network else outputs.logits
 
     def logits(self, outputs):
-        return gated_ensemble(outputs.logits, outputs.gate_logits) if self.branched else outputs.logits
+        return gated_ensemble(outputs.logits, outputs.gate_logits) if self.trains_one_network else outputs.logits
 
     def own_payload(self, logits, outputs, taps):
         return {"logits": logits, "gate": outputs.gate}
 
     def loss(self, s):
-        if not self.branched:
+        if not self.trains_one_network:
             return super().loss(s)  # CE(z_i) + distill_terms
         T, weight = self.config.temperature, self.config.weight_at(s.step)
         logits, gate_logits = s.outputs  # (m, B, C), (B, m)

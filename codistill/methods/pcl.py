@@ -75,7 +75,7 @@ class PCL(PeerMethod):
 
     def members(self, outputs):
         live, mean = outputs
-        lives, means = (list(live), list(mean)) if self.branched else ([live], [mean])
+        lives, means = (list(live), list(mean)) if self.trains_one_network else ([live], [mean])
         return [LiveAndMean(l, m) for l, m in zip(lives, means)]  # each member: ((z, c), (z̄, c̄))
 
     def peer_logits(self, outputs):

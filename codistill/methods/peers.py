@@ -71,7 +71,7 @@ class PeerMethod(Method):
     config_class = PeerMethodConfig
 
     def __init__(self, config: PeerMethodConfig, top_k=None):
-        self.branched = config.trains_one_network
+        self.trains_one_network = config.trains_one_network
         super().__init__(config, top_k)
 
 
@@ -92,7 +92,7 @@ class PeerMethod(Method):
 
     def members(self, outputs) -> list:
         """The whole network's outputs → each member's (one across peers; the branches)."""
-        return list(outputs) if self.branched else [outputs]
+        return list(outputs) if self.trains_one_network else [outputs]
 
     def branch_network(self, model: nn.Module, model_name: str) -> nn.Module:
         """The one-network form: a shared trunk and the branches, each a peer network."""
@@ -105,7 +105,7 @@ class PeerMethod(Method):
     # -- the Method interface -----------------------------------------------------------------
 
     def own_network(self, model, model_name, tap_shapes):
-        if self.branched:
+        if self.trains_one_network:
             network = self.branch_network(model, model_name)
         else:
             network = self.peer_network(model)
@@ -117,7 +117,7 @@ class PeerMethod(Method):
 
     def evaluation_heads(self, outputs):
         members = self.members(outputs)
-        if not self.branched:
+        if not self.trains_one_network:
             return self.peer_heads(members[0])
         firsts = [next(iter(self.peer_heads(o).values())) for o in members]
         heads = {"ensemble": self.branch_ensemble(outputs, firsts)}
@@ -125,7 +125,7 @@ class PeerMethod(Method):
         return heads
 
     def evaluation_members(self, heads):
-        return [name for name in heads if name.startswith("branch")] if self.branched else [next(iter(heads))]
+        return [name for name in heads if name.startswith("branch")] if self.trains_one_network else [next(iter(heads))]
 
     def payload(self, outputs, taps):
         member = self.members(outputs)[0]
@@ -135,7 +135,7 @@ class PeerMethod(Method):
         return self.sendable(sent)
 
     def loss(self, s: Signals):
-        if not self.branched:
+        if not self.trains_one_network:
             return super().loss(s)
         members = self.members(s.outputs)
         sent = [{n: t.detach() for n, t in self.own_payload(self.peer_logits(o), o, {}).items()} for o in members]
