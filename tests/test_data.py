@@ -210,6 +210,21 @@ def test_a_generated_mnist1d_training_set_of_the_size_asked_trains_and_leaves_th
     assert load_config({**config, "data": {**config["data"], "train_examples": 6000}}).data.train_examples == 6000
 
 
+def test_a_training_set_above_the_chunk_size_is_generated_in_chunks_the_first_of_them_the_smaller_set(
+        tmp_path, monkeypatch):
+    from codistill.data import loaders
+
+    monkeypatch.setattr(loaders, "GENERATION_CHUNK", 300)
+    one_call = load_dataset("mnist1d", root=str(tmp_path), train_examples=300)  # up to the chunk: one call, as before
+    chunked = load_dataset("mnist1d", root=str(tmp_path), train_examples=700)  # chunks of 300, 300 and 100
+    assert chunked.x_train.shape == (700, 1, 40) and chunked.x_train.dtype == torch.float32
+    assert torch.equal(chunked.x_train[:300], one_call.x_train) and torch.equal(chunked.y_train[:300], one_call.y_train)
+    second = loaders._make_dataset(seed=loaders.MNIST1D_TRAIN_SEED + 1, num_samples=300, train_split=1.0)
+    assert torch.equal(chunked.x_train[300:600, 0], torch.from_numpy(second["x"]).float())  # chunk i: seed + i
+    assert not torch.equal(chunked.x_train[300:600], chunked.x_train[:300])
+    assert sorted(p.name for p in tmp_path.glob("mnist1d_train700_*")) == ["mnist1d_train700_seed2000042_chunks300.npz"]
+
+
 @pytest.mark.parametrize("key", ["test_examples", "train_examples"])
 def test_a_split_size_for_a_data_set_with_fixed_splits_is_one_line_naming_the_key(key):
     with pytest.raises(ConfigError) as info:

@@ -77,9 +77,15 @@ class PeerSpec:
         check(problem is None, "model_args", problem or "")
 
 
-# Generation holds a split in memory at once (MNIST-1D: a peak of 1,533 bytes per example at
-# 40,000, ~4,600 examples/s on a 2-core AMD EPYC): 10 million is ~15 GB and ~40 minutes.
-GENERATED_EXAMPLES_LIMIT, GENERATED_BYTES_PER_EXAMPLE = 10_000_000, 1_500
+# Generation keeps each example as 40 float32s (160 bytes) and makes them in chunks of a million
+# (data/loaders.py's GENERATION_CHUNK), a chunk peaking at ~1,500 bytes an example (1,533 measured
+# at 40,000, ~4,600 examples/s on a 2-core AMD EPYC): 10 million is ~3 GB and ~40 minutes.
+GENERATED_EXAMPLES_LIMIT, GENERATED_KEPT_BYTES, GENERATED_CHUNK_PEAK = 10_000_000, 160, 1_000_000 * 1_500
+
+
+def generated_bytes(examples: int) -> int:
+    """About the memory generating `examples` MNIST-1D examples takes at its peak."""
+    return examples * GENERATED_KEPT_BYTES + min(examples * 1_500, GENERATED_CHUNK_PEAK)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -137,9 +143,10 @@ class DataConfig:
                   f"data set {self.name!r} has fixed splits; data sets that generate theirs: "
                   + ", ".join(n for n, e in DATASETS.items() if e.generates))
             check(value <= GENERATED_EXAMPLES_LIMIT, key,
-                  f"at most {GENERATED_EXAMPLES_LIMIT:,} examples are generated (~{GENERATED_BYTES_PER_EXAMPLE:,} "
-                  f"bytes of memory each while generating: {GENERATED_EXAMPLES_LIMIT * GENERATED_BYTES_PER_EXAMPLE / 1e9:,.0f} "
-                  f"GB); {value:,} would take about {value * GENERATED_BYTES_PER_EXAMPLE / 1e9:,.0f} GB")
+                  f"at most {GENERATED_EXAMPLES_LIMIT:,} examples are generated (~{GENERATED_KEPT_BYTES} bytes of "
+                  f"memory each, and ~{GENERATED_CHUNK_PEAK / 1e9:.1f} GB while a chunk of a million is made: "
+                  f"{generated_bytes(GENERATED_EXAMPLES_LIMIT) / 1e9:,.0f} GB); {value:,} would take about "
+                  f"{generated_bytes(value) / 1e9:,.0f} GB")
         if self.name == "text":
             from codistill.data.text import text_files
 
