@@ -145,6 +145,17 @@ def test_a_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, name, content):
     assert info.value.path == "data.path" and info.value.message.startswith(f"{path} is not UTF-8 text")
 
 
+def test_the_byte_named_is_the_bad_one_also_across_a_read(tmp_path, monkeypatch):
+    from codistill.data import hf_text
+
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"body": "caf\xe9 ole"}\n')  # byte 13 starts a character that never ends
+    for size in (1 << 20, 14):  # 14: the read ends just after it
+        monkeypatch.setattr(hf_text, "READ_BYTES", size)
+        with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 13: invalid continuation byte\)"):
+            load(tmp_path, path)
+
+
 def test_a_corpus_smaller_than_one_batch_is_one_line_exit_2(tmp_path, capsys):
     import yaml
 
@@ -171,4 +182,5 @@ def test_a_vocabulary_refusal_names_the_peer(tmp_path, corpus):
     cfg["peers"][1] = {**cfg["peers"][1], "model_args": {"config": {**LLAMA, "vocab_size": 200}}}
     with pytest.raises(ConfigError) as info:
         train(load_config(cfg), backend="local")
-    assert info.value.path == "peers.1.model_args.config.vocab_size" and "is 200, but the tokenizer has" in str(info.value)
+    assert info.value.path == "peers.1.model_args.config.vocab_size"
+    assert "is 200, but the tokenizer has" in info.value.message

@@ -92,11 +92,13 @@ def files_hash(builder: str, files: list[str]) -> str:
             for chunk in iter(lambda: f.read(READ_BYTES), b""):
                 h.update(chunk)
                 if decoder is not None:
+                    held = len(decoder.getstate()[0])  # a character's first bytes from the chunk before
                     try:
                         decoder.decode(chunk)
                     except UnicodeDecodeError as err:
-                        raise ConfigError("data.path", f"{name} is not UTF-8 text (byte {offset + err.start}: "
-                                                       f"{err.reason}); hf_text reads UTF-8 text and JSON files") from None
+                        at = offset - held + err.start
+                        raise ConfigError("data.path", f"{name} is not UTF-8 text (byte {at}: {err.reason}); hf_text "
+                                                       "reads UTF-8 text and JSON files") from None
                 blank = blank and not chunk.strip()
                 offset += len(chunk)
         if decoder is not None:
