@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from codistill.errors import ConfigError
+
 
 def _generator(*keys: int) -> torch.Generator:
     seed = 0
@@ -39,7 +41,9 @@ class BatchSchedule:
         else:
             self.pool = torch.arange(num_examples)
         if batch_size > len(self.pool):
-            raise ValueError(f"batch_size {batch_size} is larger than the {len(self.pool)} examples per peer")
+            # A corpus smaller than one batch: the user's setting, said in one line (exit 2).
+            raise ConfigError("data.batch_size", f"is {batch_size}, more than the {len(self.pool)} training examples "
+                              f"(windows, for text) each peer draws from; lower data.batch_size or give more data")
         self.steps_per_epoch = len(self.pool) // batch_size
         # (epoch, its order), replaced as one object: the local runner's peer threads share a
         # schedule, and a teacher may read the next epoch while a peer trains on this one.

@@ -140,7 +140,10 @@ def build_peer(index: int, spec: PeerSpec, data: ArrayDataset, seed: int, device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed(seed, index))
         check_model_tokenizer(spec.model, spec.model_args, data.tokenizer, f"peers.{index}.model_args")
-        base = create_model(spec.model, data.num_classes, **spec.model_args)
+        try:
+            base = create_model(spec.model, data.num_classes, **spec.model_args)
+        except ConfigError as err:  # a model's refusal of its args (a vocabulary too small) names the peer
+            raise (err.under(f"peers.{index}") if err.path.startswith("model_args") else err) from None
         shapes = {"own": tap_shapes(base, paths, example),
                   "teacher": teacher.tap_shapes(example) if teacher is not None else {},
                   "peers": [_tap_shapes_of(other, needs.taps, data.num_classes, example) for other in other_peers]
