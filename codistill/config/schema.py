@@ -77,15 +77,10 @@ class PeerSpec:
         check(problem is None, "model_args", problem or "")
 
 
-# Generation keeps each example as 40 float32s (160 bytes) and makes them in chunks of a million
-# (data/loaders.py's GENERATION_CHUNK), a chunk peaking at ~1,500 bytes an example (1,533 measured
-# at 40,000, ~4,600 examples/s on a 2-core AMD EPYC): 10 million is ~3 GB and ~40 minutes.
+# Generation keeps 160 bytes an example (40 float32s), made a million at a time (data/loaders.py),
+# a chunk peaking at ~1,500 bytes an example (~4,600/s, 2-core AMD EPYC): 10M is ~3 GB, ~40 min.
 GENERATED_EXAMPLES_LIMIT, GENERATED_KEPT_BYTES, GENERATED_CHUNK_PEAK = 10_000_000, 160, 1_000_000 * 1_500
-
-
-def generated_bytes(examples: int) -> int:
-    """About the memory generating `examples` MNIST-1D examples takes at its peak."""
-    return examples * GENERATED_KEPT_BYTES + min(examples * 1_500, GENERATED_CHUNK_PEAK)
+generated_bytes = lambda n: n * GENERATED_KEPT_BYTES + min(n * 1_500, GENERATED_CHUNK_PEAK)  # noqa: E731 — peak memory
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
