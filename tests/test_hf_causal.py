@@ -60,7 +60,7 @@ def test_hf_a_bidirectional_model_is_refused_on_the_command_line_in_one_line(cor
     capsys.readouterr()
     assert main(["train", str(tmp_path / "bert.yaml"), "--backend", "local"]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # the corpus' progress bars, then the refusal
-    assert err[-1].startswith("config error: model_args: the bert model of model_args.config is not a causal")
+    assert err[-1].startswith("config error: peers.1.model_args: the bert model of model_args.config is not a causal")  # the refusal names its peer (issue 43, 16)
     assert sum("error" in line for line in err) == 1 and not any("Traceback" in line for line in err)
     assert not (tmp_path / "runs" / "hf" / "records.parquet").exists()
 
