@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from codistill.errors import ConfigError
+from codistill.metrics import IGNORE_INDEX
 
 RESAMPLES = 2000
 OUT_SUFFIX = ".noise_scale"
@@ -90,11 +91,11 @@ def model_gradient(model: torch.nn.Module, data, chunk: int):
     def batch_gradient(size: int, generator: torch.Generator) -> torch.Tensor:
         indices = torch.randint(len(data.y_train), (size // positions,), generator=generator)
         x, y = data.train_batch(indices, generator)
-        kept = int((y != -100).sum())
+        kept = int((y != IGNORE_INDEX).sum())
         model.zero_grad(set_to_none=True)
         for part in range(0, len(indices), chunk):
             xs, ys = x[part:part + chunk], y[part * positions:(part + chunk) * positions]
-            (F.cross_entropy(model(xs), ys, ignore_index=-100, reduction="sum") / kept).backward()
+            (F.cross_entropy(model(xs), ys, ignore_index=IGNORE_INDEX, reduction="sum") / kept).backward()
         flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
         model.zero_grad(set_to_none=True)
         return flat
@@ -120,17 +121,15 @@ def fresh_checkpoints(cfg, data, storage, steps: list[int], log) -> None:
     """Train `cfg` (one peer) with the project's `train_step`, writing its checkpoint at each of
     `steps` into `storage`; steps already checkpointed there by the same config are kept, and
     training goes on from the newest one before the last step asked."""
-    from codistill.config import dump_config, first_difference, load_config, to_dict
+    from codistill.config import dump_config, first_difference, load_config, load_yaml, to_dict
     from codistill.engine.checkpoint import (LOCAL_CHECKPOINT_DIR, LocalCheckpoints, checkpoint_folders,
                                              load_peer_state, meta_state, peer_state)
     from codistill.engine.job import make_job, peer_schedules
     from codistill.engine.loop import train_step
     from codistill.engine.run import CONFIG_FILE
 
-    import yaml
-
     if storage.exists(CONFIG_FILE):
-        stored = to_dict(load_config(yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode())))
+        stored = to_dict(load_config(load_yaml(storage.read_bytes(CONFIG_FILE).decode())))
         difference = first_difference(to_dict(cfg), stored)
         if difference:
             raise ConfigError("--to", f"{storage.uri} holds checkpoints of another config ({difference[0]}: "
@@ -204,9 +203,7 @@ def _sizes(args, cfg, positions: int, unit: str) -> tuple[int, int]:
 
 def _source(args):
     """(the config whose peer is measured, its run storage, the output storage, whether fresh)."""
-    import yaml
-
-    from codistill.config import load_config
+    from codistill.config import load_config, load_yaml
     from codistill.engine.run import CONFIG_FILE
     from codistill.storage import RunStorage, resolve_storage_path
 
@@ -217,7 +214,7 @@ def _source(args):
         run = RunStorage.at(source)
         if not run.exists(CONFIG_FILE):
             raise ConfigError("noise-scale", f"{source} is a folder but not a codistill run (no {CONFIG_FILE})")
-        cfg = load_config(yaml.safe_load(run.read_bytes(CONFIG_FILE).decode()), list(args.set or []))
+        cfg = load_config(load_yaml(run.read_bytes(CONFIG_FILE).decode()), list(args.set or []))
         return cfg, run, RunStorage.at(args.to or run.uri + OUT_SUFFIX), False
     cfg = load_config(source, list(args.set or []))
     if not 0 <= args.peer < cfg.num_peers:

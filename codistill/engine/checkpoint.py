@@ -148,7 +148,8 @@ def registered_model(state: dict, model: str | None = None, model_args: dict | N
         if model is None:
             raise NotOneModel("a plain state dict does not say which model it holds: name the model")
         return model, dict(model_args or {}), state
-    weights, prefix = state["model"], upgrade(state)["base_prefix"]
+    state = upgrade(state)  # a file held in memory may not have come through `from_bytes`
+    weights, prefix = state["model"], state["base_prefix"]
     if prefix is None:
         raise BranchedNetwork("it holds a network of branches, not one model's weights")
     if prefix:

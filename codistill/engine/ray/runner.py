@@ -190,10 +190,11 @@ def check_exchange(cfg: ExperimentConfig, object_store: float) -> None:
     from codistill.data import DATASETS, load_data
     from codistill.engine.job import exchanged_top_k, top_k_note, vocabulary_decides_top_k
 
-    classes = DATASETS[cfg.data.name].num_classes  # known without loading the data: a classifier's
-    if cfg.exchange.top_k and classes and cfg.exchange.top_k >= classes:
+    entry = DATASETS[cfg.data.name]
+    classes = entry.num_classes  # known without loading the data: a classifier's
+    if cfg.exchange.top_k and classes and exchanged_top_k(cfg, entry.task(classes)) == 0:  # the job's decision
         logger.warning(top_k_note(cfg, classes, 0))
-    if not DATASETS[cfg.data.name].task.size_decides_top_k or not vocabulary_decides_top_k(cfg):
+    if not entry.task.size_decides_top_k or not vocabulary_decides_top_k(cfg):
         return  # nothing to say, and no corpus to load on the driver
     task = load_data(cfg.data).task
     vocab, k = task.size, exchanged_top_k(cfg, task)
