@@ -335,7 +335,12 @@ def test_steps_to_target_are_the_first_evaluation_past_it_paired_by_seed_and_a_m
     summary = {e["method"]: e for e in speed.paired_steps(rows, "data_parallel")}
     assert (summary["codistill"]["reached"], summary["codistill"]["paired"], summary["codistill"]["diff"]) == (1, 1, -100)
     text = "\n".join(speed.markdown_section(rows, target, "test", "data_parallel"))
-    assert "| codistill | 1/2 | 200 | 20,000 | 40,000 | 2.0 | -100 [n/a: 1 seed] over 1 seeds (no resolvable effect) |" in text
+    assert ("| codistill | 1/2 | 200 | 20,000 | 40,000 | 2.0 | -100 [n/a: 1 seed] over 1 seeds (no resolvable effect) | "
+            "0.67× [n/a: 1 seed] (no resolvable effect) | 0, 0 |") in text
+    # Seed 1: neither reached it. Had the data-parallel seed 1 reached it alone, the table says so.
+    rows[1]["target_step"] = 300
+    summary = {e["method"]: e for e in speed.paired_steps(rows, "data_parallel")}
+    assert (summary["codistill"]["only_arm"], summary["codistill"]["only_baseline"]) == (0, 1)
     # Lower is better for bits per token.
     bits = [{**row("a", 0, [3.0, 2.5, 2.0]), "curve_score": "bits"}]
     speed.reach(bits, 2.4)

@@ -121,6 +121,35 @@ def check_target(target: float, data_name: str) -> None:
                                       f"{score.label}: the target is {allowed}")
 
 
+def retraining_figures(plan: list, seeds: list[int], base: dict, name: str, baseline: str, log) -> list[dict]:
+    """Churn between retrainings (`retraining.py`) of every arm whose members are separate
+    models, from each cell's final checkpoint — for classifiers (a language model's token-level
+    disagreement is not Anil et al.'s figure) and two seeds or more."""
+    from codistill.data import DATASETS, load_data
+    from codistill.experiments.retraining import final_predictions, retraining_churn
+
+    if len(seeds) < 2 or DATASETS.get(base["data"]["name"], "data.name").task.score.lower_is_better:
+        return []
+    storage_path = base["ray"]["storage_path"]
+    loaded: dict[str, object] = {}
+    predictions: dict[str, dict[int, object]] = {}
+    for spec, one_network, _, tuning in plan:
+        if one_network:
+            continue
+        for seed in seeds:
+            cell = cell_config(base, spec, tuning, seed, name)
+            key = json.dumps(to_dict(cell)["data"], sort_keys=True)
+            if key not in loaded:
+                loaded[key] = load_data(cell.data)
+            try:
+                found = final_predictions(cell, RunStorage(storage_path, cell.name), loaded[key])
+            except FileNotFoundError as err:  # e.g. a cell whose checkpoints were deleted
+                log(f"{spec.label} seed {seed}: no churn between retrainings ({err})")
+                continue
+            predictions.setdefault(spec.label, {})[seed] = found
+    return retraining_churn(predictions, baseline)
+
+
 @dataclass
 class Comparison:
     table: pa.Table
@@ -231,7 +260,8 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(TABLE_FILE, buffer.getvalue())
-    markdown = markdown_table(rows, cfg, tune_trials, differences, baseline, reaching)
+    retrained = retraining_figures(plan, seeds, base, cfg.name, baseline, log)
+    markdown = markdown_table(rows, cfg, tune_trials, differences, baseline, reaching, retrained)
     storage.write_bytes(MARKDOWN_FILE, markdown.encode())
     plot_comparison(rows, differences, baseline, storage, target)
     return Comparison(table, markdown, storage, differences)

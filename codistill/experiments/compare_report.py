@@ -11,7 +11,7 @@ import statistics
 
 from codistill.config import ExperimentConfig, to_dict
 from codistill.data import DATASETS
-from codistill.experiments import speed
+from codistill.experiments import retraining, speed
 from codistill.experiments.cells import DATA_PARALLEL, FIGURES, TUNE_SEEDS, cell_recipe, parse_method, search_space
 from codistill.experiments.paired import PAIRED, difference_text, paired_differences, resolving_seeds
 from codistill.metrics import ACCURACY, score_of
@@ -89,8 +89,10 @@ def protocol_text(rows: list[dict], cfg: ExperimentConfig, tune_trials: int,
 
 
 def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int, differences: list[dict] | None = None,
-                   baseline: str | None = None, reaching: tuple[str, float] | None = None) -> str:
-    """`reaching`: (where the target came from, the target) for the steps-to-target table."""
+                   baseline: str | None = None, reaching: tuple[str, float] | None = None,
+                   retrained: list[dict] | None = None) -> str:
+    """`reaching`: (where the target came from, the target) for the steps-to-target table;
+    `retrained`: churn between retrainings (`retraining.retraining_churn`)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
     peers = " + ".join(p.model for p in cfg.peers)
@@ -150,6 +152,8 @@ def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int, di
     if reaching is not None and all(r.get("curve_step") for r in rows):
         source, target = reaching
         lines += speed.markdown_section(rows, target, source, baseline or rows[0]["method"])
+    if retrained:
+        lines += retraining.markdown_section(retrained, baseline or rows[0]["method"])
     return "\n".join(lines) + "\n"
 
 

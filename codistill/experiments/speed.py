@@ -14,10 +14,17 @@ steps-to-target to the baseline and its 95% interval.
   machine and runner, not of the method alone.
 - A cell that never reaches the target is reported as such (not dropped); the paired
   difference is taken over the seeds where both it and the baseline reached it, and says so.
+- The step ratio arm ÷ baseline (Anil et al.'s figure: "2× as fast" is a ratio of steps) is the
+  geometric mean over those seeds of each seed's ratio, with the 95% t-interval of the log
+  ratios taken back. A seed where only one of the two reached the target has no ratio; the
+  table says how many seeds each side reached alone, because such a seed favours the side that
+  reached it (its ratio is past what the run could show), and the ratio over the others would
+  hide it.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from codistill.experiments.paired import t_interval
@@ -78,6 +85,14 @@ def paired_steps(rows: list[dict], baseline: str) -> list[dict]:
         entry["paired"] = len(both)
         if method != baseline and both:
             entry["diff"], entry["low"], entry["high"] = t_interval(both)
+            logs = [math.log(r["target_step"] / base[r["seed"]]["target_step"]) for r in mine
+                    if r["target_step"] is not None and r["seed"] in base and base[r["seed"]]["target_step"] is not None]
+            entry["ratio"], entry["ratio_low"], entry["ratio_high"] = (math.exp(v) for v in t_interval(logs))
+        if method != baseline:
+            reached = {r["seed"]: r["target_step"] is not None for r in mine if r["seed"] in base}
+            base_reached = {s: base[s]["target_step"] is not None for s in reached}
+            entry["only_arm"] = sum(reached[s] and not base_reached[s] for s in reached)
+            entry["only_baseline"] = sum(base_reached[s] and not reached[s] for s in reached)
         summary.append(entry)
     return summary
 
@@ -99,7 +114,8 @@ def markdown_section(rows: list[dict], target: float, source: str, baseline: str
              f"seeds that reached it; paired difference in steps to {baseline}: mean [95% t-interval] over the "
              "seeds where both reached it; seconds: training time on the machine that ran the cells)", "",
              "| method | reached | steps | examples per model | examples in total | seconds | steps − "
-             f"{baseline} |", "|---|---|---|---|---|---|---|"]
+             f"{baseline} | steps ÷ {baseline} (geometric mean [95% interval]) | reached it alone: this arm, "
+             f"{baseline} |", "|---|---|---|---|---|---|---|---|---|"]
     for entry in paired_steps(rows, baseline):
         mine = [r for r in rows if r["method"] == entry["method"]]
         if entry["method"] == baseline:
@@ -113,7 +129,16 @@ def markdown_section(rows: list[dict], target: float, source: str, baseline: str
             paired = "— (no seed where both reached it)"
         cells = [_mean_std([r[k] for r in mine], 1 if k == "target_seconds" else 0)
                  for k in ("target_step", "target_examples_per_model", "target_examples_total", "target_seconds")]
-        lines.append(f"| {entry['method']} | {entry['reached']}/{entry['seeds']} | {' | '.join(cells)} | {paired} |")
+        if "ratio" in entry:
+            resolved = entry["paired"] > 1 and (entry["ratio_low"] > 1 or entry["ratio_high"] < 1)
+            ratio = (f"{entry['ratio']:.2f}× " + (f"[{entry['ratio_low']:.2f}, {entry['ratio_high']:.2f}]"
+                                                    if entry["paired"] > 1 else "[n/a: 1 seed]")
+                     + ("" if resolved else " (no resolvable effect)"))
+        else:
+            ratio = "(baseline)" if entry["method"] == baseline else "—"
+        alone = f"{entry['only_arm']}, {entry['only_baseline']}" if "only_arm" in entry else "—"
+        lines.append(f"| {entry['method']} | {entry['reached']}/{entry['seeds']} | {' | '.join(cells)} | {paired} | "
+                     f"{ratio} | {alone} |")
     return lines
 
 

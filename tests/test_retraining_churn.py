@@ -1,0 +1,79 @@
+"""Churn between retrainings (Anil et al. 2018): two seeds of one arm against each other, from the
+cells' final checkpoints, with a jackknife interval over seeds and paired to the baseline."""
+
+import math
+
+import pytest
+import torch
+
+from codistill.data import load_data
+from codistill.experiments.compare import compare
+from codistill.experiments.retraining import final_predictions, jackknife, pair_churn, pairwise, retraining_churn
+from codistill.records import read_records
+from codistill.storage import RunStorage
+from tests.conftest import small_config
+
+
+def flips(base: torch.Tensor, share: float) -> torch.Tensor:
+    """`base` with its first `share` of the examples moved to another class."""
+    out = base.clone()
+    n = round(share * len(base))
+    out[:n] = (out[:n] + 1) % 10
+    return out
+
+
+def test_pair_churn_is_the_mean_over_member_pairs_of_the_examples_they_disagree_on():
+    base = torch.arange(100) % 10
+    a = torch.stack([base, flips(base, 0.2)])  # two members
+    b = torch.stack([base])  # the one model
+    # (member 0, model): 0; (member 1, model): 0.2.
+    assert pair_churn(a, b) == pytest.approx(0.1)
+    assert pair_churn(b, b) == 0.0
+
+
+def test_the_jackknife_over_seeds_is_computed_by_hand_and_needs_three_seeds():
+    pairs = {(0, 1): 0.10, (0, 2): 0.20, (1, 2): 0.30}
+    mean, low, high = jackknife(pairs)
+    # Leave seed 0 out: the pair (1, 2) is left, 0.30; seed 1: 0.20; seed 2: 0.10. Their mean 0.20;
+    # variance (n-1)/n Σ (θ_-k − 0.2)² = 2/3 · 0.02; t at 2 degrees of freedom 4.303.
+    half = 4.303 * math.sqrt(2 / 3 * 0.02)
+    assert mean == pytest.approx(0.2) and (low, high) == pytest.approx((0.2 - half, 0.2 + half))
+    assert jackknife({(0, 1): 0.1})[1:] == (-math.inf, math.inf)
+
+
+def test_the_difference_to_the_baseline_is_paired_over_the_same_seed_pairs():
+    base = torch.arange(1000) % 10
+    moved = flips(base, 1.0)
+    # The baseline's seeds 1 and 2 each differ from seed 0 on another 10% (from each other on 20%);
+    # the arm's seed 2 differs from seed 0 on its first 30% instead.
+    baseline = {0: base[None], 1: flips(base, 0.1)[None], 2: torch.cat([base[:900], moved[900:]])[None]}
+    arm = {0: base[None], 1: flips(base, 0.1)[None], 2: torch.cat([moved[:300], base[300:]])[None]}
+    summary = {e["method"]: e for e in retraining_churn({"dp": baseline, "codistill": arm}, "dp")}
+    assert "diff" not in summary["dp"] and summary["dp"]["seeds"] == 3
+    # Pairs (0,1), (0,2), (1,2): the baseline 0.1, 0.1, 0.2; the arm 0.1, 0.3, 0.2 (seed 1 moved the
+    # first 10%, seed 2 the first 30%): differences 0, 0.2, 0.
+    assert pairwise(arm) == pytest.approx({(0, 1): 0.1, (0, 2): 0.3, (1, 2): 0.2})
+    assert summary["codistill"]["churn"] == pytest.approx(0.2) and summary["dp"]["churn"] == pytest.approx(0.4 / 3)
+    assert summary["codistill"]["diff"] == pytest.approx(0.2 / 3)
+
+
+@pytest.mark.slow  # ~20 s: six short runs
+def test_compare_reports_churn_between_retrainings_from_the_cells_final_checkpoints(tmp_path):
+    cfg = small_config(tmp_path, "name=churn", "train.steps=60", "train.eval_every=30", "train.checkpoint_every=30",
+                       base="configs/compare_mnist1d.yaml")
+    result = compare(cfg, ["data_parallel", "independent"], [0, 1, 2], log=lambda *_: None)
+    assert "churn between retrainings" in result.markdown
+    line = next(x for x in result.markdown.splitlines() if x.startswith("| independent | 2 | 3 |"))
+    assert "(baseline)" not in line and "[n/a" not in line
+    # The checkpoint rebuilt gives the run's own predictions: the churn between its two peers
+    # that the run recorded at its last evaluation is the one of the rebuilt peers.
+    row = next(r for r in result.table.to_pylist() if r["method"] == "independent" and r["seed"] == 1)
+    cell = RunStorage(str(tmp_path), row["run"])
+    from codistill.engine.run import CONFIG_FILE
+    from codistill.config import load_config, load_yaml
+
+    cell_cfg = load_config(load_yaml(cell.read_bytes(CONFIG_FILE).decode()))
+    predicted = final_predictions(cell_cfg, cell, load_data(cell_cfg.data))
+    assert predicted.shape == (2, cfg.data.test_examples or 1000)
+    recorded = [r for r in read_records(cell).to_pylist() if r["split"] == "test" and r["step"] == 60][0]["churn"]
+    assert pair_churn(predicted[:1], predicted[1:]) == pytest.approx(recorded, abs=1e-6)
