@@ -77,3 +77,32 @@ def test_compare_reports_churn_between_retrainings_from_the_cells_final_checkpoi
     assert predicted.shape == (2, cfg.data.test_examples or 1000)
     recorded = [r for r in read_records(cell).to_pylist() if r["split"] == "test" and r["step"] == 60][0]["churn"]
     assert pair_churn(predicted[:1], predicted[1:]) == pytest.approx(recorded, abs=1e-6)
+
+
+def test_the_critical_batch_map_reads_ratios_and_the_data_parallel_cells_noise_scale(tmp_path, monkeypatch):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import REPO
+
+    monkeypatch.syspath_prepend(f"{REPO}/examples")
+    from critical_batch_map import comparison_row
+
+    folder = tmp_path / "critical_b400"
+    folder.mkdir()
+    rows = [{"method": "data_parallel", "seed": s, "run": f"critical_b400.data_parallel.seed{s}", "target_step": t,
+             "examples_per_step": 800} for s, t in ((0, 400), (1, 500), (2, None))]
+    rows += [{"method": "codistill:burn_in=100", "seed": s, "run": f"c{s}", "target_step": t, "examples_per_step": 400}
+             for s, t in ((0, 200), (1, 1000), (2, 300))]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "compare.parquet")
+    for seed, b in ((0, 100.0), (1, 300.0)):
+        measured = tmp_path / f"critical_b400.data_parallel.seed{seed}.noise_scale"
+        measured.mkdir()
+        (measured / "noise_scale.json").write_text(json.dumps({"rows": [{"step": 0, "b_simple": 9e9},
+                                                                        {"step": 1000, "b_simple": b}]}))
+    row = comparison_row(str(folder), "codistill", "data_parallel")
+    # Seed 2's data-parallel model never reached the target: no ratio for it.
+    assert row["ratios"] == [0.5, 2.0] and row["ratio"] == pytest.approx(1.0)
+    assert row["batch"] == 400 and row["b_simple"] == 200.0  # the final step's, mean over seeds
