@@ -137,6 +137,16 @@ def test_the_validation_split_is_held_out_of_training_and_the_same_every_time():
     assert not any(tuple(x.flatten().tolist()) in test_rows for x in a.x_test[:50])  # not the test set
 
 
+def test_a_tuning_trial_is_evaluated_once_at_its_end_on_the_validation_split(tmp_path):
+    from codistill.config import to_dict
+    from codistill.experiments.compare import tuning_data
+
+    base = to_dict(tiny(tmp_path))
+    asked = tuning_data(parse_method("dml"), base, "x", 4)
+    assert asked["train"]["eval_every"] == asked["train"]["steps"] == 60 != base["train"]["eval_every"]
+    assert (asked["data"]["validation"], asked["data"]["test_examples"]) == (0.2, 0)
+
+
 @pytest.mark.ray
 def test_tuning_gives_each_method_its_trials_and_the_seeds_run_at_its_best(ray_local, tmp_path):
     cfg = tiny(tmp_path)
