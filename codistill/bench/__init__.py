@@ -1,4 +1,4 @@
-"""`codistill bench dml | codistill | step | bare | kl | noise-scale`: where the cost of distillation
+"""`codistill bench dml | codistill | step | bare | kl | rounds | noise-scale`: where the cost of distillation
 goes, and what the framework itself costs over bare PyTorch, measured side by side (one module per
 benchmark): ratios are medians of paired blocks with a bootstrap interval. `noise-scale` measures
 the task instead: the gradient noise scale, where data parallelism stops paying."""
@@ -9,7 +9,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("which", choices=["dml", "codistill", "step", "bare", "kl", "noise-scale"], help="what to measure")
+    parser.add_argument("which", choices=["dml", "codistill", "step", "bare", "kl", "rounds", "noise-scale"], help="what to measure")
     parser.add_argument("source", nargs="?", metavar="CONFIG|RUN",
                         help="noise-scale: a config (a fresh run of one peer) or a run folder (its checkpoints)")
     parser.add_argument("--config", help="step, bare: the config whose step is measured (default: the demo's)")
@@ -55,6 +55,8 @@ def main(args: argparse.Namespace) -> int:
         from codistill.bench.bare import main as run
     elif args.which == "kl":
         from codistill.bench.kl import main as run
+    elif args.which == "rounds":
+        from codistill.bench.rounds import main as run
     else:
         from codistill.bench.dml import main as run
     args.block = args.block or {"step": 10, "codistill": 50, "bare": 20}.get(args.which, 3)

@@ -144,12 +144,10 @@ class DataConfig:
                   f"{generated_bytes(value) / 1e9:,.0f} GB")
         if self.name == "text":
             from codistill.data.text import text_files
-
             check(self.path is not None, "path", "is required for data set 'text': a text file or a folder of text files")
             text_files(self.path, key="path")  # a ConfigError naming data.path when it does not exist or holds no text
         if self.name == "hf_text":
             from codistill.data.hf_text import data_files
-
             check(self.path is not None, "path", "is required for data set 'hf_text': a JSONL, Parquet, Arrow or "
                   "text file, or a folder of them (or pass a datasets.Dataset to train(cfg, data=...))")
             try:
@@ -223,10 +221,14 @@ class ExchangeConfig:
     targets instead of whole distributions (a note in the run's output says so): 16 × 512
     positions of a 32,000-token vocabulary are 1 GB of fp32 a step. 0: whole distributions
     whatever the vocabulary (refused on Ray when a round of them cannot fit the object store)."""
+    round_board_mb: float = 256.0
+    """MiB of rounds the round board of peers apart may hold in its node's object store; a peer's
+    rounds beyond its share go once to the run's storage, the board keeping references. 0: none."""
 
     def __post_init__(self):
         check(self.top_k >= 0, "top_k", f"must be >= 0 (0: send whole logits), got {self.top_k}")
         check(self.top_k_above >= 0, "top_k_above", f"must be >= 0 (0: never send top-k unasked), got {self.top_k_above}")
+        check(self.round_board_mb >= 0, "round_board_mb", f"must be >= 0 (0: every round on storage), got {self.round_board_mb}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -281,7 +283,7 @@ class TeacherConfig:
     nor `checkpoint`: the model brings its weights (`hf_causal_lm` with `model_args.path`)."""
 
     def __post_init__(self):
-        from codistill.models.registry import loads_weights
+        from codistill.models.registry import check_model_args, loads_weights
 
         pretrained = self.model is not None and self.model in MODELS and loads_weights(self.model, self.model_args)
         check(self.run is not None or self.checkpoint is not None or pretrained, "run",
@@ -292,8 +294,6 @@ class TeacherConfig:
         check(self.peer >= 0, "peer", f"must be >= 0, got {self.peer}")
         if self.model is not None:
             MODELS.get(self.model, "model")
-            from codistill.models.registry import check_model_args
-
             problem = check_model_args(self.model, self.model_args)
             check(problem is None, "model_args", problem or "")
 

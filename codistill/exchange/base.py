@@ -72,11 +72,12 @@ class PeriodicExchange:
 KEEP_ROUNDS = 8
 
 
-def keep_newest_rounds(rounds: dict[int, object], round_id: int, keep: int = 0) -> None:
+def keep_newest_rounds(rounds: dict[int, object], round_id: int, keep: int = 0,
+                       pinned: frozenset[int] = frozenset()) -> list:
     """Drop a peer's rounds that no reader can use once it published `round_id`: all but the
-    newest `keep` (0: `KEEP_ROUNDS`). One rule for every transport that keeps rounds."""
-    for old in [r for r in rounds if r <= round_id - (keep or KEEP_ROUNDS)]:
-        del rounds[old]
+    newest `keep` (0: `KEEP_ROUNDS`) and those `pinned` (a reader that restarts reads them
+    again). One rule for every transport that keeps rounds. Returns what was dropped."""
+    return [rounds.pop(old) for old in [r for r in rounds if r <= round_id - (keep or KEEP_ROUNDS) and r not in pinned]]
 
 
 def pick_round(published: dict[int, object], min_round: int, max_round: int | None) -> int | None:

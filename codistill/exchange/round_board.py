@@ -15,18 +15,37 @@ boards, for the two ways peers fail:
   used again as soon as it has a usable round — so a crashed, restarting or not yet started
   peer costs the others one wait, not one per round. A peer that comes back (`rejoin`) first
   drops the rounds it published at or after the one it starts from: they came from a training
-  its restart threw away, and it publishes them again. Rounds are stored by value: a round must
-  outlive the worker that published it (an object dies with the worker that put it).
+  its restart threw away, and it publishes them again. A round must outlive the worker that
+  published it (an object dies with the worker that put it), so the board owns it: by value in
+  its node's object store while the peer's rounds fit the board's share of
+  `exchange.round_board_mb`, else as a `RoundSnapshot` — the round written once to the run's
+  storage by its publisher (`exchange/snapshots.py`), of which the board holds the path.
+
+Both boards remember, per reader and round, which round of each peer they served (`served`), and
+pin those rounds: a peer that restarts from a checkpoint and asks for a round again reads exactly
+the rounds it read before — not the newer ones published since — so a resumed peer trains as it
+would have; a round number its publisher threw away and published again is read as published now.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import ray
 
-from codistill.exchange.base import PeriodicExchange, keep_newest_rounds, payload_bytes, pick_round
+from codistill.exchange.base import KEEP_ROUNDS, PeriodicExchange, keep_newest_rounds, payload_bytes, pick_round
 from codistill.exchange.object_store import PeerGroupGenerations
+from codistill.exchange.snapshots import RoundSnapshot, write_snapshot
+from codistill.storage import RunStorage
+
+logger = logging.getLogger(__name__)
+
+
+def rounds_held_at_most(keep: int, num_peers: int) -> int:
+    """The most rounds of one peer a board holds: its newest `keep`, and those that each other
+    peer's record of what it read pins (at most `keep` rounds of it too)."""
+    return num_peers * keep
 
 
 class _Rounds(PeerGroupGenerations):
@@ -35,33 +54,60 @@ class _Rounds(PeerGroupGenerations):
     leaves_out_the_away = False
     """Whether a reader that waited for a peer once stops waiting for it (peers that restart alone)."""
 
-    def __init__(self, num_peers: int):
+    def __init__(self, num_peers: int, memory_bytes: int | None = None):
         super().__init__(num_peers)
-        self.published: dict[int, dict[int, ray.ObjectRef]] = {}
+        self.published: dict[int, dict[int, ray.ObjectRef | RoundSnapshot]] = {}
+        self.by_value: dict[int, dict[int, int]] = {}  # peer → round → bytes the board holds of it
+        self.memory_bytes = memory_bytes  # the bound on what it holds by value (None: it holds references only)
+        self.served: dict[int, dict[int, dict[int, int | None]]] = {}  # reader → its round → {peer: round read}
         self.away: set[tuple[int, int]] = set()  # (reader, peer): the reader stopped waiting for it
         self.changed = asyncio.Condition()
 
     def forget(self) -> None:
         self.published.clear()
+        self.by_value.clear()
+        self.served.clear()
         self.away.clear()
+
+    def _pinned(self, peer: int) -> frozenset[int]:
+        return frozenset(read[peer] for reads in self.served.values() for read in reads.values()
+                         if read.get(peer) is not None)
 
     async def publish(self, generation: int, round_id: int, peer: int, boxed_ref: list, keep: int = 0,
                       rejoin: bool = False) -> None:
         if generation != self.generation:
             raise RuntimeError(f"peer {peer} publishes in generation {generation}, the coordinator is in {self.generation}")
-        entry = boxed_ref[0]
-        ref = entry if isinstance(entry, ray.ObjectRef) else ray.put(entry)  # by value: the board owns it
+        if not boxed_ref:
+            return  # a replica of a peer whose first replica publishes: it only reads
+        entry, size = boxed_ref[0], 0
+        if not isinstance(entry, (ray.ObjectRef, RoundSnapshot)):
+            entry, size = ray.put(entry), payload_bytes(entry)  # by value: the board owns it
         async with self.changed:
             rounds = self.published.setdefault(peer, {})
-            if rejoin:
-                for later in [r for r in rounds if r >= round_id]:
-                    del rounds[later]
-            rounds[round_id] = ref
-            keep_newest_rounds(rounds, round_id, keep)
+            dropped = [rounds.pop(r) for r in [r for r in rounds if r == round_id or (rejoin and r > round_id)]]
+            rounds[round_id] = entry
+            dropped += keep_newest_rounds(rounds, round_id, keep, self._pinned(peer))
+            held = self.by_value.setdefault(peer, {})
+            held[round_id] = size
+            for gone in [r for r in held if r not in rounds]:
+                del held[gone]
             self.changed.notify_all()
+        for snapshot in dropped:
+            if isinstance(snapshot, RoundSnapshot):  # off the event loop: a delete on s3 is a request
+                asyncio.get_running_loop().run_in_executor(None, snapshot.delete)
+        if self.memory_bytes is not None and sum(held.values()) > self.memory_bytes / self.num_peers:
+            raise RuntimeError(f"the round board holds {sum(held.values())} bytes of peer {peer}'s rounds, above its "
+                               f"share {self.memory_bytes / self.num_peers:.0f} of exchange.round_board_mb")
 
     async def newest(self, generation: int, peer: int, min_round: int, max_round: int | None, timeout: float,
-                     reader: int = -1):
+                     reader: int = -1, for_round: int | None = None):
+        """`peer`'s newest round in [min_round, max_round] for `reader`'s round `for_round` — or
+        the round it was served for that round before, when it asks again (it restarted)."""
+        reads = self.served.setdefault(reader, {}).setdefault(for_round, {}) if for_round is not None else {}
+        if peer in reads and (reads[peer] is None or reads[peer] in self.published.get(peer, {})):
+            read = reads[peer]
+            return None if read is None else (read, [self.published[peer][read]])
+
         def usable():
             return pick_round(self.published.get(peer, {}), min_round, max_round)
 
@@ -79,6 +125,7 @@ class _Rounds(PeerGroupGenerations):
                     if self.leaves_out_the_away:
                         self.away.add((reader, peer))
             found = usable()
+            reads[peer] = found
             if found is None:
                 return None
             self.away.discard((reader, peer))
@@ -89,13 +136,20 @@ class _Rounds(PeerGroupGenerations):
                          rejoin: bool = False) -> dict:
         """`publish`, then `newest` of each other peer (waiting for them together): one call a round."""
         await self.publish(generation, round_id, peer, boxed_ref, keep, rejoin)
-        found = await asyncio.gather(*[self.newest(generation, other, min_round, max_round, timeout, reader=peer)
-                                       for other in others])
+        found = await asyncio.gather(*[self.newest(generation, other, min_round, max_round, timeout, reader=peer,
+                                                   for_round=round_id) for other in others])
+        reads = self.served.get(peer, {})
+        for old in [r for r in reads if r <= round_id - (keep or KEEP_ROUNDS)]:  # what a restart reads again
+            del reads[old]
         return dict(zip(others, found))
 
     def state(self) -> dict:
         return {"generation": self.generation, "rounds": {p: sorted(r) for p, r in self.published.items()},
                 "away": sorted(self.away)}
+
+    def bytes_by_value(self) -> int:
+        """The payload bytes of the rounds this board holds in its object store."""
+        return sum(sum(held.values()) for held in self.by_value.values())
 
 
 @ray.remote(num_cpus=0)
@@ -121,31 +175,64 @@ class ObjectStorePeriodicExchange(PeriodicExchange):
         self.generation = ray.get(board.join.remote(peer))
         self.rejoin = True  # this process's first publication replaces what a lost training published
 
-    def _put(self, payload) -> list:
+    def _put(self, round_id: int, payload, keep: int) -> list:
         """The payload as it goes to the board: a reference (this worker's object; the group dies
         with it anyway)."""
         return [ray.put(payload)]
 
     def round_trip(self, round_id, peer, payload, others, min_round, max_round, timeout, keep=0):
-        answers = ray.get(self.board.round_trip.remote(self.generation, round_id, peer, self._put(payload), others,
+        boxed = self._put(round_id, payload, keep or KEEP_ROUNDS)
+        answers = ray.get(self.board.round_trip.remote(self.generation, round_id, peer, boxed, others,
                                                       min_round, max_round, timeout, keep, self.rejoin))
         self.rejoin = False
-        found = {p: a for p, a in answers.items() if a is not None}
-        fetched = ray.get([boxed[0] for _, boxed in found.values()])  # every peer's block at once
-        payloads = {p: (found[p][0], value) for p, value in zip(found, fetched)}
+        found = {p: (answer[0], answer[1][0]) for p, answer in answers.items() if answer is not None}
+        refs = [p for p, (_, entry) in found.items() if isinstance(entry, ray.ObjectRef)]
+        fetched = dict(zip(refs, ray.get([found[p][1] for p in refs])))  # every peer's object at once
+        payloads = {}
+        for p, (r, entry) in found.items():
+            value = fetched[p] if p in fetched else _read(entry, p, r)
+            if value is not None:
+                payloads[p] = (r, value)
         return payload_bytes(payload), {p: payloads.get(p) for p in others}
+
+
+def _read(snapshot: RoundSnapshot, peer: int, round_id: int):
+    try:
+        return snapshot.read()
+    except Exception as err:  # noqa: BLE001 — dropped under the reader (its publisher restarted): none this round
+        logger.warning("peer %d's round %d could not be read (%s): distilling without it this round", peer, round_id, err)
+        return None
 
 
 class LastingRoundHandle(ObjectStorePeriodicExchange):
     """A peer's handle on the `LastingRoundBoard` of peers that each restart alone: what it
-    publishes outlives it, and the board keeps what a restart of it reads again."""
+    publishes outlives it, and the board keeps what a restart of it reads again.
+
+    A round goes to the board by value while every round of this peer the board may hold
+    (`rounds_held_at_most`) fits the board's share (`memory_bytes` / peers); otherwise it is
+    written once to the run's storage and the board holds its `RoundSnapshot`. Only the peer's
+    first replica publishes (the replicas of a data-parallel peer hold the same weights)."""
 
     weights_from_newer_rounds = True
 
-    def _put(self, payload) -> list:
-        # The payload itself, which the board stores as its own object: a round must outlive the
-        # peer that published it, so the others keep distilling from it while that peer is away.
-        return [payload]
+    def __init__(self, board: "ray.actor.ActorHandle", peer: int, num_peers: int, storage: RunStorage,
+                 memory_bytes: int, publishes: bool = True):
+        super().__init__(board, peer)
+        self.peer = peer
+        self.num_peers = num_peers
+        self.storage = storage
+        self.memory_bytes = memory_bytes
+        self.publishes = publishes
+
+    def _put(self, round_id, payload, keep) -> list:
+        if not self.publishes:
+            return []
+        nbytes = payload_bytes(payload)
+        if nbytes * rounds_held_at_most(keep, self.num_peers) <= self.memory_bytes / self.num_peers:
+            # The payload itself, which the board stores as its own object: a round must outlive
+            # the peer that published it, so the others keep distilling from it while it is away.
+            return [payload]
+        return [write_snapshot(self.storage, self.peer, round_id, payload, nbytes)]
 
     def rounds_kept_for_restart(self, period: int, checkpoint_span: int) -> int:
         # A peer restarts from its newest complete checkpoint, up to a span back, or from the one

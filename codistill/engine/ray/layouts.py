@@ -18,7 +18,8 @@ the config only resolves `ray.layout` to a layout's name (`ExperimentConfig.layo
   What they share outlives them all and lives on the driver's node: the round board
   (`LastingRoundBoard`, the only state of the training they share: an away peer costs each
   other peer one wait of `wait_timeout_s`, then it is left out, recorded as `missing_peers`,
-  until it has a usable round again) and the evaluation board (`engine/ray/evaluation_board.py`:
+  until it has a usable round again; it holds at most `exchange.round_board_mb` of rounds, the
+  rest being snapshots on the run's storage, `rounds/`, deleted at the run's end) and the evaluation board (`engine/ray/evaluation_board.py`:
   peers evaluate alone; once every peer has evaluated a step, the board writes the group's
   figures of that step, which the records fill into the peers' test rows).
 
@@ -30,6 +31,7 @@ one-group run of one peer.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -50,7 +52,10 @@ from codistill.exchange.collective import CollectiveExchange
 from codistill.exchange.object_store import GatherCoordinator, ObjectStoreExchange
 from codistill.exchange.round_board import (GroupRoundBoard, LastingRoundBoard, LastingRoundHandle,
                                             ObjectStorePeriodicExchange)
-from codistill.storage import RunStorage
+from codistill.exchange.snapshots import ROUNDS_DIR
+from codistill.storage import RunStorage, StorageError
+
+logger = logging.getLogger(__name__)
 
 
 def on_this_node(actor_class):
@@ -119,6 +124,9 @@ class Layout:
         """Whether this peer writes the file that completes a checkpoint folder (`meta.pt`)."""
         raise NotImplementedError
 
+    def close(self, storage: RunStorage) -> None:
+        """After every Ray Train run ended (or failed): what the layout leaves in the run's folder."""
+
 
 class OneGroup(Layout):
     name = "one_group"
@@ -172,7 +180,7 @@ class Apart(Layout):
 
     def runs(self, cfg, storage, shared):
         cluster = ray.cluster_resources()
-        rounds = on_this_node(LastingRoundBoard).remote(cfg.num_peers)
+        rounds = on_this_node(LastingRoundBoard).remote(cfg.num_peers, board_bytes(cfg))
         board = on_this_node(EvaluationBoard).remote(cfg.num_peers, storage.uri, DATASETS[cfg.data.name].task)
         loop_config = {**shared, "round_board": rounds, "evaluation_board": board}
         return [RunSpec({**loop_config, "peer": k}, cfg.workers_of(k), resources_per_worker(cfg, cluster, k),
@@ -181,8 +189,11 @@ class Apart(Layout):
     def links(self, cfg, loop_config, device):
         peer = loop_config["peer"]
         place = PeerMesh(1, cfg.workers_of(peer)).build(device)  # this peer's run is a mesh of one peer
+        periodic = LastingRoundHandle(loop_config["round_board"], peer, cfg.num_peers,
+                                      RunStorage(cfg.ray.storage_path, cfg.name), board_bytes(cfg),
+                                      publishes=place.is_leader)
         return WorkerLinks(peer, place, evaluations=Posted(BoardPoster(loop_config["evaluation_board"], peer)),
-                           periodic=LastingRoundHandle(loop_config["round_board"], peer))
+                           periodic=periodic)
 
     def checkpoint_parent(self, peer):
         return peer_run_dir(peer)
@@ -200,6 +211,17 @@ class Apart(Layout):
 
     def completes_checkpoint(self, peer):
         return True
+
+    def close(self, storage):
+        # The rounds the board still referenced: a new run (a re-run resumes) starts a new board.
+        try:
+            storage.delete(ROUNDS_DIR)
+        except StorageError as err:  # never hide how the runs ended
+            logger.warning("the run's round snapshots stay in %s/%s: %s", storage.uri, ROUNDS_DIR, err.cause)
+
+
+def board_bytes(cfg: ExperimentConfig) -> int:
+    return int(cfg.exchange.round_board_mb * 2**20)
 
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (OneGroup(), Apart())}

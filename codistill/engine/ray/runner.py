@@ -253,6 +253,7 @@ def run_ray(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, callba
     finally:
         stop.set()
         poller.join()
+        layout.close(storage)
         if on_progress:
             try:
                 step, metrics = ray.get(progress_mailbox.get.remote(), timeout=30)
