@@ -98,6 +98,23 @@ def test_tracking_tensorboard_from_the_command_line_has_each_peers_test_accuracy
     assert [s for s, _ in scalars["group/churn"]] == [10, 20, 30, 40]
 
 
+def test_tracking_backfill_sends_a_finished_runs_records_once(tmp_path, capsys):
+    assert main(["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", f"ray.storage_path={tmp_path}",
+                 *QUICK]) == 0
+    run = tmp_path / "dml_mnist1d"
+    assert not (run / "tensorboard").exists()
+    assert main(["track", str(run), "--to", "tensorboard"]) == 0
+    assert capsys.readouterr().out.strip().endswith("→ tensorboard: steps 1..40")
+    assert main(["track", str(run), "--to", "tensorboard"]) == 0  # again: nothing twice
+    assert capsys.readouterr().out.strip().endswith("→ tensorboard: nothing new (it holds step 40)")
+    scalars = _scalars(run / "tensorboard")
+    assert [s for s, _ in scalars["peer0/loss"]] == list(range(1, 41))
+    assert _same(scalars["peer1/test_accuracy"], _test_accuracy(run, 1))
+    assert main(["track", str(tmp_path), "--to", "tensorboard"]) == 2  # not a run: one line
+    assert capsys.readouterr().err.strip().splitlines() == [f"config error: {tmp_path} is not a codistill run "
+                                                             "(no config.yaml)"]
+
+
 # -- MLflow: a real server -------------------------------------------------------------------------
 
 def _mlflow_server_command() -> str | None:
@@ -215,6 +232,29 @@ def test_tracking_a_killed_and_resumed_run_is_one_mlflow_run_with_no_step_logged
     scalars = _scalars(tmp_path / "dml_mnist1d" / "tensorboard")
     assert [s for s, _ in scalars["peer0/loss"]] == list(range(1, steps + 1))
     assert [s for s, _ in scalars["peer1/test_accuracy"]] == list(range(20, steps + 1, 20))
+
+
+@pytest.mark.slow
+def test_tracking_steps_a_tracker_holds_beyond_the_state_file_are_not_sent_twice(mlflow_server, tmp_path):
+    """A writer that died after sending but before writing its state file: on the resume, MLflow
+    is asked for the last step it holds, and TensorBoard's new event file purges from the first
+    step not recorded as sent — so neither shows a step twice."""
+    args = ["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", f"ray.storage_path={tmp_path}",
+            "--set", "peers.*.optimizer.schedule=constant", "--set", "tracking.tensorboard=true",
+            "--set", f"tracking.mlflow.tracking_uri={mlflow_server}", "--set", "tracking.mlflow.experiment=behind", *QUICK]
+    assert main(args) == 0
+    state_file = tmp_path / "dml_mnist1d" / "tracking" / "state.json"
+    state = json.loads(state_file.read_text())
+    for tracker in ("mlflow", "tensorboard"):
+        state[tracker]["sent"] = 20  # as if steps 21..40 were sent and the state file not written after
+    state_file.write_text(json.dumps(state))
+    assert main([*args, "--set", "train.steps=60"]) == 0  # resumes from step 40 to 60
+    client, run = _only_run(mlflow_server, "behind")
+    assert _steps(client, run.info.run_id, "peer0/loss") == list(range(1, 61))
+    assert _steps(client, run.info.run_id, "peer1/test_accuracy") == [10, 20, 30, 40, 50, 60]
+    scalars = _scalars(tmp_path / "dml_mnist1d" / "tensorboard")
+    assert [s for s, _ in scalars["peer0/loss"]] == list(range(1, 61))
+    assert _same(scalars["peer1/test_accuracy"], _test_accuracy(tmp_path / "dml_mnist1d", 1))
 
 
 # -- W&B: offline, read back from its run files ----------------------------------------------------

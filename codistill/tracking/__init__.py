@@ -160,11 +160,15 @@ class RunTracker:
                 if name.endswith(".parquet") and name[:-len(".parquet")].isdigit() and int(name[:8]) > after:
                     table = pq.read_table(io.BytesIO(self.storage.read_bytes(f"records/{GROUP_DIR}/{name}")))
                     group.update({row["step"]: row for row in table.to_pylist()})
+            # The board writes a step's group row once the last peer has posted that evaluation, just
+            # before that peer's checkpoint: the newest evaluation waits for it. An older one without
+            # it never gets one (a peer that restarted evaluated it on another board) and goes without.
+            newest = max((r["step"] for r in rows if r["split"] == "test" and r["step"] <= upto), default=None)
             for row in rows:
                 if row["split"] == "test" and row["step"] <= upto:
                     if row["step"] in group:
                         row.update({k: v for k, v in group[row["step"]].items() if k != "step"})
-                    elif not final:
+                    elif row["step"] == newest and not final:
                         upto = row["step"] - 1  # its ensemble and churn are not written yet
         return [r for r in rows if r["step"] <= upto], upto
 
@@ -179,9 +183,9 @@ class RunTracker:
                 return
             points = points_of(rows)
             for writer in self.writers:
-                held = self.state[writer.name]["sent"]
+                held = self.state[writer.name]["sent"]  # a tracker may hold more than the others (or the records)
                 writer.send([(step, values) for step, values in points if step > held])
-                self.state[writer.name]["sent"] = upto
+                self.state[writer.name]["sent"] = max(held, upto)
             self._save()
 
     # -- the sender thread: training never waits for a tracker ---------------------------------
