@@ -115,6 +115,17 @@ def test_tracking_backfill_sends_a_finished_runs_records_once(tmp_path, capsys):
                                                              "(no config.yaml)"]
 
 
+def test_tracking_turned_on_when_a_finished_run_is_run_again_sends_its_records_and_trains_nothing(tmp_path):
+    args = ["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", f"ray.storage_path={tmp_path}",
+            *QUICK]
+    assert main(args) == 0
+    before = _records(tmp_path / "dml_mnist1d")
+    assert main([*args, "--set", "tracking.tensorboard=true"]) == 0  # `tracking` may change on a resume
+    assert _records(tmp_path / "dml_mnist1d") == before  # nothing trained again
+    scalars = _scalars(tmp_path / "dml_mnist1d" / "tensorboard")
+    assert [s for s, _ in scalars["peer1/loss"]] == list(range(1, 41))
+
+
 # -- MLflow: a real server -------------------------------------------------------------------------
 
 def _mlflow_server_command() -> str | None:
