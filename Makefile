@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_SERVER := $(MLFLOW_VENV)/bin/mlflow
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test test-fast bench install clean
@@ -12,14 +14,20 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev,tune,hf]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,tune,hf,track]'
 	touch $(STAMP)
+
+# A real MLflow tracking server for the tracking tests, in a venv of its own: the full `mlflow`
+# pins pyarrow below the version the project runs with (the project itself needs only mlflow-skinny).
+$(MLFLOW_SERVER):
+	test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install --quiet mlflow
 
 demo: $(STAMP)
 	$(VENV)/bin/codistill train configs/dml_mnist1d.yaml --set name=dml_mnist1d-$(RUN_ID) --set train.steps=3000
 
 # Everything, as CI runs it: the layering contracts, then every test (Ray, Tune, the loopback cluster).
-test: $(STAMP)
+test: $(STAMP) $(MLFLOW_SERVER)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest
 

@@ -1,4 +1,4 @@
-"""`codistill train | tune | compare | born-again | report | list | bench` — parse → build → run → close."""
+"""`codistill train | tune | compare | born-again | report | track | list | bench` — parse → build → run → close."""
 
 from __future__ import annotations
 
@@ -336,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", type=int, default=0, help="which peer (default 0)")
     p.add_argument("--to", required=True, metavar="DIR", help="the folder to write (new or empty)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("track", help="send a run's records to a tracker after the fact (docs/tracking.md)")
+    from codistill.tracking.backfill import add_arguments as track_arguments
+    track_arguments(p)  # and its command
 
     p = sub.add_parser("list", help="what is registered: methods, models, data sets (each with its one line)",
                        parents=[imports])

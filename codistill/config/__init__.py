@@ -7,9 +7,11 @@ from codistill.config.builder import (apply_override, build_dataclass, dump_conf
 from codistill.config.schema import (BornAgainSettings, DataConfig, ExchangeConfig, ExperimentConfig, OptimizerConfig, PeerSpec,
                                      RaySettings, TeacherConfig, TrainConfig, TuneSettings)
 from codistill.config.strict_yaml import load_yaml
+from codistill.config.tracking import MlflowSettings, TrackingConfig, WandbSettings
 from codistill.config.data_parallel import data_parallel
 from codistill.errors import ConfigError
 
-__all__ = ["BornAgainSettings", "ConfigError", "DataConfig", "ExchangeConfig", "ExperimentConfig", "OptimizerConfig", "PeerSpec",
-           "RaySettings", "TeacherConfig", "TrainConfig", "TuneSettings", "apply_override", "build_dataclass",
+__all__ = ["BornAgainSettings", "ConfigError", "DataConfig", "ExchangeConfig", "ExperimentConfig", "MlflowSettings",
+           "OptimizerConfig", "PeerSpec", "RaySettings", "TeacherConfig", "TrackingConfig", "TrainConfig", "TuneSettings",
+           "WandbSettings", "apply_override", "build_dataclass",
            "data_parallel", "dump_config", "first_difference", "load_config", "load_yaml", "set_path", "to_dict"]

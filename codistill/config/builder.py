@@ -35,6 +35,9 @@ def _build_value(tp: Any, value: Any, path: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
             return _build_value(non_none[0], value, path)
+        sections = [a for a in non_none if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # a mapping meant for the section: its errors name the key
+            return _build_value(sections[0], value, path)
         problems = []  # e.g. a name or a mapping (data.tokenizer: bpe | {path: DIR}): the first that takes it
         for alternative in non_none:
             try:

@@ -15,12 +15,10 @@ from typing import Any, Literal
 
 from codistill.config.method import MethodConfig, registered_with
 from codistill.config.runs_of_runs import BornAgainSettings, TuneSettings
+from codistill.config.tracking import TrackingConfig
 from codistill.data import DATASETS
 from codistill.errors import ConfigError, check
 from codistill.models import MODELS
-
-# ---------------------------------------------------------------------------------------------
-# Sections
 
 
 # A run's name is one folder under the storage path: never a path that leaves it.
@@ -319,13 +317,14 @@ class ExperimentConfig:
     """The search space and sweep settings of `codistill tune` (ignored by `codistill train`)."""
     born_again: BornAgainSettings | None = None
     """The generations of `codistill born-again` (ignored by `codistill train`)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """The experiment trackers the run is sent to (TensorBoard, MLflow, W&B); none by default."""
 
     def __post_init__(self):
         check(RUN_NAME.fullmatch(self.name) is not None and self.name not in (".", ".."), "name",
               f"must be one folder name: ASCII letters, digits, . _ - + =, not starting with . or -; got {self.name!r}")
         check(0 <= self.seed < 2**53, "seed", f"must be in [0, 2**53), got {self.seed}")
         check(len(self.peers) >= 1, "peers", "needs at least one peer")
-        from codistill.data import DATASETS
         data_kind = DATASETS[self.data.name].input_kind
         models = [(f"peers.{i}.model", peer.model) for i, peer in enumerate(self.peers)]
         if self.teacher is not None and self.teacher.model is not None:

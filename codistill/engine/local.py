@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 class _SharedRun:
-    def __init__(self, cfg: ExperimentConfig, storage: RunStorage, on_progress):
+    def __init__(self, cfg: ExperimentConfig, storage: RunStorage, on_progress, on_checkpoint):
         self.cfg = cfg
         self.storage = storage
         self.checkpoints = LocalCheckpoints(storage, cfg.train.keep_checkpoints)
@@ -38,6 +38,7 @@ class _SharedRun:
         self.barrier = threading.Barrier(cfg.num_peers)
         self.stop = threading.Event()
         self.on_progress = on_progress
+        self.on_checkpoint = on_checkpoint  # told each committed step (the run's tracker writer reads its records)
         self.reports: list[dict] = []
 
 
@@ -64,6 +65,8 @@ class LocalRunContext(RunContext):
         if self.peer == 0:
             if checkpoint is not None:
                 shared.checkpoints.commit(step, meta_state(step, to_dict(shared.cfg)))
+                if shared.on_checkpoint:
+                    shared.on_checkpoint(step)
             shared.reports.append(metrics)
 
     def stopping(self) -> bool:
@@ -74,11 +77,12 @@ class LocalRunContext(RunContext):
             self.shared.on_progress(step, metrics)
 
 
-def run_local(cfg: ExperimentConfig, storage: RunStorage, on_progress=None) -> list[dict]:
-    """Train all peers of `cfg` in this process. Returns the metrics reported by peer 0."""
+def run_local(cfg: ExperimentConfig, storage: RunStorage, on_progress=None, on_checkpoint=None) -> list[dict]:
+    """Train all peers of `cfg` in this process. Returns the metrics reported by peer 0.
+    `on_checkpoint(step)` is called once each checkpoint is committed, with every peer's records."""
     data = load_data(cfg.data)
     device = torch.device("cpu")
-    shared = _SharedRun(cfg, storage, on_progress)
+    shared = _SharedRun(cfg, storage, on_progress, on_checkpoint)
     hub = LocalGatherHub(cfg.num_peers)
     publications = LocalPublications(cfg.num_peers)
     schedules = peer_schedules(cfg, len(data.y_train))

@@ -21,10 +21,12 @@ from codistill.engine.teacher import resolve_teacher
 from codistill.errors import first_line
 from codistill.records import consolidate_records, final_metrics, plot_accuracy, summary_text, trained_step
 from codistill.storage import RunStorage, StorageError, open_run_storage, resolve_storage_path, storage_errors
+from codistill.tracking import RunTracker
 
 CONFIG_FILE = "config.yaml"
-# What may change when a run is resumed: how long and where it runs, not what it trains.
-RESUMABLE_SECTIONS = ("train", "ray", "exchange")
+# What may change when a run is resumed: how long and where it runs and is watched, not what it trains.
+RESUMABLE_SECTIONS = ("train", "ray", "exchange", "tracking")
+TRACKER_POLL_S = 5.0  # how often the driver looks for records the Ray workers wrote
 
 
 @dataclass
@@ -186,16 +188,21 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
             store_config(cfg, storage)
         prepare_stages(cfg, storage)  # what a method trains on the teacher first: once, here, before any peer
         warn_of_checkpoints_inside_rounds(cfg)
-        if backend == "local":
-            from codistill.engine.local import run_local
+        # The run's one tracker writer, here on the driver whatever the layout (codistill/tracking/).
+        with RunTracker.open(cfg, storage, group_rows=backend == "ray" and cfg.layout == "apart" and not callbacks) as tracker:
+            if backend == "local":
+                from codistill.engine.local import run_local
 
-            run_local(cfg, storage, on_progress)
-        else:
-            check_ray_resume(storage, cfg.num_peers)  # records that cannot be gathered: refused before training
-            from codistill.engine.ray.runner import run_ray
+                run_local(cfg, storage, on_progress, on_checkpoint=tracker.start().poke)
+            else:
+                check_ray_resume(storage, cfg.num_peers)  # records that cannot be gathered: refused before training
+                from codistill.engine.ray.runner import run_ray
 
-            run_ray(cfg, storage, on_progress, callbacks)
-        return finish_run(cfg, storage)
+                tracker.start(every_s=TRACKER_POLL_S)  # the workers write the records: read them as they land
+                run_ray(cfg, storage, on_progress, callbacks)
+            result = finish_run(cfg, storage)
+            tracker.finish(result.summary)
+        return result
     except ConfigError:  # refused (its data, a model): a new run that wrote only its config leaves no folder
         if new:
             forget_refused_start(storage)

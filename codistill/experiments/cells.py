@@ -194,8 +194,8 @@ def run_figures(storage: RunStorage, steps: int, cell: ExperimentConfig | None =
 
 
 def what_it_trains(data: dict) -> dict:
-    """A config as far as it decides the result: where it runs (`ray`) does not."""
-    return {k: v for k, v in data.items() if k != "ray"}
+    """A config as far as it decides the result: where it runs (`ray`) and is watched (`tracking`) do not."""
+    return {k: v for k, v in data.items() if k not in ("ray", "tracking")}
 
 
 def stored_cell_difference(cell: ExperimentConfig, storage: RunStorage) -> tuple[str, object, object] | None:

@@ -193,7 +193,7 @@ def _stored_sweep_differs(cfg: ExperimentConfig, storage: RunStorage) -> str | N
         stored = to_dict(load_config(load_yaml(storage.read_bytes(SWEEP_FILE).decode())))
     except Exception as err:  # noqa: BLE001 — missing or unreadable: it cannot be shown to be the same sweep
         return f"{SWEEP_FILE} (it cannot be read: {type(err).__name__})"
-    found = first_difference(*({k: v for k, v in d.items() if k not in ("ray", "name")} for d in (to_dict(cfg), stored)))
+    found = first_difference(*({k: v for k, v in d.items() if k not in ("ray", "name", "tracking")} for d in (to_dict(cfg), stored)))
     return found[0] if found else None
 
 

@@ -1,0 +1,325 @@
+"""Runs sent to experiment trackers (`tracking:`), read back with each tracker's own reader: the
+config section, TensorBoard's event reader, a real MLflow server on 127.0.0.1 with a SQLite store
+(read back with MlflowClient, one run across a kill and a resume), W&B's offline run files.
+No tracker is mocked: each test drives the real library."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from codistill.cli import main
+from codistill.config import ConfigError, load_config
+from codistill.storage import RunStorage
+from tests.conftest import REPO, phase, scaled, wait_until
+
+QUICK = ["--set", "train.steps=40", "--set", "train.eval_every=10", "--set", "train.checkpoint_every=20"]
+
+
+def _records(run_dir) -> list[dict]:
+    return pq.read_table(os.path.join(run_dir, "records.parquet")).to_pylist()
+
+
+def _same(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> bool:
+    """The same steps with the same values (TensorBoard keeps float32)."""
+    return [s for s, _ in got] == [s for s, _ in want] and [v for _, v in got] == pytest.approx([v for _, v in want])
+
+
+def _test_accuracy(run_dir, peer: int) -> list[tuple[int, float]]:
+    return [(r["step"], r["accuracy"]) for r in _records(run_dir) if r["split"] == "test" and r["peer"] == peer]
+
+
+# -- the section ---------------------------------------------------------------------------------
+
+def test_tracking_is_off_by_default_and_set_from_the_command_line():
+    cfg = load_config(f"{REPO}/configs/dml_mnist1d.yaml")
+    assert cfg.tracking.trackers == []
+    cfg = load_config(f"{REPO}/configs/dml_mnist1d.yaml", ["tracking.tensorboard=true", "tracking.mlflow=true",
+                                                           "tracking.wandb.mode=offline"])
+    assert cfg.tracking.trackers == ["tensorboard", "mlflow", "wandb"]
+    assert cfg.tracking.mlflow.experiment == "codistill" and cfg.tracking.wandb.mode == "offline"
+
+
+@pytest.mark.parametrize("setting,said", [
+    ("tracking.neptune=true", "tracking.neptune: unknown key; allowed keys here: mlflow, tensorboard, wandb"),
+    ("tracking.wandb.mode=cloud", "tracking.wandb.mode: got 'cloud'; allowed: 'online', 'offline'"),
+    ("tracking.mlflow.experment=x", "tracking.mlflow.experment: unknown key; allowed keys here: experiment, tracking_uri"),
+])
+def test_tracking_refuses_a_wrong_key_or_an_unknown_tracker_in_one_line_with_exit_2(setting, said, capsys):
+    assert main(["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", setting]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"config error: {said}"]
+
+
+@pytest.mark.parametrize("tracker,module,package", [("mlflow", "mlflow", "mlflow-skinny"), ("wandb", "wandb", "wandb"),
+                                                     ("tensorboard", "tensorboard", "tensorboard")])
+def test_tracking_names_the_extra_when_a_trackers_package_is_missing(tracker, module, package, monkeypatch, tmp_path):
+    from codistill.tracking import RunTracker
+
+    cfg = load_config(f"{REPO}/configs/dml_mnist1d.yaml", [f"tracking.{tracker}=true", f"ray.storage_path={tmp_path}"])
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: `import` raises ImportError
+    with pytest.raises(ConfigError) as refused:
+        RunTracker.open(cfg, RunStorage(str(tmp_path), cfg.name))
+    assert str(refused.value) == (f"tracking.{tracker}: is on, but the {package} package is not installed: "
+                                  f"pip install 'codistill[track]' (or pip install {package})")
+
+
+# -- TensorBoard -----------------------------------------------------------------------------------
+
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tracking_tensorboard_from_the_command_line_has_each_peers_test_accuracy_at_every_evaluation(tmp_path):
+    assert main(["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", "tracking.tensorboard=true",
+                 "--set", f"ray.storage_path={tmp_path}", *QUICK]) == 0
+    run = tmp_path / "dml_mnist1d"
+    scalars = _scalars(run / "tensorboard")
+    for peer in (0, 1):
+        want = _test_accuracy(run, peer)
+        assert [s for s, _ in want] == [10, 20, 30, 40]
+        assert _same(scalars[f"peer{peer}/test_accuracy"], want)
+        assert [s for s, _ in scalars[f"peer{peer}/loss"]] == list(range(1, 41))
+        assert {f"peer{peer}/kl", f"peer{peer}/lr", f"peer{peer}/step_ms", f"peer{peer}/peak_memory_mb"} <= set(scalars)
+    ensemble = [(r["step"], r["ensemble_accuracy"]) for r in _records(run) if r["split"] == "test" and r["peer"] == 0]
+    assert _same(scalars["group/ensemble_accuracy"], ensemble)
+    assert [s for s, _ in scalars["group/churn"]] == [10, 20, 30, 40]
+
+
+def test_tracking_backfill_sends_a_finished_runs_records_once(tmp_path, capsys):
+    assert main(["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", f"ray.storage_path={tmp_path}",
+                 *QUICK]) == 0
+    run = tmp_path / "dml_mnist1d"
+    assert not (run / "tensorboard").exists()
+    assert main(["track", str(run), "--to", "tensorboard"]) == 0
+    assert capsys.readouterr().out.strip().endswith("→ tensorboard: steps 1..40")
+    assert main(["track", str(run), "--to", "tensorboard"]) == 0  # again: nothing twice
+    assert capsys.readouterr().out.strip().endswith("→ tensorboard: nothing new (it holds step 40)")
+    scalars = _scalars(run / "tensorboard")
+    assert [s for s, _ in scalars["peer0/loss"]] == list(range(1, 41))
+    assert _same(scalars["peer1/test_accuracy"], _test_accuracy(run, 1))
+    assert main(["track", str(tmp_path), "--to", "tensorboard"]) == 2  # not a run: one line
+    assert capsys.readouterr().err.strip().splitlines() == [f"config error: {tmp_path} is not a codistill run "
+                                                             "(no config.yaml)"]
+
+
+def test_tracking_turned_on_when_a_finished_run_is_run_again_sends_its_records_and_trains_nothing(tmp_path):
+    args = ["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", f"ray.storage_path={tmp_path}",
+            *QUICK]
+    assert main(args) == 0
+    before = _records(tmp_path / "dml_mnist1d")
+    assert main([*args, "--set", "tracking.tensorboard=true"]) == 0  # `tracking` may change on a resume
+    assert _records(tmp_path / "dml_mnist1d") == before  # nothing trained again
+    scalars = _scalars(tmp_path / "dml_mnist1d" / "tensorboard")
+    assert [s for s, _ in scalars["peer1/loss"]] == list(range(1, 41))
+
+
+# -- MLflow: a real server -------------------------------------------------------------------------
+
+def _mlflow_server_command() -> str | None:
+    """The `mlflow` command of a full MLflow install (the server): CODISTILL_MLFLOW_SERVER, else the
+    venv `make test` makes beside the project (.venv-mlflow)."""
+    found = os.environ.get("CODISTILL_MLFLOW_SERVER") or os.path.join(REPO, ".venv-mlflow", "bin", "mlflow")
+    return found if os.access(found, os.X_OK) else None
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    command = _mlflow_server_command()
+    if command is None:
+        pytest.skip("no MLflow server installed: `make test` installs one in .venv-mlflow (or set CODISTILL_MLFLOW_SERVER)")
+    folder = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen([command, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                               "--artifacts-destination", str(folder / "artifacts")], stdout=log, stderr=log)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        import urllib.request
+
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(healthy, "the MLflow server starting (its first start migrates the SQLite store)", 90,
+                   alive=None, poll=0.5)
+        yield uri
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _only_run(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_tracking_mlflow_server_holds_the_metrics_at_their_steps_the_params_and_the_artifacts(mlflow_server, tmp_path):
+    assert main(["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", f"ray.storage_path={tmp_path}",
+                 "--set", f"tracking.mlflow.tracking_uri={mlflow_server}", "--set", "tracking.mlflow.experiment=one",
+                 *QUICK]) == 0
+    client, run = _only_run(mlflow_server, "one")
+    assert run.info.status == "FINISHED" and run.info.run_name == "dml_mnist1d"
+    run_dir = tmp_path / "dml_mnist1d"
+    for peer in (0, 1):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"peer{peer}/test_accuracy"))
+        assert _same(history, _test_accuracy(run_dir, peer))
+    assert _steps(client, run.info.run_id, "peer1/loss") == list(range(1, 41))
+    params = run.data.params
+    assert params["method.temperature"] == "3.0" and params["peers.1.optimizer.lr"] == "0.01"
+    assert params["train.steps"] == "40" and params["peers.0.model"] == "mnist1d_cnn"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "accuracy.png", "summary.txt"}
+    summary = open(client.download_artifacts(run.info.run_id, "summary.txt", str(tmp_path))).read()
+    assert "final evaluation at step 40" in summary
+    state = json.loads((run_dir / "tracking" / "state.json").read_text())
+    assert state["mlflow"]["run_id"] == run.info.run_id and state["mlflow"]["sent"] == 40
+
+
+@pytest.mark.slow
+def test_tracking_a_killed_and_resumed_run_is_one_mlflow_run_with_no_step_logged_twice(mlflow_server, tmp_path):
+    """Killed (SIGKILL) after its tracker writer has sent a checkpoint's records, then re-run under
+    its name: one MLflow run, every step once; TensorBoard's reader sees every step once too."""
+    steps = 300
+    args = [sys.executable, "-m", "codistill.cli", "train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local",
+            "--set", f"ray.storage_path={tmp_path}", "--set", f"train.steps={steps}", "--set", "train.eval_every=20",
+            "--set", "train.checkpoint_every=20", "--set", f"tracking.mlflow.tracking_uri={mlflow_server}",
+            "--set", "tracking.mlflow.experiment=resumed", "--set", "tracking.tensorboard=true"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    state_file = tmp_path / "dml_mnist1d" / "tracking" / "state.json"
+
+    def sent() -> int:
+        try:
+            return json.loads(state_file.read_text())["mlflow"]["sent"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: sent() >= 40, "the first records sent to MLflow", 240, alive=first)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=scaled(30))
+    finally:
+        first.kill()
+    killed_at = sent()
+    assert 40 <= killed_at < steps, "the kill must land inside the training"
+    with phase("the resumed run", 300) as limit:
+        resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=limit)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, run = _only_run(mlflow_server, "resumed")
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run.info.run_id, "peer0/loss") == list(range(1, steps + 1))
+    assert _steps(client, run.info.run_id, "peer1/test_accuracy") == list(range(20, steps + 1, 20))
+    scalars = _scalars(tmp_path / "dml_mnist1d" / "tensorboard")
+    assert [s for s, _ in scalars["peer0/loss"]] == list(range(1, steps + 1))
+    assert [s for s, _ in scalars["peer1/test_accuracy"]] == list(range(20, steps + 1, 20))
+
+
+@pytest.mark.slow
+def test_tracking_steps_a_tracker_holds_beyond_the_state_file_are_not_sent_twice(mlflow_server, tmp_path):
+    """A writer that died after sending but before writing its state file: on the resume, MLflow
+    is asked for the last step it holds, and TensorBoard's new event file purges from the first
+    step not recorded as sent — so neither shows a step twice."""
+    args = ["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", f"ray.storage_path={tmp_path}",
+            "--set", "peers.*.optimizer.schedule=constant", "--set", "tracking.tensorboard=true",
+            "--set", f"tracking.mlflow.tracking_uri={mlflow_server}", "--set", "tracking.mlflow.experiment=behind", *QUICK]
+    assert main(args) == 0
+    state_file = tmp_path / "dml_mnist1d" / "tracking" / "state.json"
+    state = json.loads(state_file.read_text())
+    for tracker in ("mlflow", "tensorboard"):
+        state[tracker]["sent"] = 20  # as if steps 21..40 were sent and the state file not written after
+    state_file.write_text(json.dumps(state))
+    assert main([*args, "--set", "train.steps=60"]) == 0  # resumes from step 40 to 60
+    client, run = _only_run(mlflow_server, "behind")
+    assert _steps(client, run.info.run_id, "peer0/loss") == list(range(1, 61))
+    assert _steps(client, run.info.run_id, "peer1/test_accuracy") == [10, 20, 30, 40, 50, 60]
+    scalars = _scalars(tmp_path / "dml_mnist1d" / "tensorboard")
+    assert [s for s, _ in scalars["peer0/loss"]] == list(range(1, 61))
+    assert _same(scalars["peer1/test_accuracy"], _test_accuracy(tmp_path / "dml_mnist1d", 1))
+
+
+# -- W&B: offline, read back from its run files ----------------------------------------------------
+
+def wandb_records(path: str):
+    """The records of a W&B run file (`run-<id>.wandb`): W&B's LevelDB-style log — a 7-byte header
+    (":W&B", 0xBEE1, version 0), then 32 KiB blocks of chunks (crc32, length, type: 1 full, 2
+    first, 3 middle, 4 last) — each record a `wandb_internal_pb2.Record` (W&B's own protobuf)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0)
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        if kind == 0:
+            break
+        pending += data[pos:pos + length]
+        pos += length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+@pytest.mark.slow
+def test_tracking_wandb_offline_writes_every_step_the_config_and_the_summary(tmp_path):
+    assert main(["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", f"ray.storage_path={tmp_path}",
+                 "--set", "tracking.wandb.mode=offline", "--set", "tracking.wandb.project=offline-test", *QUICK]) == 0
+    run_dir = tmp_path / "dml_mnist1d"
+    files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    history, config, run_ids = {}, {}, set()
+    for record in wandb_records(files[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            # W&B keeps a key with a slash as its parts (`nested_key`), a plain key as `key`.
+            history[record.history.step.num] = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                                for i in record.history.item}
+        elif kind == "config":
+            config.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in record.config.update})
+        elif kind == "run":
+            run_ids.add(record.run.run_id)
+    state = json.loads((run_dir / "tracking" / "state.json").read_text())
+    assert run_ids == {state["wandb"]["id"]}
+    assert sorted(history) == list(range(1, 41))
+    for peer in (0, 1):
+        assert _same([(s, history[s][f"peer{peer}/test_accuracy"]) for s in (10, 20, 30, 40)], _test_accuracy(run_dir, peer))
+    assert config["method.temperature"] == "3.0" and config["peers.0.model"] == "mnist1d_cnn"
+    summary = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / "summary.txt"))
+    assert summary and "final evaluation at step 40" in open(summary[0]).read()
