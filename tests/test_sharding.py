@@ -83,3 +83,65 @@ def test_a_sharded_checkpoint_is_the_replicated_ones_and_resumes_onto_one_worker
         for peer in (0, 1):
             assert fsdp[step, peer]["workers"] == 1
             assert fsdp[step, peer]["loss"] == pytest.approx(ddp[step, peer]["loss"], rel=1e-5), (step, peer)
+
+
+def _train_both_ways(rank: int, init_file: str, out_file: str, cfg_data: dict, steps: int) -> None:
+    """In each of a 1-peer × 2-worker gloo world: the same job built replicated and sharded, `steps`
+    steps each; what every rank holds of the student and of the teacher."""
+    import torch.distributed as dist
+
+    from codistill.config import load_config
+    from codistill.data import load_data
+    from codistill.engine.job import make_job, peer_schedules
+    from codistill.engine.loop import train_step
+    from codistill.engine.mesh import PeerMesh
+    from codistill.engine.sharding import local_state_bytes
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        seen = {}
+        place = PeerMesh(1, 2).build(torch.device("cpu"))
+        for sharding in ("ddp", "fsdp"):
+            cfg = load_config({**cfg_data, "train": {**cfg_data["train"], "sharding": sharding}})
+            data = load_data(cfg.data)
+            job = make_job(cfg, 0, data, peer_schedules(cfg, len(data.y_train)), torch.device("cpu"), None, place=place)
+            losses = [float(train_step(job, step)["loss"]) for step in range(steps)]
+            teacher = next(s for s in job.sources if hasattr(s, "tap_shapes")).network
+            seen[sharding] = {"losses": losses, "state": sum(local_state_bytes(job.peer.network, job.peer.optimizer).values()),
+                              "teacher": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                                             for p in teacher.parameters()),
+                              "teacher_whole": sum(p.numel() for p in teacher.parameters())}
+        torch.save(seen, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_kd_teacher_from_a_pretrained_folder_is_sharded_like_its_fsdp_student(tmp_path):
+    """KD from a Hugging Face folder (`from_pretrained`, no checkpoint file) to a student on two
+    workers: sharded, each worker holds half of the teacher as of the student (a teacher left whole
+    beside sharded students is huggingface/trl#2580), and the student learns as it does replicated."""
+    import torch.multiprocessing as mp
+
+    from codistill.config import load_config, to_dict
+    from codistill.data import load_data
+    from codistill.models import create_model
+
+    base = small_config(tmp_path, *TINY_LLAMA_DML, base=HF)
+    vocab = load_data(base.data).num_classes
+    folder = tmp_path / "teacher"
+    create_model("hf_causal_lm", vocab, config={**base.peers[0].model_args["config"], "hidden_size": 48}).model.save_pretrained(folder)
+    cfg = to_dict(base)
+    cfg["peers"], cfg["method"] = cfg["peers"][:1], {"name": "kd", "temperature": 1.0}
+    cfg["teacher"] = {"model": "hf_causal_lm", "model_args": {"path": str(folder)}}
+    load_config(cfg)  # a valid config as written
+    out = str(tmp_path / "seen")
+    mp.spawn(_train_both_ways, args=(str(tmp_path / "init"), out, cfg, 5), nprocs=2, join=True)
+    seen = [torch.load(f"{out}.{rank}") for rank in (0, 1)]
+    for rank in seen:
+        assert rank["ddp"]["teacher"] == rank["ddp"]["teacher_whole"]  # replicated: the whole teacher on each
+        assert rank["fsdp"]["teacher"] <= 0.6 * rank["fsdp"]["teacher_whole"]
+        assert rank["fsdp"]["state"] <= 0.6 * rank["ddp"]["state"]
+        # The same tolerance as the DML run's above, for the same reason.
+        assert rank["fsdp"]["losses"] == pytest.approx(rank["ddp"]["losses"], rel=1e-5, abs=1e-6)
+    assert sum(rank["fsdp"]["teacher"] for rank in seen) == seen[0]["fsdp"]["teacher_whole"]

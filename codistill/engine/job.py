@@ -305,5 +305,6 @@ def _split(cfg: ExperimentConfig, peer: Peer, teacher: FrozenTeacher | None, pla
     # FSDP2 replaced the parameters with their shards: the optimizer is built over those.
     peer.optimizer = make_optimizer(peer.spec.optimizer, [p for p in peer.network.parameters() if p.requires_grad])
     if teacher is not None:
-        fully_sharded(teacher.network, blocks_of(cfg.teacher.model, teacher.network), place.replica_mesh, policy)
+        fully_sharded(teacher.network, blocks_of(cfg.teacher.model, teacher.network), place.replica_mesh, policy,
+                      frozen=True)
     return peer.network

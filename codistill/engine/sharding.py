@@ -48,17 +48,23 @@ def checkpoint_activations(blocks: list[nn.Module]) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy: MixedPrecisionPolicy) -> nn.Module:
+def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy: MixedPrecisionPolicy,
+                  frozen: bool = False) -> nn.Module:
     """`network` sharded in place over the 1-D device mesh `mesh`: `blocks` one by one (or else
     its top-level children that hold parameters), then the root, which takes what is left (the
     embeddings, the last norm and the head, a method's own modules). The root casts its output
-    to fp32 under a bf16 policy, so every loss is computed in fp32 as under autocast."""
+    to fp32 under a bf16 policy, so every loss is computed in fp32 as under autocast. `frozen` (a
+    teacher): the root is resharded after each forward too — FSDP keeps a root's parameters
+    gathered after forward for the backward that follows, which a frozen network never runs, so
+    each worker would hold the teacher's embeddings and head whole from its first step on."""
     units = blocks or [child for child in network.children() if any(True for _ in child.parameters())]
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     root = MixedPrecisionPolicy(policy.param_dtype, policy.reduce_dtype,
                                 torch.float32 if policy.param_dtype is not None else None)
     fully_shard(network, mesh=mesh, mp_policy=root)
+    if frozen:
+        network.register_forward_hook(lambda module, args, output: module.reshard())
     return network
 
 
