@@ -145,3 +145,105 @@ def test_a_kd_teacher_from_a_pretrained_folder_is_sharded_like_its_fsdp_student(
         # The same tolerance as the DML run's above, for the same reason.
         assert rank["fsdp"]["losses"] == pytest.approx(rank["ddp"]["losses"], rel=1e-5, abs=1e-6)
     assert sum(rank["fsdp"]["teacher"] for rank in seen) == seen[0]["fsdp"]["teacher_whole"]
+
+
+def _saved_bytes_and_grads(network, x):
+    """The bytes autograd keeps for backward in one forward of `network` on `x`, and the gradients."""
+    saved = []
+
+    def keep(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = network(x).float().logsumexp(-1).mean()
+    loss.backward()
+    return sum(saved), {n: p.grad.clone() for n, p in network.named_parameters()}
+
+
+@pytest.mark.parametrize("model,args", [
+    ("gpt", {"width": 32, "depth": 2, "heads": 2, "context": 32}),
+    ("hf_causal_lm", {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                 "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 32}}),
+])
+def test_activation_checkpointing_keeps_less_for_backward_and_gives_the_same_gradients_unsharded(model, args):
+    from codistill.engine.sharding import blocks_of, checkpoint_activations
+    from codistill.models import create_model
+
+    torch.manual_seed(0)
+    plain = create_model(model, 64, **args)
+    recomputed = create_model(model, 64, **args)
+    recomputed.load_state_dict(plain.state_dict())
+    assert len(blocks_of(model, recomputed)) == 2
+    checkpoint_activations(blocks_of(model, recomputed))
+    x = torch.randint(0, 64, (4, 32))
+    kept, grads = _saved_bytes_and_grads(plain, x)
+    kept_recomputed, grads_recomputed = _saved_bytes_and_grads(recomputed, x)
+    assert kept_recomputed < 0.5 * kept  # the blocks' insides are recomputed, not kept
+    assert recomputed.state_dict().keys() == plain.state_dict().keys()  # checkpoints and taps unchanged
+    for name, grad in grads.items():
+        assert torch.allclose(grads_recomputed[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_sharded_peer_casts_by_fsdps_policy_not_by_autocast():
+    from codistill.engine.precision import Precision
+
+    cpu = torch.device("cpu")
+    sharded = Precision("bf16", cpu, sharded=True)
+    policy = sharded.sharding_policy()
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    with sharded.forward():
+        assert not torch.is_autocast_enabled("cpu")
+    with Precision("bf16", cpu).forward():  # replicated: autocast as before
+        assert torch.is_autocast_enabled("cpu")
+    assert Precision("fp32", cpu, sharded=True).sharding_policy().param_dtype is None
+
+
+def test_sharding_settings_refused_in_one_line_and_kept_by_the_data_parallel_arm(make_config):
+    from codistill.config import ConfigError, data_parallel
+
+    with pytest.raises(ConfigError, match=r"^train\.precision: fp16 needs a gradient scaler.*use bf16"):
+        make_config("train.sharding=fsdp", "train.precision=fp16")
+    with pytest.raises(ConfigError, match=r"^train\.activation_checkpointing: peer 0's model 'mnist1d_cnn' declares "
+                                          r"no transformer blocks.*gpt, hf_causal_lm"):
+        make_config("train.activation_checkpointing=true")
+    with pytest.raises(ConfigError, match=r"train\.sharding: got 'zero'; allowed: 'ddp', 'fsdp'"):
+        make_config("train.sharding=zero")
+    # The data-parallel arm: one model on all K·M workers, sharded as each peer was.
+    one = data_parallel(make_config("train.sharding=fsdp", "ray.workers_per_peer=2", "train.precision=bf16"))
+    assert (one.train.sharding, one.train.precision, one.ray.workers_per_peer) == ("fsdp", "bf16", 4)
+
+
+def test_a_killed_fsdp_group_resumes_exactly_from_its_gathered_checkpoint(ray_local, tmp_path):
+    """Two MNIST-1D CNN peers sharded over two workers each (FSDP per top-level child); peer 0's
+    first worker killed once a checkpoint is committed: Ray Train restarts the group, every
+    worker takes its shards back from the checkpoint, and the run ends as an uninterrupted DDP run
+    of the same peers does (equal to the last bit uninterrupted, as the Llama run above)."""
+    import os
+    import signal
+
+    from tests.conftest import committed_step
+
+    overrides = ("train.steps=600", "train.checkpoint_every=100", "train.eval_every=200", "ray.workers_per_peer=2",
+                 "ray.resources_per_peer={CPU: 1}")
+    killed = {}
+
+    def kill(step, metrics):
+        if not killed and "pid" in metrics and committed_step(tmp_path / "killed") >= 100:
+            killed["at"] = step
+            os.kill(metrics["pid"], signal.SIGKILL)
+
+    result = train(small_config(tmp_path, "name=killed", "train.sharding=fsdp", "ray.max_failures=1", *overrides),
+                   "ray", on_progress=kill)
+    assert killed and killed["at"] < 600, "the worker was not killed mid-run"
+    rows = result.records.to_pylist()
+    restarts = {r["peer"]: r["step"] - 1 for r in rows if r.get("resumed")}
+    assert set(restarts) == {0, 1} and len(set(restarts.values())) == 1 and restarts[0] % 100 == 0, restarts
+    for peer in (0, 1):
+        assert [r["step"] for r in rows if r["split"] == "train" and r["peer"] == peer] == list(range(1, 601))
+    reference = train(small_config(tmp_path, "name=uninterrupted", "train.sharding=ddp", *overrides), "ray")
+    assert result.final["peer_accuracy"] == pytest.approx(reference.final["peer_accuracy"], abs=1e-6)
+    assert result.final["ensemble_accuracy"] == pytest.approx(reference.final["ensemble_accuracy"], abs=1e-6)
+    ddp = train_rows(reference)
+    for key, row in train_rows(result).items():
+        assert row["loss"] == pytest.approx(ddp[key]["loss"], rel=1e-5, abs=1e-6), key
