@@ -23,7 +23,7 @@ def error_of(data=None, overrides=()):
 
 # Recipes that name a model folder and a corpus of the user's: loaded with such files made for
 # the test, in test_hf.py.
-NEEDS_USER_FILES = {"codistill_hf_gpu.yaml"}
+NEEDS_USER_FILES = {"codistill_hf_gpu.yaml", "codistill_hf_fsdp_gpu.yaml"}
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")) if os.path.basename(p) not in NEEDS_USER_FILES)
 
 

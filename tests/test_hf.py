@@ -321,3 +321,24 @@ def test_hf_one_packing_rule_text_and_hf_text_make_the_same_windows_of_the_same_
     eos = tokenizer.eos_token_id
     assert int((plain.y_train == eos).sum()) + int((plain.y_test == eos).sum()) == len(texts)  # one per document
     assert (plain.y_train[-1] == -100).any() and (plain.y_test[-1] == -100).any()
+
+
+def test_hf_the_fsdp_gpu_recipe_loads_sharded_over_four_gpus_a_peer_and_over_a_node_each(corpus, tmp_path):
+    """configs/codistill_hf_fsdp_gpu.yaml (not run here: no GPU), with tiny stand-ins at its paths:
+    two peers sharded with FSDP over 4 GPUs each in bf16 with activation checkpointing,
+    codistilling with weights — and its 2-node form from the --set lines its comment gives."""
+    from codistill.data import load_data
+    from codistill.models import create_model
+
+    path, _ = corpus
+    data = load_data(load_config(hf_config(tmp_path, path)).data)
+    folder = tmp_path / "base"
+    create_model("hf_causal_lm", data.num_classes, config=LLAMA).model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(data.tokenizer).save_pretrained(folder)
+    at_paths = [f"peers.*.model_args.path={folder}", f"data.path={path}", f"data.tokenizer.path={folder}"]
+    cfg = load_config(f"{REPO}/configs/codistill_hf_fsdp_gpu.yaml", at_paths)
+    assert (cfg.train.sharding, cfg.train.precision, cfg.train.activation_checkpointing) == ("fsdp", "bf16", True)
+    assert (cfg.method.publish, cfg.layout, [cfg.workers_of(k) for k in (0, 1)]) == ("weights", "apart", [4, 4])
+    two_nodes = load_config(f"{REPO}/configs/codistill_hf_fsdp_gpu.yaml", [
+        *at_paths, "ray.workers_per_peer=8", "ray.resources_per_peer={GPU: 8, CPU: 32}", "ray.placement_strategy=STRICT_SPREAD"])
+    assert two_nodes.ray.resources_per_peer == {"GPU": 8, "CPU": 32} and two_nodes.workers_of(1) == 8

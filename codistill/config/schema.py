@@ -16,6 +16,7 @@ from typing import Any, Literal
 from codistill.config.method import MethodConfig, registered_with
 from codistill.config.runs_of_runs import BornAgainSettings, TuneSettings
 from codistill.config.tracking import TrackingConfig
+from codistill.config.train import TrainConfig
 from codistill.data import DATASETS
 from codistill.errors import ConfigError, check
 from codistill.models import MODELS
@@ -168,42 +169,6 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TrainConfig:
-    steps: int = 3000
-    """Optimizer steps per peer."""
-    eval_every: int = 250
-    """Evaluate every peer, the ensemble and churn on the test split every N steps (and at the end)."""
-    checkpoint_every: int = 500
-    """Save every peer's state every N steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep (0: all)."""
-    on_nonfinite: Literal["stop", "skip_step"] = "stop"
-    """A loss that is NaN or infinite: `stop` the run (no checkpoint of the bad weights is
-    written; every good one is kept), or `skip_step` (drop that step's update and go on; this
-    checks every step, a GPU sync per step)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """The compute dtype of the forward pass and the payloads (mixed precision: the engine's
-    `Precision`): `bf16` halves the bytes a peer sends; `fp16` adds a gradient scaler. Soft
-    targets and KL terms are computed in fp32 whatever the precision."""
-    compile: bool = False
-    """Wrap each peer's network in `torch.compile` for training (not with feature taps)."""
-    data_on_device: bool = False
-    """Move the whole data set to the peer's device once; batches are gathered and augmented
-    there (the same batches as on the CPU). For data sets that fit: MNIST-1D, CIFAR."""
-    label_smoothing: float = 0.0
-    """Every cross-entropy with the labels is taken against labels smoothed by this much
-    (`F.cross_entropy(label_smoothing=…)`): the regularisation baseline beside which a
-    distillation gain that is only regularisation shows as such (Sinha et al., 2021)."""
-
-    def __post_init__(self):
-        check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
-        check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
-        check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
-        check(self.keep_checkpoints >= 0, "keep_checkpoints", f"must be >= 0, got {self.keep_checkpoints}")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
 class ExchangeConfig:
     transport: Literal["collective", "object_store"] = "collective"
     """How peers see each other on Ray: torch.distributed all_gather, or the Ray object store.
@@ -350,6 +315,10 @@ class ExperimentConfig:
             check(not self.method.reads_taps, "train.compile",
                   f"method {self.method.name!r} reads feature taps (forward hooks), which a compiled network "
                   "does not run; set train.compile: false, or use a method without taps")
+        for i, peer in enumerate(self.peers):
+            check(not self.train.activation_checkpointing or MODELS[peer.model].blocks is not None,
+                  "train.activation_checkpointing", f"peer {i}'s model {peer.model!r} declares no transformer blocks to "
+                  f"recompute; models that do: {', '.join(sorted(n for n, m in MODELS.items() if m.blocks))}")
         check(self.teacher is None or self.method.learns_from_teacher(), "teacher",
               f"is set, but method {self.method.name!r} learns from no teacher; remove `teacher:` or use a "
               f"method that does ({', '.join(registered_with('can_use_teacher'))}), alone or in `method.also`")

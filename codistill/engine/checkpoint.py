@@ -22,6 +22,7 @@ import time
 import torch
 
 from codistill.data.task import Fingerprint
+from codistill.engine.sharding import full_state, load_full_state
 from codistill.errors import RunError, first_line
 from codistill.storage import RunStorage
 
@@ -115,9 +116,11 @@ def peer_state(job, step: int) -> dict:
     """What a checkpoint holds of a peer (`job`: its `PeerJob`): its network (never a teacher),
     optimizer and RNG, and what rebuilds its model."""
     peer = job.peer
+    # A peer sharded over its workers is gathered into the same file (`sharding.full_state`).
+    model, optimizer = full_state(peer.network, peer.optimizer)
     return {"format": CHECKPOINT_FORMAT, "peer": peer.index, "model_name": peer.spec.model, "model_args": dict(peer.spec.model_args),
             "base_prefix": base_prefix(peer.network, peer.base), "step": step,
-            "model": peer.network.state_dict(), "optimizer": peer.optimizer.state_dict(),
+            "model": model, "optimizer": optimizer,
             "torch_rng": torch.get_rng_state(),
             **({"data": job.data.fingerprint.as_dict()} if job.data.fingerprint else {}),
             **job.precision.state_dict()}
@@ -185,8 +188,7 @@ def load_peer_state(job, state: dict) -> int:
     if difference:  # the whole fingerprint: corpus, split, packing, tokenizer, token counts
         raise DataChanged(f"peer {peer.index}'s checkpoint {difference}. Resume refused; start a new run (another "
                           "name) to train on this data.")
-    peer.network.load_state_dict(state["model"])
-    peer.optimizer.load_state_dict(state["optimizer"])
+    load_full_state(peer.network, peer.optimizer, state["model"], state["optimizer"])  # each replica its shards
     torch.set_rng_state(state["torch_rng"])
     job.precision.load_state_dict(state)
     return state["step"]

@@ -21,6 +21,7 @@ from codistill.errors import ConfigError, first_line
 from codistill.engine.evaluate import EvaluationSink, Gathered
 from codistill.engine.mesh import MeshPlace, PeerMesh
 from codistill.engine.precision import COMPUTE_DTYPES, Precision
+from codistill.engine.sharding import blocks_of, checkpoint_activations, fully_sharded
 from codistill.engine.sources import FrozenTeacher, PeerPayloads, SignalSource
 from codistill.engine.seeds import init_seed
 from codistill.engine.stages import load_stages
@@ -64,7 +65,8 @@ class PeerJob:
     tap_paths: dict[str, str]
     seed: int = 0
     train_model: nn.Module | None = None
-    """What the forward pass runs: the network, or its DDP wrapper when replicas > 1."""
+    """What the forward pass runs: the network, or its DDP wrapper when replicas > 1 (a peer
+    sharded with FSDP: the network itself, sharded in place)."""
     place: MeshPlace | None = None
     precision: Precision | None = None
     """`train.precision`: the forward pass's compute dtype, backward and the optimizer step."""
@@ -81,6 +83,12 @@ class PeerJob:
     @property
     def replicas(self) -> int:
         return self.place.replicas
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the peer is split over its replicas (FSDP): then every replica takes part in
+        gathering its state for a checkpoint, which its leader writes."""
+        return self.precision is not None and self.precision.sharded
 
 
 def make_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
@@ -269,13 +277,34 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
         sources.append(PeerPayloads())
     if needs.rounds is not None:
         sources.append(stale_peers_source(periodic, needs.rounds, cfg.peers, schedules))
-    train_model = place.replicated(peer.network, device)
+    precision = Precision(cfg.train.precision, device, sharded=cfg.train.sharding == "fsdp" and place.replicas > 1)
+    train_model = _split(cfg, peer, teacher, place, precision, device)
     if cfg.train.compile:
         train_model = torch.compile(train_model)  # evaluation runs the plain network
     return PeerJob(peer=peer, method=method, data=data, schedule=schedules[peer_index if cfg.data.shard else 0],
                    train=cfg.train, device=device, exchange=exchange, sources=tuple(sources),
                    tap_paths=tap_paths_of(peer.spec.model, needs.taps), seed=cfg.seed,
                    train_model=train_model, place=place,
-                   precision=Precision(cfg.train.precision, device),
+                   precision=precision,
                    channels_last=channels_last,
                    evaluations=evaluations or Gathered())
+
+
+def _split(cfg: ExperimentConfig, peer: Peer, teacher: FrozenTeacher | None, place: MeshPlace, precision: Precision,
+           device: torch.device) -> nn.Module:
+    """What the forward pass of training runs, with the peer split over its replicas as
+    `train.sharding` says: DDP's wrapper, or the network sharded in place by FSDP — and then the
+    teacher too, which would otherwise sit whole beside the students' shards (huggingface/trl#2580)."""
+    blocks = blocks_of(peer.spec.model, peer.base)
+    if cfg.train.activation_checkpointing:
+        checkpoint_activations(blocks)
+    if not precision.sharded:
+        return place.replicated(peer.network, device)
+    policy = precision.sharding_policy()
+    fully_sharded(peer.network, blocks, place.replica_mesh, policy)
+    # FSDP2 replaced the parameters with their shards: the optimizer is built over those.
+    peer.optimizer = make_optimizer(peer.spec.optimizer, [p for p in peer.network.parameters() if p.requires_grad])
+    if teacher is not None:
+        fully_sharded(teacher.network, blocks_of(cfg.teacher.model, teacher.network), place.replica_mesh, policy,
+                      frozen=True)
+    return peer.network

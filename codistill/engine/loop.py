@@ -16,6 +16,7 @@ import torch
 from codistill.engine.checkpoint import load_peer_state, peer_state
 from codistill.engine.evaluate import evaluate_peers
 from codistill.engine.job import PeerJob, learning_rate
+from codistill.engine.sharding import all_finite, local_state_bytes
 from codistill.errors import RunError
 from codistill.metrics import IGNORE_INDEX
 from codistill.methods import Signals
@@ -132,7 +133,7 @@ def train_step(job: PeerJob, step: int) -> dict:
     return {"step": step + 1, "peer": peer.index, "split": "train", "node": None, "time": time.time(), **terms,
             "lr": peer.optimizer.param_groups[0]["lr"], "step_ms": 1000 * (time.perf_counter() - started),
             "peers_used": len(signals.peers), "workers": job.replicas, "peak_memory_mb": peak_memory_mb(job.device),
-            **record}
+            "state_mb": sum(local_state_bytes(peer.network, peer.optimizer).values()) / 2**20, **record}
 
 
 class NonFiniteLoss(RunError):
@@ -228,7 +229,7 @@ class PeerLoop:
 
     def check_weights(self, done: int) -> None:
         # Skipped steps keep the weights, but a step with a finite loss can still blow them up.
-        if not bool(torch.stack([p.isfinite().all() for p in self.job.peer.network.parameters()]).all()):
+        if not all_finite(self.job.peer.network):
             raise NonFiniteLoss(f"peer {self.job.peer.index}'s weights are not finite at step {done}; nothing after "
                                 f"step {self.last_checkpoint} was saved. Start a new run (another name) with a smaller "
                                 "learning rate.")
@@ -241,7 +242,9 @@ class PeerLoop:
             self.run.progress(done, self.metrics)
         # Records are handed over only with checkpoints, so disk never runs ahead of a checkpoint.
         leader_saves = checkpoint and job.is_leader
-        self.run.report(done, self.metrics, peer_state(job, done) if leader_saves else None,
+        # A sharded peer's state is gathered by all its replicas (a collective); its leader writes it.
+        state = peer_state(job, done) if checkpoint and (job.is_leader or job.sharded) else None
+        self.run.report(done, self.metrics, state if leader_saves else None,
                         [_plain(r) for r in self.records] if leader_saves else [])
         if checkpoint:
             self.records = []

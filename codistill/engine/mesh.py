@@ -3,7 +3,8 @@
 ("peer", "replica"), as torchtitan's `ParallelDims` builds its meshes. World rank r sits at
 (peer r // M, replica r % M); everyone else asks the mesh instead of doing rank arithmetic:
 
-- the replica dimension (the M workers of one peer) is what DDP averages gradients over;
+- the replica dimension (the M workers of one peer) is what DDP averages gradients over, or
+  what FSDP shards the peer over (`train.sharding`, `engine/sharding.py`);
 - the peer dimension (replica m of every peer: they hold the same slice of the batch) is what
   the every-step exchange gathers over;
 - a worker's slice of the batch every peer shares is `MeshPlace.batch_slice`.
@@ -97,6 +98,11 @@ class MeshPlace:
     def replica_group(self):
         """The process group DDP averages this peer's gradients over (its M replicas)."""
         return self._group("replica")
+
+    @property
+    def replica_mesh(self):
+        """The 1-D device mesh of this peer's M replicas: what FSDP shards the peer over."""
+        return self.device_mesh["replica"] if self.device_mesh is not None else None
 
     @property
     def peer_group(self):

@@ -9,25 +9,39 @@ keep in a checkpoint.
   scaled before backward and the gradients unscaled before the step (torch's gradient scaler),
   a step whose scaled gradients overflowed is skipped, and the scale is checkpointed with the
   peer (`grad_scaler`), so a resumed run scales as the uninterrupted one did.
+
+A peer sharded with FSDP (`sharded`) is not run under autocast: FSDP casts the parameters
+itself, by its mixed-precision policy (`sharding_policy`: parameters all-gathered and computed
+in bf16, gradients reduced in fp32 and kept, with the optimizer's state, against fp32 shards).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
-    def __init__(self, name: str, device: torch.device):
+    def __init__(self, name: str, device: torch.device, sharded: bool = False):
         self.name = name
         self.device = device
         self.dtype = COMPUTE_DTYPES[name]
+        self.sharded = sharded
+        if sharded and name == "fp16":  # the config refuses it (train.precision); a scaler would need FSDP's own
+            raise ValueError("fp16 is not run on a sharded peer: use bf16")
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
 
     def forward(self):
-        """The context of the forward pass and the loss: computed in `dtype` (fp32: as they are)."""
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+        """The context of the forward pass and the loss: computed in `dtype` (fp32: as they are)
+        under autocast; a sharded peer's casts are FSDP's (`sharding_policy`), none here."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None and not self.sharded)
+
+    def sharding_policy(self) -> MixedPrecisionPolicy:
+        """FSDP's mixed precision for this precision: compute in `dtype`, gradients reduced in
+        fp32 (a bf16 sum over many workers loses the small ones); fp32: no casts at all."""
+        return MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32 if self.dtype else None)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

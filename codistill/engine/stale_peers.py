@@ -23,6 +23,7 @@ import torch
 
 from codistill.config import ExperimentConfig, PeerSpec
 from codistill.data import BatchSchedule
+from codistill.engine.sharding import full_model_state
 from codistill.engine.sources import SignalSource
 from codistill.exchange import PeriodicExchange
 from codistill.methods import RoundSpec
@@ -173,7 +174,9 @@ class StaleWeights(StalePeers):
 
     def publication(self, job, round_id):
         # A copy: the live tensors keep training while the others read this snapshot.
-        return {k: v.detach().cpu().clone() for k, v in job.peer.network.state_dict().items()}
+        # A sharded peer gathers its whole state (sharding.full_model_state): a round of weights is
+        # still one copy of the model (docs/sharding.md).
+        return {k: v.detach().cpu().clone() for k, v in full_model_state(job.peer.network).items()}
 
     def received_publication(self, job, peer, publication):
         self._stale_network(job, peer).load_state_dict(publication)

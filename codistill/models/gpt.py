@@ -61,7 +61,7 @@ class GPT(nn.Module):
         return self.output(self.norm(h)).reshape(b * t, -1)
 
 
-@register_model("gpt", input_kind=TOKENS)
+@register_model("gpt", input_kind=TOKENS, blocks=lambda model: list(model.blocks))
 def gpt(num_classes: int, width: int = 128, depth: int = 2, heads: int = 4, context: int = 128) -> nn.Module:
     """A GPT-style causal transformer with a tied output layer (model_args: width, depth, heads, context)."""
     return GPT(num_classes, width, depth, heads, context)

@@ -164,8 +164,16 @@ def save_pretrained(network: nn.Module, folder: str) -> None:
     network.model.save_pretrained(folder)
 
 
+def decoder_layers(network: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a `CausalLM`: the modules of the classes transformers itself
+    declares must not be split across devices (`_no_split_modules`: LlamaDecoderLayer, GPT2Block, …)."""
+    names = set(getattr(network.model, "_no_split_modules", None) or ())
+    return [m for m in network.model.modules() if type(m).__name__ in names]
+
+
 @register_model("hf_causal_lm", input_kind=TOKENS, check=check_args, check_tokenizer=check_tokenizer,
-                loads_weights=lambda args: args.get("path") is not None, export=save_pretrained)
+                loads_weights=lambda args: args.get("path") is not None, export=save_pretrained,
+                blocks=decoder_layers)
 def hf_causal_lm(num_classes: int, path: str | None = None, config: dict | None = None) -> nn.Module:
     """A Hugging Face transformers causal LM: a local folder (`path`) or a config to initialise (`config`)."""
     problem = check_args(path, config)

@@ -58,6 +58,10 @@ class ModelEntry:
     """How a trained network of this model is written as a folder another library loads
     (`hf_causal_lm`: the transformers model's `save_pretrained`), which `codistill export` calls.
     None: the model has no such folder (its weights stay in the run's checkpoints)."""
+    blocks: Callable[[nn.Module], list[nn.Module]] | None = None
+    """The transformer blocks of a built model, in order: what FSDP shards one by one and
+    activation checkpointing recomputes (`train.sharding`, `train.activation_checkpointing`).
+    None: the model has no such blocks (FSDP shards its top-level children)."""
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
@@ -67,10 +71,12 @@ def register_model(name: str, input_kind: str, branch_point: int | None = None, 
                    norms: dict[str, str] | None = None, check: Callable[..., str | None] | None = None,
                    check_tokenizer: Callable[[dict, str | None], str | None] | None = None,
                    loads_weights: Callable[[dict], bool] | None = None,
-                   export: Callable[[nn.Module, str], None] | None = None):
+                   export: Callable[[nn.Module, str], None] | None = None,
+                   blocks: Callable[[nn.Module], list[nn.Module]] | None = None):
     def decorator(fn: Callable[[int], nn.Module]):
         MODELS.add(name, ModelEntry(fn, input_kind, branch_point, dict(taps or {}), dict(norms or {}), check,
-                                    check_tokenizer, loads_weights, export), getattr(fn, "__module__", ""))
+                                    check_tokenizer, loads_weights, export, blocks),
+                   getattr(fn, "__module__", ""))
         return fn
     return decorator
 

@@ -1,0 +1,145 @@
+"""A peer split over its M workers with FSDP2 (`train.sharding: fsdp`), and what the rest of the
+engine needs to know of a split peer, in one place.
+
+- `fully_sharded`: `fully_shard` (torch.distributed.fsdp, FSDP2) on each transformer block the
+  model registry declares (`ModelEntry.blocks`: hf_causal_lm's decoder layers, gpt's blocks) —
+  else on each top-level child of the network — then on the root, over the peer's replica
+  dimension of the `PeerMesh`. Each worker then holds 1/M of the parameters, of their gradients
+  and of the optimizer's state (its moments are shaped like the shards it is built over: the
+  optimizer is built after sharding, since FSDP2 replaces the parameters with their shards).
+  Parameters are all-gathered block by block in forward and backward; gradients are
+  reduce-scattered, averaged over the replicas as DDP's all-reduce averages them.
+- `checkpoint_activations`: each block's forward under `torch.utils.checkpoint` (non-reentrant,
+  the form that composes with FSDP2): only a block's input is kept for backward.
+- The full state of a split peer (`full_state`, `load_full_state`): its shards all-gathered into
+  the tensors a replicated peer's `state_dict()` holds, so a checkpoint of a split peer is the
+  same file as a replicated one's — `codistill export`, teachers and `workers_per_peer` changes
+  (resharding: a file written by 2 workers loads onto 1, or 4) read it unchanged. Every replica
+  gathers (a collective); its leader writes. This does gather the whole model on each of the
+  peer's workers at a checkpoint: writing each shard on its own
+  (`torch.distributed.checkpoint`) is not built yet (docs/sharding.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+from codistill.models import MODELS
+
+
+def blocks_of(model: str, base: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of registered model `model` built as `base` ([]: it declares none)."""
+    find = MODELS[model].blocks
+    return find(base) if find is not None else []
+
+
+def checkpoint_activations(blocks: list[nn.Module]) -> None:
+    """Each of `blocks` recomputes its forward in backward instead of keeping its activations.
+    The instance's `forward` is replaced, not the module: the state dict's keys, the feature taps'
+    paths and the checkpoints stay what they were."""
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy: MixedPrecisionPolicy,
+                  frozen: bool = False) -> nn.Module:
+    """`network` sharded in place over the 1-D device mesh `mesh`: `blocks` one by one (or else
+    its top-level children that hold parameters), then the root, which takes what is left (the
+    embeddings, the last norm and the head, a method's own modules). The root casts its output
+    to fp32 under a bf16 policy, so every loss is computed in fp32 as under autocast. `frozen` (a
+    teacher): the root is resharded after each forward too — FSDP keeps a root's parameters
+    gathered after forward for the backward that follows, which a frozen network never runs, so
+    each worker would hold the teacher's embeddings and head whole from its first step on."""
+    units = blocks or [child for child in network.children() if any(True for _ in child.parameters())]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    root = MixedPrecisionPolicy(policy.param_dtype, policy.reduce_dtype,
+                                torch.float32 if policy.param_dtype is not None else None)
+    fully_shard(network, mesh=mesh, mp_policy=root)
+    if frozen:
+        network.register_forward_hook(lambda module, args, output: module.reshard())
+    return network
+
+
+def is_sharded(network: nn.Module) -> bool:
+    return isinstance(network, FSDPModule)
+
+
+def _full(value):
+    """A shard's whole tensor (all-gathered over its mesh; every rank of it must ask), on the CPU."""
+    return value.full_tensor().cpu() if isinstance(value, DTensor) else value
+
+
+def full_model_state(network: nn.Module) -> dict:
+    """`network.state_dict()` with every shard gathered into its whole tensor (a replicated
+    network's own state dict, as it is)."""
+    state = network.state_dict()
+    if not is_sharded(network):
+        return state
+    return {k: _full(v) for k, v in state.items()}
+
+
+def full_state(network: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts of a peer as a replicated peer's: the optimizer's keyed by
+    parameter number, its moments whole."""
+    optimizer_state = optimizer.state_dict()
+    if not is_sharded(network):
+        return network.state_dict(), optimizer_state
+    state = {i: {k: _full(v) for k, v in s.items()} for i, s in optimizer_state["state"].items()}
+    return full_model_state(network), {**optimizer_state, "state": state}
+
+
+def _shard_like(whole: torch.Tensor, like):
+    """This rank's shard of `whole` laid out as `like` (every rank holds `whole`: no communication)."""
+    if not isinstance(like, DTensor):
+        return whole
+    return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def load_full_state(network: nn.Module, optimizer: torch.optim.Optimizer, model: dict, optimizer_state: dict) -> None:
+    """Put a replicated peer's state dicts (a checkpoint file, written by any number of workers)
+    into `network` and `optimizer`, each rank keeping its own shards."""
+    if not is_sharded(network):
+        network.load_state_dict(model)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    network.load_state_dict({k: _shard_like(model[k], v) for k, v in network.state_dict().items()})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {int(i): {k: _shard_like(v, params[int(i)]) if isinstance(v, torch.Tensor) and v.dim() else v
+                      for k, v in s.items()} for i, s in optimizer_state["state"].items()}
+    optimizer.load_state_dict({**optimizer_state, "state": state})
+
+
+def all_finite(network: nn.Module) -> bool:
+    """Whether every weight of `network` is finite, agreed by all the replicas of a split peer (each
+    checks its own shards), so all of them stop or none does."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in network.parameters()]
+    finite = torch.stack([p.isfinite().all() for p in local]).all()
+    if is_sharded(network):
+        mesh = next(p for p in network.parameters() if isinstance(p, DTensor)).device_mesh
+        flag = finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=mesh.get_group())
+        finite = flag.bool()
+    return bool(finite)
+
+
+def local_state_bytes(network: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """The bytes of a peer's parameters, gradients and optimizer state this worker holds itself
+    (its shards under FSDP; everything under DDP): what sharding divides by M."""
+
+    def nbytes(t) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    params = list(network.parameters())
+    return {"parameters": sum(nbytes(p) for p in params),
+            "gradients": sum(nbytes(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(nbytes(v) for s in optimizer.state.values() for v in s.values()
+                             if isinstance(v, torch.Tensor))}
