@@ -45,12 +45,17 @@ def sampled_draws(k: int, value_dtype: torch.dtype) -> int:
     return max(1, (k * (value + ID_BYTES) + value) // ID_BYTES)
 
 
+KEY_ELEMENTS = 2**20
+"""At most this many of the logits (evenly strided) make the key: exact in int64, and cheap."""
+
+
 def logits_key(logits: torch.Tensor) -> int:
-    """A 63-bit key from the logits' bits: integer arithmetic, so the same bits give the same key
-    on every device and in any summation order."""
-    bits = logits.detach().float().contiguous().view(torch.int32).flatten().long()
-    weights = torch.arange(bits.numel(), device=bits.device) % 65_521 + 1
-    return int(((bits * weights).sum() + bits.numel()) % (2**63 - 1))
+    """A key from the logits' bits: integer arithmetic (|bits·weight| < 2^41, at most 2^20 terms:
+    no overflow), so the same bits give the same key on every device and in any summation order."""
+    flat = logits.detach().float().flatten()
+    bits = flat[::max(1, flat.numel() // KEY_ELEMENTS)].contiguous().view(torch.int32).long()
+    weights = torch.arange(bits.numel(), device=bits.device) % 1_009 + 1
+    return int((bits * weights).sum()) % (2**62) + flat.numel()
 
 
 def sampled_targets(logits: torch.Tensor, draws: int, temperature: float,
