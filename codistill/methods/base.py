@@ -154,9 +154,10 @@ class Method:
     top_k: tuple[int, torch.dtype] | None = None
     """(k, value dtype): send the logits as top-k soft targets (`exchange.top_k`, given by the
     engine when it creates the method)."""
-    targets: str = "top_k"
-    """`exchange.targets`: with `top_k` set, `top_k` sends the k largest probabilities and a tail,
-    `sampled` as many draws from the distribution as fit the same bytes (`sampled_targets`)."""
+    sent_targets: str = "top_k"
+    """`exchange.targets` (not `targets`: methods/sourced.py's have a `targets()`): with `top_k` set,
+    `top_k` sends the k largest probabilities and a tail, `sampled` as many draws from the
+    distribution as fit the same bytes (`sampled_targets`)."""
 
     def __init__(self, config: MethodConfig, top_k: tuple[int, torch.dtype] | None = None):
         self.config = config
@@ -237,7 +238,7 @@ class Method:
         sent = {name: t.detach() for name, t in sent.items()}
         if self.top_k is not None and "logits" in sent:
             k, dtype = self.top_k
-            if self.targets == "sampled":
+            if self.sent_targets == "sampled":
                 sent.update(sampled_targets(sent.pop("logits"), sampled_draws(k, dtype), self.config.temperature))
             else:
                 sent.update(top_k_targets(sent.pop("logits"), k, self.config.temperature, dtype))
@@ -303,5 +304,5 @@ def create_method(config: MethodConfig, top_k: tuple[int, torch.dtype] | None = 
     (`targets`: `exchange.targets`)."""
     method_class = METHODS.get(config.name, "method.name")
     method = method_class(config, top_k=top_k) if top_k is not None else method_class(config)
-    method.targets = targets
+    method.sent_targets = targets
     return method
