@@ -174,16 +174,16 @@ class ExchangeConfig:
     """How peers see each other on Ray: torch.distributed all_gather, or the Ray object store.
     The local runner always exchanges in-process."""
     top_k: int = 0
-    """> 0: a peer sends, per row (per position for a language model), the k largest
-    log-probabilities of its soft target with their token ids and the remaining mass, instead
-    of its whole logits; the KL is over the k tokens plus the tail bucket. 0: whole logits."""
+    """> 0: a peer sends, per row (position), k of its soft target's tokens instead of its whole
+    logits (`targets` says which). 0: whole logits."""
     top_k_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     """The dtype top-k values travel in (the ids travel as int32)."""
+    targets: Literal["top_k", "sampled"] = "top_k"
+    """top_k: the k largest log-probabilities, their ids and the tail's mass (the KL over them and a tail
+    bucket: biased); sampled: as many token draws from the distribution as fit those bytes (unbiased)."""
     top_k_above: int = 16384
-    """With `top_k` 0, peers exchanging over a vocabulary of more tokens than this send top-64
-    targets instead of whole distributions (a note in the run's output says so): 16 × 512
-    positions of a 32,000-token vocabulary are 1 GB of fp32 a step. 0: whole distributions
-    whatever the vocabulary (refused on Ray when a round of them cannot fit the object store)."""
+    """With `top_k` 0, peers over more tokens than this send top-64 targets, saying so (16 × 512 positions of
+    32,000 tokens: 1 GB of fp32 a step). 0: whole distributions (refused on Ray where they cannot fit)."""
     round_board_mb: float = 256.0
     """MiB of rounds the round board of peers apart may hold in its node's object store; a peer's
     rounds beyond its share go once to the run's storage, the board keeping references. 0: none."""
@@ -307,8 +307,8 @@ class ExperimentConfig:
               "train.on_nonfinite",
               "skip_step needs one worker per peer (ray.workers_per_peer and peers.<i>.workers: 1; data-parallel "
               "replicas must all take or all skip a step)")
-        if self.exchange.top_k:
-            check(self.method.takes_top_k and not self.method.also, "exchange.top_k",
+        if self.exchange.top_k or self.exchange.targets == "sampled":
+            check(self.method.takes_top_k and not self.method.also, "exchange." + ("top_k" if self.exchange.top_k else "targets"),
                   f"method {self.method.name!r}{' with also-terms' if self.method.also else ''} uses its peers' logits "
                   f"as more than soft targets; top-k targets work with: {', '.join(registered_with('takes_top_k'))}")
         if self.train.compile:

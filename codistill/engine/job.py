@@ -232,11 +232,15 @@ def exchanged_top_k(cfg: ExperimentConfig, task: Task) -> int:
 
 def top_k_note(cfg: ExperimentConfig, vocab: int, k: int) -> str:
     """What the run's output says when what peers send is not `exchange.top_k`."""
+    if not k and not cfg.exchange.top_k:
+        return (f"exchange.targets=sampled, but with exchange.top_k 0 peers send whole logits over these {vocab} "
+                "classes (set exchange.top_k: the draws take top-k's bytes)")
     if cfg.exchange.top_k and not k:
         return (f"exchange.top_k={cfg.exchange.top_k} is not below the {vocab} classes (the vocabulary): peers send "
                 "whole logits, the same distribution in fewer bytes")
+    sent = f"top-{k} targets" if cfg.exchange.targets == "top_k" else f"sampled targets in the bytes of top-{k}"
     return (f"the vocabulary has {vocab} tokens, more than exchange.top_k_above={cfg.exchange.top_k_above}: peers "
-            f"send top-{k} targets (set exchange.top_k for another k, or exchange.top_k_above=0 for whole "
+            f"send {sent} (set exchange.top_k for another k, or exchange.top_k_above=0 for whole "
             "distributions)")
 
 
@@ -249,10 +253,10 @@ def make_job(cfg: ExperimentConfig, peer_index: int, data: ArrayDataset, schedul
     all-gather through `exchange` (which a peer that posts them elsewhere may lack)."""
     place = place or PeerMesh(cfg.num_peers).place(peer_index)
     k = exchanged_top_k(cfg, data.task)
-    if k != cfg.exchange.top_k and peer_index == 0 and place.is_leader:
+    if (k != cfg.exchange.top_k or not k and cfg.exchange.targets == "sampled") and peer_index == 0 and place.is_leader:
         logger.warning(top_k_note(cfg, data.num_classes, k))
     top_k = (k, COMPUTE_DTYPES[cfg.exchange.top_k_dtype] or torch.float32) if k else None
-    method = create_method(cfg.method, top_k=top_k)
+    method = create_method(cfg.method, top_k=top_k, targets=cfg.exchange.targets)
     needs = method.needs
     teacher = None
     if needs.teacher:

@@ -90,7 +90,7 @@ def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device,
     pretrained folder)."""
     if teacher.checkpoint is None:
         check_model_tokenizer(teacher.model, teacher.model_args, tokenizer, "teacher.model_args")
-        return create_model(teacher.model, num_classes, **teacher.model_args).to(device).eval().requires_grad_(False)
+        return _teacher_model(teacher.model, num_classes, teacher.model_args).to(device).eval().requires_grad_(False)
     try:
         state = from_bytes(read_uri(teacher.checkpoint))
     except Exception as err:  # noqa: BLE001 — unreadable, truncated, not a weights-only file: all one answer
@@ -101,7 +101,7 @@ def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device,
     except NotOneModel as err:
         raise ConfigError("teacher.checkpoint" if isinstance(err, BranchedNetwork) else "teacher.model",
                           f"{teacher.checkpoint}: {err}; a teacher is one model (a peer trained across workers)") from None
-    network = create_model(model, num_classes, **model_args)
+    network = _teacher_model(model, num_classes, model_args)
     expected = network.state_dict()
     missing = sorted(expected.keys() - weights.keys())
     if missing:
@@ -116,3 +116,12 @@ def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device,
                               f"model {teacher.model!r} has {list(value.shape)}")
     network.load_state_dict({k: weights[k] for k in expected})
     return network.to(device).eval().requires_grad_(False)
+
+
+def _teacher_model(model: str, num_classes: int, model_args: dict) -> nn.Module:
+    """The teacher's model; a refusal of its args (output rows fewer than the tokenizer's tokens)
+    names the teacher, as a peer's names the peer."""
+    try:
+        return create_model(model, num_classes, **model_args)
+    except ConfigError as err:
+        raise (err.under("teacher") if err.path.startswith("model_args") else err) from None

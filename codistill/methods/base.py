@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from codistill.config.method import METHOD_CONFIGS, MethodConfig, Needs, RoundSpec  # noqa: F401 (re-exported)
 from codistill.errors import check
 from codistill.methods.losses import linear_rampup, top_k_targets
+from codistill.methods.sampled_targets import sampled_draws, sampled_targets
 from codistill.registry import Registry
 
 
@@ -153,6 +154,10 @@ class Method:
     top_k: tuple[int, torch.dtype] | None = None
     """(k, value dtype): send the logits as top-k soft targets (`exchange.top_k`, given by the
     engine when it creates the method)."""
+    sent_targets: str = "top_k"
+    """`exchange.targets` (not `targets`: methods/sourced.py's have a `targets()`): with `top_k` set,
+    `top_k` sends the k largest probabilities and a tail, `sampled` as many draws from the
+    distribution as fit the same bytes (`sampled_targets`)."""
 
     def __init__(self, config: MethodConfig, top_k: tuple[int, torch.dtype] | None = None):
         self.config = config
@@ -228,12 +233,15 @@ class Method:
         return self.sendable(sent)
 
     def sendable(self, sent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The payload as it travels: detached, and its logits cut to top-k soft targets (at this
-        method's temperature) when `exchange.top_k` asks for it."""
+        """The payload as it travels: detached, and its logits cut to top-k or sampled soft targets
+        (at this method's temperature) when `exchange.top_k` asks for it."""
         sent = {name: t.detach() for name, t in sent.items()}
         if self.top_k is not None and "logits" in sent:
             k, dtype = self.top_k
-            sent.update(top_k_targets(sent.pop("logits"), k, self.config.temperature, dtype))
+            if self.sent_targets == "sampled":
+                sent.update(sampled_targets(sent.pop("logits"), sampled_draws(k, dtype), self.config.temperature))
+            else:
+                sent.update(top_k_targets(sent.pop("logits"), k, self.config.temperature, dtype))
         return sent
 
     def loss(self, s: Signals) -> tuple[torch.Tensor, dict]:
@@ -288,9 +296,13 @@ def register_method(name: str):
     return decorator
 
 
-def create_method(config: MethodConfig, top_k: tuple[int, torch.dtype] | None = None) -> Method:
+def create_method(config: MethodConfig, top_k: tuple[int, torch.dtype] | None = None,
+                  targets: str = "top_k") -> Method:
     """The method `config` names; `top_k` (k, value dtype): it sends its logits as top-k soft
     targets (`exchange.top_k`; given only when set, so a method of your own whose `__init__`
-    takes the config alone still works without it)."""
+    takes the config alone still works without it), or in their bytes as sampled ones
+    (`targets`: `exchange.targets`)."""
     method_class = METHODS.get(config.name, "method.name")
-    return method_class(config, top_k=top_k) if top_k is not None else method_class(config)
+    method = method_class(config, top_k=top_k) if top_k is not None else method_class(config)
+    method.sent_targets = targets
+    return method

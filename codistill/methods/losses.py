@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from codistill.methods.sampled_targets import sampled_kl
+
 
 def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     # fp32 whatever the compute dtype: bf16 keeps 8 bits of mantissa, too few for the small
@@ -272,6 +274,8 @@ KL_CHUNK_ELEMENTS = 2**22
 
 
 def _payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float) -> torch.Tensor:
+    if "sampled_ids" in payload or "peers_sampled_ids" in payload:
+        return sampled_kl(student_logits, payload, temperature)
     if "peers_topk_ids" in payload:
         return mean_top_k_kl(student_logits, payload, temperature)
     if "peers_logits" in payload:
@@ -313,7 +317,8 @@ class _ChunkedKL(torch.autograd.Function):
 def payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float,
                chunk_elements: int = KL_CHUNK_ELEMENTS) -> torch.Tensor:
     """T²·KL(a peer's soft target ‖ softmax(student/T)), from the peer's payload: its whole
-    logits, or its top-k target (`exchange.top_k`), averaged over the rows.
+    logits, its top-k target (`exchange.top_k`) or its sampled target (`exchange.targets: sampled`),
+    averaged over the rows.
 
     A language model's rows are positions over a whole vocabulary: 16 × 512 positions × 32,000
     tokens is 1 GB per fp32 copy, and the KL makes several (log-softmax, softmax, their
@@ -333,11 +338,13 @@ def payload_kl(student_logits: torch.Tensor, payload: dict, temperature: float,
 def mean_target_kl(student_logits: torch.Tensor, payloads: list[dict], temperature: float,
                    chunk_elements: int = KL_CHUNK_ELEMENTS) -> torch.Tensor:
     """T²·KL(mean_j p_j ‖ softmax(student/T)): toward the mean of the peers' distributions
-    (codistillation's teacher), whether they sent whole logits or top-k targets
-    (`mean_top_k_kl`), chunked as `payload_kl`. With one peer, that peer's `payload_kl`."""
+    (codistillation's teacher), whether they sent whole logits, top-k targets (`mean_top_k_kl`)
+    or sampled targets (their draws pooled: `sampled_targets.sampled_kl`), chunked as `payload_kl`.
+    With one peer, that peer's `payload_kl`."""
     if len(payloads) == 1:
         return payload_kl(student_logits, payloads[0], temperature, chunk_elements)
-    names = ("topk_logp", "topk_ids", "tail_logp") if "topk_ids" in payloads[0] else ("logits",)
+    names = next(names for names in (("topk_logp", "topk_ids", "tail_logp"), ("sampled_ids",), ("logits",))
+                 if names[0] in payloads[0])
     # Stacked on dim 1: the rows stay first, so a chunk of rows holds every peer's part of them.
     stacked = {f"peers_{n}": torch.stack([p[n] for p in payloads], 1) for n in names}
     return payload_kl(student_logits, stacked, temperature, chunk_elements)
