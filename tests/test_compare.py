@@ -214,6 +214,11 @@ def test_a_saved_tuning_of_another_recipe_is_not_reused(tmp_path):
     storage = RunStorage(str(tmp_path), cfg.name)
     storage.write_bytes("tuned/dml.json", json.dumps({"params": {}, "config": asked}).encode())
     assert saved_tuning(spec, asked, storage, fresh=False, log=print)["config"] == asked
+    # A tuning saved before a setting existed trained with its default: it is the same tuning.
+    older = json.loads(json.dumps(asked))
+    del older["train"]["sharding"], older["exchange"]["targets"]
+    storage.write_bytes("tuned/dml.json", json.dumps({"params": {}, "config": older}).encode())
+    assert saved_tuning(spec, asked, storage, fresh=False, log=print) is not None
     other = tuning_data(spec, base, cfg.name, 6)  # another budget is another tuning
     with pytest.raises(ConfigError, match=r"tune\.num_samples=6.*--fresh"):
         saved_tuning(spec, other, storage, fresh=False, log=print)

@@ -76,8 +76,11 @@ def saved_tuning(spec: MethodSpec, asked: dict, storage: RunStorage, fresh: bool
     saved = f"tuned/{spec.slug}.json"
     if not storage.exists(saved):
         return None
+    from codistill.engine.run import stored_as_of_today
+
     record = json.loads(storage.read_bytes(saved))
-    difference = first_difference(what_it_trains(asked), what_it_trains(record.get("config", {})))
+    # Read by today's schema, as a stored cell is: a setting added since takes its default.
+    difference = first_difference(what_it_trains(asked), what_it_trains(stored_as_of_today(record.get("config", {}))))
     if difference is None:
         return record
     refuse_or_forget(f"the saved tuning of {spec.label}", None, f"{storage.uri}/{saved}", difference, fresh, log)
