@@ -323,3 +323,46 @@ def test_tracking_wandb_offline_writes_every_step_the_config_and_the_summary(tmp
     assert config["method.temperature"] == "3.0" and config["peers.0.model"] == "mnist1d_cnn"
     summary = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / "summary.txt"))
     assert summary and "final evaluation at step 40" in open(summary[0]).read()
+
+
+# -- a comparison: one parent, a child per cell ----------------------------------------------------
+
+@pytest.mark.slow
+def test_tracking_a_comparison_is_one_parent_with_a_child_per_cell_and_a_rerun_logs_nothing_new(mlflow_server, tmp_path):
+    from codistill.experiments.compare import compare
+    from tests.test_compare import tiny
+
+    cfg = tiny(tmp_path, f"tracking.mlflow.tracking_uri={mlflow_server}", "tracking.mlflow.experiment=compared",
+               "tracking.tensorboard=true")
+    compare(cfg, ["independent", "dml"], [0, 1], log=lambda line: None)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("compared").experiment_id
+
+    def runs() -> dict:
+        return {r.info.run_name: r for r in client.search_runs([experiment])}
+
+    first = runs()
+    cells = {f"{cfg.name}.{method}.seed{seed}": (method, seed) for method in ("independent", "dml") for seed in (0, 1)}
+    assert set(first) == {cfg.name, *cells}
+    parent = first[cfg.name]
+    assert "mlflow.parentRunId" not in parent.data.tags and parent.info.status == "FINISHED"
+    for name, (method, seed) in cells.items():
+        child = first[name]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.info.status == "FINISHED"
+        assert child.data.params["method.name"] == method and child.data.params["seed"] == str(seed)
+        assert _steps(client, child.info.run_id, "peer0/loss") == list(range(1, 61))
+        scalars = _scalars(tmp_path / cfg.name / "tensorboard" / name)  # TensorBoard: a folder per child
+        assert [s for s, _ in scalars["peer1/test_accuracy"]] == [30, 60]
+    assert {"dml/diff_mean", "dml/diff_mean_low", "dml/diff_mean_high", "dml/diff_wins_mean"} <= set(parent.data.metrics)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"compare.md", "compare.png"}
+    assert _scalars(tmp_path / cfg.name / "tensorboard")["dml/diff_mean"][0][0] == 0
+    logged = {(name, key): len(client.get_metric_history(run.info.run_id, key))
+              for name, run in first.items() for key in run.data.metrics}
+    compare(cfg, ["independent", "dml"], [0, 1], log=lambda line: None)  # every cell reused from the cache
+    second = runs()
+    assert {n: r.info.run_id for n, r in second.items()} == {n: r.info.run_id for n, r in first.items()}
+    assert {(name, key): len(client.get_metric_history(run.info.run_id, key))
+            for name, run in second.items() for key in run.data.metrics} == logged
+    assert second[cfg.name].info.status == "FINISHED"

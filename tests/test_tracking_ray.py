@@ -54,3 +54,37 @@ def test_tracking_peers_apart_on_ray_killed_and_resumed_are_one_tracker_run_with
     assert [s for s, _ in scalars["group/churn"]] == sorted(want)
     state = json.loads((tmp_path / "apart" / "tracking" / "state.json").read_text())
     assert state["mlflow"]["run_id"] == run.info.run_id and state["mlflow"]["sent"] == 300
+
+
+@pytest.mark.slow
+def test_tracking_a_tune_sweep_is_one_parent_with_a_child_per_trial_and_a_rerun_logs_nothing_new(
+        ray_local, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from codistill.experiments.tune import run_sweep
+    from tests.test_tune import sweep_config
+
+    cfg = sweep_config(tmp_path, "tune.num_samples=2", "tune.scheduler=fifo", "tune.backend=local",
+                       f"tracking.mlflow.tracking_uri={mlflow_server}", "tracking.mlflow.experiment=swept")
+    rows = {r["trial_id"]: r for r in run_sweep(cfg).table.to_pylist()}
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("swept").experiment_id
+
+    def family():
+        runs = client.search_runs([experiment])
+        parents = [r for r in runs if r.data.tags.get("codistill.tune") == cfg.name and "mlflow.parentRunId" not in r.data.tags]
+        assert len(parents) == 1, [r.info.run_name for r in parents]
+        return parents[0], {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+
+    parent, children = family()
+    assert set(children) == set(rows) and parent.info.status == "FINISHED"
+    for trial, child in children.items():
+        assert child.data.params["method.temperature"] == str(rows[trial]["param:method.temperature"])
+        assert child.data.metrics["objective"] == pytest.approx(rows[trial]["objective"])
+    assert parent.data.metrics["best_objective"] == pytest.approx(max(r["objective"] for r in rows.values()))
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.parquet", "best.yaml"}
+    run_sweep(cfg)  # the finished sweep again: nothing is logged twice
+    again, children_again = family()
+    assert again.info.run_id == parent.info.run_id
+    assert {n: r.info.run_id for n, r in children_again.items()} == {n: r.info.run_id for n, r in children.items()}
+    assert len(client.get_metric_history(parent.info.run_id, "best_objective")) == 1

@@ -43,9 +43,10 @@ from codistill.experiments import speed
 from codistill.experiments.cells import (DATA_PARALLEL, TUNE_SEEDS, MethodSpec, cell_config, cell_data, cell_name,
                                          cell_recipe, trains_one_network, parse_method, refuse_or_forget, run_figures, search_space,
                                          stored_cell_difference, what_it_trains)
-from codistill.experiments.compare_report import MARKDOWN_FILE, markdown_table, plot_comparison
+from codistill.experiments.compare_report import MARKDOWN_FILE, PLOT_FILE, markdown_table, plot_comparison
 from codistill.experiments.paired import paired_differences
 from codistill.storage import RunStorage, resolve_storage_path
+from codistill.tracking.parents import ParentRun, difference_metrics
 
 TABLE_FILE = "compare.parquet"
 VALIDATION = 0.2
@@ -225,52 +226,57 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
             if difference:
                 refuse_or_forget(f"cell {spec.label} seed {seed}", run_storage, "", difference, fresh, log)
 
-    rows = []
-    for spec, one_network, asked, tuning in plan:
-        if asked and tuning is None:
-            tuning = tune_method(spec, asked, storage)
-        if tuning:
-            log(f"{spec.label}: tuned {json.dumps(tuning['params'])} (validation {100 * tuning['validation_objective']:.2f}%"
-                + (f"; its recipe's setting {100 * tuning['default_objective']:.2f}%)" if tuning["default_objective"]
-                   is not None else ")"))
-        for seed in seeds:
-            cell = cell_config(base, spec, tuning, seed, cfg.name)
-            run_storage = RunStorage(storage_path, cell.name)
-            figures = run_figures(run_storage, cell.train.steps, cell)
-            if figures is None:
-                train_connected(cell, backend)
+    # One parent tracker run for the comparison, a child per cell trained now (tracking/parents.py).
+    with ParentRun.open(cfg, storage, "compare") as parent:
+        rows = []
+        for spec, one_network, asked, tuning in plan:
+            if asked and tuning is None:
+                tuning = tune_method(spec, asked, storage)
+            if tuning:
+                log(f"{spec.label}: tuned {json.dumps(tuning['params'])} (validation {100 * tuning['validation_objective']:.2f}%"
+                    + (f"; its recipe's setting {100 * tuning['default_objective']:.2f}%)" if tuning["default_objective"]
+                       is not None else ")"))
+            for seed in seeds:
+                cell = cell_config(base, spec, tuning, seed, cfg.name)
+                run_storage = RunStorage(storage_path, cell.name)
                 figures = run_figures(run_storage, cell.train.steps, cell)
                 if figures is None:
-                    raise RunError(f"{cell.name} ended without its final evaluation")
-            else:
-                log(f"{spec.label} seed {seed}: finished before with this exact config, not rerun")
-            rows.append({"method": spec.label, "seed": seed, "run": cell.name, "one_network": one_network,
-                         "members": len(cell.peers) if not one_network else cell.method.branches,
-                         "tuned": json.dumps(tuning["params"] if tuning else {}),
-                         "tuned_validation": tuning["validation_objective"] if tuning else None,
-                         "default_validation": tuning["default_objective"] if tuning else None, **figures})
-            log(f"{spec.label} seed {seed}: mean member {100 * figures['last_mean']:.2f}%, "
-                f"ensemble {100 * figures['last_ensemble']:.2f}%")
-    differences = paired_differences(rows, baseline)
-    source = "--target"
-    if target is None and DATA_PARALLEL in [s.name for s in specs]:
-        arm = next(s.label for s in specs if s.name == DATA_PARALLEL)
-        target, source = speed.default_target(rows, arm), f"{arm}'s own final quality, the mean over its seeds"
-    reaching = None  # (where the target came from, the target)
-    if target is not None:
-        speed.reach(rows, target)
-        reaching = (source, target)
-    # Every column any row has (from_pylist reads the first row's keys only: a codistillation
-    # row's bytes per round would vanish behind an independent first row).
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows])
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(TABLE_FILE, buffer.getvalue())
-    retrained = retraining_figures(plan, seeds, base, cfg.name, baseline, log)
-    markdown = markdown_table(rows, cfg, tune_trials, differences, baseline, reaching, retrained)
-    storage.write_bytes(MARKDOWN_FILE, markdown.encode())
-    plot_comparison(rows, differences, baseline, storage, target)
+                    train_connected(cell, backend)
+                    figures = run_figures(run_storage, cell.train.steps, cell)
+                    if figures is None:
+                        raise RunError(f"{cell.name} ended without its final evaluation")
+                else:
+                    log(f"{spec.label} seed {seed}: finished before with this exact config, not rerun")
+                rows.append({"method": spec.label, "seed": seed, "run": cell.name, "one_network": one_network,
+                             "members": len(cell.peers) if not one_network else cell.method.branches,
+                             "tuned": json.dumps(tuning["params"] if tuning else {}),
+                             "tuned_validation": tuning["validation_objective"] if tuning else None,
+                             "default_validation": tuning["default_objective"] if tuning else None, **figures})
+                log(f"{spec.label} seed {seed}: mean member {100 * figures['last_mean']:.2f}%, "
+                    f"ensemble {100 * figures['last_ensemble']:.2f}%")
+        differences = paired_differences(rows, baseline)
+        source = "--target"
+        if target is None and DATA_PARALLEL in [s.name for s in specs]:
+            arm = next(s.label for s in specs if s.name == DATA_PARALLEL)
+            target, source = speed.default_target(rows, arm), f"{arm}'s own final quality, the mean over its seeds"
+        reaching = None  # (where the target came from, the target)
+        if target is not None:
+            speed.reach(rows, target)
+            reaching = (source, target)
+        # Every column any row has (from_pylist reads the first row's keys only: a codistillation
+        # row's bytes per round would vanish behind an independent first row).
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows])
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        storage.write_bytes(TABLE_FILE, buffer.getvalue())
+        retrained = retraining_figures(plan, seeds, base, cfg.name, baseline, log)
+        markdown = markdown_table(rows, cfg, tune_trials, differences, baseline, reaching, retrained)
+        storage.write_bytes(MARKDOWN_FILE, markdown.encode())
+        plot_comparison(rows, differences, baseline, storage, target)
+        parent.finish(difference_metrics(differences), {MARKDOWN_FILE: markdown.encode(),
+                                                        **({PLOT_FILE: storage.read_bytes(PLOT_FILE)}
+                                                           if storage.exists(PLOT_FILE) else {})})
     return Comparison(table, markdown, storage, differences)
 
 

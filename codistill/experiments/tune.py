@@ -33,6 +33,7 @@ from codistill.config import (ConfigError, ExperimentConfig, dump_config, first_
 from codistill.config.search_space import parse_distribution
 from codistill.lease import LEASE_FILE
 from codistill.storage import RunStorage, resolve_storage_path
+from codistill.tracking.parents import track_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +348,7 @@ def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepRe
                   f"# Sampled: {json.dumps(params)}\n# Reproduce with: codistill train best.yaml\n")
         storage.write_bytes(BEST_FILE, (header + yaml.safe_dump(to_dict(best_config), sort_keys=False)).encode())
     plot_sweep(table, objective, storage)
+    track_sweep(cfg, storage, rows, {name: storage.read_bytes(name) for name in (TRIALS_FILE, BEST_FILE) if storage.exists(name)})
     return SweepResult(table, best_config, best_objective, storage)
 
 

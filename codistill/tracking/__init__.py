@@ -35,6 +35,7 @@ from codistill.config import ExperimentConfig, ConfigError, to_dict
 from codistill.errors import first_line
 from codistill.records import GROUP_DIR, read_part, record_parts
 from codistill.storage import RunStorage
+from codistill.tracking.parents import current
 from codistill.tracking.writers import MlflowWriter, TensorBoardWriter, WandbWriter, Writer
 
 STATE_FILE = "tracking/state.json"
@@ -81,16 +82,20 @@ def _local_folder(storage: RunStorage) -> str | None:
 def writers_of(cfg: ExperimentConfig, storage: RunStorage) -> list[Writer]:
     """The writers `cfg.tracking` asks for."""
     tracking, folder, writers = cfg.tracking, _local_folder(storage), []
+    parent = current()  # a comparison's cell: its tracker runs are the comparison's children (parents.py)
     if tracking.tensorboard:
         if folder is None:
             raise ConfigError("tracking.tensorboard", f"writes event files into the run folder, which must be on a "
                               f"local or shared disk; {storage.uri} is not: use tracking.mlflow or tracking.wandb")
-        writers.append(TensorBoardWriter(os.path.join(folder, "tensorboard")))
+        under = parent.tensorboard if parent and parent.tensorboard else None
+        writers.append(TensorBoardWriter(os.path.join(under, cfg.name) if under else os.path.join(folder, "tensorboard")))
     if tracking.mlflow:
-        writers.append(MlflowWriter(tracking.mlflow.tracking_uri, tracking.mlflow.experiment, cfg.name))
+        tags = {"mlflow.parentRunId": parent.mlflow_run_id} if parent and parent.mlflow_run_id else {}
+        writers.append(MlflowWriter(tracking.mlflow.tracking_uri, tracking.mlflow.experiment, cfg.name, tags))
     if tracking.wandb:
         where = folder or os.path.join(tempfile.gettempdir(), "codistill-wandb", cfg.name)
-        writers.append(WandbWriter(tracking.wandb.project, tracking.wandb.entity, tracking.wandb.mode, where, cfg.name))
+        writers.append(WandbWriter(tracking.wandb.project, tracking.wandb.entity, tracking.wandb.mode, where, cfg.name,
+                                   group=parent.wandb_group if parent else None))
     return writers
 
 

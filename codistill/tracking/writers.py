@@ -98,8 +98,10 @@ class MlflowWriter(Writer):
     name, package = "mlflow", ("mlflow", "mlflow-skinny")
     BATCH = 1000  # MLflow's limit of metrics in one log_batch (and 100 parameters)
 
-    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str):
+    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str, tags: dict | None = None):
+        # tags: a child's `mlflow.parentRunId` (MLflow's own nesting, `parents.py`), a parent's kind
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.tags = {"codistill.run": run_name, **(tags or {})}
         self.client = self.run_id = None
 
     def open(self, kept):
@@ -115,7 +117,7 @@ class MlflowWriter(Writer):
             found = self.client.get_experiment_by_name(self.experiment)
             experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
             self.run_id = self.client.create_run(experiment_id, run_name=self.run_name,
-                                                 tags={"codistill.run": self.run_name}).info.run_id
+                                                 tags=self.tags).info.run_id
         return {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri}
 
     def params(self, params: dict[str, str]) -> None:
@@ -151,9 +153,10 @@ class WandbWriter(Writer):
 
     name, package = "wandb", ("wandb", "wandb")
 
-    def __init__(self, project: str, entity: str | None, mode: str, folder: str, run_name: str):
+    def __init__(self, project: str, entity: str | None, mode: str, folder: str, run_name: str,
+                 group: str | None = None):
         self.project, self.entity, self.mode, self.folder, self.run_name = project, entity, mode, folder, run_name
-        self.run = None
+        self.group, self.run = group, None  # group: the comparison a cell's run belongs to (`parents.py`)
 
     def open(self, kept):
         import wandb
@@ -161,7 +164,7 @@ class WandbWriter(Writer):
         os.makedirs(self.folder, exist_ok=True)
         run_id = (kept or {}).get("id") or uuid.uuid4().hex[:12]
         self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, dir=self.folder, id=run_id,
-                              name=self.run_name, resume="allow", reinit="create_new",
+                              name=self.run_name, group=self.group, resume="allow", reinit="create_new",
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
                                                       disable_git=True, save_code=False))
         # W&B drops a step below the one it is at; online, a resumed run says where that is.
