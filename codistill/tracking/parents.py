@@ -150,7 +150,7 @@ class ParentRun:
                     "mlflow.parentRunId": writer.run_id, f"codistill.{self.kind}": self.name}).info.run_id
                 now = int(time.time() * 1000)
                 writer.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                                        params=[Param(k, v[:6000]) for k, v in params.items()])
+                                        params=[Param(metric_name(k), v[:6000]) for k, v in params.items()])
                 writer.client.set_terminated(run_id, "FINISHED")
             elif writer.name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
