@@ -174,6 +174,20 @@ def test_a_killed_sweep_resumes_on_rerun_keeping_its_finished_trials(tmp_path):
     assert (done / "records.parquet").stat().st_mtime_ns == kept  # the finished trial was not trained again
     assert not list(runs.glob("*/lease.json")), "a stale lease was left behind"
 
+    # A sweep begun before a setting was added to the schema (here `train.sharding`, as Ray's
+    # tuner.pkl and sweep.yaml of such a sweep have it: without the key) still resumes: Ray's
+    # restore takes only a space with the keys the sweep began with.
+    from ray import cloudpickle  # Ray's own: the state holds the sweep's lambdas
+
+    tuner_pkl, sweep_yaml = tmp_path / "sweep" / "tuner.pkl", tmp_path / "sweep" / "sweep.yaml"
+    state = cloudpickle.loads(tuner_pkl.read_bytes())
+    state["__flattened_param_space_keys"].remove("base/train/sharding")
+    tuner_pkl.write_bytes(cloudpickle.dumps(state))
+    sweep_yaml.write_text("".join(line for line in sweep_yaml.read_text().splitlines(keepends=True)
+                                  if not line.startswith("  sharding:")))
+    older = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
+    assert older.returncode == 0 and "resuming sweep" in older.stderr, older.stdout[-3000:] + older.stderr[-3000:]
+
     changed = subprocess.run([*argv, "--set", "train.steps=200"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=limit)
     assert changed.returncode == 2 and "train.steps" in changed.stderr and "another `name`" in changed.stderr

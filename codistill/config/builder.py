@@ -320,3 +320,11 @@ def first_difference(asked, stored, path: str = "") -> tuple[str, object, object
                 return found
         return None
     return None if asked == stored else (path, asked, stored)
+
+
+def shaped_like(today, stored):
+    """`today`'s values under `stored`'s keys, nested dict by dict: a key only `today` has is left
+    out, a key only `stored` has keeps its stored value."""
+    if not (isinstance(today, dict) and isinstance(stored, dict)):
+        return today
+    return {k: shaped_like(today[k], v) if k in today else v for k, v in stored.items()}

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from codistill.config import (ConfigError, ExperimentConfig, dump_config, first_difference, load_config, load_yaml,
-                              set_path, to_dict)
+                              set_path, shaped_like, to_dict)
 from codistill.config.search_space import parse_distribution
 from codistill.lease import LEASE_FILE
 from codistill.storage import RunStorage, resolve_storage_path
@@ -243,6 +243,13 @@ def _resume_or_start(cfg: ExperimentConfig, storage: RunStorage, experiment: str
     return False
 
 
+def _as_stored(base, storage: RunStorage):
+    """`base` in the shape of the stored sweep's: Ray's restore takes only a space with the keys the
+    sweep began with, and a setting added to the schema since (its default: the sweep was found
+    the same) is left out — its trials read it back as today's schema reads any stored config."""
+    return shaped_like(base, {**load_yaml(storage.read_bytes(SWEEP_FILE).decode()), "tune": None})
+
+
 def run_sweep(cfg: ExperimentConfig, on_change: str = "refuse") -> SweepResult:
     """Run the sweep described by `cfg.tune` on the connected Ray cluster, or resume the one
     stored under its name (see the module's docstring; `on_change`: see `_resume_or_start`)."""
@@ -289,7 +296,7 @@ def _run_sweep(cfg: ExperimentConfig, storage: RunStorage, on_change: str, lease
         # but a trial refused only because another process held its run failed nothing of its own.
         retry_lease_refusals(storage)
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
-                                       param_space=param_space)
+                                       param_space={**param_space, "base": _as_stored(base, storage)})
         grid = tuner.fit()
         clear_dead_leases(RunStorage.at(storage.uri + "/runs"))
         return collect_results(grid, cfg, storage)
