@@ -80,13 +80,12 @@ def paired_steps(rows: list[dict], baseline: str) -> list[dict]:
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         entry = {"method": method, "seeds": len(mine), "reached": sum(r["target_step"] is not None for r in mine)}
-        both = [r["target_step"] - base[r["seed"]]["target_step"] for r in mine
+        both = [(r["target_step"], base[r["seed"]]["target_step"]) for r in mine
                 if r["target_step"] is not None and r["seed"] in base and base[r["seed"]]["target_step"] is not None]
         entry["paired"] = len(both)
         if method != baseline and both:
-            entry["diff"], entry["low"], entry["high"] = t_interval(both)
-            logs = [math.log(r["target_step"] / base[r["seed"]]["target_step"]) for r in mine
-                    if r["target_step"] is not None and r["seed"] in base and base[r["seed"]]["target_step"] is not None]
+            entry["diff"], entry["low"], entry["high"] = t_interval([arm - of_base for arm, of_base in both])
+            logs = [math.log(arm / of_base) for arm, of_base in both]
             entry["ratio"], entry["ratio_low"], entry["ratio_high"] = (math.exp(v) for v in t_interval(logs))
         if method != baseline:
             reached = {r["seed"]: r["target_step"] is not None for r in mine if r["seed"] in base}
