@@ -117,6 +117,39 @@ def load_full_state(network: nn.Module, optimizer: torch.optim.Optimizer, model:
     optimizer.load_state_dict({**optimizer_state, "state": state})
 
 
+def local_shards(network: nn.Module) -> dict[str, torch.Tensor]:
+    """This worker's own shard of each tensor of `network`'s state dict (a tensor FSDP leaves whole,
+    a buffer, whole), copied to the CPU: its piece of a weights round — nothing is gathered."""
+    return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().clone()
+            for k, v in network.state_dict().items()}
+
+
+def whole_from_shards(pieces: list[dict], like: dict) -> dict:
+    """The whole tensors of every worker's `local_shards`, in worker order. FSDP2 cuts each
+    parameter in dim 0 as `torch.chunk` does (the last shards shorter, or empty), so the whole is
+    their concatenation; a tensor whose first piece already has the whole shape (`like`'s: a
+    buffer, or a parameter too short to cut) is that piece."""
+    return {k: pieces[0][k] if pieces[0][k].shape == v.shape else torch.cat([p[k] for p in pieces])
+            for k, v in like.items()}
+
+
+def load_weights(network: nn.Module, pieces: list[dict], own: bool) -> None:
+    """A weights round into `network`. `own`: `pieces` is this worker's shard alone, published by
+    the same worker of a peer sharded as `network` is — each tensor becomes this worker's local
+    shard and nothing whole exists here. Otherwise (the publisher was replicated, or sharded over
+    another number of workers) the whole state is made from all its pieces — this worker holds
+    the whole model for a moment — and each worker keeps its own shard of it."""
+    state = network.state_dict()
+    if own:
+        piece = pieces[0]
+        network.load_state_dict({k: DTensor.from_local(piece[k].to(v.device, v.dtype), v.device_mesh, v.placements,
+                                                       run_check=False, shape=v.shape, stride=v.stride())
+                                 if isinstance(v, DTensor) else piece[k] for k, v in state.items()})
+        return
+    whole = pieces[0] if len(pieces) == 1 else whole_from_shards(pieces, state)
+    network.load_state_dict({k: _shard_like(whole[k], v) for k, v in state.items()})
+
+
 def all_finite(network: nn.Module) -> bool:
     """Whether every weight of `network` is finite, agreed by all the replicas of a split peer (each
     checks its own shards), so all of them stop or none does."""

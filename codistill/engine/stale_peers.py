@@ -8,6 +8,15 @@ publication of every other peer, waiting only when one is more than `max_stalene
 - weights: the peer publishes its state dict; the others load it into a stale copy of its
   network and predict on their own batch each step (the paper's scheme).
 
+A peer sharded over its M workers (`train.sharding: fsdp`) publishes a round in M pieces, one
+per worker: predictions on the worker's own rows of every batch, or the worker's own shard of
+the weights. A reader whose pieces are cut alike (its worker m needs the publisher's rows or shard
+m) fetches its own piece alone, and a sharded peer's stale copy of another is sharded as it is
+itself, each worker loading its shard: no worker gathers a whole model to exchange it. Where the
+two peers are cut otherwise (one replicated, or sharded over another number of workers) the
+reader fetches every piece and makes the whole, then keeps its own rows or shard of it. A
+replicated peer's first worker publishes the whole, its other workers only read.
+
 What is published is the method's own payload (named tensors), so any method that declares
 `Needs.rounds` is served, not one method by name. `StalePeers` holds the round mechanics; the
 two subclasses say what a round publishes and how a received publication becomes this step's
@@ -23,9 +32,10 @@ import torch
 
 from codistill.config import ExperimentConfig, PeerSpec
 from codistill.data import BatchSchedule
-from codistill.engine.sharding import full_model_state
+from codistill.engine.sharding import blocks_of, fully_sharded, load_weights, local_shards
 from codistill.engine.sources import SignalSource
 from codistill.exchange import PeriodicExchange
+from codistill.exchange.base import Piece, Pieces
 from codistill.methods import RoundSpec
 from codistill.models import create_model
 
@@ -65,11 +75,19 @@ class StalePeers(SignalSource):
         self.missing: str | None = None
 
     def publication(self, job, round_id: int):
-        """What this peer publishes at the start of round `round_id`."""
+        """What this worker publishes at the start of round `round_id`: its piece (`piece`), or
+        None (a replicated peer's other workers: the first one publishes the whole)."""
         raise NotImplementedError
 
-    def received_publication(self, job, peer: int, publication) -> None:
-        """Called with each peer's publication as it arrives."""
+    def piece(self, job) -> Piece:
+        """This worker's piece of its peer's publications: its own under sharding (and of a
+        publication in as many pieces, its own alone serves it: worker m of every peer trains on
+        rows m of a batch, and a stale copy sharded as this peer is holds shard m), else the whole."""
+        return Piece(job.place.replica, job.place.replicas, alone=True) if job.sharded else Piece()
+
+    def received_publication(self, job, peer: int, publication):
+        """Called with each peer's publication as it arrives; returns what `payload_now` gets of it."""
+        return publication
 
     def payload_now(self, job, step: int, x: torch.Tensor, peer: int, published_round: int, publication) -> dict:
         """Peer `peer`'s payload on this step's batch `x`, from its publication of `published_round`."""
@@ -83,7 +101,7 @@ class StalePeers(SignalSource):
         others = [peer for peer in range(len(self.peer_specs)) if peer != me]
         sent, entries = self.periodic.round_trip(round_id, me, payload, others, round_id - self.spec.max_staleness,
                                                  self.max_round(round_id), self.spec.wait_timeout_s,
-                                                 keep=self._keep(job))
+                                                 keep=self._keep(job), piece=self.piece(job))
         missing = []
         for peer in others:
             entry = entries[peer]
@@ -91,8 +109,7 @@ class StalePeers(SignalSource):
                 missing.append(peer)
                 self.received.pop(peer, None)
                 continue
-            self.received[peer] = entry
-            self.received_publication(job, peer, entry[1])
+            self.received[peer] = (entry[0], self.received_publication(job, peer, entry[1]))
         self.round = round_id
         self.missing = ",".join(map(str, missing)) or None
         self.round_info = {
@@ -140,14 +157,19 @@ class StalePredictions(StalePeers):
         return range(round_id * period, (round_id + self.spec.max_staleness + 1) * period)
 
     @torch.no_grad()
-    def publication(self, job, round_id: int) -> dict[str, torch.Tensor]:
-        """This peer's payload on every peer's coming batches: each tensor (schedules, window steps, B, …)."""
+    def publication(self, job, round_id: int) -> dict[str, torch.Tensor] | None:
+        """This peer's payload on every peer's coming batches: each tensor (schedules, window steps,
+        B, …) — under sharding B is this worker's rows (`MeshPlace.batch_slice`) and all the
+        workers predict together, each on its own."""
+        if not job.sharded and not job.place.is_leader:
+            return None
+        rows = job.place.batch_slice if job.sharded else (lambda t: t)
         network = job.peer.network
         steps = self._window_steps(round_id)
         network.eval()
         blocks: dict[str, list[torch.Tensor]] = {}
         for schedule in self.schedules:
-            batches = [job.data.train_batch(schedule.indices(s), schedule.generator(s))[0] for s in steps]
+            batches = [rows(job.data.train_batch(schedule.indices(s), schedule.generator(s))[0]) for s in steps]
             payload = job.method.payload(network(torch.cat(batches).to(job.device)), {})
             for name, t in payload.items():
                 t = t.cpu()  # in the compute dtype: bf16 halves the bytes of a round
@@ -155,12 +177,22 @@ class StalePredictions(StalePeers):
         network.train()
         return {name: torch.stack(parts) for name, parts in blocks.items()}
 
+    def received_publication(self, job, peer, publication):
+        """(whether its rows are this worker's already, the tensors)."""
+        if not isinstance(publication, Pieces):
+            return False, publication
+        if len(publication.parts) == 1:
+            return True, next(iter(publication.parts.values()))
+        parts = [publication.parts[i] for i in range(publication.count)]  # the rows of every worker, in order
+        return False, {name: torch.cat([p[name] for p in parts], dim=2) for name in parts[0]}
+
     def payload_now(self, job, step, x, peer, published_round, publication):
+        mine, tensors = publication
         shard = job.peer.index if len(self.schedules) > 1 else 0
         here = {}
-        for name, t in publication.items():
-            z = job.place.batch_slice(t[shard, step - published_round * self.spec.period])  # this replica's rows
-            here[name] = z.to(x.device)
+        for name, t in tensors.items():
+            z = t[shard, step - published_round * self.spec.period]
+            here[name] = (z if mine else job.place.batch_slice(z)).to(x.device)  # this worker's rows
         return here
 
 
@@ -173,21 +205,32 @@ class StaleWeights(StalePeers):
         return None if self.periodic.weights_from_newer_rounds else round_id
 
     def publication(self, job, round_id):
-        # A copy: the live tensors keep training while the others read this snapshot.
-        # A sharded peer gathers its whole state (sharding.full_model_state): a round of weights is
-        # still one copy of the model (docs/sharding.md).
-        return {k: v.detach().cpu().clone() for k, v in full_model_state(job.peer.network).items()}
+        # A copy: the live tensors keep training while the others read this snapshot. A sharded
+        # peer's worker publishes its own shards (nothing gathered).
+        if job.sharded:
+            return local_shards(job.peer.network)
+        if not job.place.is_leader:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in job.peer.network.state_dict().items()}
 
     def received_publication(self, job, peer, publication):
-        self._stale_network(job, peer).load_state_dict(publication)
+        # What is kept is the stale copy (sharded like this peer), not the publication.
+        pieces = publication.parts if isinstance(publication, Pieces) else {0: publication}
+        own = isinstance(publication, Pieces) and len(pieces) == 1 < publication.count
+        load_weights(self._stale_network(job, peer), [pieces[i] for i in sorted(pieces)], own)
+        return None
 
     def _stale_network(self, job, peer: int) -> torch.nn.Module:
-        """A copy of peer `peer`'s network, built as its method builds it, to load its weights into."""
+        """A copy of peer `peer`'s network, built as its method builds it, to load its weights into;
+        sharded over this peer's workers as this peer is (frozen: resharded after each forward)."""
         if peer not in self.stale_networks:
             spec = self.peer_specs[peer]
-            network = job.method.build_network(create_model(spec.model, job.data.num_classes, **spec.model_args),
-                                               spec.model)
-            self.stale_networks[peer] = network.to(job.device).eval()
+            base = create_model(spec.model, job.data.num_classes, **spec.model_args)
+            network = job.method.build_network(base, spec.model).to(job.device)
+            if job.sharded:
+                fully_sharded(network, blocks_of(spec.model, base), job.place.replica_mesh,
+                              job.precision.sharding_policy(), frozen=True)
+            self.stale_networks[peer] = network.eval()
         return self.stale_networks[peer]
 
     @torch.no_grad()

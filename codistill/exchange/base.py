@@ -13,6 +13,8 @@ a state dict); how it is packed to travel is the transport's business.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 Payload = dict[str, torch.Tensor]
@@ -57,13 +59,44 @@ class PeriodicExchange:
         raise NotImplementedError
 
     def round_trip(self, round_id: int, peer: int, payload, others: list[int], min_round: int,
-                   max_round: int | None, timeout: float, keep: int = 0) -> tuple[int, dict[int, tuple[int, object] | None]]:
-        """A round's whole exchange: publish `payload`, then each of `others`' newest publication
-        in [min_round, max_round] (None for a peer that sent none within `timeout`). Returns
-        (bytes sent, {peer: (round, payload) or None}). A transport over the network does it in
-        one request."""
+                   max_round: int | None, timeout: float, keep: int = 0,
+                   piece: "Piece | None" = None) -> tuple[int, dict[int, tuple[int, object] | None]]:
+        """A round's whole exchange: publish `payload` (None: nothing, this worker only reads),
+        then each of `others`' newest publication in [min_round, max_round] (None for a peer that
+        sent none within `timeout`). Returns (bytes sent, {peer: (round, payload) or None}); a
+        publication in pieces arrives as `Pieces`. A transport over the network does it in one
+        request. `piece`: which piece of its peer's publication this worker's is (transports
+        whose workers are one per peer — the local one — have only whole publications)."""
+        if payload is None:
+            return 0, {other: self.newest(other, min_round, max_round, timeout) for other in others}
         sent = self.publish(round_id, peer, payload, keep)
         return sent, {other: self.newest(other, min_round, max_round, timeout) for other in others}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A worker's piece of its peer's round publication: piece `index` of `count` (the M workers of
+    a sharded peer each publish their own shard, or their own rows). `alone`: whether, of another
+    peer's publication in as many pieces, this worker can use its own index alone — its shard of
+    weights sharded alike, its rows of predictions — rather than all of them."""
+
+    index: int = 0
+    count: int = 1
+    alone: bool = False
+
+
+@dataclass
+class Pieces:
+    """A publication that came in `count` pieces, of which the reader fetched `parts` (index → payload):
+    its own piece alone, or all of them."""
+
+    count: int
+    parts: dict[int, object] = field(default_factory=dict)
+
+
+def pieces_wanted(count: int, reader: Piece) -> list[int]:
+    """Which of a publication's `count` pieces `reader` fetches."""
+    return [reader.index] if reader.alone and reader.count == count else list(range(count))
 
 
 # Rounds kept per peer unless the publisher says how many its readers can still use: a peer is

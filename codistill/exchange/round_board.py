@@ -21,6 +21,11 @@ boards, for the two ways peers fail:
   `exchange.round_board_mb`, else as a `RoundSnapshot` — the round written once to the run's
   storage by its publisher (`exchange/snapshots.py`), of which the board holds the path.
 
+A sharded peer's round comes in M pieces, one from each of its workers (its rows of predictions,
+its shard of weights): it is readable once all M are in, a reader fetches the pieces it needs
+(`pieces_wanted`: its own alone where it is cut alike), and a restarted peer's pieces are never
+completed with those of the training it lost.
+
 Both boards remember, per reader and round, which round of each peer they served (`served`), and
 pin those rounds: a peer that restarts from a checkpoint and asks for a round again reads exactly
 the rounds it read before — not the newer ones published since — so a resumed peer trains as it
@@ -34,7 +39,8 @@ import logging
 
 import ray
 
-from codistill.exchange.base import KEEP_ROUNDS, PeriodicExchange, keep_newest_rounds, payload_bytes, pick_round
+from codistill.exchange.base import (KEEP_ROUNDS, PeriodicExchange, Piece, Pieces, keep_newest_rounds, payload_bytes,
+                                     pick_round, pieces_wanted)
 from codistill.exchange.object_store import PeerGroupGenerations
 from codistill.exchange.snapshots import RoundSnapshot, write_snapshot
 from codistill.storage import RunStorage
@@ -56,7 +62,8 @@ class _Rounds(PeerGroupGenerations):
 
     def __init__(self, num_peers: int, memory_bytes: int | None = None):
         super().__init__(num_peers)
-        self.published: dict[int, dict[int, ray.ObjectRef | RoundSnapshot]] = {}
+        self.published: dict[int, dict[int, list[ray.ObjectRef | RoundSnapshot]]] = {}  # peer → round → its pieces
+        self.pending: dict[int, dict[int, dict[int, tuple]]] = {}  # peer → round → piece → (entry, bytes, rejoin)
         self.by_value: dict[int, dict[int, int]] = {}  # peer → round → bytes the board holds of it
         self.memory_bytes = memory_bytes  # the bound on what it holds by value (None: it holds references only)
         self.served: dict[int, dict[int, dict[int, int | None]]] = {}  # reader → its round → {peer: round read}
@@ -65,6 +72,7 @@ class _Rounds(PeerGroupGenerations):
 
     def forget(self) -> None:
         self.published.clear()
+        self.pending.clear()
         self.by_value.clear()
         self.served.clear()
         self.away.clear()
@@ -74,7 +82,9 @@ class _Rounds(PeerGroupGenerations):
                          if read.get(peer) is not None)
 
     async def publish(self, generation: int, round_id: int, peer: int, boxed_ref: list, keep: int = 0,
-                      rejoin: bool = False) -> None:
+                      rejoin: bool = False, piece: int = 0, pieces: int = 1) -> None:
+        """Piece `piece` of `pieces` of `peer`'s round `round_id` (the M workers of a sharded peer
+        each publish their own); the round is readable once all its pieces are in."""
         if generation != self.generation:
             raise RuntimeError(f"peer {peer} publishes in generation {generation}, the coordinator is in {self.generation}")
         if not boxed_ref:
@@ -82,19 +92,40 @@ class _Rounds(PeerGroupGenerations):
         entry, size = boxed_ref[0], 0
         if not isinstance(entry, (ray.ObjectRef, RoundSnapshot)):
             entry, size = ray.put(entry), payload_bytes(entry)  # by value: the board owns it
+        dropped = []
         async with self.changed:
             rounds = self.published.setdefault(peer, {})
-            dropped = [rounds.pop(r) for r in [r for r in rounds if r == round_id or (rejoin and r > round_id)]]
-            rounds[round_id] = entry
-            dropped += keep_newest_rounds(rounds, round_id, keep, self._pinned(peer))
-            held = self.by_value.setdefault(peer, {})
-            held[round_id] = size
-            for gone in [r for r in held if r not in rounds]:
-                del held[gone]
-            self.changed.notify_all()
-        for snapshot in dropped:
+            pending = self.pending.setdefault(peer, {})
+            if rejoin:  # what a lost training published from round_id on (pieces this restart sent stay)
+                dropped += [rounds.pop(r) for r in [r for r in rounds if r >= round_id]]
+                for r in [r for r in pending if r >= round_id]:
+                    fresh = {i: p for i, p in pending[r].items() if p[2]}
+                    dropped += [p[0] for i, p in pending.pop(r).items() if i not in fresh]
+                    if fresh:
+                        pending[r] = fresh
+            parts = pending.setdefault(round_id, {})
+            if piece in parts:
+                dropped.append(parts[piece][0])
+            parts[piece] = (entry, size, rejoin)
+            complete = len(parts) == pieces
+            if complete:
+                del pending[round_id]
+                if round_id in rounds:
+                    dropped.append(rounds.pop(round_id))
+                rounds[round_id] = [parts[i][0] for i in range(pieces)]
+                dropped += keep_newest_rounds(rounds, round_id, keep, self._pinned(peer))
+                for old in [r for r in pending if r <= round_id - (keep or KEEP_ROUNDS)]:  # pieces never completed
+                    dropped += [p[0] for p in pending.pop(old).values()]
+                held = self.by_value.setdefault(peer, {})
+                held[round_id] = sum(p[1] for p in parts.values())
+                for gone in [r for r in held if r not in rounds]:
+                    del held[gone]
+                self.changed.notify_all()
+        for snapshot in [e for entries in dropped for e in (entries if isinstance(entries, list) else [entries])]:
             if isinstance(snapshot, RoundSnapshot):  # off the event loop: a delete on s3 is a request
                 asyncio.get_running_loop().run_in_executor(None, snapshot.delete)
+        if not complete:
+            return
         if self.memory_bytes is not None and sum(held.values()) > self.memory_bytes / self.num_peers:
             raise RuntimeError(f"the round board holds {sum(held.values())} bytes of peer {peer}'s rounds, above its "
                                f"share {self.memory_bytes / self.num_peers:.0f} of exchange.round_board_mb")
@@ -106,7 +137,7 @@ class _Rounds(PeerGroupGenerations):
         reads = self.served.setdefault(reader, {}).setdefault(for_round, {}) if for_round is not None else {}
         if peer in reads and (reads[peer] is None or reads[peer] in self.published.get(peer, {})):
             read = reads[peer]
-            return None if read is None else (read, [self.published[peer][read]])
+            return None if read is None else (read, self.published[peer][read])
 
         def usable():
             return pick_round(self.published.get(peer, {}), min_round, max_round)
@@ -124,18 +155,20 @@ class _Rounds(PeerGroupGenerations):
                 except asyncio.TimeoutError:
                     if self.leaves_out_the_away:
                         self.away.add((reader, peer))
-            found = usable()
+            # Another worker of this reader's peer (a sharded peer's) may have been answered while
+            # this one waited: all of them distil from the same round, or from none.
+            found = reads[peer] if peer in reads else usable()
             reads[peer] = found
             if found is None:
                 return None
             self.away.discard((reader, peer))
-            return found, [self.published[peer][found]]
+            return found, self.published[peer][found]
 
     async def round_trip(self, generation: int, round_id: int, peer: int, boxed_ref: list, others: list[int],
                          min_round: int, max_round: int | None, timeout: float, keep: int = 0,
-                         rejoin: bool = False) -> dict:
+                         rejoin: bool = False, piece: int = 0, pieces: int = 1) -> dict:
         """`publish`, then `newest` of each other peer (waiting for them together): one call a round."""
-        await self.publish(generation, round_id, peer, boxed_ref, keep, rejoin)
+        await self.publish(generation, round_id, peer, boxed_ref, keep, rejoin, piece, pieces)
         found = await asyncio.gather(*[self.newest(generation, other, min_round, max_round, timeout, reader=peer,
                                                    for_round=round_id) for other in others])
         reads = self.served.get(peer, {})
@@ -175,24 +208,29 @@ class ObjectStorePeriodicExchange(PeriodicExchange):
         self.generation = ray.get(board.join.remote(peer))
         self.rejoin = True  # this process's first publication replaces what a lost training published
 
-    def _put(self, round_id: int, payload, keep: int) -> list:
+    def _put(self, round_id: int, payload, keep: int, pieces: int) -> list:
         """The payload as it goes to the board: a reference (this worker's object; the group dies
         with it anyway)."""
         return [ray.put(payload)]
 
-    def round_trip(self, round_id, peer, payload, others, min_round, max_round, timeout, keep=0):
-        boxed = self._put(round_id, payload, keep or KEEP_ROUNDS)
-        answers = ray.get(self.board.round_trip.remote(self.generation, round_id, peer, boxed, others,
-                                                      min_round, max_round, timeout, keep, self.rejoin))
+    def round_trip(self, round_id, peer, payload, others, min_round, max_round, timeout, keep=0, piece=None):
+        piece = piece or Piece()
+        boxed = [] if payload is None else self._put(round_id, payload, keep or KEEP_ROUNDS, piece.count)
+        answers = ray.get(self.board.round_trip.remote(self.generation, round_id, peer, boxed, others, min_round,
+                                                      max_round, timeout, keep, self.rejoin, piece.index, piece.count))
         self.rejoin = False
-        found = {p: (answer[0], answer[1][0]) for p, answer in answers.items() if answer is not None}
-        refs = [p for p, (_, entry) in found.items() if isinstance(entry, ray.ObjectRef)]
-        fetched = dict(zip(refs, ray.get([found[p][1] for p in refs])))  # every peer's object at once
+        # Of each publication the pieces this worker needs: its own alone where the publisher's
+        # pieces are cut as this worker's are, else all of them (`pieces_wanted`).
+        wanted = {p: (answer[0], answer[1], pieces_wanted(len(answer[1]), piece))
+                  for p, answer in answers.items() if answer is not None}
+        refs = [(p, i) for p, (_, entries, want) in wanted.items() for i in want
+                if isinstance(entries[i], ray.ObjectRef)]
+        fetched = dict(zip(refs, ray.get([wanted[p][1][i] for p, i in refs])))  # every object at once
         payloads = {}
-        for p, (r, entry) in found.items():
-            value = fetched[p] if p in fetched else _read(entry, p, r)
-            if value is not None:
-                payloads[p] = (r, value)
+        for p, (r, entries, want) in wanted.items():
+            parts = {i: fetched[p, i] if (p, i) in fetched else _read(entries[i], p, r) for i in want}
+            if all(v is not None for v in parts.values()):
+                payloads[p] = (r, parts[0] if len(entries) == 1 else Pieces(len(entries), parts))
         return payload_bytes(payload), {p: payloads.get(p) for p in others}
 
 
@@ -210,8 +248,10 @@ class LastingRoundHandle(ObjectStorePeriodicExchange):
 
     A round goes to the board by value while every round of this peer the board may hold
     (`rounds_held_at_most`) fits the board's share (`memory_bytes` / peers); otherwise it is
-    written once to the run's storage and the board holds its `RoundSnapshot`. Only the peer's
-    first replica publishes (the replicas of a data-parallel peer hold the same weights)."""
+    written once to the run's storage and the board holds its `RoundSnapshot` — a piece of a
+    sharded peer's round each by its own worker, as its own snapshot. Which workers of a peer
+    publish is the signal source's choice (`engine/stale_peers.py`): a data-parallel peer's first
+    replica, each worker of a sharded one."""
 
     weights_from_newer_rounds = True
 
@@ -224,11 +264,11 @@ class LastingRoundHandle(ObjectStorePeriodicExchange):
         self.memory_bytes = memory_bytes
         self.publishes = publishes
 
-    def _put(self, round_id, payload, keep) -> list:
+    def _put(self, round_id, payload, keep, pieces) -> list:
         if not self.publishes:
             return []
         nbytes = payload_bytes(payload)
-        if nbytes * rounds_held_at_most(keep, self.num_peers) <= self.memory_bytes / self.num_peers:
+        if pieces * nbytes * rounds_held_at_most(keep, self.num_peers) <= self.memory_bytes / self.num_peers:
             # The payload itself, which the board stores as its own object: a round must outlive
             # the peer that published it, so the others keep distilling from it while it is away.
             return [payload]

@@ -190,8 +190,7 @@ class Apart(Layout):
         peer = loop_config["peer"]
         place = PeerMesh(1, cfg.workers_of(peer)).build(device)  # this peer's run is a mesh of one peer
         periodic = LastingRoundHandle(loop_config["round_board"], peer, cfg.num_peers,
-                                      RunStorage(cfg.ray.storage_path, cfg.name), board_bytes(cfg),
-                                      publishes=place.is_leader)
+                                      RunStorage(cfg.ray.storage_path, cfg.name), board_bytes(cfg))
         return WorkerLinks(peer, place, evaluations=Posted(BoardPoster(loop_config["evaluation_board"], peer)),
                            periodic=periodic)
 
