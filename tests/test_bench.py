@@ -97,3 +97,35 @@ def test_the_bare_arm_does_the_frameworks_work_and_is_timed_beside_it():
     times = raise_first_error(run_in_threads(lambda k: time_arms(arms[k], rounds=2, block=2), 2, torch_threads=1))
     row = summarise(times[0])
     assert row["framework_over_bare"]["pairs"] == 2 and row["bare_ms"] > 0 and row["framework_ms"] > 0
+
+
+TINY_LLAMA = [arg for kv in ("vocab_size=1024", "hidden_size=32", "intermediate_size=64", "num_hidden_layers=2",
+                             "num_attention_heads=2", "num_key_value_heads=2") for arg in ("--set", kv)]
+
+
+@pytest.mark.slow  # a world of two gloo processes, each importing torch and transformers: ~10 s
+def test_bench_shard_counts_half_the_state_on_an_fsdp_worker_and_times_both(tmp_path, capsys):
+    """`codistill bench shard` on a tiny Llama: the table's FSDP row holds at most 0.6 of DDP's
+    per-worker state (ideal 1/2), counted from the tensors each rank holds; the shards of the
+    parameters add up to the whole model; the step ratio has its pairs."""
+    out = tmp_path / "shard.json"
+    assert main(["bench", "shard", *TINY_LLAMA, "--workers", "2", "--rounds", "2", "--block", "1",
+                 "--out", str(out)]) == 0
+    rows = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split()[:2] in (["2", "ddp"], ["2", "fsdp"])}
+    over_ddp = {s: float(row[row.index("B") + 1]) for s, row in rows.items()}  # the column after the total's bytes
+    assert over_ddp["ddp"] == 1.0 and over_ddp["fsdp"] <= 0.6
+    figures = json.loads(out.read_text())
+    ddp, fsdp = figures["memory"]["ddp_2"], figures["memory"]["fsdp_2"]
+    whole = 4 * figures["parameters"]  # fp32
+    assert all(rank["parameters"] == rank["gradients"] == whole for rank in ddp["ranks"])
+    assert sum(rank["parameters"] for rank in fsdp["ranks"]) == whole
+    assert figures["step"]["fsdp_over_ddp"]["pairs"] == 2 and figures["step"]["ddp_ms"] > 0
+
+
+@pytest.mark.parametrize("bad, named", [(["--workers", "4"], "--workers"), (["--workers", "1,2"], "--workers"),
+                                        (["--set", "hidden=64"], "--set"), (["--rounds", "1"], "--rounds")])
+def test_bench_shard_refuses_what_it_cannot_measure_in_one_line(bad, named, capsys):
+    assert main(["bench", "shard", *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1

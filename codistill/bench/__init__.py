@@ -1,7 +1,8 @@
-"""`codistill bench dml | codistill | step | bare | kl | rounds | noise-scale`: where the cost of distillation
+"""`codistill bench dml | codistill | step | bare | kl | rounds | shard | noise-scale`: where the cost of distillation
 goes, and what the framework itself costs over bare PyTorch, measured side by side (one module per
-benchmark): ratios are medians of paired blocks with a bootstrap interval. `noise-scale` measures
-the task instead: the gradient noise scale, where data parallelism stops paying."""
+benchmark): ratios are medians of paired blocks with a bootstrap interval. `shard` counts what
+sharding a peer saves each worker. `noise-scale` measures the task instead: the gradient noise
+scale, where data parallelism stops paying."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("which", choices=["dml", "codistill", "step", "bare", "kl", "rounds", "noise-scale"], help="what to measure")
+    parser.add_argument("which", choices=["dml", "codistill", "step", "bare", "kl", "rounds", "shard", "noise-scale"], help="what to measure")
     parser.add_argument("source", nargs="?", metavar="CONFIG|RUN",
                         help="noise-scale: a config (a fresh run of one peer) or a run folder (its checkpoints)")
     parser.add_argument("--config", help="step, bare: the config whose step is measured (default: the demo's)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="step, bare: override a config value")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="step, bare: override a config value; "
+                        "shard: a value of the Llama's config (e.g. num_hidden_layers=2)")
+    parser.add_argument("--workers", help="shard: the workers a peer is sharded over for memory (default 2,4)")
     parser.add_argument("--model", default="resnet20", help="peer model for the step-time ratio (default resnet20: ~50+ ms steps on CPU)")
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -57,7 +60,9 @@ def main(args: argparse.Namespace) -> int:
         from codistill.bench.kl import main as run
     elif args.which == "rounds":
         from codistill.bench.rounds import main as run
+    elif args.which == "shard":
+        from codistill.bench.shard import main as run
     else:
         from codistill.bench.dml import main as run
-    args.block = args.block or {"step": 10, "codistill": 50, "bare": 20}.get(args.which, 3)
+    args.block = args.block or {"step": 10, "codistill": 50, "bare": 20, "shard": 2}.get(args.which, 3)
     return run(args)
