@@ -7,7 +7,7 @@ mutually (DML), 2 peers × 2 workers on the shared 2-CPU Ray instance."""
 import pytest
 import torch
 
-from codistill.engine.checkpoint import from_bytes
+from codistill.engine.checkpoint import checkpoint_name, from_bytes
 from codistill.engine.run import train
 from tests.conftest import small_config
 
@@ -60,19 +60,82 @@ def test_an_fsdp_worker_holds_at_most_0_6_of_the_state_a_ddp_worker_holds_at_two
         assert fsdp[key]["state_mb"] <= 0.6 * row["state_mb"], key
 
 
-def test_a_sharded_checkpoint_is_the_replicated_ones_and_resumes_onto_one_worker_a_peer(ddp_and_fsdp):
-    """The FSDP run's checkpoint at step 20, gathered from two workers a peer, holds the weights
-    and Adam moments the DDP run's holds; resumed on one worker a peer (resharded), it trains to
-    step 30 as the DDP run's checkpoint does on one worker."""
-    files = {s: [from_bytes(ddp_and_fsdp[s].storage.read_bytes(f"step_00000020/peer{k}.pt")) for k in (0, 1)]
-             for s in ("ddp", "fsdp")}
-    for ddp, fsdp in zip(files["ddp"], files["fsdp"]):
+def _whole_files(result, step: int) -> list[dict]:
+    """Each peer's file at `step` of a run, its weights and Adam moments whole (a sharded run's
+    read from its DCP shards in this process: no process group)."""
+    from codistill.engine.shard_files import whole, with_shards
+
+    folder = f"{result.storage.uri}/{checkpoint_name(step)}"
+    return [whole(with_shards(from_bytes(result.storage.read_bytes(f"{checkpoint_name(step)}/peer{k}.pt")), folder))
+            for k in (0, 1)]
+
+
+def test_a_sharded_checkpoint_is_written_shard_by_shard_and_holds_the_replicated_ones_state(ddp_and_fsdp):
+    """No worker gathers the model to write a checkpoint: each of a peer's two workers writes its
+    own shards into the peer's DCP folder, and its file holds no weights; read whole, they are the
+    weights and Adam moments of the DDP run's file."""
+    storage = ddp_and_fsdp["fsdp"].storage
+    for k in (0, 1):
+        assert "model" not in from_bytes(storage.read_bytes(f"step_00000020/peer{k}.pt"))
+        assert set(storage.list(f"step_00000020/peer{k}.dcp")) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert not ddp_and_fsdp["ddp"].storage.exists("step_00000020/peer0.dcp")  # a DDP peer's file as before
+    for ddp, fsdp in zip(_whole_files(ddp_and_fsdp["ddp"], 20), _whole_files(ddp_and_fsdp["fsdp"], 20)):
         assert ddp["model"].keys() == fsdp["model"].keys() and ddp["optimizer"]["state"].keys() == fsdp["optimizer"]["state"].keys()
+        assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
         for key, tensor in ddp["model"].items():
             assert torch.allclose(fsdp["model"][key], tensor, rtol=1e-5, atol=1e-7), key
         for index, state in ddp["optimizer"]["state"].items():
             for name, value in state.items():
                 assert torch.allclose(fsdp["optimizer"]["state"][index][name], value, rtol=1e-5, atol=1e-9), (index, name)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_a_damaged_shard_is_a_damaged_checkpoint_the_one_before_is_used_and_it_is_set_aside(ddp_and_fsdp, tmp_path,
+                                                                                           caplog, damage):
+    import shutil
+
+    from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, past_damaged
+    from codistill.storage import RunStorage
+
+    shutil.copytree(ddp_and_fsdp["fsdp"].storage.run_dir, tmp_path / "run")  # the fixture's run stays whole
+    storage = RunStorage(str(tmp_path), "run")
+    shard = tmp_path / "run" / "step_00000020" / "peer1.dcp" / "__1_0.distcp"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "garbage":  # the same length: only its digest tells
+        shard.write_bytes(bytes(len(shard.read_bytes())))
+    else:
+        shard.unlink()
+    folders = checkpoint_folders(storage)
+    assert [step for step, _ in folders] == [10, 20]  # committed, so only reading finds it damaged
+    step, states = newest_loadable(storage, folders, 2)
+    assert step == 10 and "skipping the checkpoint at step 20" in caplog.text and "peer1.dcp" in caplog.text
+    assert [s["step"] for s in states] == [10, 10]
+    past_damaged(storage, folders, 10, copy_aside=True)  # what a Ray restart does before retraining 11..20
+    (aside,) = storage.list("set_aside")
+    assert storage.exists(f"set_aside/{aside}/peer0.dcp/.metadata")
+
+
+def test_an_exported_folder_of_a_sharded_run_is_the_ddp_runs(ddp_and_fsdp, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from codistill.export import export_peer
+
+    models = {}
+    for s in ("ddp", "fsdp"):
+        card = export_peer(ddp_and_fsdp[s].storage.uri, 0, str(tmp_path / s))
+        assert card["step"] == 20
+        models[s] = AutoModelForCausalLM.from_pretrained(tmp_path / s).state_dict()
+    assert (tmp_path / "ddp" / "config.json").read_text() == (tmp_path / "fsdp" / "config.json").read_text()
+    assert models["ddp"].keys() == models["fsdp"].keys()
+    for key, tensor in models["ddp"].items():
+        assert torch.allclose(models["fsdp"][key], tensor, rtol=1e-5, atol=1e-7), key
+
+
+def test_a_sharded_checkpoint_resumes_onto_one_worker_a_peer_as_the_replicated_one(ddp_and_fsdp):
+    """The FSDP run's checkpoint at step 20, written by two workers a peer, resumed on one worker a
+    peer (resharded: read whole into the unsplit peer) trains to step 30 as the DDP run's
+    checkpoint does on one worker."""
     storage = ddp_and_fsdp["fsdp"].config.ray.storage_path
     onto_one = ("train.steps=30", "ray.workers_per_peer=1", "ray.resources_per_peer={CPU: 1}")
     resumed = {s: train(small_config(storage, f"name={s}", f"train.sharding={s}", *TINY_LLAMA_DML, *onto_one, base=HF),
@@ -147,6 +210,68 @@ def test_a_kd_teacher_from_a_pretrained_folder_is_sharded_like_its_fsdp_student(
     assert sum(rank["fsdp"]["teacher"] for rank in seen) == seen[0]["fsdp"]["teacher_whole"]
 
 
+def _mlp_and_adam(world: int, rank: int, folder: str):
+    """A small MLP (rows that do not split evenly over 3) sharded over a gloo world of `world`, its AdamW."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from codistill.engine.sharding import fully_sharded
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init{world}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    network = fully_sharded(torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)), [],
+                            init_device_mesh("cpu", (world,)), MixedPrecisionPolicy())
+    return network, torch.optim.AdamW(network.parameters(), lr=0.1)
+
+
+def _write_on_two(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    from codistill.engine.sharding import save_shards
+
+    network, optimizer = _mlp_and_adam(2, rank, folder)
+    for _ in range(2):
+        network(torch.randn(4, 5)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    save_shards(network, optimizer, f"{folder}/dcp")  # both ranks into one folder: a shared filesystem
+    torch.save({k: v.full_tensor() for k, v in network.state_dict().items()}, f"{folder}/whole.{rank}")
+    dist.destroy_process_group()
+
+
+def _read_on_three(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    from codistill.engine.sharding import load_shards
+
+    network, optimizer = _mlp_and_adam(3, rank, folder)
+    load_shards(network, optimizer, f"{folder}/dcp")
+    moments = {i: {k: v.full_tensor() for k, v in s.items() if k != "step"} for i, s in optimizer.state_dict()["state"].items()}
+    torch.save(({k: v.full_tensor() for k, v in network.state_dict().items()}, moments), f"{folder}/read.{rank}")
+    dist.destroy_process_group()
+
+
+def test_dcp_shards_of_two_workers_load_resharded_onto_three_and_whole_without_a_process_group(tmp_path):
+    """Resharding as DCP does it: each of three workers reads its (uneven) shards of a checkpoint
+    two wrote; and the whole state read in this process alone is what the three hold."""
+    import torch.multiprocessing as mp
+
+    from codistill.engine.sharding import whole_from_shards
+
+    mp.spawn(_write_on_two, args=(str(tmp_path),), nprocs=2, join=True)
+    mp.spawn(_read_on_three, args=(str(tmp_path),), nprocs=3, join=True)
+    written = torch.load(tmp_path / "whole.0")
+    model, optimizer = whole_from_shards(str(tmp_path / "dcp"))
+    assert [int(s["step"]) for s in optimizer["state"].values()] == [2, 2, 2, 2]
+    for rank in range(3):
+        weights, moments = torch.load(tmp_path / f"read.{rank}")
+        assert weights.keys() == written.keys() == model.keys()
+        assert all(torch.equal(weights[k], written[k]) and torch.equal(model[k], written[k]) for k in written)
+        for i, state in moments.items():
+            assert all(torch.equal(value, optimizer["state"][i][name]) for name, value in state.items())
+
+
 def _saved_bytes_and_grads(network, x):
     """The bytes autograd keeps for backward in one forward of `network` on `x`, and the gradients."""
     saved = []
@@ -214,10 +339,10 @@ def test_sharding_settings_refused_in_one_line_and_kept_by_the_data_parallel_arm
     assert (one.train.sharding, one.train.precision, one.ray.workers_per_peer) == ("fsdp", "bf16", 4)
 
 
-def test_a_killed_fsdp_group_resumes_exactly_from_its_gathered_checkpoint(ray_local, tmp_path):
+def test_a_killed_fsdp_group_resumes_exactly_from_its_sharded_checkpoint(ray_local, tmp_path):
     """Two MNIST-1D CNN peers sharded over two workers each (FSDP per top-level child); peer 0's
     first worker killed once a checkpoint is committed: Ray Train restarts the group, every
-    worker takes its shards back from the checkpoint, and the run ends as an uninterrupted DDP run
+    worker reads its shards back from the DCP checkpoint, and the run ends as an uninterrupted DDP run
     of the same peers does (equal to the last bit uninterrupted, as the Llama run above)."""
     import os
     import signal

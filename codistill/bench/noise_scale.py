@@ -227,6 +227,7 @@ def _source(args):
 def main(args: argparse.Namespace) -> int:
     from codistill.data import load_data
     from codistill.engine.checkpoint import checkpoint_folders, from_bytes, peer_file
+    from codistill.engine.shard_files import with_shards
 
     if args.repeats < 2:
         raise ConfigError("--repeats", f"is the number of repetitions, >= 2 (an interval needs several); got {args.repeats}")
@@ -254,7 +255,8 @@ def main(args: argparse.Namespace) -> int:
           flush=True)
     rows = []
     for step in steps:
-        state = from_bytes(run.read_bytes(f"{folders[step]}/{peer_file(peer)}")) if step else None
+        state = (with_shards(from_bytes(run.read_bytes(f"{folders[step]}/{peer_file(peer)}")), f"{run.uri}/{folders[step]}")
+                 if step else None)
         model = peer_model(cfg, data, state, peer)
         row = measure(model_gradient(model, data, chunk=max(1, 4096 // positions)), small, big, args.repeats,
                       seed=cfg.seed)

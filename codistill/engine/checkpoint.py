@@ -10,19 +10,29 @@ A peer file (`peer{k}.pt`, written by `peer_state`) holds:
   base_prefix                          where the registered model's own tensors sit in `model`
                                        ("" when unwrapped; None when the network is not one
                                        model, e.g. a trunk with branches)
-  optimizer, torch_rng, [data], and the precision's state ([grad_scaler] for fp16)"""
+  optimizer, torch_rng, [data], and the precision's state ([grad_scaler] for fp16)
+
+A peer split over its workers (FSDP) writes its weights and optimizer state as a
+`torch.distributed.checkpoint` folder beside its file instead (`peer{k}.dcp/`, each worker its
+own shards: `sharding.save_shards`); its file then holds no `model` nor `optimizer` but `shards`:
+{"folder": "peer{k}.dcp", "files": {name: [bytes, sha256]}} — every file of the folder as
+written, so a shard truncated, garbled or missing makes the checkpoint as damaged as a bad peer
+file does. Reading them: `engine/shard_files.py`."""
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import posixpath
 import re
 import time
 
 import torch
 
 from codistill.data.task import Fingerprint
-from codistill.engine.sharding import full_state, load_full_state
+from codistill.engine.shard_files import check_shards, shards_folder, shards_on_disk, whole, with_shards
+from codistill.engine.sharding import is_sharded, load_full_state, load_shards, save_shards
 from codistill.errors import RunError, first_line
 from codistill.storage import RunStorage
 
@@ -75,7 +85,7 @@ def from_bytes(data: bytes) -> dict:
 
 def is_peer_file(state: dict) -> bool:
     """A peer's checkpoint file (`peer_state`'s), not a plain state dict or a run's meta file."""
-    return isinstance(state.get("model"), dict) and "step" in state and "optimizer" in state
+    return (isinstance(state.get("model"), dict) and "optimizer" in state or "shards" in state) and "step" in state
 
 
 def upgrade(state: dict) -> dict:
@@ -114,16 +124,29 @@ def base_prefix(network: torch.nn.Module, base: torch.nn.Module) -> str | None:
 
 def peer_state(job, step: int) -> dict:
     """What a checkpoint holds of a peer (`job`: its `PeerJob`): its network (never a teacher),
-    optimizer and RNG, and what rebuilds its model."""
+    optimizer and RNG, and what rebuilds its model. A split peer's weights and optimizer state
+    are not in it but written by `write_peer` on every replica (`write_shards`)."""
     peer = job.peer
-    # A peer sharded over its workers is gathered into the same file (`sharding.full_state`).
-    model, optimizer = full_state(peer.network, peer.optimizer)
+    sharded = is_sharded(peer.network)
+    weights = ({"write_shards": lambda folder: save_shards(peer.network, peer.optimizer, folder)} if sharded
+               else {"model": peer.network.state_dict(), "optimizer": peer.optimizer.state_dict()})
     return {"format": CHECKPOINT_FORMAT, "peer": peer.index, "model_name": peer.spec.model, "model_args": dict(peer.spec.model_args),
-            "base_prefix": base_prefix(peer.network, peer.base), "step": step,
-            "model": model, "optimizer": optimizer,
+            "base_prefix": base_prefix(peer.network, peer.base), "step": step, **weights,
             "torch_rng": torch.get_rng_state(),
             **({"data": job.data.fingerprint.as_dict()} if job.data.fingerprint else {}),
             **job.precision.state_dict()}
+
+
+def write_peer(folder: str, peer: int, state: dict, leader: bool) -> None:
+    """A peer's checkpoint into the local `folder`: a split peer's shards by every replica (a
+    collective), then its file by its leader (`leader`)."""
+    state = dict(state)
+    write_shards = state.pop("write_shards", None)
+    if write_shards is not None:
+        state["shards"] = {"folder": shards_folder(peer), "files": write_shards(os.path.join(folder, shards_folder(peer)))}
+    if leader:
+        with open(os.path.join(folder, peer_file(peer)), "wb") as f:
+            f.write(to_bytes(state))
 
 
 class DataChanged(RunError):
@@ -147,6 +170,7 @@ def registered_model(state: dict, model: str | None = None, model_args: dict | N
     method put around it are left out). A plain state dict is `model`'s, built with `model_args`.
     `NotOneModel` when the file cannot be one model: no model named, or a model named other than
     the one the file holds; `BranchedNetwork` (one of them) for a network of branches."""
+    state = whole(state)
     if not (isinstance(state.get("model"), dict) and "step" in state):  # a plain state dict
         if model is None:
             raise NotOneModel("a plain state dict does not say which model it holds: name the model")
@@ -188,7 +212,12 @@ def load_peer_state(job, state: dict) -> int:
     if difference:  # the whole fingerprint: corpus, split, packing, tokenizer, token counts
         raise DataChanged(f"peer {peer.index}'s checkpoint {difference}. Resume refused; start a new run (another "
                           "name) to train on this data.")
-    load_full_state(peer.network, peer.optimizer, state["model"], state["optimizer"])  # each replica its shards
+    if "shards" in state and is_sharded(peer.network):  # each replica reads its own shards, in any split
+        with shards_on_disk(state) as folder:
+            load_shards(peer.network, peer.optimizer, folder)
+    else:  # a whole file, or shards read whole (a replicated peer, or one resuming on one worker)
+        state = whole(state)
+        load_full_state(peer.network, peer.optimizer, state["model"], state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     job.precision.load_state_dict(state)
     return state["step"]
@@ -317,12 +346,19 @@ def newest_loadable(storage: RunStorage, folders: list[tuple[int, str]], peers: 
 
 def _load_with_retries(storage: RunStorage, relative: str) -> dict:
     """A peer file's state, read again after a short wait when it fails (a passing error of an
-    object store or a network filesystem must not cost a good checkpoint)."""
+    object store or a network filesystem must not cost a good checkpoint); a split peer's shards
+    checked with it (`check_shards`), not read."""
+
+    def read() -> dict:
+        state = with_shards(from_bytes(storage.read_bytes(relative)), f"{storage.uri}/{posixpath.dirname(relative)}")
+        check_shards(state)
+        return state
+
     for wait in READ_RETRY_WAITS:
         try:
-            return from_bytes(storage.read_bytes(relative))
+            return read()
         except Exception as err:  # noqa: BLE001 — tried again; the last try's error is the one raised
             logger.info("reading %s/%s failed (%s); trying again in %.1f s", storage.uri, relative,
                         first_line(err, 200), wait)
             time.sleep(wait)
-    return from_bytes(storage.read_bytes(relative))
+    return read()

@@ -34,7 +34,9 @@ class RunContext:
 
     def report(self, step: int, metrics: dict, checkpoint: dict | None, records: list[dict]) -> None:
         """Called by every worker at the same steps. `checkpoint` (this peer's state, or None
-        on non-leader replicas and on evaluation-only steps) and `records` are saved together."""
+        on evaluation-only steps and on a replicated peer's non-leader replicas; every replica of
+        a split peer has one: each writes its shards, `checkpoint.write_peer`) and `records` (the
+        leader's) are saved together."""
         raise NotImplementedError
 
     def progress(self, step: int, metrics: dict) -> None:
@@ -242,10 +244,10 @@ class PeerLoop:
             self.run.progress(done, self.metrics)
         # Records are handed over only with checkpoints, so disk never runs ahead of a checkpoint.
         leader_saves = checkpoint and job.is_leader
-        # A sharded peer's state is gathered by all its replicas (a collective); its leader writes it.
+        # A sharded peer's checkpoint is written by all its replicas, each its own shards (a
+        # collective: `checkpoint.write_peer`); its leader writes the peer file and the records.
         state = peer_state(job, done) if checkpoint and (job.is_leader or job.sharded) else None
-        self.run.report(done, self.metrics, state if leader_saves else None,
-                        [_plain(r) for r in self.records] if leader_saves else [])
+        self.run.report(done, self.metrics, state, [_plain(r) for r in self.records] if leader_saves else [])
         if checkpoint:
             self.records = []
             self.last_checkpoint = done

@@ -11,21 +11,28 @@ engine needs to know of a split peer, in one place.
   reduce-scattered, averaged over the replicas as DDP's all-reduce averages them.
 - `checkpoint_activations`: each block's forward under `torch.utils.checkpoint` (non-reentrant,
   the form that composes with FSDP2): only a block's input is kept for backward.
-- The full state of a split peer (`full_state`, `load_full_state`): its shards all-gathered into
-  the tensors a replicated peer's `state_dict()` holds, so a checkpoint of a split peer is the
-  same file as a replicated one's — `codistill export`, teachers and `workers_per_peer` changes
-  (resharding: a file written by 2 workers loads onto 1, or 4) read it unchanged. Every replica
-  gathers (a collective); its leader writes. This does gather the whole model on each of the
-  peer's workers at a checkpoint: writing each shard on its own
-  (`torch.distributed.checkpoint`) is not built yet (docs/sharding.md).
+- A split peer's checkpoint (`save_shards`, `load_shards`): written with
+  `torch.distributed.checkpoint` (DCP), each worker its own shards of the weights and of the
+  optimizer's state (no worker gathers the model to write it), into one folder whose metadata
+  says where every piece of every tensor lies — so it loads into whatever split the reader has
+  (resharding: written by 2 workers, read by 1 or 4), or whole without a process group
+  (`whole_from_shards`: `codistill export`, teachers, a replicated peer resuming it).
+- `full_model_state`: a split peer's weights gathered whole, for a round of weights.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+# DCP's own conversion to one torch.save file (format_utils.dcp_to_torch_save) reads this way.
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -86,14 +93,56 @@ def full_model_state(network: nn.Module) -> dict:
     return {k: _full(v) for k, v in state.items()}
 
 
-def full_state(network: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts of a peer as a replicated peer's: the optimizer's keyed by
-    parameter number, its moments whole."""
-    optimizer_state = optimizer.state_dict()
-    if not is_sharded(network):
-        return network.state_dict(), optimizer_state
-    state = {i: {k: _full(v) for k, v in s.items()} for i, s in optimizer_state["state"].items()}
-    return full_model_state(network), {**optimizer_state, "state": state}
+def _group(network: nn.Module):
+    """The process group a split peer's shards are over (its replicas; not the whole Ray group)."""
+    return next(p for p in network.parameters() if isinstance(p, DTensor)).device_mesh.get_group()
+
+
+def file_digest(path: str, stream=None) -> tuple[int, str]:
+    """(bytes, sha256) of a file, read in pieces (a shard may be gigabytes)."""
+    digest, size = hashlib.sha256(), 0
+    with (stream if stream is not None else open(path, "rb")) as f:
+        while piece := f.read(1 << 24):
+            digest.update(piece)
+            size += len(piece)
+    return size, digest.hexdigest()
+
+
+def save_shards(network: nn.Module, optimizer: torch.optim.Optimizer, folder: str) -> dict[str, list]:
+    """Every replica of a split peer writes its own shards of the weights and of the optimizer's
+    state into its local `folder` (a collective: all of them call it; the first also writes the
+    metadata). The folders of all replicas together are the checkpoint: what DCP's metadata
+    names are file names relative to it. Returns {file: [bytes, sha256]} of every replica's
+    files, gathered (a few bytes each), for the peer file: a shard damaged later is found."""
+    model, optim = get_state_dict(network, optimizer)  # the local shards (DTensors), keyed by name
+    group = _group(network)
+    dcp.save({"model": model, "optimizer": optim}, storage_writer=FileSystemWriter(folder), process_group=group)
+    own = {name: list(file_digest(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, own, group=group)
+    return {name: value for files in everyone for name, value in files.items()}
+
+
+def load_shards(network: nn.Module, optimizer: torch.optim.Optimizer, folder: str) -> None:
+    """A DCP checkpoint (`save_shards`', from any number of workers) read into a split peer, each
+    replica reading only the pieces of its own shards (a collective over the peer's replicas)."""
+    model, optim = get_state_dict(network, optimizer)  # the shapes to read into; initialises Adam's moments
+    state = {"model": model, "optimizer": optim}
+    dcp.load(state, storage_reader=FileSystemReader(folder), process_group=_group(network))
+    set_state_dict(network, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    optimizer.zero_grad(set_to_none=True)  # get_state_dict stepped once over zero gradients to shape the moments
+
+
+def whole_from_shards(folder: str) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts of a DCP checkpoint, whole, as a replicated peer's (the
+    optimizer's keyed by parameter number in its groups' order, as `Optimizer.state_dict()`),
+    read in this process alone: no process group, whatever the caller's."""
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    optim = state["optimizer"]
+    number = {name: i for i, name in enumerate(n for group in optim["param_groups"] for n in group["params"])}
+    groups = [{**group, "params": [number[n] for n in group["params"]]} for group in optim["param_groups"]]
+    return state["model"], {"state": {number[n]: s for n, s in optim["state"].items()}, "param_groups": groups}
 
 
 def _shard_like(whole: torch.Tensor, like):
@@ -104,8 +153,8 @@ def _shard_like(whole: torch.Tensor, like):
 
 
 def load_full_state(network: nn.Module, optimizer: torch.optim.Optimizer, model: dict, optimizer_state: dict) -> None:
-    """Put a replicated peer's state dicts (a checkpoint file, written by any number of workers)
-    into `network` and `optimizer`, each rank keeping its own shards."""
+    """Put a replicated peer's state dicts (a `.pt` checkpoint file, or `whole_from_shards`') into
+    `network` and `optimizer`, each rank of a split peer keeping its own shards."""
     if not is_sharded(network):
         network.load_state_dict(model)
         optimizer.load_state_dict(optimizer_state)

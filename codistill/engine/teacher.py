@@ -14,6 +14,7 @@ from codistill.config import ExperimentConfig, TeacherConfig, load_yaml
 from codistill.data import DATASETS
 from codistill.engine.checkpoint import (BranchedNetwork, NotOneModel, from_bytes, newest_complete, peer_file,
                                         registered_model)
+from codistill.engine.shard_files import check_shards, with_shards
 from codistill.errors import ConfigError, first_line
 from codistill.models import create_model
 from codistill.models.registry import check_model_tokenizer
@@ -92,7 +93,9 @@ def load_teacher(teacher: TeacherConfig, num_classes: int, device: torch.device,
         check_model_tokenizer(teacher.model, teacher.model_args, tokenizer, "teacher.model_args")
         return _teacher_model(teacher.model, num_classes, teacher.model_args).to(device).eval().requires_grad_(False)
     try:
-        state = from_bytes(read_uri(teacher.checkpoint))
+        # A split peer's file names its shard folder beside it; checked as a resume checks it.
+        state = with_shards(from_bytes(read_uri(teacher.checkpoint)), teacher.checkpoint.rsplit("/", 1)[0])
+        check_shards(state)
     except Exception as err:  # noqa: BLE001 — unreadable, truncated, not a weights-only file: all one answer
         raise ConfigError("teacher.checkpoint", f"cannot load {teacher.checkpoint}: "
                           f"{first_line(err, 200)}") from None

@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from codistill.config import ConfigError, ExperimentConfig, load_config, to_dict
 from codistill.data import load_data
 from codistill.engine.checkpoint import (META_FILE, checkpoint_folders, checkpoint_name, meta_state, newest_loadable,
-                                         past_damaged, peer_file, to_bytes)
+                                         past_damaged, to_bytes, write_peer)
 from codistill.engine.job import make_job, peer_schedules
 from codistill.engine.ray.layouts import LAYOUTS, Layout, RunSpec, layout_of, on_this_node
 from codistill.engine.loop import RunContext, train_peer
@@ -90,9 +90,9 @@ class RayRunContext(RunContext):
             return
         write_record_part(self.storage, self.peer, records)
         with tempfile.TemporaryDirectory() as folder:
-            with open(os.path.join(folder, peer_file(self.peer)), "wb") as f:
-                f.write(to_bytes(checkpoint))
-            if self.layout.completes_checkpoint(self.peer):
+            if checkpoint is not None:  # every replica of a split peer writes its shards; its leader the file
+                write_peer(folder, self.peer, checkpoint, self.leader)
+            if self.leader and checkpoint is not None and self.layout.completes_checkpoint(self.peer):
                 with open(os.path.join(folder, META_FILE), "wb") as f:
                     f.write(to_bytes(meta_state(step, self.cfg_dict)))
             # Every worker uploads into the same folder (Ray syncs the name across ranks).
