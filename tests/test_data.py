@@ -252,7 +252,8 @@ def test_every_text_source_splits_by_content_with_copies_left_out_and_counted(na
     from codistill.data import load_data, text
 
     folder = _corpus_with_copies(tmp_path / "corpus")
-    monkeypatch.setattr(text, "stdlib_files", lambda: text.text_files(str(folder)))  # the stdlib source, in small
+    for source in ("stdlib_files", "site_packages_files"):  # the Python-source corpora, in small
+        monkeypatch.setattr(text, source, lambda: text.text_files(str(folder)))
     hf = name == "hf_text"  # read by `datasets`: a BPE with an end-of-text token (not bytes)
     settings = load_config("configs/codistill_lm_stdlib.yaml", [
         f"data.name={name}", *([f"data.path={folder}"] if name in ("text", "hf_text") else []),

@@ -101,6 +101,10 @@ class DataConfig:
     validation: float = 0.0
     """Hold out this fraction of the training set and evaluate on it instead of the test set
     (a validation split for tuning; the same examples in every run). 0: train on all, test on the test set."""
+    max_passes: float = 0.0
+    """The most passes over the training set (each peer's part when `shard`) a run may make: one
+    whose `train.steps` × `batch_size` would draw more is refused before it trains — 1: no
+    example or text window is seen twice (Anil et al.'s regime). 0: no limit."""
     path: str | None = None
     """`text`: the text file or folder of text files to train on. `hf_text`: a JSONL, Parquet,
     Arrow or text file, or a folder of one kind of them (read by `datasets.load_dataset`)."""
@@ -166,6 +170,7 @@ class DataConfig:
         check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         check(self.train_subset >= 0, "train_subset", f"must be >= 0, got {self.train_subset}")
         check(0 <= self.validation < 1, "validation", f"must be a fraction in [0, 1), got {self.validation}")
+        check(self.max_passes >= 0, "max_passes", f"must be >= 0 (0: no limit), got {self.max_passes}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

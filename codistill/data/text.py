@@ -15,6 +15,10 @@ chosen by the same (seed, step) schedule as every other data set's examples.
 
 - `stdlib`: the Python standard library's own source files of the running interpreter
   (`sysconfig`'s stdlib folder, *.py, without site-packages and the test suites).
+- `site_packages`: the Python source of the running interpreter's environment (`sysconfig`'s
+  purelib and platlib: every installed package's *.py, without the test suites) — a corpus
+  ~20× the stdlib's, for runs that must see no window twice. It is what is installed: another
+  version of any package is another corpus (its hash says which one a run saw).
 - `text`: any local text file or folder (`data.path`); files that do not decode as UTF-8
   are skipped.
 """
@@ -50,9 +54,23 @@ ENCODE_CHARS = 4_000_000  # text encoded at a time: only that much of the tokeni
 logger = logging.getLogger(__name__)
 
 
+TEST_SUITES = {"test", "tests"}  # folders of test suites, left out of the Python-source corpora
+
+
 def stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [f for f in root.rglob("*.py") if not {"site-packages", "test", "tests"} & set(f.relative_to(root).parts)]
+    files = [f for f in root.rglob("*.py") if not {"site-packages", *TEST_SUITES} & set(f.relative_to(root).parts)]
+    return root, sorted(files)
+
+
+def site_packages_files() -> tuple[Path, list[Path]]:
+    """The installed packages' *.py files (purelib and platlib, usually one folder), without test
+    suites and without editable installs' generated finders (`__editable__*`: a path on this
+    machine, not a package's source)."""
+    folders = {Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")}
+    root = Path(os.path.commonpath(folders))
+    files = {f for folder in folders if folder.is_dir() for f in folder.rglob("*.py")
+             if f.is_file() and not f.name.startswith("__editable__") and not TEST_SUITES & set(f.relative_to(root).parts)}
     return root, sorted(files)
 
 
@@ -271,11 +289,13 @@ def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str
             encode = lambda texts: [np.array(e.ids, dtype=np.int32) for e in bpe.encode_batch(texts)]  # noqa: E731
 
         def stream(texts: list[str]) -> np.ndarray:  # a chunk at a time: its Encodings are freed as it goes
-            return token_stream([ids.astype(np.int32) for chunk in _chunks(texts) for ids in encode(chunk)], end)
+            return token_stream([ids.astype(np.int32, copy=False) for chunk in _chunks(texts) for ids in encode(chunk)],
+                                end)
 
         _save_atomically(cache, train=stream(train_text), test=stream(test_text), unsplit=np.array(unsplit),
                          vocab=np.array(vocab), end_of_text=np.array(end), corpus=np.array(digest),
                          files=np.array(len(files)), duplicates=np.array(duplicates))
+        del train_text, test_text  # the text (~300 MB for site_packages) is not held while the windows are made
     d = np.load(cache)
     return next_token_data(d["train"], None if bool(d["unsplit"]) else d["test"], context=context,
                            test_windows=test_windows, end_of_text=int(d["end_of_text"]), vocab=int(d["vocab"]),
@@ -287,6 +307,14 @@ def build_corpus(root: Path, files: list[Path], cache_root: Path, tokenizer: str
 def stdlib(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
     """The Python standard library's source as a language-model corpus: next-token windows."""
     corpus_root, files = stdlib_files()
+    return build_corpus(corpus_root, files, root, settings.tokenizer, settings.vocab_size, settings.context,
+                        settings.test_windows)
+
+
+@register_dataset("site_packages", task=NextToken, takes_settings=True)
+def site_packages(root: Path, augment: bool, download: bool, settings) -> ArrayDataset:
+    """The installed packages' Python source as a language-model corpus: next-token windows."""
+    corpus_root, files = site_packages_files()
     return build_corpus(corpus_root, files, root, settings.tokenizer, settings.vocab_size, settings.context,
                         settings.test_windows)
 

@@ -116,9 +116,23 @@ def peer_schedules(cfg: ExperimentConfig, num_examples: int) -> list[BatchSchedu
     """Each peer's batch schedule: its own shard of the data when `data.shard`, else one
     schedule all peers share."""
     if not cfg.data.shard:
-        return [BatchSchedule(num_examples, cfg.data.batch_size, cfg.seed)]
-    return [BatchSchedule(num_examples, cfg.data.batch_size, cfg.seed, shard=k, num_shards=cfg.num_peers)
-            for k in range(cfg.num_peers)]
+        schedules = [BatchSchedule(num_examples, cfg.data.batch_size, cfg.seed)]
+    else:
+        schedules = [BatchSchedule(num_examples, cfg.data.batch_size, cfg.seed, shard=k, num_shards=cfg.num_peers)
+                     for k in range(cfg.num_peers)]
+    _check_passes(cfg, len(schedules[0].pool))
+    return schedules
+
+
+def _check_passes(cfg: ExperimentConfig, pool: int) -> None:
+    """`data.max_passes`: refused here, where the number of training examples (text windows, after
+    a validation hold-out) is known — a corpus's size is only known once it is tokenized."""
+    drawn = cfg.train.steps * cfg.data.batch_size
+    if cfg.data.max_passes and drawn > cfg.data.max_passes * pool:
+        raise ConfigError("data.max_passes", (
+            f"is {cfg.data.max_passes:g}, but {cfg.train.steps} steps of batch {cfg.data.batch_size} draw {drawn:,} "
+            f"examples from the {pool:,} each peer trains on ({drawn / pool:.2f} passes); lower data.batch_size, or "
+            f"train.steps to at most {int(cfg.data.max_passes * pool) // cfg.data.batch_size} at this batch"))
 
 
 def tap_paths_of(model: str, taps) -> dict[str, str]:
