@@ -131,6 +131,20 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (a SQLite store in a temporary folder), one for
+    the whole session: its start migrates the store, seconds each time; every test that uses it
+    names an experiment of its own."""
+    from codistill.bench.mlflow_server import mlflow_server as serve, server_command
+
+    command = server_command()
+    if command is None:
+        pytest.skip("no MLflow server installed: `make test` installs one in .venv-mlflow (or set CODISTILL_MLFLOW_SERVER)")
+    with serve(str(tmp_path_factory.mktemp("mlflow")), command, start_s=scaled(90)) as uri:
+        yield uri
+
+
 def signals(logits, labels, step=0, peers=(), teacher=None, outputs=None, taps=None, network=None):
     """A step's Signals for a method's loss, from plain tensors (peers as logits or payload dicts)."""
     from torch import nn

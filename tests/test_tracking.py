@@ -9,7 +9,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -128,49 +127,6 @@ def test_tracking_turned_on_when_a_finished_run_is_run_again_sends_its_records_a
 
 # -- MLflow: a real server -------------------------------------------------------------------------
 
-def _mlflow_server_command() -> str | None:
-    """The `mlflow` command of a full MLflow install (the server): CODISTILL_MLFLOW_SERVER, else the
-    venv `make test` makes beside the project (.venv-mlflow)."""
-    found = os.environ.get("CODISTILL_MLFLOW_SERVER") or os.path.join(REPO, ".venv-mlflow", "bin", "mlflow")
-    return found if os.access(found, os.X_OK) else None
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    command = _mlflow_server_command()
-    if command is None:
-        pytest.skip("no MLflow server installed: `make test` installs one in .venv-mlflow (or set CODISTILL_MLFLOW_SERVER)")
-    folder = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen([command, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-                               "--artifacts-destination", str(folder / "artifacts")], stdout=log, stderr=log)
-    uri = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        import urllib.request
-
-        try:
-            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_until(healthy, "the MLflow server starting (its first start migrates the SQLite store)", 90,
-                   alive=None, poll=0.5)
-        yield uri
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-
-
 def _only_run(uri: str, experiment: str):
     from mlflow.tracking import MlflowClient
 
@@ -204,6 +160,32 @@ def test_tracking_mlflow_server_holds_the_metrics_at_their_steps_the_params_and_
     assert "final evaluation at step 40" in summary
     state = json.loads((run_dir / "tracking" / "state.json").read_text())
     assert state["mlflow"]["run_id"] == run.info.run_id and state["mlflow"]["sent"] == 40
+    assert not any(tag.startswith("codistill.export") for tag in run.data.tags)  # a CNN has nothing to export
+
+
+@pytest.mark.slow
+def test_tracking_a_language_model_peer_sends_where_codistill_export_writes_it_from(mlflow_server, tmp_path):
+    """hf_causal_lm peers: at the run's end each peer's newest checkpoint file, its step and the
+    `codistill export` command are the MLflow run's tags; the command, run, exports that step."""
+    from codistill.engine.run import train
+    from tests.test_hf import documents, hf_config
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"body": text}) + "\n" for text in documents(120)))
+    cfg = load_config({**hf_config(tmp_path, corpus), "tracking": {"mlflow": {"tracking_uri": mlflow_server,
+                                                                              "experiment": "exported"}}})
+    result = train(cfg, "local")
+    client, run = _only_run(mlflow_server, "exported")
+    assert _steps(client, run.info.run_id, "peer1/test_bits") == [2, 4]  # a language model's score: bits per token
+    tags = run.data.tags
+    for peer in (0, 1):
+        path = tags[f"codistill.export.peer{peer}"]
+        assert path == f"{result.storage.uri}/checkpoints/step_00000004/peer{peer}.pt" and os.path.exists(path)
+        assert tags[f"codistill.export.peer{peer}.step"] == "4"
+        command = tags[f"codistill.export.peer{peer}.command"].split()
+        assert command[:2] == ["codistill", "export"] and command[-1] == "DIR"
+        assert main([*command[1:-1], str(tmp_path / f"out{peer}")]) == 0
+        assert "- step: 4" in (tmp_path / f"out{peer}" / "README.md").read_text()
 
 
 @pytest.mark.slow
@@ -304,6 +286,15 @@ def test_tracking_wandb_offline_writes_every_step_the_config_and_the_summary(tmp
     run_dir = tmp_path / "dml_mnist1d"
     files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
+    # W&B's service writes the file after `finish` returns (in a process that lives on, as here): the
+    # file is whole once it holds the exit record (read before it, the last step was seen missing).
+    def whole() -> bool:
+        try:
+            return any(r.WhichOneof("record_type") == "exit" for r in wandb_records(files[0]))
+        except Exception:  # noqa: BLE001 — a record half written yet
+            return False
+
+    wait_until(whole, "W&B writing the run file's exit record", 30)
     history, config, run_ids = {}, {}, set()
     for record in wandb_records(files[0]):
         kind = record.WhichOneof("record_type")
@@ -334,7 +325,7 @@ def test_tracking_a_comparison_is_one_parent_with_a_child_per_cell_and_a_rerun_l
 
     cfg = tiny(tmp_path, f"tracking.mlflow.tracking_uri={mlflow_server}", "tracking.mlflow.experiment=compared",
                "tracking.tensorboard=true")
-    compare(cfg, ["independent", "dml"], [0, 1], log=lambda line: None)
+    table = compare(cfg, ["independent", "dml"], [0, 1], log=lambda line: None, target=0.2).table.to_pylist()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
@@ -357,12 +348,39 @@ def test_tracking_a_comparison_is_one_parent_with_a_child_per_cell_and_a_rerun_l
         assert [s for s, _ in scalars["peer1/test_accuracy"]] == [30, 60]
     assert {"dml/diff_mean", "dml/diff_mean_low", "dml/diff_mean_high", "dml/diff_wins_mean"} <= set(parent.data.metrics)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"compare.md", "compare.png"}
+    reached = {m: [r["target_step"] for r in table if r["method"] == m and r["target_step"]] for m in ("independent", "dml")}
+    assert parent.data.metrics["target"] == 0.2 and reached["dml"] and reached["independent"]
+    for method, steps in reached.items():  # steps to the target: the parent's metrics too
+        assert parent.data.metrics[f"{method}/target_reached"] == len(steps)
+        assert parent.data.metrics[f"{method}/target_steps"] == pytest.approx(sum(steps) / len(steps))
+    assert "dml/target_steps_diff" in parent.data.metrics
     assert _scalars(tmp_path / cfg.name / "tensorboard")["dml/diff_mean"][0][0] == 0
     logged = {(name, key): len(client.get_metric_history(run.info.run_id, key))
               for name, run in first.items() for key in run.data.metrics}
-    compare(cfg, ["independent", "dml"], [0, 1], log=lambda line: None)  # every cell reused from the cache
+    compare(cfg, ["independent", "dml"], [0, 1], log=lambda line: None, target=0.2)  # every cell from the cache
     second = runs()
     assert {n: r.info.run_id for n, r in second.items()} == {n: r.info.run_id for n, r in first.items()}
     assert {(name, key): len(client.get_metric_history(run.info.run_id, key))
             for name, run in second.items() for key in run.data.metrics} == logged
     assert second[cfg.name].info.status == "FINISHED"
+
+
+# -- what tracking costs: `codistill bench tracking` -----------------------------------------------
+
+@pytest.mark.slow
+def test_tracking_bench_runs_every_tracker_on_and_off_and_reports_the_ratio_with_its_interval(
+        mlflow_server, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "tracking", "--rounds", "1", "--block", "20", "--set", "train.eval_every=10",
+                 "--set", f"tracking.mlflow.tracking_uri={mlflow_server}", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    ratio = figures["step_time_on_over_off"]
+    assert ratio["pairs"] == 1 and ratio["low"] <= ratio["ratio"] <= ratio["high"]
+    assert len(figures["arms"]["on"]["step_ms"]) == len(figures["arms"]["off"]["step_ms"]) == 1
+    assert "step time, every tracker on ÷ off [95% CI]:" in capsys.readouterr().out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("codistill-bench").experiment_id])}
+    assert set(runs) == {"warmup_on", "round0_on"}  # the tracked arm sent to MLflow, the other did not
+    assert _steps(client, runs["round0_on"].info.run_id, "peer1/loss") == list(range(1, 21))

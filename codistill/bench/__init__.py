@@ -1,8 +1,8 @@
-"""`codistill bench dml | codistill | step | bare | kl | rounds | shard | noise-scale`: where the cost of distillation
-goes, and what the framework itself costs over bare PyTorch, measured side by side (one module per
-benchmark): ratios are medians of paired blocks with a bootstrap interval. `shard` counts what
-sharding a peer saves each worker. `noise-scale` measures the task instead: the gradient noise
-scale, where data parallelism stops paying."""
+"""`codistill bench dml | codistill | step | bare | kl | rounds | shard | tracking | noise-scale`: where the
+cost of distillation goes, what the framework itself costs over bare PyTorch and what tracking costs
+a run, measured side by side (one module per benchmark): ratios are medians of paired blocks with a
+bootstrap interval. `shard` counts what sharding a peer saves each worker. `noise-scale` measures
+the task instead: the gradient noise scale, where data parallelism stops paying."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("which", choices=["dml", "codistill", "step", "bare", "kl", "rounds", "shard", "noise-scale"], help="what to measure")
+    parser.add_argument("which", choices=["dml", "codistill", "step", "bare", "kl", "rounds", "shard", "tracking", "noise-scale"], help="what to measure")
     parser.add_argument("source", nargs="?", metavar="CONFIG|RUN",
                         help="noise-scale: a config (a fresh run of one peer) or a run folder (its checkpoints)")
     parser.add_argument("--config", help="step, bare: the config whose step is measured (default: the demo's)")
@@ -20,9 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="resnet20", help="peer model for the step-time ratio (default resnet20: ~50+ ms steps on CPU)")
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=30,
-                        help="rounds of paired blocks (one block of each arm per round; codistill: ABBA pairs)")
-    parser.add_argument("--block", type=int, help="steps per block (default: dml 3, step 10, bare 20; codistill: 50)")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds of paired blocks (one block of each arm per round; codistill: ABBA pairs; "
+                        "default 30, tracking 8)")
+    parser.add_argument("--block", type=int, help="steps per block (default: dml 3, step 10, bare 20; codistill: 50; "
+                        "tracking: a whole run of 300)")
     parser.add_argument("--latency-calls", type=int, default=200)
     parser.add_argument("--wall-steps", type=int, default=600, help="steps of the demo run timed on both runners")
     parser.add_argument("--skip-wall", action="store_true", help="skip the Ray-vs-local wall-time run")
@@ -62,7 +64,10 @@ def main(args: argparse.Namespace) -> int:
         from codistill.bench.rounds import main as run
     elif args.which == "shard":
         from codistill.bench.shard import main as run
+    elif args.which == "tracking":
+        from codistill.bench.tracking import main as run
     else:
         from codistill.bench.dml import main as run
-    args.block = args.block or {"step": 10, "codistill": 50, "bare": 20, "shard": 2}.get(args.which, 3)
+    args.block = args.block or {"step": 10, "codistill": 50, "bare": 20, "shard": 2, "tracking": 300}.get(args.which, 3)
+    args.rounds = args.rounds or {"tracking": 8}.get(args.which, 30)
     return run(args)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import yaml
 
 from codistill.config import ConfigError, ExperimentConfig, dump_config, first_difference, load_yaml, to_dict
-from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, peer_run_dir
+from codistill.engine.checkpoint import checkpoint_folders, newest_loadable, peer_file, peer_run_dir
 from codistill.lease import RunLease
 from codistill.engine.resume import check_ray_resume
 from codistill.engine.stages import prepare_stages
@@ -201,7 +201,7 @@ def train_connected(cfg: ExperimentConfig, backend: str, on_progress: Callable[[
                 tracker.start(every_s=TRACKER_POLL_S)  # the workers write the records: read them as they land
                 run_ray(cfg, storage, on_progress, callbacks)
             result = finish_run(cfg, storage)
-            tracker.finish(result.summary)
+            tracker.finish(result.summary, export_notes(cfg, storage))
         return result
     except ConfigError:  # refused (its data, a model): a new run that wrote only its config leaves no folder
         if new:
@@ -243,6 +243,27 @@ def unfinished_line(storage: RunStorage, table: pa.Table, train, num_peers: int)
     how = f"running: host {holder.get('host')}, pid {holder.get('pid')}" if holder else "stopped"
     return (f"not finished ({how}): its records reach step {reached} of {steps} (train.steps); "
             f"{saved_up_to(storage, num_peers)}" + ("" if holder else "; re-run its train command to resume"))
+
+
+def export_notes(cfg: ExperimentConfig, storage: RunStorage) -> dict[str, str]:
+    """For each peer whose model exports (`hf_causal_lm`), what `codistill export` would write it
+    from — the peer's newest checkpoint file, at which step — and the command that writes it:
+    sent to the trackers at the end (MLflow tags, TensorBoard text, W&B summary). The newest
+    complete checkpoint, not loaded here (export skips one that does not load)."""
+    from codistill.models import MODELS
+
+    notes, folders = {}, None
+    for k, peer in enumerate(cfg.peers):
+        if peer.model not in MODELS or MODELS[peer.model].export is None:
+            continue
+        folders = checkpoint_folders(storage) if folders is None else folders
+        found = [(step, folder) for step, folder in folders if storage.exists(f"{folder}/{peer_file(k)}")]
+        if found:
+            step, folder = found[-1]
+            notes[f"codistill.export.peer{k}"] = storage.uri.rstrip("/") + f"/{folder}/{peer_file(k)}"
+            notes[f"codistill.export.peer{k}.step"] = str(step)
+            notes[f"codistill.export.peer{k}.command"] = f"codistill export {storage.uri} --peer {k} --to DIR"
+    return notes
 
 
 def finish_run(cfg: ExperimentConfig, storage: RunStorage) -> RunResult:

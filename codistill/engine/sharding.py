@@ -173,7 +173,7 @@ def local_shards(network: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in network.state_dict().items()}
 
 
-def whole_from_shards(pieces: list[dict], like: dict) -> dict:
+def whole_from_pieces(pieces: list[dict], like: dict) -> dict:
     """The whole tensors of every worker's `local_shards`, in worker order. FSDP2 cuts each
     parameter in dim 0 as `torch.chunk` does (the last shards shorter, or empty), so the whole is
     their concatenation; a tensor whose first piece already has the whole shape (`like`'s: a
@@ -195,7 +195,7 @@ def load_weights(network: nn.Module, pieces: list[dict], own: bool) -> None:
                                                        run_check=False, shape=v.shape, stride=v.stride())
                                  if isinstance(v, DTensor) else piece[k] for k, v in state.items()})
         return
-    whole = pieces[0] if len(pieces) == 1 else whole_from_shards(pieces, state)
+    whole = pieces[0] if len(pieces) == 1 else whole_from_pieces(pieces, state)
     network.load_state_dict({k: _shard_like(whole[k], v) for k, v in state.items()})
 
 

@@ -46,7 +46,7 @@ from codistill.experiments.cells import (DATA_PARALLEL, TUNE_SEEDS, MethodSpec, 
 from codistill.experiments.compare_report import MARKDOWN_FILE, PLOT_FILE, markdown_table, plot_comparison
 from codistill.experiments.paired import paired_differences
 from codistill.storage import RunStorage, resolve_storage_path
-from codistill.tracking.parents import ParentRun, difference_metrics
+from codistill.tracking.parents import ParentRun, difference_metrics, target_metrics
 
 TABLE_FILE = "compare.parquet"
 VALIDATION = 0.2
@@ -274,7 +274,12 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
         markdown = markdown_table(rows, cfg, tune_trials, differences, baseline, reaching, retrained)
         storage.write_bytes(MARKDOWN_FILE, markdown.encode())
         plot_comparison(rows, differences, baseline, storage, target)
-        parent.finish(difference_metrics(differences), {MARKDOWN_FILE: markdown.encode(),
+        metrics = difference_metrics(differences)
+        if reaching:  # the steps-to-target table's figures too, as the parent's metrics
+            reached = {m: [r["target_step"] for r in rows if r["method"] == m and r["target_step"] is not None]
+                       for m in dict.fromkeys(r["method"] for r in rows)}
+            metrics.update(target_metrics(target, speed.paired_steps(rows, baseline), reached))
+        parent.finish(metrics, {MARKDOWN_FILE: markdown.encode(),
                                                         **({PLOT_FILE: storage.read_bytes(PLOT_FILE)}
                                                            if storage.exists(PLOT_FILE) else {})})
     return Comparison(table, markdown, storage, differences)

@@ -224,13 +224,16 @@ class RunTracker:
         if self.thread is not None:
             self.thread.join()
 
-    def finish(self, summary: str) -> None:
-        """The last records, the run's summary, config.yaml and plot as artifacts; the tracker
-        runs marked finished."""
+    def finish(self, summary: str, notes: dict[str, str] | None = None) -> None:
+        """The last records, the run's summary, config.yaml and plot as artifacts, `notes` (where
+        `codistill export` writes a language-model peer from) as tags; the tracker runs marked finished."""
         self._stop_thread()
         if not self.writers:
             return
         self.sync(final=True)
+        if notes:
+            for writer in self.writers:
+                writer.notes(notes)
         with tempfile.TemporaryDirectory() as folder:
             paths = []
             for name in ("config.yaml", "accuracy.png"):

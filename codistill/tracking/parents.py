@@ -71,6 +71,25 @@ def difference_metrics(differences: list[dict]) -> dict[str, float]:
     return metrics
 
 
+def target_metrics(target: float, entries: list[dict], steps: dict[str, list[int]]) -> dict[str, float]:
+    """A comparison's steps to its target (`speed.paired_steps`) as the parent's metrics: `target`,
+    `{method}/target_reached` (seeds), `…/target_steps` (their mean step), and against the
+    baseline `…/target_steps_diff` with `_low`, `_high` and `…/target_steps_ratio` with its own
+    (a one-seed interval is infinite or unset: left out). `steps`: each method's steps to the target
+    over the seeds that reached it."""
+    metrics = {"target": float(target)}
+    for entry in entries:
+        name = metric_name(entry["method"])
+        metrics[f"{name}/target_reached"] = float(entry["reached"])
+        if steps.get(entry["method"]):
+            metrics[f"{name}/target_steps"] = sum(steps[entry["method"]]) / len(steps[entry["method"]])
+        for key, value in (("diff", "diff"), ("diff_low", "low"), ("diff_high", "high"), ("ratio", "ratio"),
+                           ("ratio_low", "ratio_low"), ("ratio_high", "ratio_high")):
+            if isinstance(entry.get(value), (int, float)) and math.isfinite(entry[value]):
+                metrics[f"{name}/target_steps_{key}"] = float(entry[value])
+    return metrics
+
+
 class ParentRun:
     """The parent of a comparison's tracker runs: `open`, run the children inside `with`, then
     `finish` with the results; an exception inside `with` marks it FAILED (KILLED on Ctrl-C)."""

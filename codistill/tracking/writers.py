@@ -53,6 +53,10 @@ class Writer:
     def artifacts(self, paths: list[str]) -> None:
         pass
 
+    def notes(self, notes: dict[str, str]) -> None:
+        """Text about the run as a whole, once at its end (`codistill.export.peer0`: the checkpoint
+        `codistill export` writes peer 0 from): tags where the tracker has them."""
+
     def close(self, status: str) -> None:
         pass
 
@@ -85,6 +89,12 @@ class TensorBoardWriter(Writer):
         # The resolved config as one text summary (TensorBoard's Text tab), at step 0.
         table = "\n".join(f"| {k} | {v} |" for k, v in params.items())
         self.writer.add_text("config", "| setting | value |\n|---|---|\n" + table, global_step=0)
+
+    def notes(self, notes):
+        # One text entry beside the config table (TensorBoard has no tags): a row per note.
+        table = "\n".join(f"| {k} | {v} |" for k, v in notes.items())
+        self.writer.add_text("notes", "| note | value |\n|---|---|\n" + table, global_step=0)
+        self.writer.flush()
 
     def close(self, status):
         if self.writer is not None:
@@ -142,6 +152,10 @@ class MlflowWriter(Writer):
         for path in paths:
             self.client.log_artifact(self.run_id, path)
 
+    def notes(self, notes):
+        for key, value in notes.items():
+            self.client.set_tag(self.run_id, key, value)
+
     def close(self, status):
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status)
@@ -183,6 +197,9 @@ class WandbWriter(Writer):
 
         for path in paths:  # files in the run's own folder are sent with it (a symlink would dangle)
             shutil.copy(path, self.run.dir)
+
+    def notes(self, notes):
+        self.run.summary.update(notes)
 
     def close(self, status):
         if self.run is not None:
