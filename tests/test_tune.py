@@ -193,3 +193,37 @@ def test_a_killed_sweep_resumes_on_rerun_keeping_its_finished_trials(tmp_path):
     assert changed.returncode == 2 and "train.steps" in changed.stderr and "another `name`" in changed.stderr
     # Refused before any Ray instance started (a started one shows in the log, as in the re-run's).
     assert "Ray" in again.stderr and "Ray" not in changed.stderr, changed.stderr
+
+
+@pytest.mark.ray  # the CLI starts its own Ray instance
+def test_ctrl_c_of_a_sweep_is_an_interruption_not_a_sweep_that_finished(tmp_path):
+    """SIGINT to the `codistill tune` driver while its first trial trains: the command ends
+    interrupted (130) and writes no best trial — Tune's own handler would have returned from the
+    sweep normally, and its best of the trials finished so far (none here, or some) would pass
+    for the sweep's result, as a comparison once took it for its tuning."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import phase, wait_until
+
+    argv = [sys.executable, "-m", "codistill.cli", "tune", f"{REPO}/configs/tune_dml_mnist1d.yaml",
+            "--set", f"ray.storage_path={tmp_path}", "--set", "name=sweep", "--set", "train.steps=400",
+            "--set", "train.eval_every=50", "--set", "train.checkpoint_every=50", "--set", "tune.backend=local",
+            "--set", "tune.space={method.temperature: 'grid([1.5, 3.0])'}", "--set", "tune.num_samples=1",
+            "--set", "tune.scheduler=fifo", "--set", "tune.max_concurrent=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    runs = tmp_path / "sweep" / "runs"
+    driver = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: any(runs.glob("*/checkpoints/step_*/meta.pt")), "the first trial's first checkpoint", 300,
+                   alive=driver, poll=0.1)
+        driver.send_signal(signal.SIGINT)
+        with phase("the interrupted sweep's exit", 120) as limit:
+            output, _ = driver.communicate(timeout=limit)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, output[-3000:]
+    assert "interrupted" in output and not (tmp_path / "sweep" / "best.yaml").exists(), output[-3000:]

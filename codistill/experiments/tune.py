@@ -21,6 +21,7 @@ import copy
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -258,6 +259,10 @@ def run_sweep(cfg: ExperimentConfig, on_change: str = "refuse") -> SweepResult:
 
     if cfg.tune is None or not cfg.tune.space:
         raise ValueError("the config has no `tune.space` to search")
+    # Ctrl-C ends a sweep as it ends every command: interrupted, resumed by a re-run. Tune's own
+    # handler would return from fit() instead, and the best of the trials finished so far would
+    # pass for the sweep's result (a comparison took it as its tuning).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     storage_path = resolve_storage_path(cfg.ray.storage_path)
     storage = RunStorage(storage_path, cfg.name)
     with RunLease(storage) as lease:  # one driver per sweep name (`sweep_lease.py`)
