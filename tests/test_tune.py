@@ -124,6 +124,20 @@ def test_several_seeds_per_trial_need_the_fifo_scheduler(tmp_path):
     assert sweep_config(tmp_path, "tune.seeds_per_trial=2", "tune.scheduler=fifo").tune.seeds_per_trial == 2
 
 
+def sweep_command(tmp_path, steps: int, temperatures: str) -> tuple[list[str], dict]:
+    """`codistill tune` of a small DML sweep (a grid over the temperature, local trials one at a
+    time, a checkpoint every 50 steps) in its own process and Ray instance, and its environment."""
+    import os
+    import sys
+
+    argv = [sys.executable, "-m", "codistill.cli", "tune", f"{REPO}/configs/tune_dml_mnist1d.yaml",
+            "--set", f"ray.storage_path={tmp_path}", "--set", "name=sweep", "--set", f"train.steps={steps}",
+            "--set", "train.eval_every=50", "--set", "train.checkpoint_every=50", "--set", "tune.backend=local",
+            "--set", f"tune.space={{method.temperature: 'grid({temperatures})'}}", "--set", "tune.num_samples=1",
+            "--set", "tune.scheduler=fifo", "--set", "tune.max_concurrent=1"]
+    return argv, {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 @pytest.mark.ray  # the CLI starts its own Ray instance
 def test_a_killed_sweep_resumes_on_rerun_keeping_its_finished_trials(tmp_path):
     """`kill -9` of the `codistill tune` driver and its whole Ray instance (as a machine that
@@ -131,21 +145,14 @@ def test_a_killed_sweep_resumes_on_rerun_keeping_its_finished_trials(tmp_path):
     finished trial is not trained again, the interrupted one resumes its run, the third runs, and
     the table has the sweep's three trials (no new trial ids, no stale lease). A sweep refused
     for changed settings is refused before any Ray instance starts."""
-    import os
     import signal
     import subprocess
-    import sys
 
     import psutil
 
     from tests.conftest import phase, scaled, wait_until
 
-    argv = [sys.executable, "-m", "codistill.cli", "tune", f"{REPO}/configs/tune_dml_mnist1d.yaml",
-            "--set", f"ray.storage_path={tmp_path}", "--set", "name=sweep", "--set", "train.steps=100",
-            "--set", "train.eval_every=50", "--set", "train.checkpoint_every=50", "--set", "tune.backend=local",
-            "--set", "tune.space={method.temperature: 'grid([1.5, 3.0, 6.0])'}", "--set", "tune.num_samples=1",
-            "--set", "tune.scheduler=fifo", "--set", "tune.max_concurrent=1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv, env = sweep_command(tmp_path, 100, "[1.5, 3.0, 6.0]")
     runs = tmp_path / "sweep" / "runs"
     first = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -201,19 +208,12 @@ def test_ctrl_c_of_a_sweep_is_an_interruption_not_a_sweep_that_finished(tmp_path
     interrupted (130) and writes no best trial — Tune's own handler would have returned from the
     sweep normally, and its best of the trials finished so far (none here, or some) would pass
     for the sweep's result, as a comparison once took it for its tuning."""
-    import os
     import signal
     import subprocess
-    import sys
 
     from tests.conftest import phase, wait_until
 
-    argv = [sys.executable, "-m", "codistill.cli", "tune", f"{REPO}/configs/tune_dml_mnist1d.yaml",
-            "--set", f"ray.storage_path={tmp_path}", "--set", "name=sweep", "--set", "train.steps=400",
-            "--set", "train.eval_every=50", "--set", "train.checkpoint_every=50", "--set", "tune.backend=local",
-            "--set", "tune.space={method.temperature: 'grid([1.5, 3.0])'}", "--set", "tune.num_samples=1",
-            "--set", "tune.scheduler=fifo", "--set", "tune.max_concurrent=1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv, env = sweep_command(tmp_path, 400, "[1.5, 3.0]")
     runs = tmp_path / "sweep" / "runs"
     driver = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
