@@ -69,5 +69,6 @@ def main(args: argparse.Namespace) -> int:
     else:
         from codistill.bench.dml import main as run
     args.block = args.block or {"step": 10, "codistill": 50, "bare": 20, "shard": 2, "tracking": 300}.get(args.which, 3)
-    args.rounds = args.rounds or {"tracking": 8}.get(args.which, 30)
+    if args.rounds is None:  # not `or`: an asked --rounds 0 is refused by the benchmark, not replaced
+        args.rounds = {"tracking": 8}.get(args.which, 30)
     return run(args)
