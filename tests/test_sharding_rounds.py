@@ -104,7 +104,7 @@ def _exchange_shards(rank: int, init_file: str, out_file: str, config: dict) -> 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from codistill.engine.sharding import blocks_of, fully_sharded, full_model_state, load_weights, local_shards
+    from codistill.engine.sharding import blocks_of, fully_sharded, load_weights, local_shards
     from codistill.models import create_model
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -127,7 +127,8 @@ def _exchange_shards(rank: int, init_file: str, out_file: str, config: dict) -> 
         own, fallback, from_whole = llama(1, True), llama(2, False), llama(3, True)
         load_weights(own, [pieces[rank]], own=True)
         load_weights(fallback, pieces, own=False)
-        whole = full_model_state(published)
+        whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v  # what a replicated peer publishes
+                 for k, v in published.state_dict().items()}
         load_weights(from_whole, [whole], own=False)
         with torch.no_grad():
             logits = {name: net(x).float() for name, net in

@@ -17,7 +17,8 @@ engine needs to know of a split peer, in one place.
   says where every piece of every tensor lies — so it loads into whatever split the reader has
   (resharding: written by 2 workers, read by 1 or 4), or whole without a process group
   (`whole_from_shards`: `codistill export`, teachers, a replicated peer resuming it).
-- `full_model_state`: a split peer's weights gathered whole, for a round of weights.
+- A weights round of a split peer (`local_shards`, `load_weights`): each worker's own shards,
+  loaded into a stale copy sharded alike as they are, else made whole from every piece.
 """
 
 from __future__ import annotations
@@ -77,20 +78,6 @@ def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy: Mix
 
 def is_sharded(network: nn.Module) -> bool:
     return isinstance(network, FSDPModule)
-
-
-def _full(value):
-    """A shard's whole tensor (all-gathered over its mesh; every rank of it must ask), on the CPU."""
-    return value.full_tensor().cpu() if isinstance(value, DTensor) else value
-
-
-def full_model_state(network: nn.Module) -> dict:
-    """`network.state_dict()` with every shard gathered into its whole tensor (a replicated
-    network's own state dict, as it is)."""
-    state = network.state_dict()
-    if not is_sharded(network):
-        return state
-    return {k: _full(v) for k, v in state.items()}
 
 
 def _group(network: nn.Module):
@@ -205,9 +192,8 @@ def all_finite(network: nn.Module) -> bool:
     local = [p.to_local() if isinstance(p, DTensor) else p for p in network.parameters()]
     finite = torch.stack([p.isfinite().all() for p in local]).all()
     if is_sharded(network):
-        mesh = next(p for p in network.parameters() if isinstance(p, DTensor)).device_mesh
         flag = finite.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=mesh.get_group())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_group(network))
         finite = flag.bool()
     return bool(finite)
 
