@@ -92,13 +92,14 @@ def test_a_round_beyond_the_boards_share_is_a_snapshot_on_the_runs_storage_and_t
 
     def exchange_rounds(mb: float, rounds: int):
         board = LastingRoundBoard.remote(2, int(mb * 2**20))
-        # Peer 0 only publishes, peer 1 only reads (as a data-parallel peer's other replicas do).
+        # Peer 0 only publishes, peer 1 only reads (no payload: as a data-parallel peer's other
+        # replicas do).
         publisher = LastingRoundHandle(board, 0, 2, storage, int(mb * 2**20))
-        reader = LastingRoundHandle(board, 1, 2, storage, int(mb * 2**20), publishes=False)
+        reader = LastingRoundHandle(board, 1, 2, storage, int(mb * 2**20))
         answers = []
         for r in range(rounds):
             publisher.round_trip(r, 0, {n: t + r for n, t in weights.items()}, [], r, None, 5.0, keep)
-            answers.append(reader.round_trip(r, 1, {"w": torch.zeros(1)}, [0], r, None, 5.0, keep)[1][0])
+            answers.append(reader.round_trip(r, 1, None, [0], r, None, 5.0, keep)[1][0])
         return board, answers
 
     # 64 MiB: the 2 × 3 rounds of peer 0 the board may hold (its own 3, and 3 that peer 1's record

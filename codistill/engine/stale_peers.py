@@ -75,8 +75,8 @@ class StalePeers(SignalSource):
         self.missing: str | None = None
 
     def publication(self, job, round_id: int):
-        """What this worker publishes at the start of round `round_id`: its piece (`piece`), or
-        None (a replicated peer's other workers: the first one publishes the whole)."""
+        """What this worker publishes at the start of round `round_id`: its piece (`piece`) — the
+        whole for a replicated peer's first worker, the only one of its workers asked (`_start_round`)."""
         raise NotImplementedError
 
     def piece(self, job) -> Piece:
@@ -96,7 +96,9 @@ class StalePeers(SignalSource):
     def _start_round(self, job, round_id: int) -> None:
         started = time.perf_counter()
         me = job.peer.index
-        payload = self.publication(job, round_id)
+        # Every worker of a sharded peer publishes its piece; of a replicated one, the first the whole
+        # (its replicas hold the same weights) and the others only read.
+        payload = self.publication(job, round_id) if job.sharded or job.place.is_leader else None
         predicted = time.perf_counter()
         others = [peer for peer in range(len(self.peer_specs)) if peer != me]
         sent, entries = self.periodic.round_trip(round_id, me, payload, others, round_id - self.spec.max_staleness,
@@ -157,12 +159,10 @@ class StalePredictions(StalePeers):
         return range(round_id * period, (round_id + self.spec.max_staleness + 1) * period)
 
     @torch.no_grad()
-    def publication(self, job, round_id: int) -> dict[str, torch.Tensor] | None:
+    def publication(self, job, round_id: int) -> dict[str, torch.Tensor]:
         """This peer's payload on every peer's coming batches: each tensor (schedules, window steps,
         B, …) — under sharding B is this worker's rows (`MeshPlace.batch_slice`) and all the
         workers predict together, each on its own."""
-        if not job.sharded and not job.place.is_leader:
-            return None
         rows = job.place.batch_slice if job.sharded else (lambda t: t)
         network = job.peer.network
         steps = self._window_steps(round_id)
@@ -209,8 +209,6 @@ class StaleWeights(StalePeers):
         # peer's worker publishes its own shards (nothing gathered).
         if job.sharded:
             return local_shards(job.peer.network)
-        if not job.place.is_leader:
-            return None
         return {k: v.detach().cpu().clone() for k, v in job.peer.network.state_dict().items()}
 
     def received_publication(self, job, peer, publication):

@@ -67,9 +67,7 @@ class PeriodicExchange:
         publication in pieces arrives as `Pieces`. A transport over the network does it in one
         request. `piece`: which piece of its peer's publication this worker's is (transports
         whose workers are one per peer — the local one — have only whole publications)."""
-        if payload is None:
-            return 0, {other: self.newest(other, min_round, max_round, timeout) for other in others}
-        sent = self.publish(round_id, peer, payload, keep)
+        sent = 0 if payload is None else self.publish(round_id, peer, payload, keep)
         return sent, {other: self.newest(other, min_round, max_round, timeout) for other in others}
 
 

@@ -256,17 +256,14 @@ class LastingRoundHandle(ObjectStorePeriodicExchange):
     weights_from_newer_rounds = True
 
     def __init__(self, board: "ray.actor.ActorHandle", peer: int, num_peers: int, storage: RunStorage,
-                 memory_bytes: int, publishes: bool = True):
+                 memory_bytes: int):
         super().__init__(board, peer)
         self.peer = peer
         self.num_peers = num_peers
         self.storage = storage
         self.memory_bytes = memory_bytes
-        self.publishes = publishes
 
     def _put(self, round_id, payload, keep, pieces) -> list:
-        if not self.publishes:
-            return []
         nbytes = payload_bytes(payload)
         if pieces * nbytes * rounds_held_at_most(keep, self.num_peers) <= self.memory_bytes / self.num_peers:
             # The payload itself, which the board stores as its own object: a round must outlive
