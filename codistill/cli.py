@@ -151,7 +151,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _what_else_it_is(storage) -> str:
     """Where to look instead, when the folder is a comparison's or a sweep's, not a run's."""
     from codistill.experiments.compare_report import MARKDOWN_FILE
-    from codistill.experiments.tune import SWEEP_FILE, TRIALS_FILE
+    from codistill.experiments.stored_sweep import SWEEP_FILE
+    from codistill.experiments.tune import TRIALS_FILE
 
     if storage.exists(MARKDOWN_FILE):
         return f"; it is a comparison: its table is {storage.uri}/{MARKDOWN_FILE}, each cell a run beside it"
@@ -162,7 +163,8 @@ def _what_else_it_is(storage) -> str:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from codistill.engine.ray.connect import connect_ray
-    from codistill.experiments.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, refuse_a_changed_sweep, run_sweep
+    from codistill.experiments.stored_sweep import refuse_a_changed_sweep
+    from codistill.experiments.tune import BEST_FILE, PLOT_FILE, TRIALS_FILE, run_sweep
 
     overrides = _overrides(args)
     for flag, key in ((args.samples, "num_samples"), (args.max_concurrent, "max_concurrent"),
