@@ -280,8 +280,7 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
                        for m in dict.fromkeys(r["method"] for r in rows)}
             metrics.update(target_metrics(target, speed.paired_steps(rows, baseline), reached))
         parent.finish(metrics, {MARKDOWN_FILE: markdown.encode(),
-                                                        **({PLOT_FILE: storage.read_bytes(PLOT_FILE)}
-                                                           if storage.exists(PLOT_FILE) else {})})
+                                **({PLOT_FILE: storage.read_bytes(PLOT_FILE)} if storage.exists(PLOT_FILE) else {})})
     return Comparison(table, markdown, storage, differences)
 
 

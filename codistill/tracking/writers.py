@@ -85,15 +85,16 @@ class TensorBoardWriter(Writer):
                 self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()
 
+    def _table(self, tag: str, column: str, values: dict[str, str]) -> None:
+        """`values` as one markdown table (TensorBoard's Text tab), at step 0."""
+        rows = "\n".join(f"| {k} | {v} |" for k, v in values.items())
+        self.writer.add_text(tag, f"| {column} | value |\n|---|---|\n" + rows, global_step=0)
+
     def params(self, params: dict[str, str]) -> None:
-        # The resolved config as one text summary (TensorBoard's Text tab), at step 0.
-        table = "\n".join(f"| {k} | {v} |" for k, v in params.items())
-        self.writer.add_text("config", "| setting | value |\n|---|---|\n" + table, global_step=0)
+        self._table("config", "setting", params)  # the resolved config as one text summary
 
     def notes(self, notes):
-        # One text entry beside the config table (TensorBoard has no tags): a row per note.
-        table = "\n".join(f"| {k} | {v} |" for k, v in notes.items())
-        self.writer.add_text("notes", "| note | value |\n|---|---|\n" + table, global_step=0)
+        self._table("notes", "note", notes)  # beside the config table: TensorBoard has no tags
         self.writer.flush()
 
     def close(self, status):
