@@ -151,8 +151,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _what_else_it_is(storage) -> str:
     """Where to look instead, when the folder is a comparison's or a sweep's, not a run's."""
     from codistill.experiments.compare_report import MARKDOWN_FILE
-    from codistill.experiments.stored_sweep import SWEEP_FILE
-    from codistill.experiments.tune import TRIALS_FILE
+    from codistill.experiments.tune import SWEEP_FILE, TRIALS_FILE  # tune writes the one, reads the other
 
     if storage.exists(MARKDOWN_FILE):
         return f"; it is a comparison: its table is {storage.uri}/{MARKDOWN_FILE}, each cell a run beside it"
