@@ -1,7 +1,7 @@
 """Codistillation on peers sharded over their workers (`train.sharding: fsdp`, engine/stale_peers.py):
 each worker publishes its own piece of a round — its rows of the predictions, or its shard of the
 weights — and a sharded peer's stale copy of another is sharded as it is, loaded shard by shard.
-Two tiny Llama peers apart (one Ray Train run each, the layout codistillation runs in), 2 workers
+Two tiny `gpt` peers apart (one Ray Train run each, the layout codistillation runs in), 2 workers
 each, on the shared 2-CPU Ray instance; and the pieces' board and shard logic without training."""
 
 import pytest
@@ -19,13 +19,23 @@ CODISTILL = ("method={name: codistill, period: 4, burn_in: 0, max_staleness: 0, 
              "train.steps=12", "train.eval_every=12", "train.checkpoint_every=12")
 
 
+# Two tiny `gpt` peers (sharded per block as an HF model's decoder layers are, tests/test_sharding.py
+# shards HF Llama ones): four Ray runs of two 2-worker peers each, and a worker that never imports
+# transformers starts ~10 s sooner.
+TINY_GPT = ("data.context=32", "data.batch_size=8", "data.test_windows=16",
+            "peers.*.model_args={width: 32, depth: 2, heads: 2, context: 32}",
+            "peers.*.optimizer.schedule=constant", "peers.*.optimizer.warmup_steps=0",
+            "ray.workers_per_peer=2", "ray.resources_per_peer={CPU: 1}")
+GPT = "configs/codistill_lm_stdlib.yaml"
+
+
 @pytest.fixture(scope="module")
 def codistilled(ray_local, tmp_path_factory):
     """The same 12 steps of codistillation with each peer replicated (DDP) and sharded (FSDP)
     over its two workers, publishing predictions and weights."""
     folder = tmp_path_factory.mktemp("sharded_rounds")
     return {(publish, sharding): train(small_config(folder, f"name={publish}_{sharding}", f"train.sharding={sharding}",
-                                                    *TINY_LLAMA_DML, *CODISTILL, f"method.publish={publish}", base=HF),
+                                                    *TINY_GPT, *CODISTILL, f"method.publish={publish}", base=GPT),
                                        "ray")
             for publish in ("predictions", "weights") for sharding in ("ddp", "fsdp")}
 
