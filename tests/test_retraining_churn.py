@@ -93,16 +93,19 @@ def test_the_critical_batch_map_reads_ratios_and_the_data_parallel_cells_noise_s
     folder = tmp_path / "critical_b400"
     folder.mkdir()
     rows = [{"method": "data_parallel", "seed": s, "run": f"critical_b400.data_parallel.seed{s}", "target_step": t,
-             "examples_per_step": 800} for s, t in ((0, 400), (1, 500), (2, None))]
-    rows += [{"method": "codistill:burn_in=100", "seed": s, "run": f"c{s}", "target_step": t, "examples_per_step": 400}
-             for s, t in ((0, 200), (1, 1000), (2, 300))]
+             "examples_per_step": 800, "curve_step": [500, 1000]} for s, t in ((0, 400), (1, 600), (2, None), (3, 500))]
+    rows += [{"method": "codistill:burn_in=100", "seed": s, "run": f"c{s}", "target_step": t, "examples_per_step": 400,
+              "curve_step": [500, 1000]} for s, t in ((0, 200), (1, 1200), (2, 300), (3, None))]
     pq.write_table(pa.Table.from_pylist(rows), folder / "compare.parquet")
     for seed, b in ((0, 100.0), (1, 300.0)):
         measured = tmp_path / f"critical_b400.data_parallel.seed{seed}.noise_scale"
         measured.mkdir()
-        (measured / "noise_scale.json").write_text(json.dumps({"rows": [{"step": 0, "b_simple": 9e9},
-                                                                        {"step": 1000, "b_simple": b}]}))
+        (measured / "noise_scale.json").write_text(json.dumps({"rows": [{"step": 0, "b_simple": b / 4},
+                                                                        {"step": 1000, "b_simple": 4 * b}]}))
     row = comparison_row(str(folder), "codistill", "data_parallel")
-    # Seed 2's data-parallel model never reached the target: no ratio for it.
-    assert row["ratios"] == [0.5, 2.0] and row["ratio"] == pytest.approx(1.0)
-    assert row["batch"] == 400 and row["b_simple"] == 200.0  # the final step's, mean over seeds
+    # Seed 2's data-parallel model never reached the target: no ratio for it. Seed 3's codistilled
+    # peers did not either, in 1000 steps: at least 1000 / 500, drawn apart, not in the mean.
+    assert row["ratios"] == [0.5, 2.0] and row["ratio"] == pytest.approx(1.0) and row["censored"] == [2.0]
+    # B_simple where the data-parallel model reached the target (step 500, the mean of 400, 600,
+    # 500), log-linear between the measured steps: b there, mean over the seeds measured.
+    assert row["batch"] == 400 and row["b_simple_step"] == 500 and row["b_simple"] == pytest.approx(200.0)
