@@ -180,6 +180,7 @@ def _train_both_ways(rank: int, init_file: str, out_file: str, cfg_data: dict, s
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a gloo world of its own processes (torch and transformers imported in each)
 def test_a_kd_teacher_from_a_pretrained_folder_is_sharded_like_its_fsdp_student(tmp_path):
     """KD from a Hugging Face folder (`from_pretrained`, no checkpoint file) to a student on two
     workers: sharded, each worker holds half of the teacher as of the student (a teacher left whole
@@ -252,6 +253,7 @@ def _read_on_three(rank: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a gloo world of its own processes (torch and transformers imported in each)
 def test_dcp_shards_of_two_workers_load_resharded_onto_three_and_whole_without_a_process_group(tmp_path):
     """Resharding as DCP does it: each of three workers reads its (uneven) shards of a checkpoint
     two wrote; and the whole state read in this process alone is what the three hold."""

@@ -153,6 +153,7 @@ def _exchange_shards(rank: int, init_file: str, out_file: str, config: dict) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a gloo world of its own processes (torch and transformers imported in each)
 def test_a_weights_round_loads_shard_by_shard_into_a_sharded_copy_and_whole_where_shardings_differ(tmp_path):
     """The shard logic of a weights round (engine/sharding.py) on two gloo processes: a worker of a
     sharded copy loads its own shard alone and holds half; a replicated copy (a DDP peer, or one
