@@ -150,6 +150,15 @@ def test_bench_kl_sizes_it_cannot_measure_are_one_line(capsys, flag, value):
     assert last.startswith(f"config error: {flag}: ") and f"got {value}" in last, last
 
 
+@pytest.mark.parametrize("which,flag,value", [("dml", "--block", "0"), ("dml", "--rounds", "0"),
+                                              ("step", "--block", "-1"), ("tracking", "--rounds", "0")])
+def test_a_bench_block_or_rounds_below_one_is_one_line_not_a_default(capsys, which, flag, value):
+    # `--block 0` once ran the whole benchmark at its default block (an `or` took 0 for "not given").
+    assert main(["bench", which, flag, value]) == 2
+    last = _last_err_line(capsys)
+    assert last.startswith(f"config error: {flag}: ") and f"got {value}" in last, last
+
+
 # -- 12: one driver per sweep name ------------------------------------------------------------
 
 def test_a_second_driver_of_a_sweep_is_refused_in_one_line_before_ray_starts(tmp_path, capsys):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from codistill.errors import ConfigError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("which", choices=["dml", "codistill", "step", "bare", "kl", "rounds", "shard", "tracking", "noise-scale"], help="what to measure")
@@ -45,8 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.source and args.which != "noise-scale":
-        from codistill.errors import ConfigError
-
         raise ConfigError("bench", f"{args.which} takes no CONFIG|RUN argument (give --config); got {args.source!r}")
     if args.which == "noise-scale":
         from codistill.bench.noise_scale import main as run
@@ -68,7 +68,12 @@ def main(args: argparse.Namespace) -> int:
         from codistill.bench.tracking import main as run
     else:
         from codistill.bench.dml import main as run
-    args.block = args.block or {"step": 10, "codistill": 50, "bare": 20, "shard": 2, "tracking": 300}.get(args.which, 3)
+    for flag, value in (("--block", args.block), ("--rounds", args.rounds)):
+        if value is not None and value < 1:  # asked, and not replaced by a default (never `or` here)
+            raise ConfigError(flag, f"is {'steps per block' if flag == '--block' else 'rounds of blocks'}, "
+                              f"at least 1; got {value}")
+    if args.block is None:
+        args.block = {"step": 10, "codistill": 50, "bare": 20, "shard": 2, "tracking": 300}.get(args.which, 3)
     if args.rounds is None:  # not `or`: an asked --rounds 0 is refused by the benchmark, not replaced
         args.rounds = {"tracking": 8}.get(args.which, 30)
     return run(args)
