@@ -203,6 +203,21 @@ def test_the_group_round_board_forgets_every_round_when_a_restarted_group_joins(
         ray.get(board.publish.remote(1, 3, 0, [ray.put(3)]))
 
 
+def test_a_group_round_board_joins_every_replica_of_every_peer_in_one_generation(ray_local):
+    # K = 2 peers of M = 2 replicas (one_group codistillation, ray.workers_per_peer: 2): both of
+    # peer 0's replicas may join before peer 1's first. A join counting peers completed with the
+    # first worker of each and left the last replica waiting alone in the next generation.
+    import ray
+
+    from codistill.exchange.round_board import GroupRoundBoard
+
+    board = GroupRoundBoard.remote(2, workers_per_peer=2)
+    joins = [board.join.remote(peer, replica) for peer, replica in ((0, 0), (0, 1), (1, 0), (1, 1))]  # in order
+    done, waiting = ray.wait(joins, num_returns=4, timeout=scaled(30))
+    assert not waiting, "a replica was left waiting for a join of its own"
+    assert ray.get(done) == [1, 1, 1, 1]
+
+
 def test_the_lasting_round_board_waits_once_for_an_absent_peer_and_replaces_a_returning_ones_rounds(ray_local):
     """The round board of peers that each restart alone (peers apart)."""
     import time

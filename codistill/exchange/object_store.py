@@ -22,22 +22,28 @@ from codistill.exchange.base import Exchange, Payload
 
 
 class PeerGroupGenerations:
-    """The join protocol both coordinators share: a join completes once every peer has joined,
-    then the coordinator forgets everything (`forget`) and starts a new generation."""
+    """The join protocol both coordinators share: a join completes once every worker it serves
+    has joined — each of the `workers_per_peer` replicas of each peer, where they all meet on one
+    coordinator (a group's round board) — then the coordinator forgets everything (`forget`) and
+    starts a new generation."""
 
-    def __init__(self, num_peers: int):
+    def __init__(self, num_peers: int, workers_per_peer: int = 1):
         self.num_peers = num_peers
+        self.members = num_peers * workers_per_peer
         self.generation = 0
-        self.joining: set[int] = set()
+        self.joining: set[tuple[int, int]] = set()
         self.joined = asyncio.Event()
 
     def forget(self) -> None:
         raise NotImplementedError
 
-    async def join(self, peer: int) -> int:
-        self.joining.add(peer)  # a replacement worker of the same peer counts once
+    async def join(self, peer: int, replica: int = 0) -> int:
+        # A replacement worker of the same place counts once. Counting peers alone, the replicas
+        # of one group's peers completed a join among the first K of them and left the others
+        # waiting in the next one (one_group codistillation with workers_per_peer > 1 hung).
+        self.joining.add((peer, replica))
         joined = self.joined
-        if len(self.joining) == self.num_peers:
+        if len(self.joining) == self.members:
             self.generation += 1
             self.forget()
             self.joining = set()

@@ -60,8 +60,8 @@ class _Rounds(PeerGroupGenerations):
     leaves_out_the_away = False
     """Whether a reader that waited for a peer once stops waiting for it (peers that restart alone)."""
 
-    def __init__(self, num_peers: int, memory_bytes: int | None = None):
-        super().__init__(num_peers)
+    def __init__(self, num_peers: int, memory_bytes: int | None = None, workers_per_peer: int = 1):
+        super().__init__(num_peers, workers_per_peer)
         self.published: dict[int, dict[int, list[ray.ObjectRef | RoundSnapshot]]] = {}  # peer → round → its pieces
         self.pending: dict[int, dict[int, dict[int, tuple]]] = {}  # peer → round → piece → (entry, bytes, rejoin)
         self.by_value: dict[int, dict[int, int]] = {}  # peer → round → bytes the board holds of it
@@ -196,16 +196,16 @@ class LastingRoundBoard(_Rounds):
 
     leaves_out_the_away = True
 
-    async def join(self, peer: int) -> int:
+    async def join(self, peer: int, replica: int = 0) -> int:
         return self.generation  # never waits for the others: they start and restart on their own
 
 
 class ObjectStorePeriodicExchange(PeriodicExchange):
     """A peer's handle on a group's round board (`GroupRoundBoard`)."""
 
-    def __init__(self, board: "ray.actor.ActorHandle", peer: int):
+    def __init__(self, board: "ray.actor.ActorHandle", peer: int, replica: int = 0):
         self.board = board
-        self.generation = ray.get(board.join.remote(peer))
+        self.generation = ray.get(board.join.remote(peer, replica))
         self.rejoin = True  # this process's first publication replaces what a lost training published
 
     def _put(self, round_id: int, payload, keep: int, pieces: int) -> list:

@@ -138,7 +138,8 @@ class OneGroup(Layout):
         coordinators = []
         if cfg.exchange.transport == "object_store":
             coordinators = [on_this_node(GatherCoordinator).remote(cfg.num_peers) for _ in range(cfg.ray.workers_per_peer)]
-        rounds = on_this_node(GroupRoundBoard).remote(cfg.num_peers) if cfg.method.exchanges_in_rounds else None
+        rounds = (on_this_node(GroupRoundBoard).remote(cfg.num_peers, workers_per_peer=cfg.ray.workers_per_peer)
+                  if cfg.method.exchanges_in_rounds else None)
         loop_config = {**shared, "round_board": rounds, "gather_coordinators": coordinators}
         return [RunSpec(loop_config, cfg.num_peers * cfg.ray.workers_per_peer,
                         resources_per_worker(cfg, ray.cluster_resources()), cfg.name, storage.storage_path)]
@@ -150,7 +151,7 @@ class OneGroup(Layout):
             exchange = CollectiveExchange(peer, cfg.num_peers, place.peer_group, device)
         else:
             exchange = ObjectStoreExchange(loop_config["gather_coordinators"][place.replica], peer, cfg.num_peers)
-        periodic = (ObjectStorePeriodicExchange(loop_config["round_board"], peer)
+        periodic = (ObjectStorePeriodicExchange(loop_config["round_board"], peer, place.replica)
                     if loop_config["round_board"] is not None else None)
         return WorkerLinks(peer, place, exchange=exchange, periodic=periodic)
 
