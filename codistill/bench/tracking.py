@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
           f"({'the given server' if given_uri else 'a local server'}) and W&B offline, ABBA order", flush=True)
     arms: dict[str, dict[str, list[float]]] = {arm: {"step_ms": [], "wall_s": []} for arm in ("off", "on")}
     with tempfile.TemporaryDirectory(prefix="codistill-bench-tracking-") as folder:
-        with (contextlib.nullcontext(None) if given_uri else mlflow_server(folder, command)) as uri:
+        with (contextlib.nullcontext(None) if given_uri else mlflow_server(folder, command, nice=True)) as uri:
             tracked = [*TRACKED, *given, *([] if uri is None else [f"tracking.mlflow.tracking_uri={uri}"])]
             runs = os.path.join(folder, "runs")
             for arm in ("off", "on"):  # warm-up: the data set's cache, W&B's service, the server's first run
