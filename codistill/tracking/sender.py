@@ -4,7 +4,7 @@ is the run's handle on it).
 `Sender` reads the run's records and sends every step they hold beyond what each tracker holds
 (`sync`), then the run's end (`finish`); `codistill track` uses it as it is, in its own process,
 since nothing trains there. A training run's `Sender` lives in a process of its own (`serve`), at
-the lowest CPU priority: on a machine whose cores the peers fill, the writer (and what it starts,
+the lowest CPU priority (nice 19 in Linux's idle class): on a machine whose cores the peers fill, the writer (and what it starts,
 W&B's `wandb-core`) takes only the CPU they leave, and never the GIL of the peers' threads — a
 thread of the driver cost 5 ms steps 1.7× (docs/benchmarks.md). Training waits for no tracker."""
 
@@ -190,8 +190,12 @@ def serve(conn, sender: Sender, params: dict[str, str], env: dict[str, str], cwd
     """The sender process: open, then send when poked ("poke"), every `every_s` once told
     ("every"), and at the end ("finish", "close"); replies to the run over `conn`."""
     # First, so every thread and process it starts (W&B's wandb-core) inherits it: the writer
-    # takes only CPU the run does not want.
+    # takes only CPU the run does not want. Nice 19 alone still cost 5 ms steps ~1.3× here: a
+    # peer thread that wakes (its turn at the GIL, the exchange's barrier) waits out the writer's
+    # slice on its core. Linux's idle class is preempted at once by any task that wakes.
     os.nice(19)
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     # Ctrl-C reaches the whole process group: the run decides, and tells this process KILLED.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_the_run()
