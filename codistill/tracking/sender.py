@@ -190,9 +190,9 @@ def serve(conn, sender: Sender, params: dict[str, str], env: dict[str, str], cwd
     """The sender process: open, then send when poked ("poke"), every `every_s` once told
     ("every"), and at the end ("finish", "close"); replies to the run over `conn`."""
     # First, so every thread and process it starts (W&B's wandb-core) inherits it: the writer
-    # takes only CPU the run does not want. Nice 19 alone still cost 5 ms steps ~1.3× here: a
-    # peer thread that wakes (its turn at the GIL, the exchange's barrier) waits out the writer's
-    # slice on its core. Linux's idle class is preempted at once by any task that wakes.
+    # takes only CPU the run does not want. Nice 19 alone still cost 5 ms steps ~1.3× in a short
+    # try here, likely a peer thread that wakes (its turn at the GIL, the exchange's barrier)
+    # waiting out the writer's slice on its core: Linux's idle class is preempted at once.
     os.nice(19)
     if hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
