@@ -3,12 +3,18 @@
 Whole runs of the config (the local runner, `--block` steps each) with tracking off and with
 every tracker on — TensorBoard, MLflow against a local server this benchmark starts (or
 `--set tracking.mlflow.tracking_uri=…`), W&B offline — one of each per round, the order
-alternating (ABBA), each in a fresh run folder. A run's step time is the mean of its records'
-`step_ms` over both peers' steps: the tracker writer is a thread of the driver that reads the
-records each checkpoint wrote, so what it costs a step is the CPU it takes while the peers train.
+alternating (ABBA), each in a fresh run folder, after a warm-up pair (the data set's cache, the
+tracker writer's fork server, W&B's first service start, the server's first run). A run's step
+time is the mean of its records' `step_ms` over both peers' steps: the loop's own clock around
+each update (data, forward, exchange, backward, optimizer; not evaluations, not checkpoint writes).
+The tracker writer is a process of its own at nice 19 (`tracking/sender.py`), so what it costs a
+step is what it still takes from the peers while they train. The MLflow server this benchmark
+starts runs at nice 19 too: it stands in for a tracking server on another machine, whose CPU
+the steps would not share (a `--set tracking.mlflow.tracking_uri` server is whatever it is).
 Reported: tracked ÷ off as the median of the per-round ratios with a bootstrap interval
-(`paired_ratio`), and the same for the whole run's wall time (which also holds opening the
-tracker runs and sending the artifacts at the end: once per run, not per step). Every tracked run
+(`paired_ratio`), and the same for the whole run's wall time, which also holds what a run pays
+once: opening the tracker runs (the writer's process, W&B's service) before the first step, and
+waiting at the end for the writer to send the last records and the artifacts. Every tracked run
 is checked to have sent every step to every tracker, so a tracker that silently sent nothing
 cannot pass for a cheap one."""
 
@@ -67,10 +73,10 @@ def main(args: argparse.Namespace) -> int:
     models = ", ".join(sorted({p.model for p in cfg.peers}))
     print(f"# codistill bench tracking — {cfg.num_peers} × {models}, method {cfg.method.name}, local runner; "
           f"{args.rounds} rounds of one {args.block}-step run tracking off and one with TensorBoard, MLflow "
-          f"({'the given server' if given_uri else 'a local server'}) and W&B offline, ABBA order", flush=True)
+          f"({'the given server' if given_uri else 'a local server at nice 19'}) and W&B offline, ABBA order", flush=True)
     arms: dict[str, dict[str, list[float]]] = {arm: {"step_ms": [], "wall_s": []} for arm in ("off", "on")}
     with tempfile.TemporaryDirectory(prefix="codistill-bench-tracking-") as folder:
-        with (contextlib.nullcontext(None) if given_uri else mlflow_server(folder, command)) as uri:
+        with (contextlib.nullcontext(None) if given_uri else mlflow_server(folder, command, nice=True)) as uri:
             tracked = [*TRACKED, *given, *([] if uri is None else [f"tracking.mlflow.tracking_uri={uri}"])]
             runs = os.path.join(folder, "runs")
             for arm in ("off", "on"):  # warm-up: the data set's cache, W&B's service, the server's first run

@@ -1,5 +1,6 @@
 """A run's records sent to the experiment trackers it names (`tracking:`): TensorBoard, MLflow,
-Weights & Biases — one writer per run, on the driver, whatever the layout (`docs/tracking.md`).
+Weights & Biases — one writer per run, started by the driver whatever the layout, in a process of
+its own at the lowest CPU priority (`sender.py`; `docs/tracking.md`).
 
 The tracker writer is a reader of the run's own records. Peers hand their records over only
 with a checkpoint (`records.py`), so what the records hold is what a resume keeps; the writer
@@ -21,49 +22,23 @@ Names: a peer's training figures `peer{k}/{term}` (`peer0/loss`, `peer0/kl`, `pe
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 import threading
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from codistill.config import ExperimentConfig, ConfigError, to_dict
-from codistill.errors import first_line
-from codistill.records import GROUP_DIR, read_part, record_parts
 from codistill.storage import RunStorage
 from codistill.tracking.parents import current
+from codistill.tracking.sender import STATE_FILE, Sender, is_group_figure, points_of, serve
 from codistill.tracking.writers import MlflowWriter, TensorBoardWriter, WandbWriter, Writer
 
-STATE_FILE = "tracking/state.json"
-# Columns that say which row it is, not what was measured.
-IDENTITY = {"step", "peer", "split", "node", "time", "workers", "metric"}
+__all__ = ["STATE_FILE", "RunTracker", "Sender", "flat_params", "is_group_figure", "points_of", "writers_of"]
 logger = logging.getLogger(__name__)
-
-
-def is_group_figure(column: str) -> bool:
-    """The group's figures (the same in every peer's test row): the ensemble's, churn, the members'."""
-    return column == "churn" or column.startswith(("ensemble_", "member_"))
-
-
-def points_of(rows: list[dict]) -> list[tuple[int, dict[str, float]]]:
-    """Record rows → (step, {name: value}) in step order, under the names the trackers show."""
-    points: dict[int, dict[str, float]] = {}
-    for row in rows:
-        values = points.setdefault(row["step"], {})
-        for column, value in row.items():
-            if column in IDENTITY or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if row["split"] == "train":
-                values[f"peer{row['peer']}/{column}"] = float(value)
-            elif is_group_figure(column):
-                values[f"group/{column}"] = float(value)
-            else:
-                values[f"peer{row['peer']}/{row['split']}_{column}"] = float(value)
-    return sorted(points.items())
 
 
 def flat_params(data, prefix: str = "") -> dict[str, str]:
@@ -99,41 +74,56 @@ def writers_of(cfg: ExperimentConfig, storage: RunStorage) -> list[Writer]:
     return writers
 
 
-class RunTracker:
-    """The run's one tracker writer: `open`, then `sync` (or `poke` its sender thread) as records
-    land, `finish` with the artifacts, or `close` with the status a failed run ends in."""
 
-    def __init__(self, storage: RunStorage, writers: list[Writer], num_peers: int, group_rows: bool = False):
-        self.storage, self.writers, self.num_peers, self.group_rows = storage, writers, num_peers, group_rows
-        self.state: dict = {}
-        self.lock = threading.Lock()
-        self.wake, self.stop = threading.Event(), threading.Event()
-        self.thread: threading.Thread | None = None
-        self.warned: set[str] = set()
+def _processes():
+    """Where the sender processes come from: a fork server, a fresh interpreter (spawned, never a
+    fork of the process that trains, its threads and torch's pools) that imports the tracking code
+    once; each run's sender is forked from it. A spawned sender would import codistill (torch)
+    anew for every run: ~2.5 s of CPU each on the 2-core machine, before the run can start."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([Sender.__module__])  # only when the server starts: once a process
+    return context
+
+
+class RunTracker:
+    """The run's handle on its tracker writer, which runs in a process of its own (`sender.py`):
+    `open`, then `start` and `poke` it as records land, `finish` with the artifacts, or `close`
+    with the status a failed run ends in; as a context manager, an exception closes it FAILED
+    (KILLED on Ctrl-C). A tracker that goes away while the run trains is warned of, not fatal."""
+
+    def __init__(self):
+        self.process = self.conn = None
+        self.state: dict = {}  # what the sender holds: each tracker's run id and last step sent
+        self.lock = threading.Lock()  # a peer's thread pokes while the driver may finish
+        self.lost = False
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, storage: RunStorage, group_rows: bool = False) -> "RunTracker":
-        """The writers of `cfg.tracking` opened (none: a tracker that sends nothing), continuing the
-        tracker runs the run folder names. `group_rows`: the group's figures come from the group
+        """The writers of `cfg.tracking` opened in their process (none: no process, nothing sent),
+        continuing the tracker runs the run folder names; anything that cannot open is one line,
+        raised here, before the run trains. `group_rows`: the group's figures come from the group
         rows (peers apart), which a step waits for before it is sent."""
-        tracker = cls(storage, writers_of(cfg, storage), cfg.num_peers, group_rows)
-        if tracker.writers:
-            tracker.state = json.loads(storage.read_bytes(STATE_FILE)) if storage.exists(STATE_FILE) else {}
-            params = flat_params(to_dict(cfg))
-            for writer in tracker.writers:
-                writer.check()
-            for writer in tracker.writers:
-                try:
-                    tracker.state[writer.name] = {**writer.open(tracker.state.get(writer.name)), "sent": writer.held}
-                    writer.params(params)
-                except ConfigError:
-                    tracker.close("FAILED")
-                    raise
-                except Exception as err:  # noqa: BLE001 — a server that does not answer, a refused login: one line
-                    tracker.close("FAILED")
-                    raise ConfigError(f"tracking.{writer.name}", f"cannot open the {writer.name} run: "
-                                      f"{type(err).__name__}: {first_line(err)}") from None
-            tracker._save()
+        tracker, writers = cls(), writers_of(cfg, storage)
+        if not writers:
+            return tracker
+        for writer in writers:
+            writer.check()  # a missing package, asked here without importing it
+        context = _processes()
+        tracker.conn, theirs = context.Pipe()
+        sender = Sender(storage, writers, cfg.num_peers, group_rows)
+        # The comparison a cell belongs to (`current()`) was asked above: the writers carry it.
+        tracker.process = context.Process(target=serve, name="codistill-tracker", daemon=True,
+                                          args=(theirs, sender, flat_params(to_dict(cfg)), dict(os.environ), os.getcwd()))
+        tracker.process.start()
+        theirs.close()  # so that the sender ending shows here as the pipe's end
+        reply = tracker._ask(None)
+        if reply is None or reply[0] != "opened":
+            tracker._end()
+            if reply is None:
+                raise ConfigError("tracking", f"the tracker writer's process ended as it opened "
+                                  f"(exit code {tracker.process.exitcode})")
+            raise ConfigError(reply[1], reply[2])
+        tracker.state = reply[1]
         return tracker
 
     def __enter__(self) -> "RunTracker":
@@ -143,117 +133,60 @@ class RunTracker:
         if kind is not None:  # finish() closed it otherwise
             self.close("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
 
-    def _save(self) -> None:
-        self.storage.write_bytes(STATE_FILE, json.dumps(self.state, indent=1).encode())
-
-    def _rows_after(self, after: int, final: bool) -> tuple[list[dict], int]:
-        """Every peer's rows of the steps after `after`, and the step up to which they can be sent:
-        the last one every peer's records reach (and whose group rows are in, for peers apart);
-        `final`: whatever there is."""
-        rows, reached = [], []
-        for peer in range(self.num_peers):
-            folder = f"records/peer{peer}"
-            parts = record_parts(self.storage, folder)
-            reached.append(parts[-1][1] if parts else 0)
-            for _, last, name in parts:
-                if last > after:
-                    rows.extend(r for r in read_part(self.storage, folder, name).to_pylist() if r["step"] > after)
-        upto = max(reached) if final else min(reached)
-        if self.group_rows:
-            group = {}
-            for name in self.storage.list(f"records/{GROUP_DIR}"):  # {step:08d}.parquet, one row each
-                if name.endswith(".parquet") and name[:-len(".parquet")].isdigit() and int(name[:8]) > after:
-                    table = pq.read_table(io.BytesIO(self.storage.read_bytes(f"records/{GROUP_DIR}/{name}")))
-                    group.update({row["step"]: row for row in table.to_pylist()})
-            # The board writes a step's group row once the last peer has posted that evaluation, just
-            # before that peer's checkpoint: the newest evaluation waits for it. An older one without
-            # it never gets one (a peer that restarted evaluated it on another board) and goes without.
-            newest = max((r["step"] for r in rows if r["split"] == "test" and r["step"] <= upto), default=None)
-            for row in rows:
-                if row["split"] == "test" and row["step"] <= upto:
-                    if row["step"] in group:
-                        row.update({k: v for k, v in group[row["step"]].items() if k != "step"})
-                    elif row["step"] == newest and not final:
-                        upto = row["step"] - 1  # its ensemble and churn are not written yet
-        return [r for r in rows if r["step"] <= upto], upto
-
-    def sync(self, final: bool = False) -> None:
-        """Send every step the records hold beyond what each tracker holds."""
-        if not self.writers:
+    def _tell(self, *message) -> None:
+        if self.conn is None or self.lost:
             return
-        with self.lock:
-            after = min(self.state[w.name]["sent"] for w in self.writers)
-            rows, upto = self._rows_after(after, final)
-            if upto <= after:
-                return
-            points = points_of(rows)
-            for writer in self.writers:
-                held = self.state[writer.name]["sent"]  # a tracker may hold more than the others (or the records)
-                writer.send([(step, values) for step, values in points if step > held])
-                self.state[writer.name]["sent"] = max(held, upto)
-            self._save()
+        try:
+            with self.lock:
+                self.conn.send(message)
+        except OSError:  # the sender died: the run goes on, `codistill track` sends the rest later
+            self.lost = True
+            logger.warning("tracking: the tracker writer's process ended (exit code %s); the run goes on "
+                           "untracked: `codistill track` sends its records once it ends", self.process.exitcode)
 
-    # -- the sender thread: training never waits for a tracker ---------------------------------
+    def _ask(self, message) -> tuple | None:
+        """`message` sent (None: nothing) and the sender's reply; None when it is gone."""
+        if message is not None:
+            self._tell(*message)
+        try:
+            return None if self.lost else self.conn.recv()
+        except (EOFError, OSError):
+            return None
+
+    def _end(self) -> None:
+        self.conn.close()
+        self.process.join()
+        self.conn = None
+
     def start(self, every_s: float | None = None) -> "RunTracker":
-        """Send in a thread of its own: when poked (a checkpoint was committed), and every `every_s`."""
-        if self.writers:
-            self.thread = threading.Thread(target=self._send_loop, args=(every_s,), name="tracker", daemon=True)
-            self.thread.start()
+        """Send when poked (a checkpoint was committed), and every `every_s`."""
+        if every_s is not None:
+            self._tell("every", every_s)
         return self
 
     def poke(self, step: int | None = None) -> None:
-        self.wake.set()
-
-    def _send_loop(self, every_s: float | None) -> None:
-        while not self.stop.is_set():
-            self.wake.wait(every_s)
-            self.wake.clear()
-            if self.stop.is_set():
-                return
-            try:
-                self.sync()
-            except Exception as err:  # noqa: BLE001 — a tracker that is away must not stop the training
-                message = f"{type(err).__name__}: {first_line(err)}"
-                if message not in self.warned:  # what was not sent is sent at the next try
-                    self.warned.add(message)
-                    logger.warning("tracking: could not send the newest records (%s); trying again later", message)
-
-    def _stop_thread(self) -> None:
-        self.stop.set()
-        self.wake.set()
-        if self.thread is not None:
-            self.thread.join()
+        self._tell("poke")
 
     def finish(self, summary: str, notes: dict[str, str] | None = None) -> None:
-        """The last records, the run's summary, config.yaml and plot as artifacts, `notes` (where
-        `codistill export` writes a language-model peer from) as tags; the tracker runs marked finished."""
-        self._stop_thread()
-        if not self.writers:
+        """Waits for the sender to send the last records, the run's summary, config.yaml and plot
+        as artifacts and `notes` (where `codistill export` writes a language-model peer from) as
+        tags, and to mark the tracker runs finished. A tracker that fails now is warned of: the
+        training is done and its records kept."""
+        if self.conn is None:
             return
-        self.sync(final=True)
-        if notes:
-            for writer in self.writers:
-                writer.notes(notes)
-        with tempfile.TemporaryDirectory() as folder:
-            paths = []
-            for name in ("config.yaml", "accuracy.png"):
-                if self.storage.exists(name):
-                    paths.append(os.path.join(folder, name))
-                    with open(paths[-1], "wb") as f:
-                        f.write(self.storage.read_bytes(name))
-            paths.append(os.path.join(folder, "summary.txt"))
-            with open(paths[-1], "w") as f:
-                f.write(summary + "\n")
-            for writer in self.writers:
-                writer.artifacts(paths)
-        self.close("FINISHED")
+        reply = self._ask(("finish", summary, notes))
+        self._end()
+        if reply is None:
+            logger.warning("tracking: the tracker writer's process ended (exit code %s) before the run's end was "
+                           "sent: `codistill track` sends it", self.process.exitcode)
+            return
+        self.state, failed = reply[1], reply[2]
+        if failed:
+            logger.warning("tracking: could not send the run's end (%s): `codistill track` sends it once the "
+                           "tracker answers", failed)
 
     def close(self, status: str = "FAILED") -> None:
         """End every tracker run (`KILLED`, `FAILED`, `FINISHED`); a re-run of the name reopens them."""
-        self._stop_thread()
-        for writer in self.writers:
-            try:
-                writer.close(status)
-            except Exception as err:  # noqa: BLE001 — the run's own outcome is what to report
-                logger.warning("tracking: could not close the %s run: %s", writer.name, first_line(err))
-        self.writers = []
+        if self.conn is not None:
+            self._ask(("close", status))
+            self._end()

@@ -1,17 +1,18 @@
 """`codistill track RUN_FOLDER --to tensorboard|mlflow|wandb`: a run's records sent to a tracker
 after the fact — for a run made before tracking was on, or on a cluster whose driver could not
-reach the tracker. The same writer a training run uses (`RunTracker`), so the tracker run it
-opens is the one a later re-run of the name continues, and a second backfill sends nothing twice."""
+reach the tracker. The same writer a training run uses (`Sender`), so the tracker run it opens is
+the one a later re-run of the name continues, and a second backfill sends nothing twice. It runs in
+this process: nothing trains beside it, so it needs no process of its own (`sender.py`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from codistill.config import ConfigError, apply_override, load_config, load_yaml
+from codistill.config import ConfigError, apply_override, load_config, load_yaml, to_dict
 from codistill.records import read_records, summary_text
 from codistill.storage import RunStorage
-from codistill.tracking import STATE_FILE, RunTracker
+from codistill.tracking import STATE_FILE, Sender, flat_params, writers_of
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 CONFIG_FILE = "config.yaml"  # the run's resolved config (engine.run.CONFIG_FILE; the engine imports tracking)
@@ -46,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
     data["name"] = storage.uri.rstrip("/").rsplit("/", 1)[-1]
     cfg = load_config(data)
     table = read_records(storage)
-    tracker = RunTracker.open(cfg, storage, group_rows=bool(storage.list("records/group")))
+    tracker = Sender(storage, writers_of(cfg, storage), cfg.num_peers, group_rows=bool(storage.list("records/group")))
+    tracker.open(flat_params(to_dict(cfg)))
     before = tracker.state[args.to]["sent"]
     tracker.finish(summary_text(table, [p.model for p in cfg.peers]))
     state = json.loads(storage.read_bytes(STATE_FILE))[args.to]

@@ -10,7 +10,7 @@ its writer opens, so a run that tracks nothing never imports one."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import time
 import uuid
@@ -21,15 +21,6 @@ EXTRA = "pip install 'codistill[track]'"
 MARKER = "peer0/loss"  # a metric every step of every run has: what MLflow is asked for its last step
 
 
-def need(module: str, tracker: str, package: str):
-    """`module` imported, or one line naming the setting, the package and the extra that brings it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"tracking.{tracker}", f"is on, but the {package} package is not installed: {EXTRA} "
-                          f"(or pip install {package})") from None
-
-
 class Writer:
     name: str
     package: tuple[str, str]  # (module, the pip package that brings it)
@@ -37,8 +28,16 @@ class Writer:
 
     def check(self) -> None:
         """One line naming the extra when this tracker's package is not installed: asked of every
-        writer before any opens, so a missing package opens no tracker run elsewhere."""
-        need(self.package[0], self.name, self.package[1])
+        writer before any opens, so a missing package opens no tracker run elsewhere. Found, not
+        imported: the run's own process asks, and only the sender process needs the package."""
+        module, package = self.package
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+            found = False
+        if not found:
+            raise ConfigError(f"tracking.{self.name}", f"is on, but the {package} package is not installed: {EXTRA} "
+                              f"(or pip install {package})")
 
     def open(self, kept: dict | None) -> dict:
         raise NotImplementedError
