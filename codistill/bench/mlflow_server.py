@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -33,14 +32,15 @@ def _healthy(uri: str) -> bool:
 def mlflow_server(folder: str, command: str, start_s: float = 90.0, nice: bool = False):
     """An MLflow server storing into `folder` for the block's length; yields its URI. Its first
     start migrates the SQLite store, which takes seconds: it waits up to `start_s` for /health.
-    `nice`: at the lowest CPU priority (nice 19 in Linux's idle class, as the tracker writer; its
-    workers too), standing in for a server on another machine, whose CPU a run's steps do not share."""
+    `nice`: at nice 19 (its workers too), standing in for a server on another machine, whose CPU a
+    run's steps do not share. Not in Linux's idle class: on a machine busy with other work it
+    then never started."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     with open(os.path.join(folder, "server.log"), "w") as log:
-        lowest = [*(["chrt", "--idle", "0"] if shutil.which("chrt") else []), "nice", "-n", "19"] if nice else []
+        lowest = ["nice", "-n", "19"] if nice else []
         server = subprocess.Popen([*lowest, command, "server", "--host", "127.0.0.1",
                                    "--port", str(port), "--workers", "1",
                                    "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",

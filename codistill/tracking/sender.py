@@ -186,16 +186,30 @@ def _die_with_the_run() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _scheduling(idle: bool) -> None:
+    """Every thread of this process (the trackers' own, started as they opened, too) in Linux's
+    idle class, or back in the normal one at nice 19 (allowed without privileges: the nice value
+    stays where it is)."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(task), policy, os.sched_param(0))
+        except OSError:  # a thread that ended meanwhile, or a system that refuses: the default stays
+            pass
+
+
 def serve(conn, sender: Sender, params: dict[str, str], env: dict[str, str], cwd: str) -> None:
     """The sender process: open, then send when poked ("poke"), every `every_s` once told
     ("every"), and at the end ("finish", "close"); replies to the run over `conn`."""
     # First, so every thread and process it starts (W&B's wandb-core) inherits it: the writer
     # takes only CPU the run does not want. Nice 19 alone still cost 5 ms steps ~1.3× in a short
     # try here, likely a peer thread that wakes (its turn at the GIL, the exchange's barrier)
-    # waiting out the writer's slice on its core: Linux's idle class is preempted at once.
+    # waiting out the writer's slice on its core: Linux's idle class is preempted at once. That
+    # class only while the run trains: opening in it, a machine busy with anything else (another
+    # run) starved the open the run waits for — nice 19 still gets a share.
     os.nice(19)
-    if hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     # Ctrl-C reaches the whole process group: the run decides, and tells this process KILLED.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_the_run()
@@ -207,6 +221,7 @@ def serve(conn, sender: Sender, params: dict[str, str], env: dict[str, str], cwd
     except ConfigError as err:
         conn.send(("refused", err.path, err.message))
         return
+    _scheduling(idle=True)  # the run trains now
     conn.send(("opened", sender.state))
     every_s, warned = None, set()
     while True:
@@ -224,6 +239,7 @@ def serve(conn, sender: Sender, params: dict[str, str], env: dict[str, str], cwd
         elif kind == "poke":
             _try_sync(sender, warned)
         elif kind == "finish":
+            _scheduling(idle=False)  # the run waits for its end: a share of a busy machine, not none
             try:
                 sender.finish(*args)
                 failed = None
@@ -233,6 +249,7 @@ def serve(conn, sender: Sender, params: dict[str, str], env: dict[str, str], cwd
             conn.send(("finished", sender.state, failed))
             return
         elif kind == "close":
+            _scheduling(idle=False)
             sender.close(args[0])
             conn.send(("closed",))
             return
