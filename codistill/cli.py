@@ -183,7 +183,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     uri = result.storage.uri
     print(f"trials: {uri}/{TRIALS_FILE}\nplot:   {uri}/{PLOT_FILE}")
     if result.best_config is not None:
-        print(f"best:   {uri}/{BEST_FILE} ({cfg.tune.objective} {100 * result.best_objective:.2f}%)")
+        print(f"best:   {uri}/{BEST_FILE} ({cfg.tune.objective} {result.score.shown(result.best_objective)})")
     else:
         print("no trial finished: no best config")
     return 0

@@ -9,6 +9,12 @@ from typing import Literal
 from codistill.config.method import MethodConfig, registered_with
 from codistill.config.search_space import parse_distribution
 from codistill.errors import check
+from codistill.metrics import ACCURACY, BITS, Score
+
+
+def objective_score(objective: str | None) -> Score:
+    """The score a sweep's objective is in: bits per token (fewer is better) or accuracy."""
+    return BITS if (objective or "").endswith("_bits") else ACCURACY
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -16,9 +22,12 @@ class TuneSettings:
     space: dict[str, str] = field(default_factory=dict)
     """Config key path → distribution, e.g. `method.temperature: loguniform(1, 10)`,
     `peers.*.optimizer.lr: loguniform(1e-3, 1e-1)`, `method.weight: uniform(0, 1)`."""
-    objective: Literal["best_accuracy", "mean_accuracy", "ensemble_accuracy", "member_mean_accuracy"] = "ensemble_accuracy"
-    """What a trial is judged by, reported at every evaluation (so ASHA can stop it early).
-    member_mean_accuracy: the mean over the group's members — peers, or one network's branches."""
+    objective: Literal["best_accuracy", "mean_accuracy", "ensemble_accuracy", "member_mean_accuracy",
+                       "best_bits", "mean_bits", "ensemble_bits", "member_mean_bits"] | None = None
+    """What a trial is judged by, reported at every evaluation (so ASHA can stop it early): an
+    accuracy (the most wins) or — a next-token task's score — bits per token (the fewest wins).
+    member_mean_*: the mean over the group's members — peers, or one network's branches. None:
+    the ensemble's figure in the task's score, ensemble_accuracy or (language models) ensemble_bits."""
     num_samples: int = 8
     """Trials to sample (with `grid(...)` values: repetitions of the grid)."""
     max_concurrent: int = 1
@@ -40,6 +49,11 @@ class TuneSettings:
     """Each trial trains this many seeds (the config's seed, seed + 1, …) one after another and
     is judged by their mean: less selection noise, at that many times the cost. Above 1 the
     trial reports once, at its end (scheduler: fifo)."""
+
+    @property
+    def score(self) -> Score:
+        """The score the objective is in, and so the direction a trial is judged in."""
+        return objective_score(self.objective)
 
     def __post_init__(self):
         for key, text in self.space.items():

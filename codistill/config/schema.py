@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from codistill.config.method import MethodConfig, registered_with
@@ -19,6 +19,7 @@ from codistill.config.tracking import TrackingConfig
 from codistill.config.train import TrainConfig
 from codistill.data import DATASETS
 from codistill.errors import ConfigError, check
+from codistill.metrics import BITS
 from codistill.models import MODELS
 
 
@@ -324,9 +325,22 @@ class ExperimentConfig:
             check(not self.train.activation_checkpointing or MODELS[peer.model].blocks is not None,
                   "train.activation_checkpointing", f"peer {i}'s model {peer.model!r} declares no transformer blocks to "
                   f"recompute; models that do: {', '.join(sorted(n for n, m in MODELS.items() if m.blocks))}")
+        if self.tune is not None:
+            self._settle_objective()
         check(self.teacher is None or self.method.learns_from_teacher(), "teacher",
               f"is set, but method {self.method.name!r} learns from no teacher; remove `teacher:` or use a "
               f"method that does ({', '.join(registered_with('can_use_teacher'))}), alone or in `method.also`")
+
+    def _settle_objective(self) -> None:
+        """A sweep's objective follows the data's task when not given: the ensemble's accuracy,
+        or a language model's ensemble bits per token. Bits are refused on data scored by accuracy
+        (it reports none); accuracy, asked, stays allowed on a language model (it reports both)."""
+        score = DATASETS[self.data.name].task.score
+        if self.tune.objective is None:
+            object.__setattr__(self, "tune", replace(self.tune, objective=f"ensemble_{score.name}"))
+        check(self.tune.score is not BITS or score is BITS, "tune.objective",
+              f"{self.tune.objective!r} is bits per token, which data set {self.data.name!r} (scored by {score.label}) "
+              "does not report; use best_accuracy, mean_accuracy, ensemble_accuracy or member_mean_accuracy")
 
     @property
     def layout(self) -> str:

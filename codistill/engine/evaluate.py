@@ -15,7 +15,7 @@ import torch
 
 from codistill.data.task import Classes, Task
 from codistill.errors import RunError
-from codistill.metrics import accuracy, evaluation_metrics
+from codistill.metrics import BITS, accuracy, bits_metrics, evaluation_metrics
 
 if TYPE_CHECKING:  # the job holds its sink: a type only, not an import at run time
     from codistill.engine.job import PeerJob
@@ -147,7 +147,7 @@ class Posted(EvaluationSink):
 
 # What a test record takes from the group's figures beside the peer's own accuracy.
 GROUP_FIELDS = ("ensemble_accuracy", "churn", "member_first_accuracy", "member_mean_accuracy", "member_best_accuracy",
-                "member_ensemble_accuracy", "member_churn", "ensemble_bits")
+                "member_ensemble_accuracy", "member_churn", "ensemble_bits", "member_mean_bits")
 
 
 def group_figures(payloads: list[dict], labels: torch.Tensor, task: Task | type[Task] = Classes) -> dict:
@@ -163,4 +163,8 @@ def group_figures(payloads: list[dict], labels: torch.Tensor, task: Task | type[
     group = evaluation_metrics(members, labels)
     metrics.update({"member_first_accuracy": group["peer0_accuracy"],
                     **{f"member_{k}": group[k] for k in ("mean_accuracy", "best_accuracy", "ensemble_accuracy", "churn")}})
+    if task.score is BITS:  # what a language model's tuning is judged by: the members' mean bits per token
+        # (the peers' own, already scored, unless a network holds several members)
+        metrics["member_mean_bits"] = (bits_metrics(members, labels)["mean_bits"] if any("members" in p for p in payloads)
+                                       else metrics["mean_bits"])
     return metrics

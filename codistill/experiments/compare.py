@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from codistill.config import ExperimentConfig, first_difference, load_config, to_dict
+from codistill.config.runs_of_runs import objective_score
 from codistill.errors import ConfigError, RunError
 from codistill.experiments import speed
 from codistill.experiments.cells import (DATA_PARALLEL, TUNE_SEEDS, MethodSpec, cell_config, cell_data, cell_name,
@@ -45,6 +46,7 @@ from codistill.experiments.cells import (DATA_PARALLEL, TUNE_SEEDS, MethodSpec, 
                                          stored_cell_difference, what_it_trains)
 from codistill.experiments.compare_report import MARKDOWN_FILE, PLOT_FILE, markdown_table, plot_comparison
 from codistill.experiments.paired import paired_differences
+from codistill.metrics import Score
 from codistill.storage import RunStorage, resolve_storage_path
 from codistill.tracking.parents import ParentRun, difference_metrics, target_metrics
 
@@ -57,6 +59,8 @@ VALIDATION = 0.2
 
 
 def tuning_data(spec: MethodSpec, base: dict, name: str, trials: int) -> dict:
+    from codistill.data import DATASETS
+
     recipe = cell_recipe(base, spec)  # once: the data_parallel arm's transform is not run twice
     data = cell_data(base, spec, {}, recipe)
     data["name"] = f"{name}.{spec.slug}.tune"
@@ -66,7 +70,10 @@ def tuning_data(spec: MethodSpec, base: dict, name: str, trials: int) -> dict:
     # evaluated once, at its end. A fifth of a 6M-example training set is 1.2M validation
     # examples: evaluated every 50 steps, that was 20× the forward passes of the training itself.
     data["train"]["eval_every"] = data["train"]["steps"]
-    data["tune"] = {"space": search_space(spec, recipe), "objective": "member_mean_accuracy", "num_samples": trials,
+    # Judged by the task's score, as the tables report it: the members' mean accuracy, or a language
+    # model's members' mean bits per token (the fewest wins). A classifier's tuning is what it was.
+    score = DATASETS.get(base["data"]["name"], "data.name").task.score
+    data["tune"] = {"space": search_space(spec, recipe), "objective": f"member_mean_{score.name}", "num_samples": trials,
                     "max_concurrent": 1, "scheduler": "fifo", "search": "random", "backend": "local",
                     "start_at_config": True, "seeds_per_trial": TUNE_SEEDS}
     return to_dict(load_config(data))
@@ -89,6 +96,19 @@ def saved_tuning(spec: MethodSpec, asked: dict, storage: RunStorage, fresh: bool
     return None
 
 
+def tuning_score(tuning: dict) -> Score:
+    """The score a tuning (its config, or its saved record) judged its trials by."""
+    return objective_score(tuning.get("config", tuning)["tune"]["objective"])
+
+
+def tuned_text(tuning: dict) -> str:
+    """What a tuning chose and bought, in the score it was judged by (accuracy as %, bits as bits)."""
+    score = tuning_score(tuning)
+    default = tuning["default_objective"]
+    return (f"tuned {json.dumps(tuning['params'])} (validation {score.shown(tuning['validation_objective'])}"
+            + (f"; its recipe's setting {score.shown(default)})" if default is not None else ")"))
+
+
 def tune_method(spec: MethodSpec, asked: dict, storage: RunStorage) -> dict:
     """The method's tuning (kept in `tuned/<method>.json`; a re-run of the same tuning does not
     tune again): its best values after the trials on the validation split, the first trial
@@ -101,7 +121,7 @@ def tune_method(spec: MethodSpec, asked: dict, storage: RunStorage) -> dict:
         raise RunError(f"tuning {spec.label} finished no trial" + (f": {errors[0]}" if errors else ""))
     rows = result.table.to_pylist()
     finished = [r for r in rows if r["status"] == "TERMINATED" and r["objective"] is not None]
-    best = max(finished, key=lambda r: r["objective"])
+    best = (min if tuning_score(asked).lower_is_better else max)(finished, key=lambda r: r["objective"])
     default_params = config_point(asked, asked["tune"]["space"])
     default = next((r for r in finished if trial_params(r) == default_params), None)
     record = {"params": trial_params(best), "validation_objective": best["objective"], "default_params": default_params,
@@ -233,9 +253,7 @@ def compare(cfg: ExperimentConfig, methods: list[str], seeds: list[int], backend
             if asked and tuning is None:
                 tuning = tune_method(spec, asked, storage)
             if tuning:
-                log(f"{spec.label}: tuned {json.dumps(tuning['params'])} (validation {100 * tuning['validation_objective']:.2f}%"
-                    + (f"; its recipe's setting {100 * tuning['default_objective']:.2f}%)" if tuning["default_objective"]
-                       is not None else ")"))
+                log(f"{spec.label}: {tuned_text(tuning)}")
             for seed in seeds:
                 cell = cell_config(base, spec, tuning, seed, cfg.name)
                 run_storage = RunStorage(storage_path, cell.name)

@@ -113,12 +113,15 @@ def markdown_table(rows: list[dict], cfg: ExperimentConfig, tune_trials: int, di
             cells = " | ".join(difference_text(entry, f) for f in PAIRED)
             lines.append(f"| {entry['method']} | {cells} | {needed if needed else '—'} |")
     if tune_trials:
-        lines += ["", "**what tuning bought** (validation, mean member, mean of the trial's seeds)", "",
+        tuned_by = score_of(rows[0]) if rows else ACCURACY  # a language model is tuned by bits per token
+        lines += ["", f"**what tuning bought** (validation {tuned_by.label}, mean member, mean of the trial's seeds)", "",
                   "| method | recipe's setting | chosen | chosen values |", "|---|---|---|---|"]
         for method in methods:
             first = next(r for r in rows if r["method"] == method)
-            default = f"{100 * first['default_validation']:.2f}" if first["default_validation"] is not None else "—"
-            lines.append(f"| {method} | {default} | {100 * first['tuned_validation']:.2f} | {_tuned_text(first['tuned'])} |")
+            default = (tuned_by.shown(first["default_validation"], unit=False) if first["default_validation"] is not None
+                       else "—")
+            lines.append(f"| {method} | {default} | {tuned_by.shown(first['tuned_validation'], unit=False)} | "
+                         f"{_tuned_text(first['tuned'])} |")
     for prefix, title in (("last", "at the last step"), ("bestevaluation", "at the best evaluation (by mean member; labelled: not a last-step figure)")):
         lines += ["", f"**{title}**: mean ± std over seeds; churn (%) is the share of test examples two members disagree on", "",
                   "| method | members | first | best | mean | ensemble | churn |", "|---|---|---|---|---|---|---|"]

@@ -31,6 +31,7 @@ import yaml
 from codistill.config import ExperimentConfig, dump_config, load_config, set_path, to_dict
 from codistill.config.search_space import parse_distribution
 from codistill.experiments.stored_sweep import SWEEP_FILE, as_stored, resume_or_start
+from codistill.metrics import ACCURACY, Score
 from codistill.storage import RunStorage, resolve_storage_path
 from codistill.tracking.parents import track_sweep
 
@@ -84,8 +85,11 @@ def _mean_of_runs(finals: list[dict]) -> dict:
     """The objectives a trial may be judged by (as the loop reports them), averaged over runs."""
     def objectives(final: dict) -> dict:
         peers = final["peer_accuracy"]
+        bits = final.get("peer_bits")  # a language model's: bits per token too
         return {"step": final["step"], "mean_accuracy": sum(peers) / len(peers), "best_accuracy": max(peers),
                 "ensemble_accuracy": final["ensemble_accuracy"], "churn": final["churn"],
+                **({"mean_bits": sum(bits) / len(bits), "best_bits": min(bits), "ensemble_bits": final["ensemble_bits"]}
+                   if bits and None not in bits and final.get("ensemble_bits") is not None else {}),
                 **{f"member_{k}": v for k, v in final["members"].items()}}
 
     each = [objectives(f) for f in finals]
@@ -142,7 +146,8 @@ def _finished_run(cfg: ExperimentConfig) -> dict | None:
     return final if final.get("step") == cfg.train.steps else None
 
 
-def _search_algorithm(search: str, objective: str, seed: int, max_concurrent: int, points: list[dict] | None = None):
+def _search_algorithm(search: str, objective: str, mode: str, seed: int, max_concurrent: int,
+                      points: list[dict] | None = None):
     if search == "random":
         from ray.tune.search import BasicVariantGenerator
 
@@ -156,7 +161,7 @@ def _search_algorithm(search: str, objective: str, seed: int, max_concurrent: in
         import optuna  # noqa: F401
     except ImportError:
         raise SystemExit("search: optuna needs Optuna: pip install 'codistill[tune]'") from None
-    return ConcurrencyLimiter(OptunaSearch(metric=objective, mode="max", points_to_evaluate=points),
+    return ConcurrencyLimiter(OptunaSearch(metric=objective, mode=mode, points_to_evaluate=points),
                               max_concurrent=max_concurrent)
 
 
@@ -166,16 +171,19 @@ class SweepResult:
     best_config: ExperimentConfig | None
     best_objective: float | None
     storage: RunStorage
+    score: Score = ACCURACY
+    """The objective's score: which way is better, and how it is shown (accuracy as %, bits as bits)."""
 
     @property
     def summary(self) -> str:
         rows = self.table.to_pylist()
         keys = [c for c in self.table.column_names if c.startswith("param:")]
-        header = f"{'trial':<14}" + "".join(f"{k[6:]:>24}" for k in keys) + f"{'objective':>12}  status"
+        unit = "objective" + ("" if self.score is ACCURACY else f" ({self.score.column})")
+        header = f"{'trial':<14}" + "".join(f"{k[6:]:>24}" for k in keys) + f"{unit:>12}  status"
         lines = [header]
         for row in rows:
             values = "".join(f"{_short(row[k]):>24}" for k in keys)
-            objective = "—" if row["objective"] is None else f"{100 * row['objective']:.2f}%"
+            objective = "—" if row["objective"] is None else self.score.shown(row["objective"], unit=False)
             status = row["status"] + (f" ({row['error']})" if row["error"] else "")
             lines.append(f"{row['trial_id']:<14}{values}{objective:>12}  {status}")
         return "\n".join(lines)
@@ -214,7 +222,7 @@ def _run_sweep(cfg: ExperimentConfig, storage: RunStorage, on_change: str, lease
     settings, storage_path = cfg.tune, storage.storage_path
     base = to_dict(replace(cfg, tune=None))
     base["ray"]["storage_path"] = storage_path
-    objective = settings.objective
+    objective, mode = settings.objective, settings.score.mode  # bits per token: the fewest wins
     evaluations = cfg.train.steps // cfg.train.eval_every + 1
     points = [{"params": config_point(base, settings.space)}] if settings.start_at_config else None
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max(evaluations, settings.grace_period),
@@ -243,9 +251,9 @@ def _run_sweep(cfg: ExperimentConfig, storage: RunStorage, on_change: str, lease
     tuner = ray.tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=ray.tune.TuneConfig(metric=objective, mode="max", num_samples=settings.num_samples,
+        tune_config=ray.tune.TuneConfig(metric=objective, mode=mode, num_samples=settings.num_samples,
                                         scheduler=scheduler,
-                                        search_alg=_search_algorithm(settings.search, objective, cfg.seed,
+                                        search_alg=_search_algorithm(settings.search, objective, mode, cfg.seed,
                                                                      settings.max_concurrent, points),
                                         # A trial's folder is its id, so results name their trial
                                         # even when the trial failed before reporting anything.
@@ -257,7 +265,8 @@ def _run_sweep(cfg: ExperimentConfig, storage: RunStorage, on_change: str, lease
 
 
 def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepResult:
-    objective = cfg.tune.objective
+    objective, score = cfg.tune.objective, cfg.tune.score
+    best_of = min if score.lower_is_better else max
     rows = []
     for result in grid:
         params = (result.config or {}).get("params", {})
@@ -270,7 +279,7 @@ def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepRe
             "trial_id": result.path.rstrip("/").rsplit("/", 1)[-1],
             **{f"param:{k}": v for k, v in params.items()},
             "objective": reported[-1] if reported else None,
-            "best_objective": max(reported) if reported else None,
+            "best_objective": best_of(reported) if reported else None,
             "evaluations": len(reported),
             "last_step": last_step,
             "status": status,
@@ -285,7 +294,7 @@ def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepRe
     finished = [r for r in rows if r["status"] == "TERMINATED" and r["objective"] is not None]
     best_config, best_objective = None, None
     if finished:
-        best = max(finished, key=lambda r: r["objective"])
+        best = best_of(finished, key=lambda r: r["objective"])
         params = trial_params(best)
         base = to_dict(replace(cfg, tune=None))
         best_config = trial_config(base, params, f"{cfg.name}-best", cfg.ray.storage_path)
@@ -293,9 +302,9 @@ def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepRe
         header = (f"# Best of sweep {cfg.name!r}: trial {best['trial_id']}, {objective} = {best_objective:.4f}\n"
                   f"# Sampled: {json.dumps(params)}\n# Reproduce with: codistill train best.yaml\n")
         storage.write_bytes(BEST_FILE, (header + yaml.safe_dump(to_dict(best_config), sort_keys=False)).encode())
-    plot_sweep(table, objective, storage)
+    plot_sweep(table, objective, storage, score)
     track_sweep(cfg, storage, rows, {name: storage.read_bytes(name) for name in (TRIALS_FILE, BEST_FILE) if storage.exists(name)})
-    return SweepResult(table, best_config, best_objective, storage)
+    return SweepResult(table, best_config, best_objective, storage, score)
 
 
 def trial_params(row: dict) -> dict:
@@ -311,7 +320,7 @@ def _error_text(error) -> str | None:
     return text[-1][:300] if text else type(error).__name__
 
 
-def plot_sweep(table: pa.Table, objective: str, storage: RunStorage) -> None:
+def plot_sweep(table: pa.Table, objective: str, storage: RunStorage, score: Score = ACCURACY) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,12 +333,12 @@ def plot_sweep(table: pa.Table, objective: str, storage: RunStorage) -> None:
     for ax, key in zip(axes[0], keys):
         finished = [r for r in rows if r["status"] == "TERMINATED"]
         stopped = [r for r in rows if r["status"] != "TERMINATED"]
-        ax.scatter([r[key] for r in finished], [100 * r["objective"] for r in finished], label="finished")
-        ax.scatter([r[key] for r in stopped], [100 * r["objective"] for r in stopped], marker="x", label="stopped early")
+        ax.scatter([r[key] for r in finished], [score.scale * r["objective"] for r in finished], label="finished")
+        ax.scatter([r[key] for r in stopped], [score.scale * r["objective"] for r in stopped], marker="x", label="stopped early")
         if "lr" in key or "temperature" in key:
             ax.set_xscale("log")
         ax.set_xlabel(key[len("param:"):])
-        ax.set_ylabel(f"{objective} (%)")
+        ax.set_ylabel(f"{objective} ({'%' if score is ACCURACY else score.label})")
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.tight_layout()

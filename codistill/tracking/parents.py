@@ -232,4 +232,5 @@ def track_sweep(cfg: ExperimentConfig, storage: RunStorage, rows: list[dict], fi
             parent.child(row["trial_id"], {k[len("param:"):]: str(v) for k, v in row.items() if k.startswith("param:")},
                          {**figures, "last_step": float(row["last_step"] or 0)})
         done = [row["objective"] for row in rows if row["status"] == "TERMINATED" and row["objective"] is not None]
-        parent.finish({"best_objective": max(done)} if done else {}, files)
+        best_of = min if cfg.tune.score.lower_is_better else max  # bits per token: the fewest
+        parent.finish({"best_objective": best_of(done)} if done else {}, files)
