@@ -79,6 +79,10 @@ class Score:
         """Whether `a` is at least as good as `b`."""
         return a <= b if self.lower_is_better else a >= b
 
+    def best(self, values, key=None):
+        """The best of `values` (by `key`): the fewest bits, the most accuracy."""
+        return (min if self.lower_is_better else max)(values, key=key)
+
     @property
     def mode(self) -> str:
         """Ray Tune's word for the direction: "min" or "max"."""

@@ -177,7 +177,7 @@ def run_figures(storage: RunStorage, steps: int, cell: ExperimentConfig | None =
     if score is not ACCURACY:  # the task's own score (bits per token), each peer's and the ensemble's
         name = score.name
         values = [r[name] for r in records if r["split"] == "test" and r["step"] == last["step"]]
-        extra.update({f"{name}_first": last[name], f"{name}_best": min(values) if score.lower_is_better else max(values),
+        extra.update({f"{name}_first": last[name], f"{name}_best": score.best(values),
                       f"{name}_mean": statistics.mean(values), f"{name}_ensemble": last[f"ensemble_{name}"]})
     sent = [r["bytes_sent"] for r in records if r["split"] == "train" and r.get("bytes_sent")]
     if sent:

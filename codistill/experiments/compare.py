@@ -121,7 +121,7 @@ def tune_method(spec: MethodSpec, asked: dict, storage: RunStorage) -> dict:
         raise RunError(f"tuning {spec.label} finished no trial" + (f": {errors[0]}" if errors else ""))
     rows = result.table.to_pylist()
     finished = [r for r in rows if r["status"] == "TERMINATED" and r["objective"] is not None]
-    best = (min if tuning_score(asked).lower_is_better else max)(finished, key=lambda r: r["objective"])
+    best = tuning_score(asked).best(finished, key=lambda r: r["objective"])
     default_params = config_point(asked, asked["tune"]["space"])
     default = next((r for r in finished if trial_params(r) == default_params), None)
     record = {"params": trial_params(best), "validation_objective": best["objective"], "default_params": default_params,

@@ -70,8 +70,8 @@ def protocol_text(rows: list[dict], cfg: ExperimentConfig, tune_trials: int,
     if reaching is not None:
         source, target = reaching
         score = DATASETS.get(cfg.data.name, "data.name").task.score  # what the data is scored in
-        shown = f"{target:.3f} {score.label}" if score.lower_is_better else f"{100 * target:.2f}%"
-        outcome = (f"steps to a target, {shown} ({'given by --target' if source == '--target' else source}), beside "
+        given = "given by --target" if source == "--target" else source
+        outcome = (f"steps to a target, {score.shown(target)} ({given}), beside "
                    f"the final quality at step {cfg.train.steps}")
     else:
         outcome = f"final quality at step {cfg.train.steps} (no target: no --target and no {DATA_PARALLEL} arm)"

@@ -266,7 +266,6 @@ def _run_sweep(cfg: ExperimentConfig, storage: RunStorage, on_change: str, lease
 
 def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepResult:
     objective, score = cfg.tune.objective, cfg.tune.score
-    best_of = min if score.lower_is_better else max
     rows = []
     for result in grid:
         params = (result.config or {}).get("params", {})
@@ -279,7 +278,7 @@ def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepRe
             "trial_id": result.path.rstrip("/").rsplit("/", 1)[-1],
             **{f"param:{k}": v for k, v in params.items()},
             "objective": reported[-1] if reported else None,
-            "best_objective": best_of(reported) if reported else None,
+            "best_objective": score.best(reported) if reported else None,
             "evaluations": len(reported),
             "last_step": last_step,
             "status": status,
@@ -294,7 +293,7 @@ def collect_results(grid, cfg: ExperimentConfig, storage: RunStorage) -> SweepRe
     finished = [r for r in rows if r["status"] == "TERMINATED" and r["objective"] is not None]
     best_config, best_objective = None, None
     if finished:
-        best = best_of(finished, key=lambda r: r["objective"])
+        best = score.best(finished, key=lambda r: r["objective"])
         params = trial_params(best)
         base = to_dict(replace(cfg, tune=None))
         best_config = trial_config(base, params, f"{cfg.name}-best", cfg.ray.storage_path)

@@ -74,7 +74,6 @@ def writers_of(cfg: ExperimentConfig, storage: RunStorage) -> list[Writer]:
     return writers
 
 
-
 def _processes():
     """Where the sender processes come from: a fork server, a fresh interpreter (spawned, never a
     fork of the process that trains, its threads and torch's pools) that imports the tracking code

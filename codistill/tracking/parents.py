@@ -232,5 +232,4 @@ def track_sweep(cfg: ExperimentConfig, storage: RunStorage, rows: list[dict], fi
             parent.child(row["trial_id"], {k[len("param:"):]: str(v) for k, v in row.items() if k.startswith("param:")},
                          {**figures, "last_step": float(row["last_step"] or 0)})
         done = [row["objective"] for row in rows if row["status"] == "TERMINATED" and row["objective"] is not None]
-        best_of = min if cfg.tune.score.lower_is_better else max  # bits per token: the fewest
-        parent.finish({"best_objective": best_of(done)} if done else {}, files)
+        parent.finish({"best_objective": cfg.tune.score.best(done)} if done else {}, files)
