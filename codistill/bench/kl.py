@@ -65,7 +65,6 @@ def check_arguments(args: argparse.Namespace) -> None:
     check(args.rows >= 1, "--rows", f"is the positions in the batch, at least 1; got {args.rows}")
     check(args.vocab > TOP_K, "--vocab", f"is the vocabulary size, above {TOP_K} (the top-{TOP_K} arm keeps "
                                          f"{TOP_K} of its tokens); got {args.vocab}")
-    check(args.rounds >= 1, "--rounds", f"is how many times each arm runs, at least 1; got {args.rounds}")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -154,7 +154,6 @@ def check_arguments(args: argparse.Namespace) -> list[int]:
           f"is the workers a peer is sharded over, integers of at least 2 with commas, 2 among them (the step is "
           f"timed there); got {text!r}")
     check(args.rounds >= 2, "--rounds", f"is the pairs of timed blocks, at least 2; got {args.rounds}")
-    check(args.block >= 1, "--block", f"is the steps per timed block, at least 1; got {args.block}")
     return workers
 
 
