@@ -12,11 +12,13 @@ from codistill.engine.run import train
 from tests.conftest import small_config
 
 # Two decoder layers, so FSDP shards two blocks and the root (embeddings, last norm, head).
-TINY_LLAMA_DML = ("method={name: dml}", "data.context=32", "data.batch_size=8", "data.test_windows=16",
-                  "peers.*.model_args.config={model_type: llama, hidden_size: 32, intermediate_size: 64, "
-                  "num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 32}",
-                  "peers.*.optimizer.schedule=constant", "peers.*.optimizer.warmup_steps=0",
-                  "ray.workers_per_peer=2", "ray.resources_per_peer={CPU: 1}",
+# Tiny language-model peers on two workers each, whatever the model (test_sharding_rounds.py too).
+TWO_WORKER_LM = ("data.context=32", "data.batch_size=8", "data.test_windows=16",
+                 "peers.*.optimizer.schedule=constant", "peers.*.optimizer.warmup_steps=0",
+                 "ray.workers_per_peer=2", "ray.resources_per_peer={CPU: 1}")
+TINY_LLAMA = ("{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+              "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 32}")
+TINY_LLAMA_DML = ("method={name: dml}", *TWO_WORKER_LM, f"peers.*.model_args.config={TINY_LLAMA}",
                   "train.steps=20", "train.eval_every=10", "train.checkpoint_every=10")
 HF = "configs/codistill_hf_stdlib.yaml"
 

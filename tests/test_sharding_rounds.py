@@ -10,7 +10,7 @@ import yaml
 
 from codistill.engine.run import train
 from tests.conftest import small_config
-from tests.test_sharding import HF, TINY_LLAMA_DML, train_rows
+from tests.test_sharding import TINY_LLAMA, TWO_WORKER_LM, train_rows
 
 # 12 steps in rounds of 4 from step 0. max_staleness 0: every round waits for the other peer's
 # round of the same number, so which round a peer reads does not depend on the peers' timing
@@ -22,10 +22,7 @@ CODISTILL = ("method={name: codistill, period: 4, burn_in: 0, max_staleness: 0, 
 # Two tiny `gpt` peers (sharded per block as an HF model's decoder layers are, tests/test_sharding.py
 # shards HF Llama ones): four Ray runs of two 2-worker peers each, and a worker that never imports
 # transformers starts ~10 s sooner.
-TINY_GPT = ("data.context=32", "data.batch_size=8", "data.test_windows=16",
-            "peers.*.model_args={width: 32, depth: 2, heads: 2, context: 32}",
-            "peers.*.optimizer.schedule=constant", "peers.*.optimizer.warmup_steps=0",
-            "ray.workers_per_peer=2", "ray.resources_per_peer={CPU: 1}")
+TINY_GPT = (*TWO_WORKER_LM, "peers.*.model_args={width: 32, depth: 2, heads: 2, context: 32}")
 GPT = "configs/codistill_lm_stdlib.yaml"
 
 
@@ -161,9 +158,8 @@ def test_a_weights_round_loads_shard_by_shard_into_a_sharded_copy_and_whole_wher
     whole round (a replicated publisher). All predict as the published network does."""
     import torch.multiprocessing as mp
 
-    config = TINY_LLAMA_DML[4].split("config=", 1)[1]
     out = str(tmp_path / "seen")
-    mp.spawn(_exchange_shards, args=(str(tmp_path / "init"), out, yaml.safe_load(config)), nprocs=2, join=True)
+    mp.spawn(_exchange_shards, args=(str(tmp_path / "init"), out, yaml.safe_load(TINY_LLAMA)), nprocs=2, join=True)
     seen = [torch.load(f"{out}.{rank}") for rank in (0, 1)]
     for rank in seen:
         for name in ("own", "from_whole"):
