@@ -17,8 +17,12 @@ in bf16, gradients reduced in fp32 and kept, with the optimizer's state, against
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy
+
+if TYPE_CHECKING:  # imported where a sharded peer needs it (engine/sharding.py says why)
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,6 +45,8 @@ class Precision:
     def sharding_policy(self) -> MixedPrecisionPolicy:
         """FSDP's mixed precision for this precision: compute in `dtype`, gradients reduced in
         fp32 (a bf16 sum over many workers loses the small ones); fp32: no casts at all."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
         return MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32 if self.dtype else None)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -26,18 +26,34 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-# DCP's own conversion to one torch.save file (format_utils.dcp_to_torch_save) reads this way.
-from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
+
+# FSDP2, DTensor and DCP are imported where a sharded peer first needs them, not here: the stack
+# costs ~1 s of import in every process that loads the engine (each Ray Train worker and its
+# controller, every CLI call), and a replicated peer never uses it. Until something has imported
+# it nothing can be a DTensor, which is how the every-step checks below (`_local`, `is_sharded`)
+# answer without importing it.
+
+
+def _dtensor_class():
+    module = sys.modules.get("torch.distributed.tensor")
+    return module.DTensor if module is not None else None
+
+
+def _is_dtensor(t) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def _local(t):
+    """A DTensor's own shard on this worker; any other tensor as it is."""
+    return t.to_local() if _is_dtensor(t) else t
+
 
 from codistill.models import MODELS
 
@@ -56,8 +72,7 @@ def checkpoint_activations(blocks: list[nn.Module]) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy: MixedPrecisionPolicy,
-                  frozen: bool = False) -> nn.Module:
+def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy, frozen: bool = False) -> nn.Module:
     """`network` sharded in place over the 1-D device mesh `mesh`: `blocks` one by one (or else
     its top-level children that hold parameters), then the root, which takes what is left (the
     embeddings, the last norm and the head, a method's own modules). The root casts its output
@@ -65,6 +80,8 @@ def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy: Mix
     teacher): the root is resharded after each forward too — FSDP keeps a root's parameters
     gathered after forward for the backward that follows, which a frozen network never runs, so
     each worker would hold the teacher's embeddings and head whole from its first step on."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     units = blocks or [child for child in network.children() if any(True for _ in child.parameters())]
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
@@ -77,12 +94,13 @@ def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy: Mix
 
 
 def is_sharded(network: nn.Module) -> bool:
-    return isinstance(network, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(network, fsdp.FSDPModule)
 
 
 def _group(network: nn.Module):
     """The process group a split peer's shards are over (its replicas; not the whole Ray group)."""
-    return next(p for p in network.parameters() if isinstance(p, DTensor)).device_mesh.get_group()
+    return next(p for p in network.parameters() if _is_dtensor(p)).device_mesh.get_group()
 
 
 def file_digest(path: str, stream=None) -> tuple[int, str]:
@@ -101,6 +119,10 @@ def save_shards(network: nn.Module, optimizer: torch.optim.Optimizer, folder: st
     metadata). The folders of all replicas together are the checkpoint: what DCP's metadata
     names are file names relative to it. Returns {file: [bytes, sha256]} of every replica's
     files, gathered (a few bytes each), for the peer file: a shard damaged later is found."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model, optim = get_state_dict(network, optimizer)  # the local shards (DTensors), keyed by name
     group = _group(network)
     dcp.save({"model": model, "optimizer": optim}, storage_writer=FileSystemWriter(folder), process_group=group)
@@ -113,6 +135,10 @@ def save_shards(network: nn.Module, optimizer: torch.optim.Optimizer, folder: st
 def load_shards(network: nn.Module, optimizer: torch.optim.Optimizer, folder: str) -> None:
     """A DCP checkpoint (`save_shards`', from any number of workers) read into a split peer, each
     replica reading only the pieces of its own shards (a collective over the peer's replicas)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     model, optim = get_state_dict(network, optimizer)  # the shapes to read into; initialises Adam's moments
     state = {"model": model, "optimizer": optim}
     dcp.load(state, storage_reader=FileSystemReader(folder), process_group=_group(network))
@@ -124,6 +150,10 @@ def whole_from_shards(folder: str) -> tuple[dict, dict]:
     """(model, optimizer) state dicts of a DCP checkpoint, whole, as a replicated peer's (the
     optimizer's keyed by parameter number in its groups' order, as `Optimizer.state_dict()`),
     read in this process alone: no process group, whatever the caller's."""
+    from torch.distributed.checkpoint import FileSystemReader
+    # DCP's own conversion to one torch.save file (format_utils.dcp_to_torch_save) reads this way.
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
+
     state: dict = {}
     _load_state_dict(state, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     optim = state["optimizer"]
@@ -134,8 +164,10 @@ def whole_from_shards(folder: str) -> tuple[dict, dict]:
 
 def _shard_like(whole: torch.Tensor, like):
     """This rank's shard of `whole` laid out as `like` (every rank holds `whole`: no communication)."""
-    if not isinstance(like, DTensor):
+    if not _is_dtensor(like):
         return whole
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
 
 
@@ -156,7 +188,7 @@ def load_full_state(network: nn.Module, optimizer: torch.optim.Optimizer, model:
 def local_shards(network: nn.Module) -> dict[str, torch.Tensor]:
     """This worker's own shard of each tensor of `network`'s state dict (a tensor FSDP leaves whole,
     a buffer, whole), copied to the CPU: its piece of a weights round — nothing is gathered."""
-    return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().clone()
+    return {k: _local(v).detach().cpu().clone()
             for k, v in network.state_dict().items()}
 
 
@@ -177,10 +209,10 @@ def load_weights(network: nn.Module, pieces: list[dict], own: bool) -> None:
     the whole model for a moment — and each worker keeps its own shard of it."""
     state = network.state_dict()
     if own:
-        piece = pieces[0]
-        network.load_state_dict({k: DTensor.from_local(piece[k].to(v.device, v.dtype), v.device_mesh, v.placements,
+        piece, dtensor = pieces[0], _dtensor_class()
+        network.load_state_dict({k: dtensor.from_local(piece[k].to(v.device, v.dtype), v.device_mesh, v.placements,
                                                        run_check=False, shape=v.shape, stride=v.stride())
-                                 if isinstance(v, DTensor) else piece[k] for k, v in state.items()})
+                                 if _is_dtensor(v) else piece[k] for k, v in state.items()})
         return
     whole = pieces[0] if len(pieces) == 1 else whole_from_pieces(pieces, state)
     network.load_state_dict({k: _shard_like(whole[k], v) for k, v in state.items()})
@@ -189,7 +221,7 @@ def load_weights(network: nn.Module, pieces: list[dict], own: bool) -> None:
 def all_finite(network: nn.Module) -> bool:
     """Whether every weight of `network` is finite, agreed by all the replicas of a split peer (each
     checks its own shards), so all of them stop or none does."""
-    local = [p.to_local() if isinstance(p, DTensor) else p for p in network.parameters()]
+    local = [_local(p) for p in network.parameters()]
     finite = torch.stack([p.isfinite().all() for p in local]).all()
     if is_sharded(network):
         flag = finite.to(torch.int32)
@@ -203,7 +235,7 @@ def local_state_bytes(network: nn.Module, optimizer: torch.optim.Optimizer) -> d
     (its shards under FSDP; everything under DDP): what sharding divides by M."""
 
     def nbytes(t) -> int:
-        t = t.to_local() if isinstance(t, DTensor) else t
+        t = _local(t)
         return t.numel() * t.element_size()
 
     params = list(network.parameters())

@@ -67,7 +67,11 @@ def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
 # was enough here), the peers then get a sliver of a core — a 2-core machine with a busy core ran
 # a codistillation step ~20× slower. A private instance runs the user's own training, so its
 # workers get an ordinary share (niceness 0), as the same training has on the local runner.
-PRIVATE_INSTANCE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_worker_niceness": "0"}
+# Ray Train also starts a preemption watcher with every run (an actor of its own, a process of
+# ~1 s of CPU at each start): it relays a cloud node's drain notice, which the one machine a
+# private instance runs on never gets.
+PRIVATE_INSTANCE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_worker_niceness": "0",
+                        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @contextmanager
