@@ -328,6 +328,35 @@ def test_a_sharded_peer_casts_by_fsdps_policy_not_by_autocast():
     assert Precision("fp32", cpu, sharded=True).sharding_policy().param_dtype is None
 
 
+def test_the_cli_imports_no_fsdp_dtensor_or_dcp_and_a_replicated_run_no_dcp(tmp_path):
+    """The stack is imported where a sharded peer first needs it (engine/sharding.py): the CLI and
+    the Ray runner's modules load none of it; a replicated peer's steps load torch's optimizer's
+    own share (torch._dynamo imports FSDP2 and DTensor at the first step), never DCP."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    probe = f"""
+import sys
+stack = ("torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint")
+import codistill.cli, codistill.engine.ray.runner, codistill.engine.ray.workers
+print(sorted(m for m in stack if m in sys.modules))
+from codistill.engine.run import train
+from tests.conftest import small_config
+train(small_config({str(tmp_path)!r}, "name=plain", "train.steps=20", "train.eval_every=20", "train.checkpoint_every=10"), "local")
+print("torch.distributed.checkpoint" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-2:] == ["[]", "False"]
+    # and a sharded peer still finds it: the policy object is FSDP's own
+    from codistill.engine.precision import Precision
+
+    assert type(Precision("bf16", torch.device("cpu"), sharded=True).sharding_policy()).__module__.startswith(
+        "torch.distributed.fsdp")
+
+
 def test_sharding_settings_refused_in_one_line_and_kept_by_the_data_parallel_arm(make_config):
     from codistill.config import ConfigError, data_parallel
 
@@ -353,7 +382,7 @@ def test_a_killed_fsdp_group_resumes_exactly_from_its_sharded_checkpoint(ray_loc
 
     from tests.conftest import committed_step
 
-    overrides = ("train.steps=600", "train.checkpoint_every=100", "train.eval_every=200", "ray.workers_per_peer=2",
+    overrides = ("train.steps=400", "train.checkpoint_every=100", "train.eval_every=200", "ray.workers_per_peer=2",
                  "ray.resources_per_peer={CPU: 1}")
     killed = {}
 
@@ -364,12 +393,12 @@ def test_a_killed_fsdp_group_resumes_exactly_from_its_sharded_checkpoint(ray_loc
 
     result = train(small_config(tmp_path, "name=killed", "train.sharding=fsdp", "ray.max_failures=1", *overrides),
                    "ray", on_progress=kill)
-    assert killed and killed["at"] < 600, "the worker was not killed mid-run"
+    assert killed and killed["at"] < 400, "the worker was not killed mid-run"
     rows = result.records.to_pylist()
     restarts = {r["peer"]: r["step"] - 1 for r in rows if r.get("resumed")}
     assert set(restarts) == {0, 1} and len(set(restarts.values())) == 1 and restarts[0] % 100 == 0, restarts
     for peer in (0, 1):
-        assert [r["step"] for r in rows if r["split"] == "train" and r["peer"] == peer] == list(range(1, 601))
+        assert [r["step"] for r in rows if r["split"] == "train" and r["peer"] == peer] == list(range(1, 401))
     reference = train(small_config(tmp_path, "name=uninterrupted", "train.sharding=ddp", *overrides), "ray")
     assert result.final["peer_accuracy"] == pytest.approx(reference.final["peer_accuracy"], abs=1e-6)
     assert result.final["ensemble_accuracy"] == pytest.approx(reference.final["ensemble_accuracy"], abs=1e-6)

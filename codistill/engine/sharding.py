@@ -27,17 +27,24 @@ import functools
 import hashlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from codistill.models import MODELS
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
 # FSDP2, DTensor and DCP are imported where a sharded peer first needs them, not here: the stack
-# costs ~1 s of import in every process that loads the engine (each Ray Train worker and its
-# controller, every CLI call), and a replicated peer never uses it. Until something has imported
-# it nothing can be a DTensor, which is how the every-step checks below (`_local`, `is_sharded`)
-# answer without importing it.
+# costs ~0.75 s of import in every process that loads the engine (every CLI call, the driver of
+# every run), and a replicated peer never uses DCP. (A training process loads FSDP2 and DTensor
+# anyway: torch's optimizer imports torch._dynamo at its first step, which imports them.) Until
+# something has imported it nothing can be a DTensor, which is how the every-step checks below
+# (`_local`, `is_sharded`) answer without importing it.
 
 
 def _dtensor_class():
@@ -55,9 +62,6 @@ def _local(t):
     return t.to_local() if _is_dtensor(t) else t
 
 
-from codistill.models import MODELS
-
-
 def blocks_of(model: str, base: nn.Module) -> list[nn.Module]:
     """The transformer blocks of registered model `model` built as `base` ([]: it declares none)."""
     find = MODELS[model].blocks
@@ -72,7 +76,8 @@ def checkpoint_activations(blocks: list[nn.Module]) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy, frozen: bool = False) -> nn.Module:
+def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy: MixedPrecisionPolicy,
+                  frozen: bool = False) -> nn.Module:
     """`network` sharded in place over the 1-D device mesh `mesh`: `blocks` one by one (or else
     its top-level children that hold parameters), then the root, which takes what is left (the
     embeddings, the last norm and the head, a method's own modules). The root casts its output
