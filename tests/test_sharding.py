@@ -328,35 +328,6 @@ def test_a_sharded_peer_casts_by_fsdps_policy_not_by_autocast():
     assert Precision("fp32", cpu, sharded=True).sharding_policy().param_dtype is None
 
 
-def test_the_cli_imports_no_fsdp_dtensor_or_dcp_and_a_replicated_run_no_dcp(tmp_path):
-    """The stack is imported where a sharded peer first needs it (engine/sharding.py): the CLI and
-    the Ray runner's modules load none of it; a replicated peer's steps load torch's optimizer's
-    own share (torch._dynamo imports FSDP2 and DTensor at the first step), never DCP."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    probe = f"""
-import sys
-stack = ("torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint")
-import codistill.cli, codistill.engine.ray.runner, codistill.engine.ray.workers
-print(sorted(m for m in stack if m in sys.modules))
-from codistill.engine.run import train
-from tests.conftest import small_config
-train(small_config({str(tmp_path)!r}, "name=plain", "train.steps=20", "train.eval_every=20", "train.checkpoint_every=10"), "local")
-print("torch.distributed.checkpoint" in sys.modules)
-"""
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-2:] == ["[]", "False"]
-    # and a sharded peer still finds it: the policy object is FSDP's own
-    from codistill.engine.precision import Precision
-
-    assert type(Precision("bf16", torch.device("cpu"), sharded=True).sharding_policy()).__module__.startswith(
-        "torch.distributed.fsdp")
-
-
 def test_sharding_settings_refused_in_one_line_and_kept_by_the_data_parallel_arm(make_config):
     from codistill.config import ConfigError, data_parallel
 

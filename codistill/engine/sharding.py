@@ -47,13 +47,14 @@ if TYPE_CHECKING:
 # (`_local`, `is_sharded`) answer without importing it.
 
 
-def _dtensor_class():
-    module = sys.modules.get("torch.distributed.tensor")
-    return module.DTensor if module is not None else None
+def _loaded_class(module: str, name: str):
+    """Class `name` of `module` if something has imported the module, else None."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name) if loaded is not None else None
 
 
 def _is_dtensor(t) -> bool:
-    cls = _dtensor_class()
+    cls = _loaded_class("torch.distributed.tensor", "DTensor")
     return cls is not None and isinstance(t, cls)
 
 
@@ -99,8 +100,8 @@ def fully_sharded(network: nn.Module, blocks: list[nn.Module], mesh, policy: Mix
 
 
 def is_sharded(network: nn.Module) -> bool:
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    return fsdp is not None and isinstance(network, fsdp.FSDPModule)
+    cls = _loaded_class("torch.distributed.fsdp", "FSDPModule")
+    return cls is not None and isinstance(network, cls)
 
 
 def _group(network: nn.Module):
@@ -214,7 +215,7 @@ def load_weights(network: nn.Module, pieces: list[dict], own: bool) -> None:
     the whole model for a moment — and each worker keeps its own shard of it."""
     state = network.state_dict()
     if own:
-        piece, dtensor = pieces[0], _dtensor_class()
+        piece, dtensor = pieces[0], _loaded_class("torch.distributed.tensor", "DTensor")
         network.load_state_dict({k: dtensor.from_local(piece[k].to(v.device, v.dtype), v.device_mesh, v.placements,
                                                        run_check=False, shape=v.shape, stride=v.stride())
                                  if _is_dtensor(v) else piece[k] for k, v in state.items()})

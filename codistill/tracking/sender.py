@@ -5,8 +5,9 @@ is the run's handle on it).
 (`sync`), then the run's end (`finish`); `codistill track` uses it as it is, in its own process,
 since nothing trains there. A training run's `Sender` lives in a process of its own (`serve`), at
 the lowest CPU priority (nice 19, and Linux's idle class while the run trains): on a machine
-whose cores the peers fill, the writer (and what it starts, W&B's `wandb-core`) takes only the CPU they leave, and never the GIL of the peers' threads — a
-thread of the driver cost 5 ms steps 1.7× (docs/benchmarks.md). Training waits for no tracker."""
+whose cores the peers fill, the writer (and what it starts, W&B's `wandb-core`) takes only the
+CPU they leave, and never the GIL of the peers' threads — a thread of the driver cost 5 ms steps
+1.7× (docs/benchmarks.md). Training waits for no tracker."""
 
 from __future__ import annotations
 
