@@ -47,7 +47,7 @@ def test_bench_step_reports_every_variant_and_parts_that_add_up(tmp_path, capsys
     assert "samples/s" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # over ~1.5 s here: the full tier (make test-fast stays under 90 s)
+@pytest.mark.slow
 def test_a_steps_parts_partition_its_time(tmp_path):
     from tests.test_device_step import one_step
     from tests.conftest import small_config

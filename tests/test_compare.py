@@ -56,7 +56,7 @@ def test_compare_resumes_without_rerunning_finished_cells_and_its_table_is_the_r
     assert codistilled[0]["bytes_per_round"] is None and codistilled[1]["bytes_per_round"] > 0
 
 
-@pytest.mark.slow  # over ~1.5 s here: the full tier (make test-fast stays under 90 s)
+@pytest.mark.slow
 def test_an_unfinished_cell_resumes_from_its_checkpoint(tmp_path):
     cfg = tiny(tmp_path, "peers.*.optimizer.schedule=constant")
     from codistill.engine.run import train
@@ -363,7 +363,7 @@ def test_steps_to_target_are_the_first_evaluation_past_it_paired_by_seed_and_a_m
     assert bits[0]["target_step"] == 300
 
 
-@pytest.mark.slow  # over ~1.5 s here: the full tier (make test-fast stays under 90 s)
+@pytest.mark.slow
 def test_a_comparison_with_data_parallel_reports_steps_to_its_final_quality(tmp_path):
     cfg = tiny(tmp_path, "name=dp")
     result = compare(cfg, ["data_parallel", "independent"], [0, 1], log=lambda *_: None)

@@ -210,7 +210,7 @@ def test_a_generated_mnist1d_training_set_of_the_size_asked_trains_and_leaves_th
     assert load_config({**config, "data": {**config["data"], "train_examples": 6000}}).data.train_examples == 6000
 
 
-@pytest.mark.slow  # over ~1.5 s here: the full tier (make test-fast stays under 90 s)
+@pytest.mark.slow
 def test_a_training_set_above_the_chunk_size_is_generated_in_chunks_the_first_of_them_the_smaller_set(
         tmp_path, monkeypatch):
     from codistill.data import loaders

@@ -74,7 +74,7 @@ def corpus_folder(tmp_path, files=30):
     return folder
 
 
-@pytest.mark.slow  # over ~1.5 s here: the full tier (make test-fast stays under 90 s)
+@pytest.mark.slow
 def test_corpus_split_and_tokenizer_are_deterministic(tmp_path):
     folder = corpus_folder(tmp_path)
     root, files = text_files(str(folder))

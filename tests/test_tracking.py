@@ -71,7 +71,7 @@ def test_tracking_names_the_extra_when_a_trackers_package_is_missing(tracker, mo
                                   f"pip install 'codistill[track]' (or pip install {package})")
 
 
-@pytest.mark.slow  # over ~1.5 s here: the full tier (make test-fast stays under 90 s)
+@pytest.mark.slow
 def test_tracking_writer_runs_in_a_process_of_its_own_at_the_lowest_cpu_priority(tmp_path):
     """The run's steps share no GIL and no CPU priority with its tracker writer (docs/benchmarks.md:
     a writer thread cost 5 ms steps 1.7×): the writer is another process, niced to 19 in Linux's
