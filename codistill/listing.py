@@ -23,23 +23,26 @@ def registry_lines(kind: str) -> list[str]:
     from codistill.methods import METHODS
     from codistill.models import MODELS
 
-    lines = []
+    lines = []  # (name, what it is): the names padded to the longest after
     if kind == "methods":
         for name in METHODS.names():
             cls = METHODS[name]
             module = sys.modules.get(cls.__module__)
             text = _first_line(module) if module is not None and cls.__module__.startswith("codistill.") else ""
-            lines.append(f"{name:<18}{text or _first_line(cls)}")
+            lines.append((name, text or _first_line(cls)))
     elif kind == "models":
         for name in MODELS.names():
             entry = MODELS[name]
             traits = [entry.input_kind] + (["branches"] if entry.branch_point is not None else []) + (
                 [f"taps: {', '.join(entry.taps)}"] if entry.taps else [])
-            lines.append(f"{name:<22}{_first_line(entry.build)}  [{'; '.join(traits)}]")
+            lines.append((name, f"{_first_line(entry.build)}  [{'; '.join(traits)}]"))
     else:
         for name in DATASETS.names():
             entry = DATASETS[name]
             size = f", {entry.train_examples} train" if entry.train_examples else ""
             classes = f"{entry.num_classes} classes" if entry.num_classes else "classes from the data"
-            lines.append(f"{name:<18}{_first_line(entry.load)}  [{entry.input_kind}; {classes}{size}]")
-    return lines
+            lines.append((name, f"{_first_line(entry.load)}  [{entry.input_kind}; {classes}{size}]"))
+    # A column as wide as the longest name and two spaces: a user's long name (a method of their
+    # own registered by `--import`) must not run into its description.
+    width = max((len(name) for name, _ in lines), default=0) + 2
+    return [f"{name:<{width}}{text}" for name, text in lines]

@@ -97,6 +97,7 @@ def test_three_peers_top_k_distils_toward_their_mean_with_each_tail_spread_over_
     assert torch.allclose(torch.autograd.grad(chunked, own)[0], torch.autograd.grad(unchunked, own)[0], atol=1e-7)
 
 
+@pytest.mark.slow
 def test_burn_in_means_no_distillation_and_no_exchange_before_it(make_config):
     result = train(make_config("name=burn", "train.steps=200", "method.burn_in=100", "method.period=20",
                                base=BASE), "local")

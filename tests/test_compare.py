@@ -79,6 +79,7 @@ def test_an_unfinished_cell_resumes_from_its_checkpoint(tmp_path):
     assert result.table.to_pylist()[0]["last_step"] == 60
 
 
+@pytest.mark.slow
 def test_a_finished_cell_is_never_extended_by_a_rerun_with_more_steps(tmp_path, capsys):
     # A constant schedule, so `train` itself would allow the resume: compare must refuse it.
     args = ["compare", f"{REPO}/{RECIPE}", "--methods", "independent", "--seeds", "0", "--set",

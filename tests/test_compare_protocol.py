@@ -55,6 +55,7 @@ def test_the_tuning_names_its_trials_and_what_each_arm_searched(tmp_path, trials
     assert "dml: lr 0.0025–0.04 (log), schedule {constant, cosine}, ls 0–0.2, T 1–8 (log), w 0.1–2." in line
 
 
+@pytest.mark.slow
 def test_compare_writes_and_prints_its_protocol_first(tmp_path):
     from codistill.experiments.compare import compare
     from tests.test_compare import tiny

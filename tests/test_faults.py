@@ -59,6 +59,7 @@ def test_skip_step_drops_the_bad_steps_and_says_so(tmp_path, monkeypatch):
     assert "2 step(s) skipped" in result.summary
 
 
+@pytest.mark.slow
 def test_stray_files_are_ignored_and_missing_or_overlapping_parts_are_named(tmp_path):
     cfg = small_config(tmp_path, "name=stray")
     first = train(cfg, "local")
@@ -135,7 +136,8 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch
     assert train(cfg, "local").final["step"] == 20
 
 
-@pytest.mark.parametrize("damage", ["truncated", *(pytest.param(d, marks=pytest.mark.slow) for d in ("garbage", "missing"))])
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(tmp_path, caplog, damage):
     reference = train(small_config(tmp_path, "name=whole"), "local")
 

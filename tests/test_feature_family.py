@@ -53,6 +53,7 @@ def test_logit_regression_by_hand():
     assert method.needs.peers and not method.needs.teacher
 
 
+@pytest.mark.slow
 def test_logit_regression_trains_from_a_teacher_and_between_peers(tmp_path, teacher_run):
     result = train(student(tmp_path, teacher_run, "name=lr", "method={name: logit_regression}"), "local")
     rows = train_rows(result)

@@ -117,10 +117,9 @@ def _cli_train(tmp_path, capsys, *overrides):
     return code, err[-1] if err else ""
 
 
-@pytest.mark.parametrize("full_at", ["step_00000080/peer1.pt", pytest.param("records.parquet", marks=pytest.mark.slow),
-                                     # the same class at the other writes: the full tier
-                                     *(pytest.param(w, marks=pytest.mark.slow) for w in
-                                       ("step_00000080/meta.pt", "records/peer1/00000041", "accuracy.png"))])
+@pytest.mark.slow
+@pytest.mark.parametrize("full_at", ["step_00000080/peer1.pt", "records.parquet", "step_00000080/meta.pt",
+                                     "records/peer1/00000041", "accuracy.png"])
 def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_run_resumes_once_freed(tmp_path, capsys, full_disk, full_at):
     from codistill.engine.checkpoint import checkpoint_folders, newest_loadable
 

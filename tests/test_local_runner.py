@@ -36,7 +36,8 @@ class Crash(RuntimeError):
 # checkpoint every 40 steps): the resumed round is published again from the same weights.
 @pytest.mark.parametrize("base,extra", [
     ("configs/dml_mnist1d.yaml", ()),
-    ("configs/codistill_mnist1d.yaml", ("method.burn_in=0", "method.period=40", "method.max_staleness=0")),
+    pytest.param("configs/codistill_mnist1d.yaml", ("method.burn_in=0", "method.period=40", "method.max_staleness=0"),
+                 marks=pytest.mark.slow),
 ], ids=["dml", "codistill"])
 def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(make_config, base, extra):
     reference = train(make_config("name=whole", *extra, base=base), "local")

@@ -58,8 +58,7 @@ def assert_same_run(a, b):
 LOCK_STEP_CODISTILL = ("method.burn_in=0", "method.period=20", "method.max_staleness=0")
 # Attention transfer between peers of different widths: maps travel as named tensors of
 # different shapes beside the logits (the collective transport packs them).
-AT_BETWEEN_PEERS = ("peers.1.model=mnist1d_cnn_narrow",
-                    "method.also=[{name: at, source: peers, taps: [conv2, conv3]}]")
+AT_TERM = "{name: at, source: peers, taps: [conv2, conv3]}"
 # Two tiny Llama-architecture peers (Hugging Face) on the stdlib corpus, cut down to test speed.
 SMALL_HF_LM = ("peers.*.model_args.config={model_type: llama, hidden_size: 32, intermediate_size: 64, "
                "num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 32}",
@@ -67,7 +66,7 @@ SMALL_HF_LM = ("peers.*.model_args.config={model_type: llama, hidden_size: 32, i
                "train.checkpoint_every=20")
 OVERHAUL_TERM = "{name: overhaul, taps: [conv1.pre, conv2.pre, conv3.pre]}"
 # A method defined in a test file, registered in every worker through `imports`.
-TEST_FILE_METHOD = ("imports=[tests.seam_method]", "method={name: test_tap_agreement, tap: conv3}")
+TEST_FILE_IMPORTS, TEST_FILE_TERM = "imports=[tests.seam_method]", "{name: test_tap_agreement, tap: conv3}"
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +81,14 @@ def teacher_uri(ray_local, tmp_path_factory):
     # One row per path through the engine (plain logits through both transports are in every row
     # below; one row per method would repeat Ray Train's start-up for the same path).
     ("configs/codistill_mnist1d.yaml", "object_store", LOCK_STEP_CODISTILL),
-    ("configs/dml_mnist1d.yaml", "collective", AT_BETWEEN_PEERS),
-    ("configs/dml_mnist1d.yaml", "object_store", TEST_FILE_METHOD),
     # The online zoo: attention over three heterogeneous peers (keys travel beside logits);
-    # ensemble slices and temporal means (the means restored by nothing but the checkpoint).
+    # ensemble slices and temporal means (the means restored by nothing but the checkpoint),
+    # the latter with attention maps between peers of different widths beside the logits.
     ("configs/dml_mnist1d.yaml", "object_store", ("method={name: okddip}",
                                                   "peers=[{model: mnist1d_cnn}, {model: mnist1d_mlp}, {model: mnist1d_cnn_narrow}]",
                                                   "ray.resources_per_peer={CPU: 0.5}")),
-    ("configs/dml_mnist1d.yaml", "collective", ("method={name: pcl, mean_decay: 0.9}", "peers.1.model=mnist1d_mlp")),
+    ("configs/dml_mnist1d.yaml", "collective", (f"method={{name: pcl, mean_decay: 0.9, also: [{AT_TERM}]}}",
+                                                "peers.1.model=mnist1d_cnn_narrow")),
     # Language-model peers (Hugging Face Llama-architecture models built from a config):
     # codistillation in lock-step with top-k targets through the object store.
     ("configs/codistill_hf_stdlib.yaml", "object_store", (*LOCK_STEP_CODISTILL, *SMALL_HF_LM, "exchange.top_k=8")),
@@ -101,18 +100,19 @@ def teacher_uri(ray_local, tmp_path_factory):
     ("configs/kd_mnist1d.yaml", "collective", ("peers=[{model: mnist1d_cnn_narrow}, {model: mnist1d_cnn}]",
                                                f"method={{name: crd, negatives: 256, also: [{OVERHAUL_TERM}, "
                                                "{name: logit_regression, alpha: 0.5}]}")),
+    # ... and a method defined in a test file beside them (registered in every worker by `imports`).
     ("configs/dml_mnist1d.yaml", "object_store", ("method={name: crd, source: peers, negatives: 64, also: ["
                                                   "{name: logit_regression, source: peers, alpha: 0.5}, "
-                                                  f"{OVERHAUL_TERM[:-1]}, source: peers}}]}}",)),
+                                                  f"{OVERHAUL_TERM[:-1]}, source: peers}}, {TEST_FILE_TERM}]}}",
+                                                  TEST_FILE_IMPORTS)),
     # Factor transfer: the paraphraser trained once on the driver before the peers, then served
     # frozen beside the teacher in each Ray worker as in each local thread (two students: one
     # thread per peer in both runners).
     ("configs/kd_mnist1d.yaml", "collective", ("peers=[{model: mnist1d_cnn_narrow}, {model: mnist1d_cnn}]",
                                                "method={name: ft, student_tap: conv3, teacher_tap: conv3, "
                                                "paraphraser_steps: 20}")),
-], ids=["codistill-lockstep", "dml+at-between-peers",
-        "test-file-method", "okddip-3-peers", "pcl", "hf-lm-codistill-top-k",
-        "crd+overhaul+logit-regression", "crd+logit-regression+overhaul-between-peers",
+], ids=["codistill-lockstep", "okddip-3-peers", "pcl+at-between-widths", "hf-lm-codistill-top-k",
+        "crd+overhaul+logit-regression", "crd+logit-regression+overhaul+test-file-method-between-peers",
         "ft"])
 def test_ray_runner_reproduces_the_local_runner(ray_local, tmp_path, local_reference, teacher_uri, base, transport,
                                                 overrides):

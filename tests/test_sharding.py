@@ -353,23 +353,23 @@ def test_a_killed_fsdp_group_resumes_exactly_from_its_sharded_checkpoint(ray_loc
 
     from tests.conftest import committed_step
 
-    overrides = ("train.steps=400", "train.checkpoint_every=100", "train.eval_every=200", "ray.workers_per_peer=2",
+    overrides = ("train.steps=200", "train.checkpoint_every=50", "train.eval_every=100", "ray.workers_per_peer=2",
                  "ray.resources_per_peer={CPU: 1}")
     killed = {}
 
     def kill(step, metrics):
-        if not killed and "pid" in metrics and committed_step(tmp_path / "killed") >= 100:
+        if not killed and "pid" in metrics and committed_step(tmp_path / "killed") >= 50:
             killed["at"] = step
             os.kill(metrics["pid"], signal.SIGKILL)
 
     result = train(small_config(tmp_path, "name=killed", "train.sharding=fsdp", "ray.max_failures=1", *overrides),
                    "ray", on_progress=kill)
-    assert killed and killed["at"] < 400, "the worker was not killed mid-run"
+    assert killed and killed["at"] < 200, "the worker was not killed mid-run"
     rows = result.records.to_pylist()
     restarts = {r["peer"]: r["step"] - 1 for r in rows if r.get("resumed")}
-    assert set(restarts) == {0, 1} and len(set(restarts.values())) == 1 and restarts[0] % 100 == 0, restarts
+    assert set(restarts) == {0, 1} and len(set(restarts.values())) == 1 and restarts[0] % 50 == 0, restarts
     for peer in (0, 1):
-        assert [r["step"] for r in rows if r["split"] == "train" and r["peer"] == peer] == list(range(1, 401))
+        assert [r["step"] for r in rows if r["split"] == "train" and r["peer"] == peer] == list(range(1, 201))
     reference = train(small_config(tmp_path, "name=uninterrupted", "train.sharding=ddp", *overrides), "ray")
     assert result.final["peer_accuracy"] == pytest.approx(reference.final["peer_accuracy"], abs=1e-6)
     assert result.final["ensemble_accuracy"] == pytest.approx(reference.final["ensemble_accuracy"], abs=1e-6)

@@ -217,6 +217,7 @@ def test_a_resumed_kd_run_equals_an_uninterrupted_one(tmp_path, teacher_run):
             assert r["loss"] == pytest.approx(losses[(r["step"], r["peer"])], rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_fitnets_and_fsp_train_with_their_first_stage(tmp_path, teacher_run):
     teacher = f"teacher.run={teacher_run.storage.uri}"
     fitnets = train(short(tmp_path, "name=fitnets", teacher, "method={name: fitnets, student_tap: conv2, "

@@ -98,6 +98,7 @@ def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_tracking_tensorboard_from_the_command_line_has_each_peers_test_accuracy_at_every_evaluation(tmp_path):
     assert main(["train", f"{REPO}/configs/dml_mnist1d.yaml", "--backend", "local", "--set", "tracking.tensorboard=true",
                  "--set", f"ray.storage_path={tmp_path}", *QUICK]) == 0
