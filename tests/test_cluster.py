@@ -256,7 +256,7 @@ def test_a_late_peer_joins_a_running_codistillation_and_a_killed_one_costs_only_
     made), never a step rate or a gap between steps: on two cores shared by the loopback
     "nodes", a restart takes CPU from the other peer, so those measure the machine. Prints the
     figures docs/cluster.md keeps (pytest -s)."""
-    name, steps, every = "late-and-killed", 2500, 100
+    name, steps, every = "late-and-killed", 2000, 100
     holder = subprocess.Popen([sys.executable, "-c", HOLD_A_NODE, cluster.address, str(scaled(60))], cwd=REPO,
                               env=cluster.client_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)

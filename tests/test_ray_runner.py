@@ -257,8 +257,11 @@ def test_peers_apart_of_different_sizes_fail_apart_at_the_default_max_failures_a
     run. At `ray.max_failures: 0` (the default) Ray restarts no peer, but the peers still fail
     apart: a worker of peer 0 killed mid-run stops peer 0 alone, the other trains to its end, the
     run's error names the peer that stopped, and the same command again (longer) resumes each peer
-    from its own newest checkpoint. (Ray restarting a killed peer apart within the run,
-    `ray.max_failures: 1`: tests/test_cluster.py.)"""
+    from its own newest checkpoint. The run is tracked (TensorBoard): across the failed call and
+    the re-run it is one tracker run with every step once and the group's figures (written by the
+    evaluation board) at every evaluation step the records have them. (Ray restarting a killed
+    peer apart within the run, `ray.max_failures: 1`: tests/test_cluster.py, and tracked,
+    tests/test_tracking_ray.py.)"""
     from codistill.errors import RunError
     from codistill.records import read_records
     from codistill.storage import RunStorage
@@ -266,7 +269,7 @@ def test_peers_apart_of_different_sizes_fail_apart_at_the_default_max_failures_a
     overrides = ["name=sizes", "train.steps=300", "train.checkpoint_every=100", "train.eval_every=100",
                  "ray.resources_per_peer={CPU: 0.5}", "peers.0.workers=2", "peers.*.optimizer.schedule=constant",
                  "method.burn_in=0", "method.period=20", "method.max_staleness=2", "method.publish=weights",
-                 "method.wait_timeout_s=5"]
+                 "method.wait_timeout_s=5", "tracking.tensorboard=true"]
     cfg = small_config(tmp_path, *overrides, base="configs/codistill_mnist1d.yaml")
     assert cfg.ray.max_failures == 0
     killed = {}
@@ -291,6 +294,20 @@ def test_peers_apart_of_different_sizes_fail_apart_at_the_default_max_failures_a
     final = longer.final
     assert final["step"] == 400 and final["ensemble_accuracy"] is not None and len(final["peer_accuracy"]) == 2
     assert "peer 0 resumed from its checkpoint" in longer.summary
+
+    # One tracker run over both calls: every step once, and the group's figures where the records
+    # have them (not at an evaluation peer 1 made while peer 0 was away: peer 0 evaluated it again
+    # on the re-run's board).
+    from tests.test_tracking import _scalars
+
+    scalars = _scalars(tmp_path / "sizes" / "tensorboard")
+    for peer in (0, 1):
+        assert [s for s, _ in scalars[f"peer{peer}/loss"]] == list(range(1, 401))
+        assert [s for s, _ in scalars[f"peer{peer}/test_accuracy"]] == [100, 200, 300, 400]
+    want = {r["step"]: r["ensemble_accuracy"] for r in longer.records.to_pylist()
+            if r["split"] == "test" and r["peer"] == 0 and r["ensemble_accuracy"] is not None}
+    assert 100 in want and 400 in want
+    assert dict(scalars["group/ensemble_accuracy"]) == pytest.approx(want)
 
 
 def run_cli(*args, cwd=REPO):

@@ -1,7 +1,9 @@
-"""Tracking on Ray: peers apart — each peer its own Ray Train run, one of them killed and either
-its run resumed by a re-run of the name or restarted alone by Ray within the run — are still one
-tracker run, every step sent once, with the group's figures (written by the evaluation board) at
-every evaluation step; a tune sweep is one parent with a child per trial."""
+"""Tracking on Ray: peers apart — each peer its own Ray Train run, one of them killed and
+restarted alone by Ray within the run — are still one tracker run, every step sent once, with the
+group's figures (written by the evaluation board) at every evaluation step; a tune sweep is one
+parent with a child per trial. (Killed at `ray.max_failures: 0` and resumed by a re-run of the
+name: tests/test_ray_runner.py's peers-apart test, tracked to TensorBoard; to MLflow, killed and
+resumed on the local runner: tests/test_tracking.py.)"""
 
 from __future__ import annotations
 
@@ -10,51 +12,9 @@ import json
 import pytest
 
 from codistill.engine.run import train
-from codistill.errors import RunError
 from tests.conftest import small_config
 from tests.test_ray_runner import kill_peer0_after_a_checkpoint
 from tests.test_tracking import _only_run, _scalars, _steps
-
-
-@pytest.mark.slow
-def test_tracking_peers_apart_on_ray_killed_and_resumed_are_one_tracker_run_with_every_step_once(
-        ray_local, mlflow_server, tmp_path):
-    overrides = ["name=apart", "train.steps=300", "train.checkpoint_every=100", "train.eval_every=100",
-                 "ray.resources_per_peer={CPU: 1}", "peers.*.optimizer.schedule=constant", "method.burn_in=0",
-                 "method.period=20", "method.max_staleness=2", "method.wait_timeout_s=5",
-                 "tracking.tensorboard=true", f"tracking.mlflow.tracking_uri={mlflow_server}",
-                 "tracking.mlflow.experiment=apart"]
-    cfg = small_config(tmp_path, *overrides, base="configs/codistill_mnist1d.yaml")
-    assert cfg.layout == "apart" and cfg.ray.max_failures == 0
-    killed = {}
-    with pytest.raises(RunError, match="peer 0's Ray Train run failed"):
-        train(cfg, "ray", on_progress=kill_peer0_after_a_checkpoint(tmp_path / "apart" / "peer0", killed))
-    assert killed and killed["at"] < 300, "the peer was not killed mid-run"
-    client, run = _only_run(mlflow_server, "apart")
-    assert run.info.status == "FAILED"
-    stopped = _steps(client, run.info.run_id, "peer0/loss")
-    assert stopped == list(range(1, len(stopped) + 1)) and len(stopped) < 300  # up to peer 0's checkpoint
-
-    result = train(cfg, "ray")  # the same command again: peer 0 resumes from its checkpoint
-    assert "peer 0 resumed from its checkpoint" in result.summary
-    client, run = _only_run(mlflow_server, "apart")
-    assert run.info.status == "FINISHED"
-    for peer in (0, 1):
-        assert _steps(client, run.info.run_id, f"peer{peer}/loss") == list(range(1, 301))
-        assert _steps(client, run.info.run_id, f"peer{peer}/test_accuracy") == [100, 200, 300]
-    assert _steps(client, run.info.run_id, "peer1/round_ms")  # codistillation's rounds, where a step held one
-    # The group's figures where the records have them: not at an evaluation peer 1 made while peer 0
-    # was away (peer 0 evaluated it again on the re-run's board), at every other one.
-    want = {r["step"]: r["ensemble_accuracy"] for r in result.records.to_pylist()
-            if r["split"] == "test" and r["peer"] == 0 and r["ensemble_accuracy"] is not None}
-    assert 100 in want and 300 in want
-    got = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "group/ensemble_accuracy")}
-    assert got == pytest.approx(want)
-    scalars = _scalars(tmp_path / "apart" / "tensorboard")
-    assert [s for s, _ in scalars["peer0/loss"]] == list(range(1, 301))
-    assert [s for s, _ in scalars["group/churn"]] == sorted(want)
-    state = json.loads((tmp_path / "apart" / "tracking" / "state.json").read_text())
-    assert state["mlflow"]["run_id"] == run.info.run_id and state["mlflow"]["sent"] == 300
 
 
 @pytest.mark.slow
