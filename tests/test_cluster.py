@@ -120,7 +120,7 @@ def train_records(cluster: LoopbackCluster, name: str):
     return table[table.split == "train"]
 
 
-def test_ray_job_submit_of_the_readme_command_with_the_users_own_model_and_data_on_a_worker_node_a_peer(cluster):
+def test_ray_job_submit_of_the_readme_command_trains_the_users_own_model_and_data_each_peer_on_its_own_node(cluster):
     """`ray job submit --working-dir . -- codistill train … --import mymodule`, as in the README:
     the working dir ships the user's module to every node, `--import` registers it in the driver
     and in every worker — here examples/own_model.py's model and data set, not codistill's. The
@@ -138,7 +138,7 @@ def test_ray_job_submit_of_the_readme_command_with_the_users_own_model_and_data_
     assert sorted(records.groupby("peer").step.max()) == [200, 200]
     config = open(os.path.join(cluster.runs, "job", "config.yaml")).read()
     assert "my_tiny_mlp" in config and "my_waves" in config
-    # The user's model and data trained on two worker nodes, one a peer.
+    # The user's model and data trained on two worker nodes, one for each peer.
     nodes = records.groupby("peer")["node"].unique()
     assert all(len(n) == 1 for n in nodes), nodes
     peer_nodes = [n[0] for n in nodes]
