@@ -308,6 +308,8 @@ def test_peers_apart_of_different_sizes_fail_apart_at_the_default_max_failures_a
             if r["split"] == "test" and r["peer"] == 0 and r["ensemble_accuracy"] is not None}
     assert 100 in want and 400 in want
     assert dict(scalars["group/ensemble_accuracy"]) == pytest.approx(want)
+    assert [s for s, _ in scalars["group/churn"]] == sorted(want)
+    assert scalars["peer1/round_ms"]  # codistillation's rounds, where a step held one
 
 
 def run_cli(*args, cwd=REPO):

@@ -51,7 +51,7 @@ def test_fsdp_peers_codistil_with_the_losses_of_ddp_peers_each_worker_sending_it
     assert ddp.keys() == fsdp.keys() == {(step, peer) for step in range(1, 13) for peer in (0, 1)}
     # The tolerance of the DML test (tests/test_sharding.py), for its reasons; here the stale copy
     # of a sharded peer all-gathers the fp32 shards it loaded, and a sharded publisher predicts
-    # on its 4 rows of a batch where a replicated one predicts on all 8 — the same rows, through
+    # on its 4 rows of a batch where the replicated reference's stale copy predicts all 8 — the same rows, through
     # matrix products of another height (equal to the last bit measured here). A worker that
     # distilled from another's rows, or a shard loaded into the wrong place, moves the loss by >1e-3.
     for key, row in ddp.items():

@@ -1,9 +1,10 @@
 """Tracking on Ray: peers apart — each peer its own Ray Train run, one of them killed and
 restarted alone by Ray within the run — are still one tracker run, every step sent once, with the
 group's figures (written by the evaluation board) at every evaluation step; a tune sweep is one
-parent with a child per trial. (Killed at `ray.max_failures: 0` and resumed by a re-run of the
-name: tests/test_ray_runner.py's peers-apart test, tracked to TensorBoard; to MLflow, killed and
-resumed on the local runner: tests/test_tracking.py.)"""
+parent with a child per trial; a run that fails ends its tracker run FAILED. (Killed at
+`ray.max_failures: 0` and resumed by a re-run of the name: tests/test_ray_runner.py's peers-apart
+test, tracked to TensorBoard; to MLflow, killed and resumed on the local runner:
+tests/test_tracking.py.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,23 @@ from codistill.engine.run import train
 from tests.conftest import small_config
 from tests.test_ray_runner import kill_peer0_after_a_checkpoint
 from tests.test_tracking import _only_run, _scalars, _steps
+
+
+@pytest.mark.slow
+def test_tracking_a_ray_run_that_fails_ends_its_tracker_run_failed_with_the_steps_up_to_its_checkpoint(
+        ray_local, mlflow_server, tmp_path):
+    """A Ray run that stops with an error (here: it diverges) closes its MLflow run FAILED, not
+    FINISHED, having sent every step once from step 1 up to what its checkpoints hold."""
+    from codistill.engine.loop import NonFiniteLoss
+    from tests.test_faults import DIVERGES
+
+    with pytest.raises(NonFiniteLoss):
+        train(small_config(tmp_path, "name=failed", *DIVERGES, f"tracking.mlflow.tracking_uri={mlflow_server}",
+                           "tracking.mlflow.experiment=failed"), "ray")
+    client, run = _only_run(mlflow_server, "failed")
+    assert run.info.status == "FAILED"
+    stopped = _steps(client, run.info.run_id, "peer0/loss")
+    assert stopped == list(range(1, len(stopped) + 1)) and 0 < len(stopped) < 400
 
 
 @pytest.mark.slow
